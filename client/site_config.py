@@ -1,0 +1,90 @@
+"""What a site owns: where its data and ledger live, and its privacy budget.
+
+In deployment these come from the SuperNode's `--node-config` (set by `fedldm site start`), never
+from the coordinator's run config: the coordinator may *ask* for a smaller epsilon for a run, but
+the site's budget is the ceiling (`effective_target`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class SiteConfigError(ValueError):
+    """A node-config value is missing or invalid; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site_id: str
+    data: str
+    state_dir: Path
+    epsilon: float
+    delta: float
+    partition: str = "site"
+    site_index: int = 0
+    n_sites: int = 1
+    data_seed: int = 0
+    device: str = "auto"
+    holdout_fraction: float = 0.15
+    test_fraction: float = 0.15
+    show_progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.site_id:
+            raise SiteConfigError("site-id is empty: set --site-id NAME (e.g. hospital-a)")
+        if not self.data:
+            raise SiteConfigError("data is empty: set --data PATH to the site's images")
+        if not self.epsilon > 0:
+            raise SiteConfigError(f"epsilon must be > 0 (inf = no DP), got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise SiteConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if not 0 <= self.site_index < self.n_sites:
+            raise SiteConfigError(f"site-index {self.site_index} not in [0, {self.n_sites})")
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.json"
+
+    def effective_target(self, requested_epsilon: float) -> float:
+        """The run's epsilon target: the coordinator can lower it, never raise it."""
+        return min(self.epsilon, requested_epsilon)
+
+    @staticmethod
+    def from_node_config(node_config: Mapping[str, Any]) -> SiteConfig:
+        """Parse Flower node config (string/number values, kebab-case keys)."""
+
+        def get(key: str, default: Any = None) -> Any:
+            if key in node_config:
+                return node_config[key]
+            if default is None:
+                raise SiteConfigError(
+                    f"node config has no '{key}': start the site with `fedldm site start` "
+                    f"(which sets it) or pass --node-config \"{key}=...\""
+                )
+            return default
+
+        def as_float(key: str, default: Any = None) -> float:
+            v = get(key, default)
+            try:
+                return math.inf if str(v).lower() == "inf" else float(v)
+            except ValueError as e:
+                raise SiteConfigError(f"node config '{key}'={v!r} is not a number") from e
+
+        return SiteConfig(
+            site_id=str(get("site-id")),
+            data=str(get("data-path")),
+            state_dir=Path(str(get("state-dir"))),
+            epsilon=as_float("epsilon"),
+            delta=as_float("delta"),
+            partition=str(get("partition", "all")),
+            site_index=int(get("site-index", 0)),
+            n_sites=int(get("num-sites", 1)),
+            data_seed=int(get("data-seed", 0)),
+            device=str(get("device", "auto")),
+            show_progress=str(get("progress", "false")).lower() == "true",
+        )

@@ -1,0 +1,314 @@
+"""Validated, frozen run configuration.
+
+One `RunConfig` is built once (from CLI flags, Flower run config or a checkpoint's JSON) and then
+passed around read-only. It is saved as plain JSON inside every checkpoint, so a run can be
+resumed or evaluated later with exactly the settings it was trained with.
+
+Privacy-relevant numbers (epsilon, delta) live in `PrivacyConfig`, but in deployment the site's
+own budget always wins: the coordinator's value is only a request (see client/site_config.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+PRESETS = ("tiny", "quick", "standard")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or unknown; the message names the field."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of the MONAI autoencoder and denoiser.
+
+    Channel counts must be divisible by the GroupNorm group count (MONAI checks too, but later
+    and with a less helpful message). Latent size is image_size / 2**(len(ae_channels) - 1).
+    """
+
+    image_size: int = 64
+    n_classes: int = 2
+    ae_channels: tuple[int, ...] = (16, 32, 32)
+    ae_res_blocks: int = 1
+    latent_channels: int = 3
+    ae_norm_groups: int = 8
+    dm_channels: tuple[int, ...] = (32, 64)
+    dm_res_blocks: int = 1
+    dm_attention: tuple[bool, ...] = (False, False)
+    dm_norm_groups: int = 8
+    dm_head_channels: int = 16
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}")
+        _check(self.n_classes >= 2, f"n_classes must be >= 2, got {self.n_classes}")
+        down = 2 ** (len(self.ae_channels) - 1)
+        _check(
+            self.image_size % down == 0,
+            f"image_size {self.image_size} must be divisible by {down} "
+            f"(the autoencoder downsamples {len(self.ae_channels) - 1} times)",
+        )
+        for name, chans, groups in (
+            ("ae_channels", self.ae_channels, self.ae_norm_groups),
+            ("dm_channels", self.dm_channels, self.dm_norm_groups),
+        ):
+            _check(len(chans) >= 1, f"{name} must not be empty")
+            bad = [c for c in chans if c % groups]
+            _check(not bad, f"{name} {chans}: each must be divisible by the norm groups {groups}")
+        _check(
+            len(self.dm_attention) == len(self.dm_channels),
+            f"dm_attention {self.dm_attention} needs one flag per dm_channels level "
+            f"({len(self.dm_channels)})",
+        )
+        lat = self.latent_size
+        dm_down = 2 ** (len(self.dm_channels) - 1)
+        _check(
+            lat % dm_down == 0,
+            f"latent size {lat} must be divisible by {dm_down} (denoiser levels)",
+        )
+        _check(self.latent_channels >= 1, "latent_channels must be >= 1")
+        _check(self.num_train_timesteps >= 10, "num_train_timesteps must be >= 10")
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.ae_channels) - 1)
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """Training plan of one phase (autoencoder or diffusion).
+
+    `batch_size` is the *expected logical* batch of Poisson sampling at a site (q = B / n);
+    `physical_batch_size` bounds memory through Opacus' BatchMemoryManager and does not change
+    the privacy analysis.
+    """
+
+    rounds: int = 2
+    local_epochs: int = 1
+    batch_size: int = 64
+    physical_batch_size: int = 256
+    lr: float = 1e-3
+    max_grad_norm: float = 1.0
+    # Diffusion only: timesteps/noises per sample inside one clipped per-sample gradient.
+    noise_multiplicity: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 0, f"rounds must be >= 0, got {self.rounds}")
+        _check(self.local_epochs >= 1, f"local_epochs must be >= 1, got {self.local_epochs}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.physical_batch_size >= 1, "physical_batch_size must be >= 1")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        _check(self.noise_multiplicity >= 1, "noise_multiplicity must be >= 1")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """The requested (epsilon, delta) and how it is split.
+
+    `ae_share` is the share of the budget planned for phase 1; the rest goes to phase 2 after the
+    small fixed release of the latent scale factor (`scale_noise_multiplier`, a Gaussian
+    mechanism charged to the ledger like every training step).
+    """
+
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    ae_share: float = 0.3
+    scale_noise_multiplier: float = 20.0
+    scale_clip: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(self.epsilon > 0, f"epsilon must be > 0 (use inf for no DP), got {self.epsilon}")
+        _check(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
+        _check(0 < self.ae_share < 1, f"ae_share must be in (0, 1), got {self.ae_share}")
+        _check(self.scale_noise_multiplier > 0, "scale_noise_multiplier must be > 0")
+        _check(self.scale_clip > 0, "scale_clip must be > 0")
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Denoiser training and sampling knobs."""
+
+    kl_weight: float = 1e-4
+    label_dropout: float = 0.15
+    ddim_steps: int = 50
+    guidance_scale: float = 2.0
+    ema_decay: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self.kl_weight >= 0, "kl_weight must be >= 0")
+        _check(0 <= self.label_dropout < 1, "label_dropout must be in [0, 1)")
+        _check(self.ddim_steps >= 1, "ddim_steps must be >= 1")
+        _check(self.guidance_scale >= 0, "guidance_scale must be >= 0")
+        _check(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; saved as JSON in every checkpoint."""
+
+    preset: str = "quick"
+    seed: int = 0
+    device: str = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    autoencoder: PhaseConfig = field(default_factory=PhaseConfig)
+    diffusion: PhaseConfig = field(default_factory=PhaseConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    dm: DiffusionConfig = field(default_factory=DiffusionConfig)
+    class_names: tuple[str, ...] = ("class-0", "class-1")
+
+    def __post_init__(self) -> None:
+        _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        _check(
+            len(self.class_names) == self.model.n_classes,
+            f"{len(self.class_names)} class names for n_classes={self.model.n_classes}",
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> RunConfig:
+        return _from_dict(RunConfig, d)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain JSON-able dict; inf is kept as the string "inf" so the JSON stays standard."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, float) and math.isinf(v):
+            return "inf"
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def _from_dict(cls: type, d: Mapping[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(known)
+    _check(not unknown, f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in d.items():
+        f = known[name]
+        sub = _SUBCONFIGS.get((cls.__name__, name))
+        if sub is not None:
+            kwargs[name] = _from_dict(sub, value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        elif value == "inf":
+            kwargs[name] = math.inf
+        else:
+            kwargs[name] = value
+        del f
+    return cls(**kwargs)
+
+
+_SUBCONFIGS: dict[tuple[str, str], type] = {
+    ("RunConfig", "model"): ModelConfig,
+    ("RunConfig", "autoencoder"): PhaseConfig,
+    ("RunConfig", "diffusion"): PhaseConfig,
+    ("RunConfig", "privacy"): PrivacyConfig,
+    ("RunConfig", "dm"): DiffusionConfig,
+}
+
+
+def _preset_parts(preset: str, image_size: int) -> dict[str, Any]:
+    """Network sizes and training plans per preset.
+
+    `quick` is sized for the README's main job: 3 simulated sites on 2 CPU cores in minutes.
+    Small denoisers and large logical batches are what make DP-SGD work for generators
+    (DESIGN.md), so even `standard` keeps the denoiser modest.
+    """
+    if preset == "tiny":
+        return {
+            "model": ModelConfig(
+                image_size=image_size, ae_channels=(8, 8), latent_channels=2, ae_norm_groups=4,
+                dm_channels=(8, 16), dm_attention=(False, False), dm_norm_groups=4,
+                dm_head_channels=8, num_train_timesteps=100,
+            ),
+            "autoencoder": PhaseConfig(rounds=1, local_epochs=1, batch_size=8, lr=2e-3),
+            "diffusion": PhaseConfig(rounds=1, local_epochs=1, batch_size=8, lr=2e-3,
+                                     noise_multiplicity=2),
+            "dm": DiffusionConfig(ddim_steps=5),
+        }
+    if preset == "quick":
+        return {
+            "model": ModelConfig(
+                image_size=image_size, ae_channels=(16, 32, 32), latent_channels=3,
+                ae_norm_groups=8, dm_channels=(32, 64), dm_attention=(False, False),
+                dm_norm_groups=8, num_train_timesteps=1000,
+            ),
+            "autoencoder": PhaseConfig(rounds=3, local_epochs=4, batch_size=128, lr=3e-3,
+                                       max_grad_norm=1.0),
+            "diffusion": PhaseConfig(rounds=4, local_epochs=8, batch_size=192, lr=2e-3,
+                                     max_grad_norm=1.0, noise_multiplicity=4),
+            "dm": DiffusionConfig(ddim_steps=40, guidance_scale=2.0),
+        }
+    if preset == "standard":
+        return {
+            "model": ModelConfig(
+                image_size=image_size, ae_channels=(32, 64, 64), latent_channels=4,
+                ae_norm_groups=16, dm_channels=(64, 128, 128),
+                dm_attention=(False, False, True), dm_norm_groups=16, dm_head_channels=32,
+            ),
+            "autoencoder": PhaseConfig(rounds=10, local_epochs=5, batch_size=512, lr=2e-3,
+                                       physical_batch_size=128),
+            "diffusion": PhaseConfig(rounds=20, local_epochs=10, batch_size=1024, lr=1e-3,
+                                     physical_batch_size=128, noise_multiplicity=8),
+            "dm": DiffusionConfig(ddim_steps=100, guidance_scale=2.0),
+        }
+    raise ConfigError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+
+
+def build_config(
+    *,
+    preset: str = "quick",
+    image_size: int = 64,
+    class_names: tuple[str, ...] = ("class-0", "class-1"),
+    epsilon: float = 8.0,
+    delta: float = 1e-5,
+    seed: int = 0,
+    device: str = "auto",
+    overrides: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """Build a RunConfig from a preset plus dotted overrides like {"diffusion.rounds": 3}.
+
+    Overrides are how the CLI and the benchmarks sweep knobs without new code paths.
+    """
+    parts = _preset_parts(preset, image_size)
+    parts["model"] = dataclasses.replace(parts["model"], n_classes=len(class_names))
+    parts["privacy"] = PrivacyConfig(epsilon=epsilon, delta=delta)
+    parts.setdefault("dm", DiffusionConfig())
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        _check(section in parts and bool(name), f"override {key!r}: use SECTION.FIELD with "
+               f"SECTION in {sorted(parts)}")
+        current = parts[section]
+        _check(name in {f.name for f in fields(current)},
+               f"override {key!r}: {type(current).__name__} has no field {name!r}")
+        if isinstance(getattr(current, name), tuple) and isinstance(value, list):
+            value = tuple(value)
+        parts[section] = dataclasses.replace(current, **{name: value})
+    return RunConfig(preset=preset, seed=seed, device=device, class_names=tuple(class_names),
+                     **parts)

@@ -1,0 +1,795 @@
+"""Real data: find images and labels, split by patient, share among sites, load as tensors.
+
+Why patient-level everywhere: slices of one patient are near-duplicates. If a patient straddled
+train and test, utility would be inflated; if a patient straddled train and holdout, the
+membership-inference audit would be meaningless; if a patient straddled two sites, the per-site
+privacy ledger would under-count that patient's exposure. So splits and site assignment are both
+done on patients, deterministically from a seed, so that every site process that calls
+:func:`load_site` on its own gets a consistent, disjoint share.
+
+Layouts understood by :func:`scan`:
+
+- class folders ``ROOT/<class>/*.png|jpg|jpeg|...``, optionally under ``ROOT/train|test/``
+  (``training``/``testing`` and ``holdout``/``val``/``validation`` are accepted as aliases);
+- a CSV manifest (a ``.csv`` file, or a folder holding ``manifest.csv``) with columns
+  ``path,label`` and optional ``patient,split,site``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from tqdm import tqdm
+
+__all__ = [
+    "DataError",
+    "Record",
+    "DatasetIndex",
+    "ImageSet",
+    "SiteData",
+    "IMAGE_EXTENSIONS",
+    "SPLITS",
+    "scan",
+    "split_by_patient",
+    "partition",
+    "load_images",
+    "load_site",
+    "load_all_sites",
+]
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+SPLITS: tuple[str, ...] = ("train", "holdout", "test")
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "holdout": "holdout",
+    "val": "holdout",
+    "valid": "holdout",
+    "validation": "holdout",
+    "test": "test",
+    "testing": "test",
+}
+_MANIFEST_NAME = "manifest.csv"
+_PROGRESS_THRESHOLD = 500
+MIN_IMAGES_PER_SITE = 10
+_DIRICHLET_TRIES = 20
+
+
+class DataError(ValueError):
+    """The data on disk cannot be used as given; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image: where it is, its label id, and (when known) patient, split and site."""
+
+    path: Path
+    label: int
+    patient: str | None = None
+    split: str | None = None
+    site: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.split is not None and self.split not in SPLITS:
+            raise DataError(f"{self.path}: split {self.split!r} is not one of {SPLITS}.")
+        if self.label < 0:
+            raise DataError(f"{self.path}: label id must be >= 0, got {self.label}.")
+
+    @property
+    def patient_key(self) -> str:
+        """The patient id, or the image path when unknown (each image is then its own patient)."""
+        return self.patient if self.patient is not None else f"image:{self.path}"
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """Everything :func:`scan` found: class names (sorted, so label ids are stable) and records."""
+
+    root: Path
+    class_names: tuple[str, ...]
+    records: tuple[Record, ...]
+    has_patient_ids: bool
+    layout: str  # "folders" | "manifest"
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("folders", "manifest"):
+            raise ValueError(
+                f"DatasetIndex.layout must be 'folders' or 'manifest', got {self.layout!r}."
+            )
+        n = len(self.class_names)
+        bad = [r for r in self.records if r.label >= n]
+        if bad:
+            raise ValueError(f"{bad[0].path}: label id {bad[0].label} >= number of classes {n}.")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images ``[N,1,H,W]`` float32 in [-1, 1], labels ``[N]`` int64, one patient id per image."""
+
+    images: Tensor
+    labels: Tensor
+    patients: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[1] != 1:
+            raise ValueError(f"ImageSet.images must be [N,1,H,W], got {tuple(self.images.shape)}.")
+        if self.images.dtype != torch.float32 or self.labels.dtype != torch.int64:
+            raise ValueError(
+                f"ImageSet needs float32 images and int64 labels, got {self.images.dtype} and "
+                f"{self.labels.dtype}."
+            )
+        n = self.images.shape[0]
+        if self.labels.shape != (n,) or len(self.patients) != n:
+            raise ValueError(
+                f"ImageSet: {n} images but labels {tuple(self.labels.shape)} and "
+                f"{len(self.patients)} patient ids."
+            )
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's share of a dataset, already split by patient into train/holdout/test."""
+
+    site_id: str
+    class_names: tuple[str, ...]
+    train: ImageSet
+    holdout: ImageSet
+    test: ImageSet
+    has_patient_ids: bool
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) < 2:
+            raise ValueError(f"SiteData needs >= 2 classes, got {self.class_names}.")
+        sizes = {s.images.shape[-2:] for s in (self.train, self.holdout, self.test)}
+        if len(sizes) != 1:
+            raise ValueError(f"SiteData splits have different image sizes: {sizes}.")
+
+
+# --------------------------------------------------------------------------------------------
+# scan
+
+
+def _natural_key(text: str) -> list[object]:
+    """Sort key that puts site-2 before site-10 and class '2' before '10'."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def _sorted_class_names(names: Iterable[str]) -> tuple[str, ...]:
+    """Alphabetical (numeric when every name is an integer) so label ids are stable."""
+    names = set(names)
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return tuple(sorted(names, key=int))
+    return tuple(sorted(names))
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_class_tree(folder: Path, split: str | None) -> dict[str, list[tuple[Path, str | None]]]:
+    found: dict[str, list[tuple[Path, str | None]]] = {}
+    for class_dir in _subdirs(folder):
+        files = sorted(p for p in class_dir.iterdir() if _is_image(p))
+        if not files:
+            raise DataError(
+                f"{class_dir}: class folder holds no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder."
+            )
+        found[class_dir.name] = [(f, split) for f in files]
+    return found
+
+
+def _scan_folders(root: Path) -> DatasetIndex:
+    subdirs = _subdirs(root)
+    if not subdirs:
+        raise DataError(
+            f"{root}: no class folders found. Expected ROOT/<class>/*.png (optionally under "
+            f"ROOT/train/ and ROOT/test/) or a {_MANIFEST_NAME} with columns path,label."
+        )
+    split_dirs = [d for d in subdirs if d.name.lower() in _SPLIT_ALIASES]
+    per_class: dict[str, list[tuple[Path, str | None]]] = defaultdict(list)
+    if split_dirs:
+        others = [d.name for d in subdirs if d.name.lower() not in _SPLIT_ALIASES]
+        if others:
+            raise DataError(
+                f"{root}: mixes split folders ({', '.join(d.name for d in split_dirs)}) with other "
+                f"folders ({', '.join(others)}); put every class folder under a split folder."
+            )
+        seen_splits: dict[str, Path] = {}
+        for d in split_dirs:
+            split = _SPLIT_ALIASES[d.name.lower()]
+            if split in seen_splits:
+                raise DataError(
+                    f"{root}: both {seen_splits[split].name}/ and {d.name}/ mean split "
+                    f"{split!r}; merge them."
+                )
+            seen_splits[split] = d
+            tree = _scan_class_tree(d, split)
+            if not tree:
+                raise DataError(
+                    f"{d}: split folder has no class folders; add {d}/<class>/ folders of images."
+                )
+            for name, items in tree.items():
+                per_class[name].extend(items)
+    else:
+        for name, items in _scan_class_tree(root, None).items():
+            per_class[name].extend(items)
+
+    class_names = _sorted_class_names(per_class)
+    if len(class_names) < 2:
+        raise DataError(
+            f"{root}: found a single class ({class_names[0]!r}); a classifier and a "
+            "class-conditional generator need at least two class folders."
+        )
+    ids = {name: i for i, name in enumerate(class_names)}
+    records = [
+        Record(path=p, label=ids[name], split=split)
+        for name in class_names
+        for p, split in per_class[name]
+    ]
+    records.sort(key=lambda r: (SPLITS.index(r.split) if r.split else -1, str(r.path)))
+    return DatasetIndex(
+        root=root,
+        class_names=class_names,
+        records=tuple(records),
+        has_patient_ids=False,
+        layout="folders",
+    )
+
+
+def _read_manifest_rows(manifest: Path) -> tuple[list[str], list[dict[str, str]]]:
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip().lower() for c in (reader.fieldnames or [])]
+            rows = []
+            for row in reader:
+                clean = {
+                    (k or "").strip().lower(): (v or "").strip()
+                    for k, v in row.items()
+                    if not isinstance(v, list)
+                }
+                if any(clean.values()):
+                    rows.append(clean)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(
+            f"{manifest}: cannot read the CSV manifest ({exc}); save it as UTF-8 CSV with a "
+            "header row path,label[,patient,split,site]."
+        ) from exc
+    return columns, rows
+
+
+def _scan_manifest(manifest: Path) -> DatasetIndex:
+    columns, rows = _read_manifest_rows(manifest)
+    missing_cols = [c for c in ("path", "label") if c not in columns]
+    if missing_cols:
+        raise DataError(
+            f"{manifest}: missing column(s) {missing_cols}; found {columns}. The header must "
+            "include path,label (optional: patient,split,site)."
+        )
+    if not rows:
+        raise DataError(f"{manifest}: the manifest has a header but no rows; list your images.")
+    base = manifest.parent
+    has_split = "split" in columns and any(r.get("split") for r in rows)
+    entries = []
+    missing_files: list[str] = []
+    for line, row in enumerate(rows, start=2):
+        if not row.get("path") or not row.get("label"):
+            raise DataError(f"{manifest}, row {line}: empty path or label; fill both in.")
+        raw_split = row.get("split", "")
+        split = None
+        if has_split:
+            if not raw_split:
+                raise DataError(
+                    f"{manifest}, row {line}: empty split while other rows have one; give every "
+                    f"row a split ({'/'.join(SPLITS)}) or leave the column empty everywhere."
+                )
+            split = _SPLIT_ALIASES.get(raw_split.lower())
+            if split is None:
+                raise DataError(
+                    f"{manifest}, row {line}: unknown split {raw_split!r}; use one of "
+                    f"{'/'.join(SPLITS)} (aliases: training, testing, val, validation)."
+                )
+        path = Path(row["path"])
+        if not path.is_absolute():
+            path = base / path
+        if not path.is_file():
+            missing_files.append(row["path"])
+        patient, site = row.get("patient") or None, row.get("site") or None
+        entries.append((path, row["label"], patient, split, site))
+    if missing_files:
+        shown = ", ".join(missing_files[:5])
+        raise DataError(
+            f"{manifest}: {len(missing_files)} listed file(s) do not exist (first: {shown}); "
+            f"relative paths are read from {base}. Fix the paths or remove those rows."
+        )
+    dupes = [p for p, c in Counter(str(e[0]) for e in entries).items() if c > 1]
+    if dupes:
+        raise DataError(
+            f"{manifest}: {len(dupes)} image(s) listed more than once (first: {dupes[0]}); a "
+            "duplicate could land in two splits. Remove the duplicate rows."
+        )
+    class_names = _sorted_class_names(e[1] for e in entries)
+    if len(class_names) < 2:
+        raise DataError(
+            f"{manifest}: every row has label {class_names[0]!r}; at least two classes are needed."
+        )
+    ids = {name: i for i, name in enumerate(class_names)}
+    records = tuple(
+        Record(path=p, label=ids[lab], patient=pat, split=split, site=site)
+        for p, lab, pat, split, site in entries
+    )
+    _check_patients_consistent(records, manifest)
+    return DatasetIndex(
+        root=base,
+        class_names=class_names,
+        records=records,
+        has_patient_ids="patient" in columns and all(r.patient is not None for r in records),
+        layout="manifest",
+    )
+
+
+def _check_patients_consistent(records: Sequence[Record], where: Path | str) -> None:
+    """A patient in two splits or at two sites would leak; refuse it."""
+    for attr in ("split", "site"):
+        seen: dict[str, set[str | None]] = defaultdict(set)
+        for r in records:
+            if r.patient is not None:
+                seen[r.patient].add(getattr(r, attr))
+        bad = sorted(p for p, vals in seen.items() if len(vals) > 1)
+        if bad:
+            raise DataError(
+                f"{where}: patient {bad[0]!r} (and {len(bad) - 1} more) appears in more than one "
+                f"{attr} ({sorted(map(str, seen[bad[0]]))}); each patient's images must share "
+                f"one {attr}."
+            )
+
+
+def scan(path: str | os.PathLike[str]) -> DatasetIndex:
+    """Index a dataset: a class-folder tree, a CSV manifest, or a folder holding manifest.csv.
+
+    Only file names are read here, not pixels, so scanning is cheap and every site can do it.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder; check the data path.")
+    if p.is_file():
+        if p.suffix.lower() != ".csv":
+            raise DataError(
+                f"{p}: expected a folder of class folders or a .csv manifest, got a "
+                f"{p.suffix or 'extensionless'} file."
+            )
+        return _scan_manifest(p)
+    if (p / _MANIFEST_NAME).is_file():
+        return _scan_manifest(p / _MANIFEST_NAME)
+    return _scan_folders(p)
+
+
+# --------------------------------------------------------------------------------------------
+# splits and partitions
+
+
+def _group_by_patient(records: Sequence[Record]) -> dict[str, list[Record]]:
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        groups[r.patient_key].append(r)
+    return dict(sorted(groups.items()))
+
+
+def _patient_label(recs: Sequence[Record]) -> int:
+    """Majority label of a patient's images (ties -> smallest id): the stratum."""
+    counts = Counter(r.label for r in recs)
+    return min(counts, key=lambda k: (-counts[k], k))
+
+
+def _check_fractions(holdout_fraction: float, test_fraction: float) -> None:
+    if not (0.0 <= holdout_fraction < 1.0 and 0.0 <= test_fraction < 1.0):
+        raise ValueError(
+            f"holdout_fraction and test_fraction must lie in [0, 1), got {holdout_fraction} and "
+            f"{test_fraction}."
+        )
+    if holdout_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"holdout_fraction + test_fraction must be < 1 to leave a train split, got "
+            f"{holdout_fraction + test_fraction}."
+        )
+
+
+def _stratified_take(
+    patients: dict[str, list[Record]], counts: dict[str, int], rng: np.random.Generator
+) -> dict[str, list[str]]:
+    """Draw ``counts[split]`` patients per split, stratified by patient label.
+
+    Cumulative rounding over the (shuffled) strata makes the totals exact while each stratum
+    gets within one patient of its proportional share.
+    """
+    strata: dict[int, list[str]] = defaultdict(list)
+    for key, recs in patients.items():
+        strata[_patient_label(recs)].append(key)
+    labels = sorted(strata)
+    labels = [labels[i] for i in rng.permutation(len(labels))]
+    for lab in labels:
+        strata[lab] = [strata[lab][i] for i in rng.permutation(len(strata[lab]))]
+    total = len(patients)
+    taken: dict[str, list[str]] = {s: [] for s in counts}
+    cum, done = 0, dict.fromkeys(counts, 0)
+    for lab in labels:
+        pool = strata[lab]
+        cum += len(pool)
+        for split, n_split in counts.items():
+            target = round(n_split * cum / total) if total else 0
+            k = min(target - done[split], len(pool))
+            taken[split].extend(pool[:k])
+            pool = pool[k:]
+            done[split] += k
+        strata[lab] = pool
+    # Rounding clamps can leave a split short: top up from what is left, in a seeded order.
+    leftover = [k for lab in labels for k in strata[lab]]
+    for split, n_split in counts.items():
+        while done[split] < n_split and leftover:
+            taken[split].append(leftover.pop(0))
+            done[split] += 1
+    return taken
+
+
+def split_by_patient(
+    records: Sequence[Record],
+    *,
+    holdout_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> dict[str, list[Record]]:
+    """Split records into ``train``/``holdout``/``test`` so that no patient is in two splits.
+
+    - Every record has a split: kept as is; a split that is missing (e.g. only train/test in
+      the data) is carved out of train by patient. Fractions are of all patients, so holdout
+      is about the same size whatever the layout.
+    - No record has a split: all three are drawn by patient.
+    - Stratified by each patient's majority label. Records without a patient id are each their
+      own patient. When there are at least three patients, a split asked for with a non-zero
+      fraction gets at least one patient.
+    """
+    _check_fractions(holdout_fraction, test_fraction)
+    with_split = [r.split is not None for r in records]
+    if any(with_split) and not all(with_split):
+        raise DataError(
+            "split_by_patient: some records have a split and others do not; give every record "
+            "a split or none."
+        )
+    _check_patients_consistent(records, "split_by_patient")
+    out: dict[str, list[Record]] = {s: [] for s in SPLITS}
+    for r in records:
+        out[r.split or "train"].append(r)
+    if records and not out["train"]:
+        raise DataError(
+            "split_by_patient: the data has no train split (only "
+            f"{sorted({r.split for r in records})}); add training images."
+        )
+    all_patients = _group_by_patient(records)
+    n_total = len(all_patients)
+    train_patients = _group_by_patient(out["train"])
+    fractions = {"test": test_fraction, "holdout": holdout_fraction}
+    counts: dict[str, int] = {}
+    for split, frac in fractions.items():
+        if out[split]:
+            continue  # given by the data
+        n = round(frac * n_total)
+        if frac > 0 and n == 0 and n_total >= 3:
+            n = 1
+        counts[split] = n
+    # Keep at least one train patient: shrink the carved splits in turn.
+    while counts and sum(counts.values()) >= len(train_patients) and any(counts.values()):
+        biggest = max(counts, key=lambda s: counts[s])
+        counts[biggest] -= 1
+    if counts:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED]))
+        taken = _stratified_take(train_patients, counts, rng)
+        moved = {key: split for split, keys in taken.items() for key in keys}
+        keep = []
+        for r in out["train"]:
+            dest = moved.get(r.patient_key)
+            (out[dest] if dest else keep).append(r)
+        out["train"] = keep
+    return out
+
+
+def _parse_scheme(scheme: str) -> tuple[str, float]:
+    text = str(scheme).strip().lower()
+    if text in ("iid", "site"):
+        return text, 0.0
+    if text.startswith("dirichlet:"):
+        try:
+            alpha = float(text.split(":", 1)[1])
+        except ValueError:
+            alpha = float("nan")
+        if not np.isfinite(alpha) or alpha <= 0:
+            raise ValueError(
+                f"partition scheme {scheme!r}: alpha must be a positive number, e.g. dirichlet:0.5."
+            )
+        return "dirichlet", alpha
+    raise ValueError(
+        f"unknown partition scheme {scheme!r}; use 'iid', 'dirichlet:ALPHA' (e.g. dirichlet:0.5) "
+        "or 'site' (by the manifest's site column)."
+    )
+
+
+def partition(
+    records: Sequence[Record],
+    n_sites: int,
+    scheme: str,
+    *,
+    seed: int = 0,
+    min_per_site: int = MIN_IMAGES_PER_SITE,
+) -> list[list[Record]]:
+    """Share records among ``n_sites`` sites, whole patients at a time.
+
+    ``iid``: patients dealt round-robin within each label stratum. ``dirichlet:ALPHA``: label
+    skew as in Hsu et al. 2019: for each class, site shares ~ Dirichlet(ALPHA); small ALPHA
+    means strong skew. Draws that leave a site with fewer than ``min_per_site`` images are
+    redrawn (seeded, a bounded number of times) before giving up. ``site``: by the records'
+    ``site`` column, sites in natural sort order. Site order in the result is the site index.
+    """
+    kind, alpha = _parse_scheme(scheme)
+    if not isinstance(n_sites, (int, np.integer)) or n_sites < 1:
+        raise ValueError(f"partition: n_sites must be a positive integer, got {n_sites!r}.")
+    patients = _group_by_patient(records)
+    if kind == "site":
+        return _partition_by_site(records, n_sites, min_per_site)
+    if n_sites > len(patients):
+        raise DataError(
+            f"partition: {n_sites} sites but only {len(patients)} patients; use fewer sites."
+        )
+    strata: dict[int, list[str]] = defaultdict(list)
+    for key, recs in patients.items():
+        strata[_patient_label(recs)].append(key)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xD15C]))
+    for _ in range(_DIRICHLET_TRIES if kind == "dirichlet" else 1):
+        owner: dict[str, int] = {}
+        start = 0
+        for lab in sorted(strata):
+            keys = [strata[lab][i] for i in rng.permutation(len(strata[lab]))]
+            if kind == "iid":
+                for j, key in enumerate(keys):
+                    owner[key] = (start + j) % n_sites
+                start += len(keys)
+            else:
+                shares = rng.dirichlet(np.full(n_sites, alpha))
+                bounds = np.round(np.cumsum(shares) * len(keys)).astype(int)
+                site_of = np.searchsorted(bounds, np.arange(len(keys)), side="right")
+                for key, s in zip(keys, site_of, strict=True):
+                    owner[key] = int(min(s, n_sites - 1))
+        sites: list[list[Record]] = [[] for _ in range(n_sites)]
+        for key, recs in patients.items():
+            sites[owner[key]].extend(recs)
+        sizes = [len(s) for s in sites]
+        if min(sizes) >= min_per_site:
+            return sites
+    hint = "use a larger alpha or fewer sites" if kind == "dirichlet" else "use fewer sites"
+    raise DataError(
+        f"partition {scheme!r}: a site would get only {min(sizes)} image(s) (sizes {sizes}, "
+        f"minimum {min_per_site}); {hint}, or add data."
+    )
+
+
+def _partition_by_site(
+    records: Sequence[Record], n_sites: int, min_per_site: int
+) -> list[list[Record]]:
+    unlabeled = [r for r in records if r.site is None]
+    if unlabeled:
+        raise DataError(
+            f"partition 'site': {len(unlabeled)} record(s) have no site (first: "
+            f"{unlabeled[0].path}); fill the manifest's site column or use 'iid'/'dirichlet:A'."
+        )
+    _check_patients_consistent(records, "partition 'site'")
+    names = sorted({r.site for r in records if r.site is not None}, key=_natural_key)
+    if len(names) != n_sites:
+        raise DataError(
+            f"partition 'site': the data names {len(names)} site(s) ({', '.join(names)}) but "
+            f"n_sites is {n_sites}; set n_sites to {len(names)}."
+        )
+    sites = [[r for r in records if r.site == name] for name in names]
+    small = [(name, len(s)) for name, s in zip(names, sites, strict=True) if len(s) < min_per_site]
+    if small:
+        raise DataError(
+            f"partition 'site': site {small[0][0]!r} has only {small[0][1]} image(s) (minimum "
+            f"{min_per_site}); add data for it or merge it with another site."
+        )
+    return sites
+
+
+# --------------------------------------------------------------------------------------------
+# pixels
+
+
+def _to_gray_float(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> float32 [H, W] in [0, 1].
+
+    8-bit data is divided by 255 (keeps absolute intensities comparable across images);
+    16-bit/int/float data uses the image's own min..max, since such files often hold 10-12 bit
+    values or arbitrary scanner units.
+    """
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(black, rgba)
+    if img.mode != "L":
+        img = img.convert("RGB").convert("L") if img.mode not in ("RGB", "1") else img.convert("L")
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _load_one(path: Path, image_size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("L", (image_size, image_size))  # decode at reduced scale: much faster
+            img.load()
+            arr = _to_gray_float(img)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc}); replace or remove the file.") from exc
+    h, w = arr.shape
+    if h != w:  # pad to square with black so anatomy keeps its aspect ratio
+        side = max(h, w)
+        padded = np.zeros((side, side), dtype=np.float32)
+        top, left = (side - h) // 2, (side - w) // 2
+        padded[top : top + h, left : left + w] = arr
+        arr = padded
+    if arr.shape[0] != image_size:
+        resized = Image.fromarray(arr).resize((image_size, image_size), Image.Resampling.BILINEAR)
+        arr = np.asarray(resized, dtype=np.float32)
+    return np.clip(arr, 0.0, 1.0)
+
+
+def load_images(records: Sequence[Record], image_size: int) -> tuple[Tensor, Tensor]:
+    """Read, grayscale, pad to square, resize and scale records to ``[N,1,S,S]`` in [-1, 1].
+
+    Returns ``(images float32, labels int64)``. Decoding runs on a few threads (PIL releases
+    the GIL) and shows a progress bar above ~500 files.
+    """
+    if not isinstance(image_size, (int, np.integer)) or image_size < 8:
+        raise ValueError(f"load_images: image_size must be an integer >= 8, got {image_size!r}.")
+    n = len(records)
+    images = np.empty((n, 1, image_size, image_size), dtype=np.float32)
+    workers = max(1, min(4, os.cpu_count() or 1))
+    paths = [r.path for r in records]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda p: _load_one(p, image_size), paths)
+        bar = tqdm(results, total=n, desc="loading images", disable=n <= _PROGRESS_THRESHOLD)
+        for i, arr in enumerate(bar):
+            images[i, 0] = arr
+    x = torch.from_numpy(images).mul_(2.0).sub_(1.0)
+    y = torch.tensor([r.label for r in records], dtype=torch.int64)
+    return x, y
+
+
+def _image_set(records: Sequence[Record], image_size: int, root: Path) -> ImageSet:
+    x, y = load_images(records, image_size)
+    patients = []
+    for r in records:
+        if r.patient is not None:
+            patients.append(r.patient)
+        else:
+            try:
+                patients.append(str(r.path.relative_to(root)))
+            except ValueError:
+                patients.append(str(r.path))
+    return ImageSet(images=x, labels=y, patients=tuple(patients))
+
+
+def _site_data(
+    index: DatasetIndex,
+    share: Sequence[Record],
+    site_index: int,
+    scheme: str,
+    *,
+    image_size: int,
+    seed: int,
+    holdout_fraction: float,
+    test_fraction: float,
+) -> SiteData:
+    splits = split_by_patient(
+        share,
+        holdout_fraction=holdout_fraction,
+        test_fraction=test_fraction,
+        seed=int(np.random.SeedSequence([seed, site_index]).generate_state(1)[0]),
+    )
+    if not splits["train"]:
+        raise DataError(
+            f"{index.root}: site {site_index} has no training images after the split; use "
+            "fewer sites or smaller holdout/test fractions."
+        )
+    site_id = f"site-{site_index}"
+    if _parse_scheme(scheme)[0] == "site" and share[0].site is not None:
+        site_id = share[0].site
+    return SiteData(
+        site_id=site_id,
+        class_names=index.class_names,
+        train=_image_set(splits["train"], image_size, index.root),
+        holdout=_image_set(splits["holdout"], image_size, index.root),
+        test=_image_set(splits["test"], image_size, index.root),
+        has_patient_ids=index.has_patient_ids,
+    )
+
+
+def load_site(
+    path: str | os.PathLike[str],
+    *,
+    site_index: int,
+    n_sites: int,
+    scheme: str,
+    image_size: int,
+    seed: int = 0,
+    holdout_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+) -> SiteData:
+    """Load one site's share: scan, assign patients to sites, split by patient, read pixels.
+
+    Each site process may call this on its own: the assignment depends only on the file list
+    and ``seed``, so shares are disjoint and consistent across processes.
+    """
+    if not isinstance(site_index, (int, np.integer)) or not 0 <= site_index < n_sites:
+        raise ValueError(f"load_site: site_index must be in [0, {n_sites}), got {site_index!r}.")
+    _check_fractions(holdout_fraction, test_fraction)
+    index = scan(path)
+    shares = partition(index.records, n_sites, scheme, seed=seed)
+    return _site_data(
+        index,
+        shares[site_index],
+        site_index,
+        scheme,
+        image_size=image_size,
+        seed=seed,
+        holdout_fraction=holdout_fraction,
+        test_fraction=test_fraction,
+    )
+
+
+def load_all_sites(
+    path: str | os.PathLike[str],
+    *,
+    n_sites: int,
+    scheme: str,
+    image_size: int,
+    seed: int = 0,
+    holdout_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+) -> list[SiteData]:
+    """All sites at once (simulation, central evaluation); same result as :func:`load_site`."""
+    _check_fractions(holdout_fraction, test_fraction)
+    index = scan(path)
+    shares = partition(index.records, n_sites, scheme, seed=seed)
+    return [
+        _site_data(
+            index,
+            share,
+            i,
+            scheme,
+            image_size=image_size,
+            seed=seed,
+            holdout_fraction=holdout_fraction,
+            test_fraction=test_fraction,
+        )
+        for i, share in enumerate(shares)
+    ]

@@ -1,0 +1,73 @@
+"""Per-sample losses: every function returns a tensor of shape [B].
+
+The caller reduces. Keeping the reduction outside is what makes the loss consistent with what
+Opacus clips (one gradient per sample), and what lets the membership-inference audit reuse the
+very same denoising loss per image.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+
+
+def _per_sample_mean(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).mean(dim=1)
+
+
+def kl_per_sample(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma) || N(0, 1)) averaged over latent elements, per sample."""
+    var = z_sigma.pow(2).clamp_min(1e-8)
+    return _per_sample_mean(0.5 * (z_mu.pow(2) + var - torch.log(var) - 1.0))
+
+
+def autoencoder_loss(
+    ae: AutoencoderKL, x: torch.Tensor, *, kl_weight: float, noise: torch.Tensor
+) -> torch.Tensor:
+    """L1 reconstruction + KL, per sample. `noise` is the reparameterisation noise (passed in)."""
+    z_mu, z_sigma = ae.encode(x)
+    z = z_mu + z_sigma * noise
+    recon = ae.decode(z)
+    return _per_sample_mean((recon - x).abs()) + kl_weight * kl_per_sample(z_mu, z_sigma)
+
+
+def diffusion_loss(
+    unet: DiffusionModelUNet,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """Epsilon-prediction MSE per sample at the given timesteps and noise."""
+    noisy = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
+    pred = unet(noisy, timesteps, class_labels=labels)
+    return _per_sample_mean((pred - noise).pow(2))
+
+
+def multiplicity_diffusion_loss(
+    unet: DiffusionModelUNet,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    k: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Mean over K (timestep, noise) draws per sample, as K forward calls of the same rows.
+
+    Under Opacus' hooks mode the K forward calls followed by ONE backward accumulate into a single
+    per-sample gradient, which is then clipped once: a sample's influence stays bounded by the
+    clip norm. Replicating samples as K extra batch rows would instead clip each row on its own
+    and multiply the sample's true sensitivity by K, unseen by the accountant (DESIGN.md).
+    """
+    b = latents.shape[0]
+    total = torch.zeros(b, device=latents.device)
+    for _ in range(k):
+        t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator,
+                          device="cpu").to(latents.device)
+        n = torch.randn(latents.shape, generator=generator, device="cpu").to(latents.device)
+        total = total + diffusion_loss(unet, scheduler, latents, labels, timesteps=t, noise=n)
+    return total / k

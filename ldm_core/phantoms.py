@@ -1,0 +1,336 @@
+"""Procedural demo data: axial "brain MRI" phantoms with lesions, patients and sites.
+
+Why: the project must run end to end (and in CI) without any real patient data. The phantoms are
+built to exercise what real data exercises: several slices per patient (so patient-level splits
+matter), several acquisition sites that differ in intensity, bias field, noise and blur (so the
+federation is really heterogeneous), mildly different label mixes per site, and lesions that are
+sometimes small and faint (so a classifier does well but not perfectly; ``benchmarks/
+demo_difficulty.py`` checks that a SmallCNN lands at macro AUC 0.85-0.97).
+
+Everything is vectorised numpy over a batch of slices and driven by one ``numpy.random.Generator``
+seeded from ``seed``, so the same seed gives bit-identical images.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["CLASS_NAMES", "render_demo", "generate_demo"]
+
+#: Demo classes, alphabetical so that their ids match what ``ldm_core.data.scan`` assigns.
+CLASS_NAMES: tuple[str, ...] = ("cyst", "edema", "normal", "tumor")
+_CYST, _EDEMA, _NORMAL, _TUMOR = range(4)
+_BASE_CLASS_PROBS = np.array([0.22, 0.22, 0.32, 0.24])
+_CHUNK = 256  # slices rendered per vectorised batch: bounds memory at large image sizes
+
+
+def _col(a: np.ndarray) -> np.ndarray:
+    """[N] -> [N, 1, 1] for broadcasting against [N, H, W] grids."""
+    return np.asarray(a, dtype=np.float32)[:, None, None]
+
+
+def _edge(d: np.ndarray, width: np.ndarray | float) -> np.ndarray:
+    """Anti-aliased step: 1 where d >> 0, 0 where d << 0, linear over ``width``."""
+    return np.clip(0.5 + d / width, 0.0, 1.0)
+
+
+def _smooth_noise(rng: np.random.Generator, n: int, size: int, sigma_frac: float) -> np.ndarray:
+    """Unit-variance Gaussian random field [n, size, size] with correlation ~ sigma_frac*size."""
+    white = rng.standard_normal((n, size, size), dtype=np.float32)
+    f = np.fft.fftfreq(size).astype(np.float32)
+    k2 = f[:, None] ** 2 + f[None, :] ** 2
+    s = sigma_frac * size
+    kernel = np.exp(-2.0 * (np.pi**2) * (s**2) * k2)
+    field = np.fft.ifft2(np.fft.fft2(white) * kernel).real.astype(np.float32)
+    field -= field.mean(axis=(1, 2), keepdims=True)
+    field /= field.std(axis=(1, 2), keepdims=True) + 1e-6
+    return field
+
+
+def _blur(img: np.ndarray, sigma_px: np.ndarray) -> np.ndarray:
+    """Gaussian blur with a per-image sigma (pixels), via FFT with reflect-free zero padding."""
+    n, h, w = img.shape
+    pad = h // 4
+    padded = np.pad(img, ((0, 0), (pad, pad), (pad, pad)))
+    size = padded.shape[-1]
+    f = np.fft.fftfreq(size).astype(np.float32)
+    k2 = f[:, None] ** 2 + f[None, :] ** 2
+    kernel = np.exp(-2.0 * (np.pi**2) * _col(sigma_px) ** 2 * k2[None])
+    out = np.fft.ifft2(np.fft.fft2(padded) * kernel).real.astype(np.float32)
+    return out[:, pad : pad + h, pad : pad + w]
+
+
+def _site_params(rng: np.random.Generator, n_sites: int) -> dict[str, np.ndarray]:
+    """Per-site acquisition settings: the source of between-site heterogeneity."""
+    return {
+        "gamma": rng.uniform(0.75, 1.35, n_sites),
+        "gain": rng.uniform(0.8, 1.1, n_sites),
+        "offset": rng.uniform(0.0, 0.06, n_sites),
+        "noise": rng.uniform(0.02, 0.05, n_sites),
+        "blur": rng.uniform(0.0, 1.1, n_sites),  # in pixels at 64 px
+        "bias_x": rng.uniform(-0.35, 0.35, n_sites),
+        "bias_y": rng.uniform(-0.35, 0.35, n_sites),
+        "bias_r": rng.uniform(-0.3, 0.1, n_sites),
+        "class_probs": np.stack([rng.dirichlet(_BASE_CLASS_PROBS * 40.0) for _ in range(n_sites)]),
+    }
+
+
+def _patient_params(
+    rng: np.random.Generator, n_patients: int, n_sites: int, site_p: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Per-patient anatomy, label and lesion; shared by all of the patient's slices."""
+    sites = rng.permutation(np.arange(n_patients) % n_sites)
+    u = rng.random(n_patients)
+    cum = np.cumsum(site_p["class_probs"][sites], axis=1)
+    labels = (u[:, None] > cum).sum(axis=1).clip(0, len(CLASS_NAMES) - 1)
+    p: dict[str, np.ndarray] = {
+        "site": sites,
+        "label": labels,
+        "ax": rng.uniform(0.66, 0.76, n_patients),  # head half-width (left-right)
+        "ay": rng.uniform(0.80, 0.90, n_patients),  # head half-length (front-back)
+        "cx": rng.uniform(-0.04, 0.04, n_patients),
+        "cy": rng.uniform(-0.04, 0.04, n_patients),
+        "rot": rng.uniform(-0.15, 0.15, n_patients),
+        "z0": rng.uniform(-0.25, 0.3, n_patients),  # slab centre (slice level)
+        "vent": rng.uniform(0.7, 1.4, n_patients),  # ventricle size (atrophy)
+        "gm": rng.uniform(0.40, 0.48, n_patients),
+        "wm": rng.uniform(0.66, 0.76, n_patients),
+        "cortex": rng.uniform(0.16, 0.24, n_patients),  # cortical band thickness (rho units)
+        # lesion: polar position inside the brain (head coordinates), size, contrast, shape
+        "l_r": np.sqrt(rng.uniform(0.04, 0.5, n_patients)),
+        "l_t": rng.uniform(0, 2 * np.pi, n_patients),
+        "l_size": np.exp(rng.uniform(np.log(0.05), np.log(0.17), n_patients)),
+        "l_contrast": rng.uniform(0.3, 1.0, n_patients),
+        "l_irreg": rng.uniform(0.0, 0.25, n_patients),
+        "l_phase": rng.uniform(0, 2 * np.pi, (n_patients, 2)),
+    }
+    return p
+
+
+def _render_chunk(
+    rng: np.random.Generator,
+    pp: dict[str, np.ndarray],
+    z: np.ndarray,
+    site_p: dict[str, np.ndarray],
+    size: int,
+) -> np.ndarray:
+    """Render slices whose per-patient params ``pp`` are already gathered per slice. -> [N,H,W]."""
+    n = z.shape[0]
+    lin = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
+    gy, gx = lin[None, :, None], lin[None, None, :]
+    px = 2.0 / size  # one pixel in [-1, 1] units
+
+    # Head frame: rotate/shift, shrink with distance from the mid slice level.
+    shrink = np.sqrt(np.clip(1.0 - 0.55 * z**2, 0.3, 1.0))
+    ax, ay = _col(pp["ax"] * shrink), _col(pp["ay"] * shrink)
+    c, s = _col(np.cos(pp["rot"])), _col(np.sin(pp["rot"]))
+    dx, dy = gx - _col(pp["cx"]), gy - _col(pp["cy"])
+    u, v = c * dx + s * dy, -s * dx + c * dy  # u: left-right, v: front-back
+    rho = np.sqrt((u / ax) ** 2 + (v / ay) ** 2)
+    aa = px / np.minimum(ax, ay)  # anti-aliasing width in rho units
+
+    # Folding: a smooth random field bends the grey/white boundary into gyri; a weaker one
+    # roughens the brain surface (sulcal CSF).
+    folds = _smooth_noise(rng, n, size, 0.028)
+    surface = _smooth_noise(rng, n, size, 0.05)
+    head = _edge(1.0 - rho, aa)
+    skull_in = _edge(0.92 - rho, aa)
+    brain = _edge(0.855 - rho + 0.025 * surface - 0.03 * np.clip(folds, 0, None), aa)
+    wm_edge = 0.86 - _col(pp["cortex"]) * (1.0 + 0.3 * _col(z))
+    white = _edge(wm_edge - rho + 0.09 * folds, aa)
+
+    scalp_int, skull_int, csf_int = 0.72, 0.1, 0.14
+    img = head * scalp_int
+    img = img + skull_in * (skull_int - scalp_int) * head
+    img = img + brain * (csf_int - skull_int)
+    gm, wm = _col(pp["gm"]), _col(pp["wm"])
+    img = img + brain * (gm - csf_int) + white * brain * (wm - gm)
+
+    # Interhemispheric fissure: thin CSF line on the midline, front and back.
+    fissure = np.exp(-((u / (0.9 * px)) ** 2)) * _edge(np.abs(v) - 0.4 * ay, 2 * px) * brain
+    img = img + fissure * (csf_int - img) * 0.8
+
+    # Deep grey nuclei (thalami) near the centre on lower slices.
+    deep = np.clip(0.9 - 2.0 * _col(z), 0.0, 1.0) * 0.8
+    for side in (-1.0, 1.0):
+        du, dv = (u - side * 0.15 * ax) / (0.11 * ax), (v - 0.14 * ay) / (0.15 * ay)
+        d = np.sqrt(du**2 + dv**2)
+        img = img - deep * _edge(1.0 - d, 0.25) * (wm - gm) * 0.8
+
+    # Lateral ventricles: frontal horns close to the midline, bodies curving apart towards the
+    # back; largest at mid-brain levels, absent high up.
+    vz = _col(pp["vent"] * np.clip(1.0 - (z / 0.75) ** 2, 0.0, 1.0))
+    vent = np.zeros_like(img)
+    for side in (-1.0, 1.0):
+        vu, vv = u - side * 0.09 * ax, v + 0.02 * ay
+        ca, sa = np.cos(side * 0.22), np.sin(side * 0.22)
+        ru, rv = ca * vu - sa * vv, sa * vu + ca * vv
+        wid, length = 0.075 * ax * vz + 1e-3, 0.30 * ay * np.sqrt(vz) + 1e-3
+        bow = 0.5 * (rv / length) ** 2  # banana curvature, bulging outwards
+        taper = 1.0 - 0.35 * (rv / length)  # front horn fuller than the back
+        d = np.sqrt(((ru - side * bow * wid) / (wid * taper)) ** 2 + (rv / length) ** 2)
+        vent = np.maximum(vent, _edge(1.0 - d, px / wid) * (vz > 0.02))
+    img = img + vent * (csf_int - img) * brain
+
+    # Smooth tissue texture inside the brain.
+    tex = _smooth_noise(rng, n, size, 0.05)
+    img = img * (1.0 + 0.05 * tex * brain)
+
+    img = _add_lesions(img, pp, u, v, ax, ay, z, brain, white, px)
+
+    # Site acquisition: bias field, gamma/gain, blur, Rician noise.
+    sites = pp["site"]
+    bias = np.exp(
+        _col(site_p["bias_x"][sites]) * gx
+        + _col(site_p["bias_y"][sites]) * gy
+        + _col(site_p["bias_r"][sites]) * (gx**2 + gy**2)
+        + 0.08 * _smooth_noise(rng, n, size, 0.2)
+    )
+    img = np.clip(img * bias, 0.0, None)
+    img = _col(site_p["gain"][sites]) * img ** _col(site_p["gamma"][sites])
+    img = img + _col(site_p["offset"][sites]) * head
+    img = _blur(img, site_p["blur"][sites] * size / 64.0)
+    sigma = _col(site_p["noise"][sites])
+    n1 = rng.standard_normal(img.shape, dtype=np.float32)
+    n2 = rng.standard_normal(img.shape, dtype=np.float32)
+    img = np.sqrt((img + sigma * n1) ** 2 + (sigma * n2) ** 2)
+    return np.clip(img, 0.0, 1.0)
+
+
+def _add_lesions(
+    img: np.ndarray,
+    pp: dict[str, np.ndarray],
+    u: np.ndarray,
+    v: np.ndarray,
+    ax: np.ndarray,
+    ay: np.ndarray,
+    z: np.ndarray,
+    brain: np.ndarray,
+    white: np.ndarray,
+    px: float,
+) -> np.ndarray:
+    """Paint the patient's lesion on each slice; its cross-section shrinks away from z0."""
+    label = pp["label"]
+    lu = _col(pp["l_r"] * np.cos(pp["l_t"])) * ax * 0.8
+    lv = _col(pp["l_r"] * np.sin(pp["l_t"])) * ay * 0.8
+    dz = (z - pp["z0"]) / (2.5 * pp["l_size"] + 0.3)
+    r = _col(pp["l_size"] * np.sqrt(np.clip(1.0 - dz**2, 0.3, 1.0)))
+    du, dv = u - lu, v - lv
+    ang = np.arctan2(dv, du)
+    irreg = _col(pp["l_irreg"])
+    ph0, ph1 = _col(pp["l_phase"][:, 0]), _col(pp["l_phase"][:, 1])
+    wobble = 1.0 + irreg * (np.sin(2 * ang + ph0) + 0.6 * np.sin(3 * ang + ph1))
+    d = np.sqrt(du**2 + dv**2) / (r * wobble)  # 1 on the lesion boundary
+    cval = _col(pp["l_contrast"])
+    inside = _edge(1.0 - d, px / r) * brain
+    is_ = {k: _col(label == k) for k in (_CYST, _EDEMA, _TUMOR)}
+
+    # Tumour: enhancing rim brighter than white matter, darker necrotic core, faint halo.
+    rim = np.exp(-(((d - 0.8) / 0.2) ** 2)) * brain
+    halo = np.exp(-((np.clip(d - 1.0, 0.0, None) / 0.6) ** 2)) * (d > 0.9) * brain
+    tumor = (0.32 * rim - 0.18 * inside * (d < 0.65) - 0.08 * halo) * cval
+    # Cyst: sharp-edged, CSF-like (dark), smaller.
+    cyst = -0.32 * inside * cval * np.clip(1.1 - 0.2 * d, 0, 1)
+    # Edema: diffuse, soft-edged, mild darkening that spreads along white matter.
+    soft = np.exp(-((d / 1.3) ** 2)) * brain * (0.5 + 0.5 * white)
+    edema = -0.22 * soft * cval
+    return img + is_[_TUMOR] * tumor + is_[_CYST] * cyst + is_[_EDEMA] * edema
+
+
+def _validate(n_patients: int, slices_per_patient: int, n_sites: int, image_size: int) -> None:
+    for name, value, low in (
+        ("n_patients", n_patients, 1),
+        ("slices_per_patient", slices_per_patient, 1),
+        ("n_sites", n_sites, 1),
+        ("image_size", image_size, 16),
+    ):
+        if not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"phantoms: {name} must be an integer >= {low}, got {value!r}.")
+    if n_sites > n_patients:
+        raise ValueError(
+            f"phantoms: n_sites ({n_sites}) exceeds n_patients ({n_patients}); "
+            "every site needs at least one patient."
+        )
+
+
+def render_demo(
+    *,
+    n_patients: int = 300,
+    slices_per_patient: int = 4,
+    n_sites: int = 3,
+    image_size: int = 64,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Render the demo set in memory.
+
+    Returns ``(images, labels, patients, sites, class_names)``: images uint8 ``[N, H, W]`` with
+    ``N = n_patients * slices_per_patient`` ordered patient-major, labels int64 ``[N]`` indexing
+    ``class_names`` (alphabetical), and per-image patient ids (``p0000``...) and site ids
+    (``site-0``...).
+    """
+    _validate(n_patients, slices_per_patient, n_sites, image_size)
+    rng = np.random.default_rng(seed)
+    site_p = _site_params(rng, n_sites)
+    pat = _patient_params(rng, n_patients, n_sites, site_p)
+
+    # Slice levels: contiguous slab around each patient's z0, spacing jittered.
+    k = np.arange(slices_per_patient) - (slices_per_patient - 1) / 2.0
+    spacing = rng.uniform(0.08, 0.14, n_patients)
+    z = pat["z0"][:, None] + spacing[:, None] * k[None, :]
+    z = (z + rng.uniform(-0.02, 0.02, z.shape)).reshape(-1)
+    owner = np.repeat(np.arange(n_patients), slices_per_patient)
+
+    images = np.empty((owner.size, image_size, image_size), dtype=np.uint8)
+    for start in range(0, owner.size, _CHUNK):
+        sl = slice(start, start + _CHUNK)
+        pp = {key: val[owner[sl]] for key, val in pat.items()}
+        pp["rot"] = pp["rot"] + rng.uniform(-0.03, 0.03, owner[sl].size)  # head motion
+        chunk = _render_chunk(rng, pp, z[sl].astype(np.float32), site_p, image_size)
+        images[sl] = np.round(chunk * 255.0).astype(np.uint8)
+
+    labels = pat["label"][owner].astype(np.int64)
+    patients = tuple(f"p{i:04d}" for i in owner)
+    sites = tuple(f"site-{s}" for s in pat["site"][owner])
+    return images, labels, patients, sites, CLASS_NAMES
+
+
+def generate_demo(
+    out_dir: Path,
+    *,
+    n_patients: int = 300,
+    slices_per_patient: int = 4,
+    n_sites: int = 3,
+    image_size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Write the demo set as ``out_dir/<class>/<patient>_<slice>.png`` plus ``manifest.csv``.
+
+    The manifest has columns ``path,label,patient,site`` (paths relative to ``out_dir``), so
+    ``ldm_core.data.scan(out_dir)`` picks it up with patient ids and sites. Returns the manifest
+    path. Existing files with the same names are overwritten.
+    """
+    out_dir = Path(out_dir)
+    images, labels, patients, sites, class_names = render_demo(
+        n_patients=n_patients,
+        slices_per_patient=slices_per_patient,
+        n_sites=n_sites,
+        image_size=image_size,
+        seed=seed,
+    )
+    for name in class_names:
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(images.shape[0]):
+        rel = f"{class_names[labels[i]]}/{patients[i]}_{i % slices_per_patient}.png"
+        Image.fromarray(images[i]).save(out_dir / rel, compress_level=1)
+        rows.append((rel, class_names[labels[i]], patients[i], sites[i]))
+    manifest = out_dir / "manifest.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(("path", "label", "patient", "site"))
+        writer.writerows(rows)
+    return manifest

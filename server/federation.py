@@ -1,0 +1,291 @@
+"""The coordinator's two-phase federation over a Flower Grid, with checkpoint/resume.
+
+Phase 1 averages the autoencoder, then the sites release a DP latent second moment (the scale
+factor), then phase 2 averages the denoiser with the autoencoder frozen. After every round the
+global weights go to an atomic checkpoint and `state.json` records where to resume; a run folder
+that already holds a finished stage is resumed from there (Flower itself has no resume).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from tqdm.auto import tqdm
+
+from client.tasks import scale_factor_from
+from ldm_core.checkpoint import load_checkpoint, save_checkpoint
+from ldm_core.config import RunConfig, to_dict
+from ldm_core.models import make_autoencoder, make_denoiser
+from server.run_folder import RunFolder
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (too few sites answered, bad updates...)."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    out: Path
+    min_sites: int = 1
+    expected_sites: int | None = None
+    wait_for_sites_s: float = 300.0
+    round_timeout_s: float = 3600.0
+    show_progress: bool = True
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _initial_models(cfg: RunConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(cfg.seed)
+    return make_autoencoder(cfg.model), make_denoiser(cfg.model)
+
+
+def _wait_for_nodes(grid: Grid, settings: ServerSettings) -> list[int]:
+    want = settings.expected_sites or settings.min_sites
+    deadline = time.monotonic() + settings.wait_for_sites_s
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= want:
+            return sorted(nodes)
+        if time.monotonic() > deadline:
+            raise FederationError(f"only {len(nodes)} site(s) connected after "
+                                  f"{settings.wait_for_sites_s:.0f}s, {want} needed; check that "
+                                  "the site daemons run and can reach the SuperLink")
+        time.sleep(1.0)
+
+
+def check_update(reference: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> str | None:
+    """Why an update is unusable (None if fine): wrong keys, shapes or non-finite values."""
+    if set(reference) != set(update):
+        return "parameter names differ from the global model"
+    for k, ref in reference.items():
+        u = update[k]
+        if tuple(u.shape) != tuple(ref.shape):
+            return f"{k} has shape {tuple(u.shape)}, expected {tuple(ref.shape)}"
+        if u.is_floating_point() and not torch.isfinite(u).all():
+            return f"{k} has non-finite values"
+    return None
+
+
+class Coordinator:
+    """Runs (or resumes) one federated run into a run folder."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, settings: ServerSettings) -> None:
+        self.grid, self.cfg, self.settings = grid, cfg, settings
+        self.folder = RunFolder(settings.out)
+        self.folder.create()
+        self.log = self.folder.logger()
+        self.strategy = FedAvg(fraction_train=1.0, min_train_nodes=settings.min_sites,
+                               min_available_nodes=settings.min_sites)
+        self.ae, self.dm = _initial_models(cfg)
+        self.state: dict[str, Any] = {"stage": "autoencoder", "round": 0, "scale_factor": None,
+                                      "run_name": f"run-{uuid.uuid4().hex[:12]}"}
+        self.metrics: dict[str, Any] = {
+            "config": to_dict(cfg), "training": [], "rounds": [],
+            "privacy": {"sites": {}, "rounds": [], "private": cfg.privacy.private},
+            "meta": dict(settings.extra_meta),
+        }
+        self._resume()
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> None:
+        saved = self.folder.load_state()
+        if saved is None:
+            return
+        if saved.get("config") != to_dict(self.cfg):
+            raise FederationError(
+                f"{self.folder.state_path} belongs to a run with another configuration; use a "
+                "new --out folder, or the same settings to resume this one")
+        self.state = saved
+        if saved.get("checkpoint"):
+            tensors, _ = load_checkpoint(self.folder.checkpoints / saved["checkpoint"])
+            self.ae.load_state_dict(tensors["autoencoder"])
+            self.dm.load_state_dict(tensors["denoiser"])
+        self.metrics = self.folder.load_metrics() or self.metrics
+        self.log.info("resuming %s at stage %s after round %s", saved["run_name"],
+                      saved["stage"], saved["round"])
+
+    def _checkpoint(self, name: str, stage: str, rnd: int) -> None:
+        meta = {"config": to_dict(self.cfg), "stage": stage, "round": rnd,
+                "scale_factor": self.state.get("scale_factor"), "run_name": self.state["run_name"]}
+        save_checkpoint(self.folder.checkpoints / name,
+                        {"autoencoder": self.ae.state_dict(), "denoiser": self.dm.state_dict()},
+                        meta)
+        self.state.update({"stage": stage, "round": rnd, "checkpoint": name,
+                           "config": to_dict(self.cfg)})
+        self.folder.save_state(self.state)
+        self.folder.save_metrics(self.metrics)
+
+    # ------------------------------------------------------------------ messaging
+    def _base_config(self, **extra: Any) -> ConfigRecord:
+        conf: dict[str, Any] = {"run-config": self.cfg.to_json(),
+                                "run-name": self.state["run_name"], "seed": self.cfg.seed}
+        conf.update(extra)
+        return ConfigRecord(conf)
+
+    def _send(self, nodes: Iterable[int], content_for: Any, message_type: str,
+              group: str) -> list[Message]:
+        msgs = [Message(content_for(n), dst_node_id=n, message_type=message_type,
+                        group_id=group) for n in nodes]
+        return list(self.grid.send_and_receive(msgs, timeout=self.settings.round_timeout_s))
+
+    def _split_replies(self, replies: list[Message], what: str) -> list[Message]:
+        ok = [r for r in replies if not r.has_error()]
+        for r in replies:
+            if r.has_error():
+                self.log.warning("%s: node %s replied with an error: %s", what,
+                                 r.metadata.src_node_id, r.error.reason)
+                tqdm.write(f"  ! {what}: {r.error.reason}")
+                self.metrics.setdefault("errors", []).append(
+                    {"stage": what, "node": r.metadata.src_node_id, "reason": r.error.reason})
+        if len(ok) < self.settings.min_sites:
+            self.folder.save_metrics(self.metrics)
+            raise FederationError(f"{what}: only {len(ok)} site(s) replied successfully, "
+                                  f"{self.settings.min_sites} needed; see {self.folder.root}/"
+                                  "run.log (the last good checkpoint is kept: rerun the same "
+                                  "command to resume)")
+        return ok
+
+    # ------------------------------------------------------------------ phases
+    def _train_round(self, phase: str, rnd: int, nodes: list[int], send_ae: set[int]) -> None:
+        model = self.ae if phase == "autoencoder" else self.dm
+        reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        arrays = ArrayRecord(model.state_dict())
+        ae_arrays = ArrayRecord(self.ae.state_dict()) if phase == "diffusion" else None
+        conf = self._base_config(phase=phase, **{"server-round": rnd},
+                                 **({"scale-factor": float(self.state["scale_factor"])}
+                                    if phase == "diffusion" else {}))
+
+        def content(node: int) -> RecordDict:
+            rec = {"arrays": arrays, "config": conf}
+            if ae_arrays is not None and node in send_ae:
+                rec["autoencoder"] = ae_arrays
+            return RecordDict(rec)
+
+        t0 = time.monotonic()
+        replies = self._split_replies(self._send(nodes, content, MessageType.TRAIN,
+                                                 f"{phase}-{rnd}"), f"{phase} round {rnd}")
+        good = []
+        for r in replies:
+            why = check_update(reference, r.content["arrays"].to_torch_state_dict())
+            if why:
+                self.log.warning("rejecting update from node %s: %s", r.metadata.src_node_id, why)
+                continue
+            good.append(r)
+            m = r.content["metrics"]
+            site = str(r.content["site"]["site-id"])
+            if phase == "diffusion" and int(m["has-autoencoder"]):
+                send_ae.discard(r.metadata.src_node_id)
+            self._record_site(site, phase, rnd, m)
+        if len(good) < self.settings.min_sites:
+            raise FederationError(f"{phase} round {rnd}: only {len(good)} usable update(s)")
+        agg, _ = self.strategy.aggregate_train(rnd, good)
+        if agg is None:
+            raise FederationError(f"{phase} round {rnd}: aggregation produced nothing")
+        model.load_state_dict(agg.to_torch_state_dict())
+        losses = [float(r.content["metrics"]["loss"]) for r in good]
+        self.metrics["rounds"].append({
+            "phase": phase, "round": rnd, "loss": sum(losses) / len(losses),
+            "sites_ok": len(good), "sites_failed": len(nodes) - len(good),
+            "seconds": round(time.monotonic() - t0, 2)})
+        self.log.info("%s round %d: mean DP loss %.4f from %d site(s) in %.1fs", phase, rnd,
+                      sum(losses) / len(losses), len(good), time.monotonic() - t0)
+
+    def _record_site(self, site: str, phase: str, rnd: int, m: Any) -> None:
+        eps = float(m["epsilon"])
+        entry = {"phase": phase, "round": rnd, "site": site, "loss": float(m["loss"]),
+                 "epsilon": eps, "noise_multiplier": float(m["noise-multiplier"]),
+                 "steps": int(m["steps"]), "sample_rate": float(m["sample-rate"])}
+        self.metrics["training"].append(entry)
+        self.metrics["privacy"]["rounds"].append(
+            {"site": site, "phase": phase, "round": rnd, "epsilon": eps})
+        s = self.metrics["privacy"]["sites"].setdefault(site, {"noise_multiplier": {},
+                                                               "steps": {}})
+        s.update({"epsilon": eps, "delta": float(m["delta"]),
+                  "budget_epsilon": float(m["budget-epsilon"])})
+        s["noise_multiplier"][phase] = float(m["noise-multiplier"])
+        s["steps"][phase] = s["steps"].get(phase, 0) + int(m["steps"])
+
+    def _latent_scale(self, nodes: list[int]) -> float:
+        conf = self._base_config(task="latent-stats")
+        ae_arrays = ArrayRecord(self.ae.state_dict())
+        replies = self._split_replies(
+            self._send(nodes, lambda n: RecordDict({"autoencoder": ae_arrays, "config": conf}),
+                       MessageType.QUERY, "latent-stats"), "latent scale")
+        stats = [(float(r.content["metrics"]["second-moment-sum"]),
+                  float(r.content["metrics"]["count"])) for r in replies]
+        for r in replies:
+            site = str(r.content["site"]["site-id"])
+            s = self.metrics["privacy"]["sites"].setdefault(site, {"noise_multiplier": {},
+                                                                   "steps": {}})
+            s["epsilon"] = float(r.content["metrics"]["epsilon"])
+        scale = scale_factor_from(stats)
+        self.metrics["latent_scale"] = {"scale_factor": scale, "released": "DP Gaussian "
+                                        "mechanism on clipped per-sample latent second moments, "
+                                        "charged to each site's ledger"}
+        self.log.info("latent scale factor %.4f from %d site(s)", scale, len(replies))
+        return scale
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> dict[str, Any]:
+        nodes = _wait_for_nodes(self.grid, self.settings)
+        self.metrics["meta"]["sites_connected"] = len(nodes)
+        self.log.info("run %s with %d site(s)", self.state["run_name"], len(nodes))
+        cfg = self.cfg
+        if self.state["stage"] == "autoencoder":
+            self._phase("autoencoder", cfg.autoencoder.rounds, nodes, set())
+            self.state["scale_factor"] = None
+            self._checkpoint("ae-final", "latent-scale", 0)
+        if self.state["stage"] == "latent-scale":
+            self.state["scale_factor"] = self._latent_scale(nodes)
+            self._checkpoint("ae-final", "diffusion", 0)
+        if self.state["stage"] == "diffusion":
+            self._phase("diffusion", cfg.diffusion.rounds, nodes, set(nodes))
+            self._checkpoint("final", "done", cfg.diffusion.rounds)
+        self.metrics["privacy"]["summary"] = _privacy_summary(self.metrics["privacy"])
+        self.folder.save_metrics(self.metrics)
+        return self.metrics
+
+    def _phase(self, phase: str, rounds: int, nodes: list[int], send_ae: set[int]) -> None:
+        start = int(self.state["round"]) + 1 if self.state["stage"] == phase else 1
+        prefix = "ae" if phase == "autoencoder" else "dm"
+        bar = tqdm(range(start, rounds + 1), desc=f"{phase} rounds", initial=start - 1,
+                   total=rounds, disable=not self.settings.show_progress)
+        for rnd in bar:
+            self._train_round(phase, rnd, nodes, send_ae)
+            last = self.metrics["rounds"][-1]
+            bar.set_postfix(loss=f"{last['loss']:.4f}", eps=_max_eps(self.metrics))
+            self._checkpoint(f"{prefix}-round-{rnd:03d}", phase, rnd)
+        bar.close()
+
+
+def _max_eps(metrics: dict[str, Any]) -> str:
+    eps = [s.get("epsilon", 0.0) for s in metrics["privacy"]["sites"].values()]
+    return f"{max(eps):.2f}" if eps else "-"
+
+
+def _privacy_summary(privacy: dict[str, Any]) -> dict[str, Any]:
+    sites = privacy["sites"]
+    eps = [s.get("epsilon", 0.0) for s in sites.values()]
+    return {"max_epsilon": max(eps) if eps else 0.0,
+            "all_within_budget": all(s.get("epsilon", 0) <= s.get("budget_epsilon", math.inf)
+                                     + 1e-9 for s in sites.values())}
+
+
+def load_final(run_dir: Path) -> tuple[RunConfig, torch.nn.Module, torch.nn.Module, float]:
+    """The final global generator of a finished run (for sampling and evaluation)."""
+    tensors, meta = load_checkpoint(Path(run_dir) / "checkpoints" / "final")
+    cfg = RunConfig.from_dict(meta["config"])
+    ae, dm = make_autoencoder(cfg.model), make_denoiser(cfg.model)
+    ae.load_state_dict(tensors["autoencoder"])
+    dm.load_state_dict(tensors["denoiser"])
+    return cfg, ae.eval(), dm.eval(), float(meta["scale_factor"])

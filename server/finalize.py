@@ -1,0 +1,29 @@
+"""What the coordinator does once training is over: samples, then (optionally) evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ldm_core.models import resolve_device
+from server.federation import load_final
+from server.run_folder import RunFolder
+from server.samples import write_samples_png
+
+
+def finalize_run(out: Path, *, sites: Any = None, evaluate: bool = False,
+                 show_progress: bool = True) -> None:
+    """Write samples.png from the final checkpoint; run the evaluation when asked."""
+    folder = RunFolder(out)
+    log = folder.logger()
+    cfg, ae, dm, scale = load_final(out)
+    device = resolve_device(cfg.device)
+    title = "class-conditional samples, " + (
+        f"DP epsilon<={cfg.privacy.epsilon:g}" if cfg.privacy.private else "NOT private (eps=inf)")
+    write_samples_png(out / "samples.png", cfg, ae, dm, scale, seed=cfg.seed, device=device,
+                      title=title)
+    log.info("wrote %s", out / "samples.png")
+    if evaluate and sites is not None:
+        from server.evaluate import evaluate_run
+
+        evaluate_run(out, sites=sites, show_progress=show_progress)

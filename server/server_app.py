@@ -1,0 +1,63 @@
+"""Flower ServerApp: a thin main that builds the config and hands the Grid to the Coordinator.
+
+Deployment (`flwr run`) reads the run config from pyproject's [tool.flwr.app.config] plus
+`--run-config` overrides; the simulation builds the same app with its config in hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from ldm_core.config import RunConfig, build_config
+from server.federation import Coordinator, ServerSettings
+
+AfterTraining = Callable[[Coordinator], None]
+
+
+def config_from_run_config(rc: Mapping[str, Any]) -> tuple[RunConfig, ServerSettings]:
+    """Flower run config (kebab-case keys) -> RunConfig + ServerSettings."""
+    names = tuple(s.strip() for s in str(rc.get("class-names", "")).split(",") if s.strip())
+    if len(names) < 2:
+        raise ValueError("run config 'class-names' must list the consortium's classes, "
+                         "comma-separated (e.g. --run-config \"class-names='normal,tumor'\")")
+    overrides = json.loads(str(rc.get("overrides", "{}")) or "{}")
+    eps = str(rc.get("epsilon", "8"))
+    cfg = build_config(preset=str(rc.get("preset", "quick")),
+                       image_size=int(rc.get("image-size", 64)), class_names=names,
+                       epsilon=math.inf if eps == "inf" else float(eps),
+                       delta=float(rc.get("delta", 1e-5)), seed=int(rc.get("seed", 0)),
+                       device=str(rc.get("device", "auto")), overrides=overrides)
+    settings = ServerSettings(out=Path(str(rc.get("out", "runs/flwr-run"))),
+                              min_sites=int(rc.get("min-sites", 1)),
+                              expected_sites=int(rc.get("num-sites", 0)) or None)
+    return cfg, settings
+
+
+def make_server_app(
+    cfg: RunConfig | None = None,
+    settings: ServerSettings | None = None,
+    after: AfterTraining | None = None,
+) -> ServerApp:
+    """A ServerApp; with cfg/settings given (simulation) the run config is not consulted."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg, run_settings = (cfg, settings) if cfg is not None and settings is not None \
+            else config_from_run_config(context.run_config)
+        coordinator = Coordinator(grid, run_cfg, run_settings)
+        coordinator.run()
+        if after is not None:
+            after(coordinator)
+
+    return app
+
+
+app = make_server_app()

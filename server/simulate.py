@@ -1,0 +1,171 @@
+"""`fedldm simulate`: the whole federation on one machine, through Flower's simulation runtime.
+
+The same ClientApp handlers and Coordinator as deployment run here; only the site resolution
+differs (a simulated SuperNode's partition-id picks its share of the data). Each virtual site
+keeps a real state directory with a real ledger under RUN/sites/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.client_app import SimulationSites, make_client_app
+from ldm_core.config import RunConfig, build_config, to_dict
+from ldm_core.data import scan
+from ldm_core.phantoms import generate_demo
+from server.federation import Coordinator, ServerSettings
+from server.finalize import finalize_run
+from server.run_folder import write_json_atomic
+from server.server_app import make_server_app
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    data: str = "demo"
+    sites: int = 3
+    partition: str = "auto"
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    preset: str = "quick"
+    image_size: int = 64
+    seed: int = 0
+    out: Path = Path("runs/demo")
+    device: str = "auto"
+    overrides: Mapping[str, Any] | None = None
+    demo_patients: int = 450
+    demo_slices: int = 4
+    evaluate: bool = True
+    show_progress: bool = True
+
+
+def prepare_data(opts: SimulationOptions, out: Path) -> tuple[str, str]:
+    """Resolve --data (generating the demo set if asked) and the partition scheme."""
+    if opts.data == "demo":
+        demo_dir = out / "demo-data"
+        manifest = demo_dir / "manifest.csv"
+        if not manifest.exists():
+            generate_demo(demo_dir, n_patients=opts.demo_patients,
+                          slices_per_patient=opts.demo_slices, n_sites=opts.sites,
+                          image_size=max(64, opts.image_size), seed=opts.seed)
+        data = str(manifest)
+        partition = "site" if opts.partition == "auto" else opts.partition
+    else:
+        data = opts.data
+        partition = "iid" if opts.partition == "auto" else opts.partition
+    return data, partition
+
+
+def _gpu_fraction(sites: int, device: str) -> float:
+    """Each virtual site gets an equal share of the GPUs, when there are any."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return 0.0
+    return min(1.0, torch.cuda.device_count() / sites)
+
+
+def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    data, partition = prepare_data(opts, out)
+    index = scan(data)
+    eps = opts.epsilon
+    cfg = build_config(preset=opts.preset, image_size=opts.image_size,
+                       class_names=tuple(index.class_names), epsilon=eps, delta=opts.delta,
+                       seed=opts.seed, device=opts.device, overrides=opts.overrides)
+    meta = {"data": data, "partition": partition, "sites": opts.sites,
+            "has_patient_ids": index.has_patient_ids, "mode": "simulation",
+            "patient_note": None if index.has_patient_ids else
+            "the dataset has no patient ids: each image was treated as its own patient, so "
+            "splits may leak a patient across train/holdout/test (results are optimistic)"}
+    write_json_atomic(out / "run.json", {"config": to_dict(cfg), **meta,
+                                         "command": "fedldm simulate"})
+    sites = SimulationSites(data=data, n_sites=opts.sites, partition=partition,
+                            state_root=out / "sites", epsilon=eps, delta=opts.delta,
+                            data_seed=opts.seed, device=opts.device)
+    settings = ServerSettings(out=out, min_sites=opts.sites, expected_sites=opts.sites,
+                              show_progress=opts.show_progress, extra_meta=meta)
+
+    def after(coord: Coordinator) -> None:
+        copy_ledgers(sites, opts.sites, out)
+        finalize_run(out, sites=sites if opts.evaluate else None, evaluate=opts.evaluate,
+                     show_progress=opts.show_progress)
+
+    _quiet_flower()
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": _gpu_fraction(opts.sites,
+                                                                            opts.device)},
+               "init_args": {"num_cpus": max(1, min(opts.sites, os.cpu_count() or 1)),
+                             "include_dashboard": False}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        flwr_run_simulation(server_app=make_server_app(cfg, settings, after),
+                            client_app=make_client_app(sites), num_supernodes=opts.sites,
+                            backend_config=backend)
+    metrics = json.loads((out / "metrics.json").read_text())
+    if metrics.get("config") is None or "privacy" not in metrics:
+        raise RuntimeError(f"the simulation ended without a complete {out}/metrics.json; "
+                           f"see {out}/run.log")
+    metrics.setdefault("meta", {})["wall_seconds"] = round(time.monotonic() - t0, 1)
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+def copy_ledgers(sites: SimulationSites, n: int, out: Path) -> None:
+    """RUN/ledgers/site-K.json: the simulated sites' ledgers, for the report and audits."""
+    (out / "ledgers").mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        src = sites.site(k).ledger_path
+        if src.exists():
+            shutil.copyfile(src, out / "ledgers" / f"site-{k}.json")
+
+
+def _quiet_flower() -> None:
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def summary_lines(metrics: Mapping[str, Any], out: Path) -> list[str]:
+    cfg = RunConfig.from_dict(metrics["config"])
+    lines = [f"run folder      {out}",
+             f"preset          {cfg.preset}, {cfg.model.image_size}px, classes "
+             f"{', '.join(cfg.class_names)}"]
+    rounds = metrics.get("rounds", [])
+    for phase in ("autoencoder", "diffusion"):
+        rs = [r for r in rounds if r["phase"] == phase]
+        if rs:
+            lines.append(f"{phase:<15} {len(rs)} rounds, DP loss {rs[0]['loss']:.4f} -> "
+                         f"{rs[-1]['loss']:.4f}")
+    priv = metrics["privacy"]
+    if not priv.get("private", True):
+        lines.append("privacy         NOT PRIVATE: epsilon=inf (non-DP baseline)")
+    for site, s in sorted(priv["sites"].items()):
+        eps = s.get("epsilon", 0.0)
+        lines.append(f"{site:<15} epsilon {_fmt(eps)} of {_fmt(s.get('budget_epsilon'))} "
+                     f"(delta {s.get('delta')})")
+    if "wall_seconds" in metrics.get("meta", {}):
+        lines.append(f"wall time       {metrics['meta']['wall_seconds']:.0f}s")
+    for name in ("samples.png", "report.html", "metrics.json", "run.log"):
+        if (out / name).exists():
+            lines.append(f"wrote           {out / name}")
+    return lines
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    x = float(x)
+    return "inf" if math.isinf(x) else f"{x:.3f}"

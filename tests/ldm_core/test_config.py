@@ -1,0 +1,58 @@
+import math
+
+import pytest
+
+from ldm_core.config import (
+    ConfigError,
+    ModelConfig,
+    PhaseConfig,
+    PrivacyConfig,
+    RunConfig,
+    build_config,
+)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "quick", "standard"])
+def test_presets_build_and_round_trip_json(preset: str) -> None:
+    cfg = build_config(preset=preset, image_size=32 if preset == "tiny" else 64,
+                       class_names=("a", "b", "c"), epsilon=math.inf)
+    back = RunConfig.from_dict(__import__("json").loads(cfg.to_json()))
+    assert back == cfg
+    assert back.privacy.epsilon == math.inf and not back.privacy.private
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ModelConfig(image_size=30),  # not divisible by the downsampling
+        lambda: ModelConfig(ae_channels=(15, 32, 32)),  # not divisible by groups
+        lambda: ModelConfig(dm_attention=(False,)),
+        lambda: ModelConfig(n_classes=1),
+        lambda: PhaseConfig(batch_size=0),
+        lambda: PhaseConfig(noise_multiplicity=0),
+        lambda: PrivacyConfig(epsilon=0),
+        lambda: PrivacyConfig(delta=1.0),
+        lambda: PrivacyConfig(ae_share=1.0),
+        lambda: RunConfig(preset="huge"),
+        lambda: build_config(overrides={"diffusion.nope": 1}),
+        lambda: build_config(overrides={"nosection.rounds": 1}),
+        lambda: build_config(preset="tiny", image_size=16, overrides={"diffusion.lr": -1.0}),
+    ],
+)
+def test_bad_configs_raise(make) -> None:
+    with pytest.raises(ConfigError):
+        make()
+
+
+def test_overrides_apply() -> None:
+    cfg = build_config(preset="tiny", image_size=16,
+                       overrides={"diffusion.rounds": 5, "model.dm_channels": [8, 8]})
+    assert cfg.diffusion.rounds == 5
+    assert cfg.model.dm_channels == (8, 8)
+
+
+def test_unknown_key_in_saved_config_raises() -> None:
+    d = __import__("json").loads(build_config(preset="tiny", image_size=16).to_json())
+    d["model"]["bogus"] = 1
+    with pytest.raises(ConfigError, match="bogus"):
+        RunConfig.from_dict(d)

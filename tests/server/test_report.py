@@ -1,0 +1,286 @@
+"""Tests for server.report: a self-contained HTML report with plots and plain-language verdicts."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+
+from server.report import (
+    closest_pairs_figure,
+    epsilon_figure,
+    image_grid_figure,
+    nn_histogram_figure,
+    roc_figure,
+    training_curves_figure,
+    utility_bars_figure,
+    verdicts,
+    write_report,
+)
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _metrics(mia_auc: float = 0.52) -> dict:
+    rng = np.random.default_rng(0)
+    fpr = np.linspace(0, 1, 50)
+    return {
+        "run": {"name": "test-run", "preset": "quick", "sites": 2, "image_size": 32},
+        "fidelity": {
+            "random_cnn": {
+                "fid": 12.3,
+                "kid": 0.01,
+                "kid_std": 0.002,
+                "precision": 0.7,
+                "recall": 0.6,
+                "density": 0.9,
+                "coverage": 0.8,
+                "n_real": 200,
+                "n_fake": 200,
+                "real_split": {
+                    "fid": 3.0,
+                    "kid": 0.0,
+                    "precision": 0.75,
+                    "recall": 0.72,
+                    "density": 1.0,
+                    "coverage": 0.95,
+                },
+            },
+            "diversity": {"real": {0: 0.21, 1: 0.25}, "synthetic": {0: 0.24, 1: 0.27}},
+        },
+        "utility": {
+            "trtr_auc": 0.92,
+            "trtr_auc_ci": [0.89, 0.95],
+            "tstr_auc": 0.86,
+            "tstr_auc_ci": [0.82, 0.9],
+            "trs_auc": 0.93,
+            "trs_auc_ci": [0.9, 0.96],
+            "trtr_acc": 0.85,
+            "trtr_acc_ci": [0.8, 0.9],
+            "tstr_acc": 0.79,
+            "tstr_acc_ci": [0.74, 0.84],
+            "trs_acc": 0.86,
+            "trs_acc_ci": [0.82, 0.9],
+            "ratio": 0.86 / 0.92,
+            "ratio_ci": [0.88, 0.98],
+            "per_class": {"trtr": [0.92, 0.92], "tstr": [0.86, 0.86], "trs": [0.93, 0.93]},
+            "per_seed": {},
+            "n_train": 400,
+            "n_synthetic": 400,
+            "n_test": 100,
+            "seeds": [0, 1, 2],
+        },
+        "privacy": {
+            "sites": {
+                "site-a": {"epsilon": 7.8, "delta": 1e-5, "budget_epsilon": 8.0},
+                "site-b": {"epsilon": 7.9, "delta": 1e-5, "budget_epsilon": 8.0},
+            },
+            "disclosures": ["Latent scale factor: Gaussian mechanism, charged to the ledger."],
+        },
+        "mia": {
+            "auc": mia_auc,
+            "tpr_at_1pct_fpr": 0.012,
+            "tpr_at_0_1pct_fpr": 0.001,
+            "fpr": fpr.tolist(),
+            "tpr": np.sqrt(fpr).tolist(),
+            "n_members": 300,
+            "n_nonmembers": 300,
+            "method": "pooled_histograms",
+        },
+        "nn_audit": {
+            "memorized_fraction": 0.05,
+            "expected_fraction": 0.05,
+            "threshold": 1.1,
+            "n_synthetic": 400,
+            "n_train": 300,
+            "n_holdout": 300,
+            "bin_edges": np.linspace(0, 4, 31).tolist(),
+            "hist_synth_train": rng.integers(0, 30, 30).tolist(),
+            "hist_synth_holdout": rng.integers(0, 30, 30).tolist(),
+            "hist_holdout_train": rng.integers(0, 30, 30).tolist(),
+        },
+    }
+
+
+def _figures(metrics: dict) -> dict:
+    rng = np.random.default_rng(0)
+    imgs = {c: rng.uniform(-1, 1, (6, 1, 16, 16)) for c in ("healthy", "tumour")}
+    training = [
+        {"phase": ph, "round": r, "site": s, "loss": 1.0 / (r + 1) + i * 0.1}
+        for ph in ("autoencoder", "diffusion")
+        for r in range(4)
+        for i, s in enumerate(("site-a", "site-b"))
+    ]
+    eps_rounds = [
+        {"site": s, "phase": ph, "round": r, "epsilon": (k * 4 + r + 1) * 0.9 + i * 0.05}
+        for k, ph in enumerate(("autoencoder", "diffusion"))
+        for r in range(4)
+        for i, s in enumerate(("site-a", "site-b"))
+    ]
+    pairs = [(rng.uniform(-1, 1, (16, 16)), rng.uniform(-1, 1, (1, 16, 16))) for _ in range(4)]
+    return {
+        "samples": image_grid_figure(imgs, "synthetic samples"),
+        "training_curves": training_curves_figure(training),
+        "epsilon": epsilon_figure(eps_rounds, budget=8.0),
+        "utility": utility_bars_figure(metrics["utility"]),
+        "roc": roc_figure(metrics["mia"]),
+        "nn_histogram": nn_histogram_figure(metrics["nn_audit"]),
+        "closest_pairs": closest_pairs_figure(pairs, distances=[0.1, 0.2, 0.3, 0.4]),
+        "raw_array": rng.uniform(-1, 1, (32, 32)),
+    }
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    metrics = _metrics()
+    return write_report(tmp_path_factory.mktemp("run"), metrics, _figures(metrics))
+
+
+def test_figure_helpers_return_figures() -> None:
+    metrics = _metrics()
+    for fig in list(_figures(metrics).values())[:-1]:
+        assert isinstance(fig, Figure)
+
+
+def test_report_written_and_self_contained(report: Path) -> None:
+    assert report.name == "report.html" and report.exists()
+    text = report.read_text(encoding="utf-8")
+    assert "http://" not in text and "https://" not in text
+    for attr in re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', text):
+        assert attr.startswith("data:image/png;base64,"), attr
+    assert "<script" not in text.lower()
+    assert text.count("data:image/png;base64,") == 8
+
+
+def test_report_contains_every_section(report: Path) -> None:
+    text = report.read_text(encoding="utf-8")
+    for sid in (
+        "verdict",
+        "run",
+        "samples",
+        "fidelity",
+        "utility",
+        "privacy",
+        "training",
+        "other-figures",
+        "method",
+        "raw-metrics",
+    ):
+        assert f'<section id="{sid}">' in text, sid
+    for phrase in (
+        "TSTR",
+        "Membership inference",
+        "memorisation",
+        "Where it falls short",
+        "Latent scale factor",
+    ):
+        assert phrase.lower() in text.lower(), phrase
+
+
+def test_verdicts_pass_on_good_run() -> None:
+    rows = {aspect: status for aspect, status, _ in verdicts(_metrics())}
+    assert rows["Membership inference"] == "PASS"
+    assert rows["Formal privacy (DP)"] == "PASS"
+    assert rows["Memorisation"] == "PASS"
+    assert rows["Utility"] == "PASS"  # 0.935 >= 0.9
+    assert rows["Fidelity"] == "PASS"
+    assert all(len(r) == 3 and r[1] in {"PASS", "WEAK", "FAIL"} for r in verdicts(_metrics()))
+
+
+def test_verdict_fail_on_strong_mia(tmp_path: Path) -> None:
+    metrics = _metrics(mia_auc=0.9)
+    rows = {aspect: (status, text) for aspect, status, text in verdicts(metrics)}
+    assert rows["Membership inference"][0] == "FAIL"
+    assert rows["Where it falls short"][0] == "FAIL"
+    assert "attacker" in rows["Where it falls short"][1]  # says plainly what the FAIL means
+    text = write_report(tmp_path, metrics, {}).read_text(encoding="utf-8")
+    assert 'class="badge FAIL"' in text
+
+
+@pytest.mark.parametrize(
+    "change,aspect,status",
+    [
+        ({"utility": {"ratio": 0.6, "tstr_auc": 0.55, "trtr_auc": 0.92}}, "Utility", "FAIL"),
+        ({"utility": {"ratio": 0.8, "tstr_auc": 0.74, "trtr_auc": 0.92}}, "Utility", "WEAK"),
+        (
+            {
+                "nn_audit": {
+                    "memorized_fraction": 0.4,
+                    "expected_fraction": 0.05,
+                    "n_synthetic": 400,
+                }
+            },
+            "Memorisation",
+            "FAIL",
+        ),
+        (
+            {"privacy": {"sites": {"a": {"epsilon": 9.0, "budget_epsilon": 8.0}}}},
+            "Formal privacy (DP)",
+            "FAIL",
+        ),
+        (
+            {
+                "privacy": {
+                    "sites": {"a": {"epsilon": float("inf"), "budget_epsilon": float("inf")}}
+                }
+            },
+            "Formal privacy (DP)",
+            "FAIL",
+        ),
+        (
+            {
+                "privacy": {
+                    "rounds": [{"site": "a", "phase": "ae", "round": 0, "epsilon": 2.0}],
+                    "budget_epsilon": 8.0,
+                }
+            },
+            "Formal privacy (DP)",
+            "PASS",
+        ),
+        ({"mia": {"auc": 0.65, "tpr_at_1pct_fpr": 0.02}}, "Membership inference", "WEAK"),
+        ({"mia": None}, "Membership inference", "FAIL"),
+    ],
+)
+def test_verdict_thresholds(change: dict, aspect: str, status: str) -> None:
+    metrics = {**_metrics(), **change}
+    rows = {a: s for a, s, _ in verdicts(metrics)}
+    assert rows[aspect] == status
+
+
+def test_missing_blocks_are_reported_not_crashing(tmp_path: Path) -> None:
+    path = write_report(tmp_path / "empty-run", {}, {})
+    text = path.read_text(encoding="utf-8")
+    assert "Not measured" in text
+    assert {s for _, s, _ in verdicts({})} == {"FAIL"}
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
+def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shot.png"
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={out}",
+        "--window-size=1200,3000",
+        report.resolve().as_uri(),
+    ]
+    subprocess.run(cmd, check=False, capture_output=True, timeout=120)
+    assert out.exists(), "chromium wrote no screenshot"
+    shot = np.asarray(Image.open(out).convert("L"), dtype=np.float64)
+    assert shot.shape[0] >= 1000 and shot.std() > 5.0  # not blank
+    if os.environ.get("FEDLDM_KEEP_SCREENSHOT"):  # for a human look at the rendering
+        shutil.copy(out, os.environ["FEDLDM_KEEP_SCREENSHOT"])
