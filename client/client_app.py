@@ -129,11 +129,36 @@ def make_client_app(resolve_site: SiteResolver) -> ClientApp:
                                              "num-examples": 1}),
                     "site": ConfigRecord({"site-id": site.site_id}),
                 }), reply_to=msg)
+            if task == "audit":
+                return _audit_reply(msg, site, cfg)
             raise ValueError(f"unknown query task {task!r}")
         except Exception as exc:  # noqa: BLE001
             return _error_reply(msg, site, exc)
 
     return app
+
+
+def _audit_reply(msg: Message, site: SiteConfig, cfg: RunConfig) -> Message:
+    """Privacy audit of the final model at the site; only aggregates go back (client.audit)."""
+    import json
+
+    import torch
+
+    from client.audit import site_audit
+    from ldm_core.models import make_autoencoder, make_denoiser
+
+    conf = msg.content["config"]
+    ae, dm = make_autoencoder(cfg.model), make_denoiser(cfg.model)
+    ae.load_state_dict(msg.content["autoencoder"].to_torch_state_dict())
+    dm.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    pixels = msg.content["synthetic"]["images"].numpy()
+    synthetic = torch.from_numpy(pixels.astype("float32") / 127.5 - 1.0).unsqueeze(1)
+    result = site_audit(site, cfg, ae, dm, float(conf["scale-factor"]), synthetic,
+                        seed=int(conf.get("seed", 0)))
+    return Message(RecordDict({
+        "audit": ConfigRecord({"json": json.dumps(result)}),
+        "site": ConfigRecord({"site-id": site.site_id}),
+    }), reply_to=msg)
 
 
 def _deployment_site(context: Context) -> SiteConfig:

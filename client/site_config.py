@@ -33,6 +33,7 @@ class SiteConfig:
     holdout_fraction: float = 0.15
     test_fraction: float = 0.15
     show_progress: bool = False
+    allow_audit: bool = True
 
     def __post_init__(self) -> None:
         if not self.site_id:
@@ -87,4 +88,5 @@ class SiteConfig:
             data_seed=int(get("data-seed", 0)),
             device=str(get("device", "auto")),
             show_progress=str(get("progress", "false")).lower() == "true",
+            allow_audit=str(get("allow-audit", "true")).lower() == "true",
         )

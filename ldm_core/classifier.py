@@ -49,7 +49,7 @@ class SmallCNN(nn.Module):
             _block(2 * w, 4 * w, 2),
             _block(4 * w, 4 * w, 2),
         )
-        self.feature_dim = 4 * w
+        self.feature_dim = 8 * w
         self.dropout = nn.Dropout(0.2)
         self.head = nn.Linear(self.feature_dim, n_classes)
 
@@ -58,7 +58,8 @@ class SmallCNN(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"SmallCNN expects [N, C, H, W] images, got shape {tuple(x.shape)}.")
         h = self.body(x)
-        return F.adaptive_avg_pool2d(h, 1).flatten(1)
+        # Mean and max pooling: the max lets a small lesion decide, where the mean dilutes it.
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``[N, n_classes]``."""

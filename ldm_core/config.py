@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 PRESETS = ("tiny", "quick", "standard")
+AE_INITS = ("random", "public-phantoms")
 
 
 class ConfigError(ValueError):
@@ -171,8 +172,13 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     dm: DiffusionConfig = field(default_factory=DiffusionConfig)
     class_names: tuple[str, ...] = ("class-0", "class-1")
+    # "public-phantoms": start phase 1 from the shipped autoencoder pretrained on public
+    # procedural phantoms (ldm_core.pretrain); "random": from scratch.
+    ae_init: str = "random"
 
     def __post_init__(self) -> None:
+        _check(self.ae_init in AE_INITS,
+               f"ae_init must be one of {AE_INITS}, got {self.ae_init!r}")
         _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"device must be auto, cpu or cuda[:N], got {self.device!r}")
@@ -300,7 +306,11 @@ def build_config(
     parts["model"] = dataclasses.replace(parts["model"], n_classes=len(class_names))
     parts["privacy"] = PrivacyConfig(epsilon=epsilon, delta=delta)
     parts.setdefault("dm", DiffusionConfig())
+    ae_init = parts.pop("ae_init", "random")
     for key, value in (overrides or {}).items():
+        if key == "ae_init":
+            ae_init = str(value)
+            continue
         section, _, name = key.partition(".")
         _check(section in parts and bool(name), f"override {key!r}: use SECTION.FIELD with "
                f"SECTION in {sorted(parts)}")
@@ -311,4 +321,4 @@ def build_config(
             value = tuple(value)
         parts[section] = dataclasses.replace(current, **{name: value})
     return RunConfig(preset=preset, seed=seed, device=device, class_names=tuple(class_names),
-                     **parts)
+                     ae_init=ae_init, **parts)

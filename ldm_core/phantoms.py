@@ -103,7 +103,7 @@ def _patient_params(
         # lesion: polar position inside the brain (head coordinates), size, contrast, shape
         "l_r": np.sqrt(rng.uniform(0.04, 0.5, n_patients)),
         "l_t": rng.uniform(0, 2 * np.pi, n_patients),
-        "l_size": np.exp(rng.uniform(np.log(0.05), np.log(0.17), n_patients)),
+        "l_size": np.exp(rng.uniform(np.log(0.09), np.log(0.28), n_patients)),
         "l_contrast": rng.uniform(0.3, 1.0, n_patients),
         "l_irreg": rng.uniform(0.0, 0.25, n_patients),
         "l_phase": rng.uniform(0, 2 * np.pi, (n_patients, 2)),

@@ -85,6 +85,40 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from server.evaluate import EvalOptions
+    from server.offline import evaluate_existing_run
+
+    opts = EvalOptions(per_class=args.per_class, reference=args.reference,
+                       utility_epochs=args.utility_epochs,
+                       utility_seeds=tuple(range(args.utility_seeds)))
+    metrics = evaluate_existing_run(args.run, options=opts, audit=not args.no_audit)
+    u = metrics.get("utility") or {}
+    print(f"wrote {args.run / 'report.html'} and {args.run / 'metrics.json'}"
+          + (f" (TSTR/TRTR ratio {u['ratio']:.3f})" if "ratio" in u else ""))
+    return 0
+
+
+def _pretrain_ae(args: argparse.Namespace) -> int:
+    from ldm_core.config import build_config
+    from ldm_core.pretrain import (
+        PUBLIC_SEED,
+        pretrain_autoencoder,
+        pretrained_path,
+        save_pretrained,
+    )
+
+    cfg = build_config(preset=args.preset, image_size=args.image_size,
+                       overrides=dict(args.set)).model
+    state = pretrain_autoencoder(cfg, steps=args.steps, seed=args.seed)
+    path = args.out or pretrained_path(cfg)
+    save_pretrained(path, cfg, state, {"steps": args.steps, "seed": args.seed,
+                                       "public_seed": PUBLIC_SEED,
+                                       "data": "procedural phantoms (ldm_core.phantoms)"})
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedldm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,10 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sites", type=int, default=3)
     d.add_argument("--image-size", type=int, default=64)
     d.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("evaluate", help="(re-)evaluate a finished run folder")
+    e.add_argument("run", type=Path)
+    e.add_argument("--reference", type=Path, help="extra real reference set at the coordinator")
+    e.add_argument("--per-class", type=int, help="synthetic images per class")
+    e.add_argument("--utility-epochs", type=int, default=8)
+    e.add_argument("--utility-seeds", type=int, default=3)
+    e.add_argument("--no-audit", action="store_true", help="skip the site privacy audits")
+    pa = sub.add_parser("pretrain-ae", help="pretrain the autoencoder on public phantoms")
+    pa.add_argument("--preset", default="quick", choices=("tiny", "quick", "standard"))
+    pa.add_argument("--image-size", type=int, default=64)
+    pa.add_argument("--steps", type=int, default=600)
+    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--out", type=Path)
+    pa.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE")
     return parser
 
 
-COMMANDS = {"simulate": _simulate, "demo-data": _demo_data}
+COMMANDS = {"simulate": _simulate, "demo-data": _demo_data, "evaluate": _evaluate,
+            "pretrain-ae": _pretrain_ae}
 
 
 def main(argv: list[str] | None = None) -> int:

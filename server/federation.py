@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from tqdm.auto import tqdm
@@ -46,7 +46,12 @@ class ServerSettings:
 
 def _initial_models(cfg: RunConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(cfg.seed)
-    return make_autoencoder(cfg.model), make_denoiser(cfg.model)
+    ae, dm = make_autoencoder(cfg.model), make_denoiser(cfg.model)
+    if cfg.ae_init == "public-phantoms":
+        from ldm_core.pretrain import load_pretrained
+
+        ae.load_state_dict(load_pretrained(cfg.model))
+    return ae, dm
 
 
 def _wait_for_nodes(grid: Grid, settings: ServerSettings) -> list[int]:
@@ -254,6 +259,32 @@ class Coordinator:
         self.metrics["privacy"]["summary"] = _privacy_summary(self.metrics["privacy"])
         self.folder.save_metrics(self.metrics)
         return self.metrics
+
+    def audit(self, synthetic: torch.Tensor) -> list[dict[str, Any]]:
+        """Ask every site for its privacy audit of the final model; aggregates come back."""
+        import json
+
+        import numpy as np
+
+        nodes = sorted(self.grid.get_node_ids())
+        pixels = ((synthetic.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
+        conf = self._base_config(task="audit",
+                                 **{"scale-factor": float(self.state["scale_factor"])})
+        content = RecordDict({
+            "arrays": ArrayRecord(self.dm.state_dict()),
+            "autoencoder": ArrayRecord(self.ae.state_dict()),
+            "synthetic": ArrayRecord({"images": Array.from_numpy_ndarray(
+                np.ascontiguousarray(pixels))}),
+            "config": conf})
+        replies = self._send(nodes, lambda n: content, MessageType.QUERY, "audit")
+        out = []
+        for r in replies:
+            if r.has_error():
+                self.log.warning("audit: node %s: %s", r.metadata.src_node_id, r.error.reason)
+                tqdm.write(f"  ! audit: {r.error.reason}")
+                continue
+            out.append(json.loads(str(r.content["audit"]["json"])))
+        return out
 
     def _phase(self, phase: str, rounds: int, nodes: list[int], send_ae: set[int]) -> None:
         start = int(self.state["round"]) + 1 if self.state["stage"] == phase else 1

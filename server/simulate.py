@@ -25,6 +25,7 @@ from client.client_app import SimulationSites, make_client_app
 from ldm_core.config import RunConfig, build_config, to_dict
 from ldm_core.data import scan
 from ldm_core.phantoms import generate_demo
+from server.evaluate import EvalOptions
 from server.federation import Coordinator, ServerSettings
 from server.finalize import finalize_run
 from server.run_folder import write_json_atomic
@@ -47,6 +48,7 @@ class SimulationOptions:
     demo_patients: int = 450
     demo_slices: int = 4
     evaluate: bool = True
+    eval_options: EvalOptions | None = None
     show_progress: bool = True
 
 
@@ -101,7 +103,8 @@ def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
 
     def after(coord: Coordinator) -> None:
         copy_ledgers(sites, opts.sites, out)
-        finalize_run(out, sites=sites if opts.evaluate else None, evaluate=opts.evaluate,
+        finalize_run(out, sites=sites, n_sites=opts.sites, evaluate=opts.evaluate,
+                     audit=coord.audit, options=opts.eval_options,
                      show_progress=opts.show_progress)
 
     _quiet_flower()
