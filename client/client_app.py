@@ -30,7 +30,7 @@ AE_STATE_KEY = "fedldm-autoencoder"
 
 
 def _log(site: SiteConfig) -> logging.Logger:
-    logger = logging.getLogger(f"fedldm.site.{site.site_id}")
+    logger = logging.getLogger(f"fedldm.site.{site.site_id}.{site.state_dir.resolve()}")
     if not logger.handlers:
         site.state_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(site.state_dir / "site.log")

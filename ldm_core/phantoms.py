@@ -25,7 +25,11 @@ __all__ = ["CLASS_NAMES", "render_demo", "generate_demo"]
 CLASS_NAMES: tuple[str, ...] = ("cyst", "edema", "normal", "tumor")
 _CYST, _EDEMA, _NORMAL, _TUMOR = range(4)
 _BASE_CLASS_PROBS = np.array([0.22, 0.22, 0.32, 0.24])
-_CHUNK = 256  # slices rendered per vectorised batch: bounds memory at large image sizes
+_CHUNK = 256
+# Difficulty knobs (tuned with benchmarks/demo_difficulty.py): lesion radius as a fraction of the
+# half field of view (log-uniform) and blend weight towards the lesion intensity (uniform).
+_LESION_SIZE = (0.07, 0.25)
+_LESION_CONTRAST = (0.2, 1.0)
 
 
 def _col(a: np.ndarray) -> np.ndarray:
@@ -103,8 +107,8 @@ def _patient_params(
         # lesion: polar position inside the brain (head coordinates), size, contrast, shape
         "l_r": np.sqrt(rng.uniform(0.04, 0.5, n_patients)),
         "l_t": rng.uniform(0, 2 * np.pi, n_patients),
-        "l_size": np.exp(rng.uniform(np.log(0.09), np.log(0.28), n_patients)),
-        "l_contrast": rng.uniform(0.3, 1.0, n_patients),
+        "l_size": np.exp(rng.uniform(*np.log(_LESION_SIZE), n_patients)),
+        "l_contrast": rng.uniform(*_LESION_CONTRAST, n_patients),
         "l_irreg": rng.uniform(0.0, 0.25, n_patients),
         "l_phase": rng.uniform(0, 2 * np.pi, (n_patients, 2)),
     }
@@ -225,20 +229,28 @@ def _add_lesions(
     ph0, ph1 = _col(pp["l_phase"][:, 0]), _col(pp["l_phase"][:, 1])
     wobble = 1.0 + irreg * (np.sin(2 * ang + ph0) + 0.6 * np.sin(3 * ang + ph1))
     d = np.sqrt(du**2 + dv**2) / (r * wobble)  # 1 on the lesion boundary
-    cval = _col(pp["l_contrast"])
-    inside = _edge(1.0 - d, px / r) * brain
+    a = _col(pp["l_contrast"]) * brain
+    inside = _edge(1.0 - d, px / r)
     is_ = {k: _col(label == k) for k in (_CYST, _EDEMA, _TUMOR)}
 
-    # Tumour: enhancing rim brighter than white matter, darker necrotic core, faint halo.
-    rim = np.exp(-(((d - 0.8) / 0.2) ** 2)) * brain
-    halo = np.exp(-((np.clip(d - 1.0, 0.0, None) / 0.6) ** 2)) * (d > 0.9) * brain
-    tumor = (0.32 * rim - 0.18 * inside * (d < 0.65) - 0.08 * halo) * cval
-    # Cyst: sharp-edged, CSF-like (dark), smaller.
-    cyst = -0.32 * inside * cval * np.clip(1.1 - 0.2 * d, 0, 1)
-    # Edema: diffuse, soft-edged, mild darkening that spreads along white matter.
-    soft = np.exp(-((d / 1.3) ** 2)) * brain * (0.5 + 0.5 * white)
-    edema = -0.22 * soft * cval
-    return img + is_[_TUMOR] * tumor + is_[_CYST] * cyst + is_[_EDEMA] * edema
+    def blend(base: np.ndarray, weight: np.ndarray, target: float) -> np.ndarray:
+        return base + weight * (target - base)
+
+    # Tumour: enhancing rim brighter than anything else in the brain, necrotic core, oedema halo.
+    rim = np.exp(-(((d - 0.78) / 0.2) ** 2))
+    halo = np.exp(-((np.clip(d - 0.9, 0.0, None) / 0.5) ** 2)) * (d > 0.9)
+    tumor = blend(img, a * 0.5 * halo, 0.45)
+    tumor = blend(tumor, a * inside * (d < 0.6), 0.3)
+    tumor = blend(tumor, a * rim, 0.98)
+    # Cyst: sharp-edged, round, CSF-dark.
+    cyst = blend(img, a * inside, 0.12)
+    # Edema: large, soft-edged darkening (grey-matter-like), strongest in white matter.
+    soft = np.exp(-((d / 1.2) ** 2)) * (0.6 + 0.4 * white)
+    edema = blend(img, a * soft, 0.38)
+    out = img
+    for k, painted in ((_TUMOR, tumor), (_CYST, cyst), (_EDEMA, edema)):
+        out = np.where(is_[k] > 0, painted, out)
+    return out
 
 
 def _validate(n_patients: int, slices_per_patient: int, n_sites: int, image_size: int) -> None:

@@ -43,7 +43,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="per-site budget; 'inf' trains without DP (non-private baseline)")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--preset", default="quick", choices=("tiny", "quick", "standard"))
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="pixels per side (default: the preset's: tiny 16, quick 32, standard 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -51,7 +52,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dm-rounds", type=int, help="override diffusion rounds")
     p.add_argument("--ae-epochs", type=int, help="override autoencoder local epochs")
     p.add_argument("--dm-epochs", type=int, help="override diffusion local epochs")
-    p.add_argument("--demo-patients", type=int, default=450)
+    p.add_argument("--demo-patients", type=int, default=1200,
+                   help="demo data size (4 slices per patient)")
     p.add_argument("--no-evaluate", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set diffusion.noise_multiplicity=8")
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     d = sub.add_parser("demo-data", help="write the procedural demo phantoms")
     d.add_argument("--out", type=Path, required=True)
-    d.add_argument("--patients", type=int, default=450)
+    d.add_argument("--patients", type=int, default=1200)
     d.add_argument("--slices", type=int, default=4)
     d.add_argument("--sites", type=int, default=3)
     d.add_argument("--image-size", type=int, default=64)
@@ -139,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-audit", action="store_true", help="skip the site privacy audits")
     pa = sub.add_parser("pretrain-ae", help="pretrain the autoencoder on public phantoms")
     pa.add_argument("--preset", default="quick", choices=("tiny", "quick", "standard"))
-    pa.add_argument("--image-size", type=int, default=64)
+    pa.add_argument("--image-size", type=int, default=None)
     pa.add_argument("--steps", type=int, default=600)
     pa.add_argument("--seed", type=int, default=0)
     pa.add_argument("--out", type=Path)

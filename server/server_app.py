@@ -30,7 +30,7 @@ def config_from_run_config(rc: Mapping[str, Any]) -> tuple[RunConfig, ServerSett
     overrides = json.loads(str(rc.get("overrides", "{}")) or "{}")
     eps = str(rc.get("epsilon", "8"))
     cfg = build_config(preset=str(rc.get("preset", "quick")),
-                       image_size=int(rc.get("image-size", 64)), class_names=names,
+                       image_size=int(rc.get("image-size", 0)) or None, class_names=names,
                        epsilon=math.inf if eps == "inf" else float(eps),
                        delta=float(rc.get("delta", 1e-5)), seed=int(rc.get("seed", 0)),
                        device=str(rc.get("device", "auto")), overrides=overrides)

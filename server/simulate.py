@@ -40,12 +40,12 @@ class SimulationOptions:
     epsilon: float = 8.0
     delta: float = 1e-5
     preset: str = "quick"
-    image_size: int = 64
+    image_size: int | None = None
     seed: int = 0
     out: Path = Path("runs/demo")
     device: str = "auto"
     overrides: Mapping[str, Any] | None = None
-    demo_patients: int = 450
+    demo_patients: int = 1200
     demo_slices: int = 4
     evaluate: bool = True
     eval_options: EvalOptions | None = None
@@ -60,7 +60,7 @@ def prepare_data(opts: SimulationOptions, out: Path) -> tuple[str, str]:
         if not manifest.exists():
             generate_demo(demo_dir, n_patients=opts.demo_patients,
                           slices_per_patient=opts.demo_slices, n_sites=opts.sites,
-                          image_size=max(64, opts.image_size), seed=opts.seed)
+                          image_size=max(64, opts.image_size or 0), seed=opts.seed)
         data = str(manifest)
         partition = "site" if opts.partition == "auto" else opts.partition
     else:

@@ -1,0 +1,57 @@
+"""Coordinator pieces that need no runtime: update checks, run-config parsing, resume guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm_core.config import build_config, to_dict
+from server.federation import Coordinator, FederationError, ServerSettings, check_update
+from server.server_app import config_from_run_config
+
+
+def test_check_update_rejects_bad_updates() -> None:
+    ref = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    assert check_update(ref, {"w": torch.ones(2, 3), "b": torch.ones(3)}) is None
+    assert "names" in check_update(ref, {"w": torch.ones(2, 3)})
+    assert "shape" in check_update(ref, {"w": torch.ones(3, 2), "b": torch.ones(3)})
+    bad = {"w": torch.ones(2, 3), "b": torch.tensor([1.0, float("nan"), 0.0])}
+    assert "non-finite" in check_update(ref, bad)
+
+
+def test_run_config_parsing() -> None:
+    cfg, settings = config_from_run_config({
+        "preset": "tiny", "class-names": "a,b,c", "epsilon": "inf", "overrides":
+        '{"diffusion.rounds": 3}', "out": "x", "min-sites": 2})
+    assert cfg.model.n_classes == 3 and not cfg.privacy.private
+    assert cfg.diffusion.rounds == 3 and settings.min_sites == 2
+    with pytest.raises(ValueError, match="class-names"):
+        config_from_run_config({"class-names": "only"})
+
+
+class _NoGrid:
+    def get_node_ids(self) -> list[int]:
+        return []
+
+
+def test_resume_refuses_a_folder_of_another_configuration(tmp_path: Path) -> None:
+    cfg = build_config(preset="tiny", image_size=16)
+    coord = Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path))
+    coord._checkpoint("ae-final", "latent-scale", 0)
+    other = build_config(preset="tiny", image_size=16, seed=1)
+    with pytest.raises(FederationError, match="another configuration"):
+        Coordinator(_NoGrid(), other, ServerSettings(out=tmp_path))
+    same = Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path))
+    assert same.state["stage"] == "latent-scale" and same.state["config"] == to_dict(cfg)
+    for k, v in coord.ae.state_dict().items():
+        assert torch.equal(v, same.ae.state_dict()[k])
+
+
+def test_waiting_for_sites_times_out_with_advice(tmp_path: Path) -> None:
+    cfg = build_config(preset="tiny", image_size=16)
+    coord = Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path, min_sites=2,
+                                                       wait_for_sites_s=0.0))
+    with pytest.raises(FederationError, match="site daemons"):
+        coord.run()
