@@ -5,7 +5,7 @@ classifier reached AUC 1.0 on it, synthetic data of any quality would look "as u
 if it reached 0.6, nothing could be learned from the comparison. The target band is a macro AUC
 in [0.85, 0.97] for a SmallCNN trained on ~1000 images and tested on held-out patients.
 
-Usage (about 1-2 minutes on one CPU core):
+Usage (about 3-4 minutes on one CPU core):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo_difficulty.py [--seed 0]
 
@@ -29,7 +29,16 @@ from ldm_core.phantoms import generate_demo
 AUC_BAND = (0.85, 0.97)
 
 
-def run(*, seed: int, n_patients: int, image_size: int, epochs: int, test_fraction: float) -> float:
+def run(
+    *,
+    seed: int,
+    n_patients: int,
+    image_size: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    test_fraction: float,
+) -> float:
     """Generate, split by patient, train, and return the held-out macro AUC."""
     with tempfile.TemporaryDirectory(prefix="fedldm-demo-") as tmp:
         t0 = time.perf_counter()
@@ -51,7 +60,9 @@ def run(*, seed: int, n_patients: int, image_size: int, epochs: int, test_fracti
         f"test {len(x_te)} images / {len(test_pat)} patients; classes {index.class_names}"
     )
     t0 = time.perf_counter()
-    model = train_classifier(x_tr, y_tr, len(index.class_names), epochs=epochs, seed=seed)
+    model = train_classifier(
+        x_tr, y_tr, len(index.class_names), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+    )
     proba = predict_proba(model, x_te)
     auc = macro_auc(y_te.numpy(), proba)
     acc = float((proba.argmax(1) == y_te.numpy()).mean())
@@ -69,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-patients", type=int, default=350)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--test-fraction", type=float, default=0.3)
     args = parser.parse_args(argv)
     auc = run(
@@ -77,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         n_patients=args.n_patients,
         image_size=args.image_size,
         epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
         test_fraction=args.test_fraction,
     )
     lo, hi = AUC_BAND

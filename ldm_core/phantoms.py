@@ -25,11 +25,14 @@ __all__ = ["CLASS_NAMES", "render_demo", "generate_demo"]
 CLASS_NAMES: tuple[str, ...] = ("cyst", "edema", "normal", "tumor")
 _CYST, _EDEMA, _NORMAL, _TUMOR = range(4)
 _BASE_CLASS_PROBS = np.array([0.22, 0.22, 0.32, 0.24])
-_CHUNK = 256
-# Difficulty knobs (tuned with benchmarks/demo_difficulty.py): lesion radius as a fraction of the
-# half field of view (log-uniform) and blend weight towards the lesion intensity (uniform).
-_LESION_SIZE = (0.07, 0.25)
-_LESION_CONTRAST = (0.2, 1.0)
+_CHUNK = 256  # slices per vectorised batch: bounds memory at large image sizes
+# Difficulty knobs, tuned with benchmarks/demo_difficulty.py. Most lesions are clear (a CNN
+# trained from scratch on ~1000 images only discovers lesion features when many are), a fraction
+# are small and faint (so AUC stays below 1). Size: radius as a fraction of the half field of
+# view (log-uniform); contrast: blend weight towards the lesion intensity (uniform).
+_HARD_FRACTION = 0.2
+_LESION_SIZE = {"clear": (0.13, 0.3), "hard": (0.05, 0.12)}
+_LESION_CONTRAST = {"clear": (0.6, 1.0), "hard": (0.15, 0.45)}
 
 
 def _col(a: np.ndarray) -> np.ndarray:
@@ -91,6 +94,7 @@ def _patient_params(
     u = rng.random(n_patients)
     cum = np.cumsum(site_p["class_probs"][sites], axis=1)
     labels = (u[:, None] > cum).sum(axis=1).clip(0, len(CLASS_NAMES) - 1)
+    hard = rng.random(n_patients) < _HARD_FRACTION
     p: dict[str, np.ndarray] = {
         "site": sites,
         "label": labels,
@@ -107,8 +111,16 @@ def _patient_params(
         # lesion: polar position inside the brain (head coordinates), size, contrast, shape
         "l_r": np.sqrt(rng.uniform(0.04, 0.5, n_patients)),
         "l_t": rng.uniform(0, 2 * np.pi, n_patients),
-        "l_size": np.exp(rng.uniform(*np.log(_LESION_SIZE), n_patients)),
-        "l_contrast": rng.uniform(*_LESION_CONTRAST, n_patients),
+        "l_size": np.where(
+            hard,
+            np.exp(rng.uniform(*np.log(_LESION_SIZE["hard"]), n_patients)),
+            np.exp(rng.uniform(*np.log(_LESION_SIZE["clear"]), n_patients)),
+        ),
+        "l_contrast": np.where(
+            hard,
+            rng.uniform(*_LESION_CONTRAST["hard"], n_patients),
+            rng.uniform(*_LESION_CONTRAST["clear"], n_patients),
+        ),
         "l_irreg": rng.uniform(0.0, 0.25, n_patients),
         "l_phase": rng.uniform(0, 2 * np.pi, (n_patients, 2)),
     }

@@ -24,10 +24,11 @@ def sample_latents(
     guidance_scale: float,
     generator: torch.Generator,
     device: torch.device,
+    clip: float = 3.0,
 ) -> torch.Tensor:
     """DDIM (eta=0) from Gaussian noise; eps = eps_null + w * (eps_label - eps_null)."""
     unet.eval().to(device)
-    sched = make_sample_scheduler(cfg, steps)
+    sched = make_sample_scheduler(cfg, steps, clip)
     b = labels.shape[0]
     shape = (b, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     z = torch.randn(shape, generator=generator).to(device)
@@ -60,6 +61,7 @@ def generate_images(
     device: torch.device,
     batch_size: int = 64,
     show_progress: bool = False,
+    clip: float = 3.0,
 ) -> torch.Tensor:
     """Images in [-1, 1], shape [N, 1, H, W], one per label, deterministic given `seed`."""
     gen = torch.Generator().manual_seed(seed)
@@ -67,8 +69,16 @@ def generate_images(
     out = []
     chunks = range(0, labels.shape[0], batch_size)
     for i in tqdm(chunks, desc="sampling", disable=not show_progress, leave=False):
-        z = sample_latents(unet, cfg, labels[i:i + batch_size], steps=steps,
-                           guidance_scale=guidance_scale, generator=gen, device=device)
+        z = sample_latents(
+            unet,
+            cfg,
+            labels[i : i + batch_size],
+            steps=steps,
+            guidance_scale=guidance_scale,
+            generator=gen,
+            device=device,
+            clip=clip,
+        )
         out.append(ae.decode(z / scale_factor).clamp(-1, 1).cpu())
     if not out:
         return torch.zeros(0, 1, cfg.image_size, cfg.image_size)

@@ -113,6 +113,7 @@ def _dp_train(
     losses: list[float] = []
     steps = 0
     bar = tqdm(total=plan.steps, desc=desc, leave=False, disable=not show_progress)
+    ema = _Ema(module, phase.ema_decay)
 
     def run_batch(model: nn.Module, batch_tensors: list[torch.Tensor]) -> None:
         nonlocal steps
@@ -131,6 +132,7 @@ def _dp_train(
                 optimizer.zero_grad(set_to_none=True)
                 run_batch(module, batch_tensors)
                 optimizer.step()
+                ema.update(module)
                 steps += 1
                 bar.update(1)
     else:
@@ -158,18 +160,44 @@ def _dp_train(
                             dp_opt.step()
                             if dp_opt._is_last_step_skipped:
                                 continue
+                        ema.update(module)
                         steps += 1
                         bar.update(1)
         finally:
             dp_model._close() if hasattr(dp_model, "_close") else None
             _strip_opacus(module)
     bar.close()
+    ema.copy_to(module)
     module.eval()
     if steps != plan.steps:
         raise RuntimeError(f"ran {steps} optimizer steps but the ledger was charged for "
                            f"{plan.steps}; this is a bug, please report it")
     mean = float(sum(losses) / len(losses)) if losses else float("nan")
     return TrainStats(steps=steps, mean_loss=mean, losses=tuple(losses))
+
+
+class _Ema:
+    """Exponential moving average of the parameters over optimizer steps (decay 0 = off)."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = ({k: v.detach().clone() for k, v in module.state_dict().items()}
+                       if decay > 0 else {})
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        if not self.shadow:
+            return
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        if self.shadow:
+            module.load_state_dict(self.shadow)
 
 
 def _noise_only_step(dp_opt: torch.optim.Optimizer) -> None:

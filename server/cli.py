@@ -8,6 +8,9 @@ import math
 import sys
 from pathlib import Path
 
+from client import site_cli
+from server import coordinator_cli
+
 
 def _float_or_inf(s: str) -> float:
     if s.lower() in ("inf", "infinity", "none"):
@@ -52,7 +55,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dm-rounds", type=int, help="override diffusion rounds")
     p.add_argument("--ae-epochs", type=int, help="override autoencoder local epochs")
     p.add_argument("--dm-epochs", type=int, help="override diffusion local epochs")
-    p.add_argument("--demo-patients", type=int, default=1200,
+    p.add_argument("--demo-patients", type=int, default=3200,
                    help="demo data size (4 slices per patient)")
     p.add_argument("--no-evaluate", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
@@ -127,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     d = sub.add_parser("demo-data", help="write the procedural demo phantoms")
     d.add_argument("--out", type=Path, required=True)
-    d.add_argument("--patients", type=int, default=1200)
+    d.add_argument("--patients", type=int, default=3200)
     d.add_argument("--slices", type=int, default=4)
     d.add_argument("--sites", type=int, default=3)
     d.add_argument("--image-size", type=int, default=64)
@@ -146,11 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--seed", type=int, default=0)
     pa.add_argument("--out", type=Path)
     pa.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE")
+    site_cli.register(sub)
+    coordinator_cli.register(sub)
     return parser
 
 
 COMMANDS = {"simulate": _simulate, "demo-data": _demo_data, "evaluate": _evaluate,
-            "pretrain-ae": _pretrain_ae}
+            "pretrain-ae": _pretrain_ae, "site": site_cli.main, "coordinator": coordinator_cli.main}
 
 
 def main(argv: list[str] | None = None) -> int:

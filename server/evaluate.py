@@ -48,6 +48,12 @@ AuditFn = Callable[[torch.Tensor], list[dict[str, Any]]]
 @dataclass(frozen=True)
 class EvalOptions:
     per_class: int | None = None
+    # Default synthetic size: the largest real class, capped (sampling is the slow part on
+    # CPUs; TSTR resamples the synthetic set to the real training counts anyway).
+    per_class_cap: int = 300
+    # Real training images used per utility arm and for fidelity (a seeded, class-stratified
+    # subsample of what the generator saw): keeps the evaluation to minutes on a CPU.
+    max_real_train: int = 1200
     utility_seeds: tuple[int, ...] = (0, 1, 2)
     utility_epochs: int = 8
     ddim_steps: int | None = None
@@ -70,7 +76,7 @@ def generate_synthetic(cfg: RunConfig, ae: torch.nn.Module, dm: torch.nn.Module,
     labels = torch.arange(cfg.model.n_classes).repeat_interleave(per_class)
     images = generate_images(ae, dm, cfg.model, labels, scale_factor=scale, steps=steps,
                              guidance_scale=guidance, seed=seed + 10_000, device=device,
-                             show_progress=True)
+                             show_progress=True, clip=cfg.dm.clip_latent)
     return images, labels
 
 
@@ -142,9 +148,11 @@ def evaluate_run(out: Path, *, sites: Any = None, n_sites: int = 0,
         real = real_from_reference(opts.reference, cfg)
     elif sites is not None:
         real = real_from_sites(sites, n_sites, cfg)
-    per_class = opts.per_class or (
+    if real is not None:
+        real = _subsample(real, opts.max_real_train, seed=cfg.seed)
+    per_class = opts.per_class or min(opts.per_class_cap, (
         int(torch.bincount(real.train[1], minlength=cfg.model.n_classes).max())
-        if real is not None else 200)
+        if real is not None else opts.per_class_cap))
     steps = opts.ddim_steps or cfg.dm.ddim_steps
     guidance = cfg.dm.guidance_scale if opts.guidance_scale is None else opts.guidance_scale
     say(f"generating {per_class * cfg.model.n_classes} synthetic images ({steps} DDIM steps, "
@@ -220,6 +228,23 @@ def evaluate_run(out: Path, *, sites: Any = None, n_sites: int = 0,
     write_datacard(out / "synthetic" / "DATACARD.md", metrics, cfg)
     say(f"evaluation done in {metrics['evaluation_seconds']:.0f}s")
     return metrics
+
+
+def _subsample(real: RealSets, cap: int, *, seed: int) -> RealSets:
+    """At most `cap` training images, same class proportions, chosen with a fixed seed."""
+    x, y = real.train
+    if x.shape[0] <= cap:
+        return real
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c)[:, 0]
+        k = max(1, round(cap * idx.numel() / y.numel()))
+        keep.append(idx[torch.randperm(idx.numel(), generator=gen)[:k]])
+    sel = torch.sort(torch.cat(keep)).values
+    return RealSets((x[sel], y[sel]), real.test,
+                    f"{real.source} (a class-stratified subsample of {sel.numel()} of "
+                    f"{x.shape[0]} training images)")
 
 
 def _say(show: bool, log: Any) -> Callable[[str], None]:

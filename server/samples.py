@@ -49,7 +49,7 @@ def write_samples_png(path: Path, cfg: RunConfig, ae: torch.nn.Module, dm: torch
     labels = torch.arange(cfg.model.n_classes).repeat_interleave(per_class)
     images = generate_images(ae, dm, cfg.model, labels, scale_factor=scale_factor,
                              steps=cfg.dm.ddim_steps, guidance_scale=cfg.dm.guidance_scale,
-                             seed=seed, device=device)
+                             seed=seed, device=device, clip=cfg.dm.clip_latent)
     grid = class_grid(images, labels, cfg.class_names, per_class)
     save_grid_png(path, grid, cfg.class_names, title or "class-conditional samples (DDIM + CFG)",
                   cfg.model.image_size)

@@ -60,4 +60,16 @@ def make_server_app(
     return app
 
 
-app = make_server_app()
+def _deployment_after(coord: Coordinator) -> None:
+    """After a deployed run: samples, synthetic set, site audits over the grid, report.
+
+    The coordinator holds no real images, so utility/fidelity need a reference set
+    (`fedldm evaluate RUN --reference PATH` afterwards).
+    """
+    from server.finalize import finalize_run
+
+    finalize_run(coord.settings.out, evaluate=True, audit=coord.audit,
+                 show_progress=coord.settings.show_progress)
+
+
+app = make_server_app(after=_deployment_after)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from client.client_app import SimulationSites, make_client_app
-from ldm_core.config import RunConfig, build_config, to_dict
+from ldm_core.config import PRESET_IMAGE_SIZE, RunConfig, build_config, to_dict
 from ldm_core.data import scan
 from ldm_core.phantoms import generate_demo
 from server.evaluate import EvalOptions
@@ -45,7 +45,7 @@ class SimulationOptions:
     out: Path = Path("runs/demo")
     device: str = "auto"
     overrides: Mapping[str, Any] | None = None
-    demo_patients: int = 1200
+    demo_patients: int = 3200
     demo_slices: int = 4
     evaluate: bool = True
     eval_options: EvalOptions | None = None
@@ -60,7 +60,8 @@ def prepare_data(opts: SimulationOptions, out: Path) -> tuple[str, str]:
         if not manifest.exists():
             generate_demo(demo_dir, n_patients=opts.demo_patients,
                           slices_per_patient=opts.demo_slices, n_sites=opts.sites,
-                          image_size=max(64, opts.image_size or 0), seed=opts.seed)
+                          image_size=max(32, opts.image_size or PRESET_IMAGE_SIZE[opts.preset]),
+                          seed=opts.seed)
         data = str(manifest)
         partition = "site" if opts.partition == "auto" else opts.partition
     else:
@@ -136,6 +137,15 @@ def copy_ledgers(sites: SimulationSites, n: int, out: Path) -> None:
 
 
 def _quiet_flower() -> None:
+    """Keep the console to the coordinator's progress bars and summary.
+
+    Ray workers inherit the driver's environment when they start: TQDM_DISABLE silences the
+    sites' per-file loading bars there, while this process (tqdm already imported and
+    configured) keeps its own bars. Site details still go to each site's site.log.
+    """
+    import tqdm  # noqa: F401 - import before setting the variable, so ours stay enabled
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

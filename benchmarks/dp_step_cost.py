@@ -1,0 +1,80 @@
+"""Cost of DP-SGD relative to plain SGD, per preset, on this machine, in one run (a ratio).
+
+    .venv/bin/python benchmarks/dp_step_cost.py --preset quick
+
+Measures seconds per optimizer step of the autoencoder and the denoiser with Opacus (per-sample
+gradients + clipping + noise, noise multiplicity K from the preset) and without DP, on random
+tensors of the preset's shapes, after one warm-up step. Ratios are what to compare across
+machines; absolute times only within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from ldm_core.config import build_config
+from ldm_core.losses import autoencoder_loss, multiplicity_diffusion_loss
+from ldm_core.models import make_autoencoder, make_denoiser, make_train_scheduler
+from ldm_core.training import dp_train, sampling_plan
+
+
+def _time(fn, reps: int) -> float:  # noqa: ANN001
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = build_config(preset=args.preset, class_names=("a", "b", "c", "d"))
+    m = cfg.model
+    n = args.batch
+    x = torch.rand(n, 1, m.image_size, m.image_size) * 2 - 1
+    z = torch.randn(n, m.latent_channels, m.latent_size, m.latent_size)
+    y = torch.randint(0, m.n_classes, (n,))
+    sched = make_train_scheduler(m)
+
+    def ae_loss(model, b, g):  # noqa: ANN001, ANN202
+        noise = torch.randn(b[0].shape[0], m.latent_channels, m.latent_size, m.latent_size,
+                            generator=g)
+        return autoencoder_loss(model, b[0], kl_weight=cfg.dm.kl_weight, noise=noise)
+
+    def dm_loss(model, b, g):  # noqa: ANN001, ANN202
+        return multiplicity_diffusion_loss(model, sched, b[0], b[1],
+                                           k=cfg.diffusion.noise_multiplicity, generator=g)
+
+    rows = []
+    for name, make, tensors, loss, phase in (
+        ("autoencoder", make_autoencoder, (x,), ae_loss, cfg.autoencoder),
+        ("denoiser", make_denoiser, (z, y), dm_loss, cfg.diffusion),
+    ):
+        ph = dataclasses.replace(phase, batch_size=n, local_epochs=1, physical_batch_size=n)
+        plan = sampling_plan(n, ph)
+        res = {}
+        for sigma in (0.0, 1.0):
+            model = make(m)
+            res[sigma] = _time(lambda model=model, sigma=sigma, ph=ph, plan=plan, tensors=tensors,
+                               loss=loss: dp_train(model, tensors, loss, phase=ph, plan=plan,
+                                                   noise_multiplier=sigma, seed=0,
+                                                   device=torch.device("cpu"),
+                                                   show_progress=False), args.reps)
+        rows.append((name, res[0.0], res[1.0], res[1.0] / res[0.0]))
+    print(f"preset {args.preset}, batch {n}, 1 thread")
+    print("| model | non-DP s/step | DP s/step | DP / non-DP |\n|---|---|---|---|")
+    for name, a, b, r in rows:
+        print(f"| {name} | {a:.3f} | {b:.3f} | {r:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

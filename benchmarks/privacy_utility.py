@@ -1,0 +1,80 @@
+"""Privacy-utility benchmark: the same simulated federation at several budgets, one table.
+
+    .venv/bin/python benchmarks/privacy_utility.py --epsilons inf 8 --out runs/bench
+
+Each budget runs `fedldm simulate` (quick preset, demo data unless --data) into its own folder,
+then the table gathers TSTR/TRTR (with CIs), fidelity and the privacy audits from metrics.json.
+Existing finished run folders are reused (the simulation resumes), so the table can be rebuilt
+cheaply. Writes OUT/privacy_utility.md and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _fmt(x: object, nd: int = 3) -> str:
+    if isinstance(x, (int, float)):
+        return "inf" if isinstance(x, float) and math.isinf(x) else f"{x:.{nd}f}"
+    return "-" if x is None else str(x)
+
+
+def _ci(u: dict, key: str) -> str:
+    ci = u.get(f"{key}_ci")
+    return f"{_fmt(u.get(key))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(u.get(key))
+
+
+def row(eps: str, metrics: dict) -> str:
+    u, f, p = metrics.get("utility", {}), metrics.get("fidelity", {}), metrics.get("privacy", {})
+    spent = max((s.get("epsilon", 0) for s in p.get("sites", {}).values()), default=None)
+    spent = float(spent) if spent not in (None, "inf") else math.inf
+    wall = metrics.get("meta", {}).get("wall_seconds")
+    return (f"| {eps} | {_fmt(spent, 2)} | {_ci(u, 'trtr_auc')} | {_ci(u, 'tstr_auc')} | "
+            f"{_fmt(u.get('ratio'))} | {_ci(u, 'trs_auc')} | {_fmt(f.get('precision'))} | "
+            f"{_fmt(f.get('recall'))} | {_fmt(p.get('mia_auc'))} | "
+            f"{_fmt(p.get('mia_tpr_at_1pct_fpr'))} | {_fmt(p.get('memorized_fraction'))} | "
+            f"{_fmt(wall, 0)} |")
+
+
+HEADER = ("| requested epsilon | max site epsilon | TRTR AUC [95% CI] | TSTR AUC [95% CI] | "
+          "TSTR/TRTR | TRS AUC | precision | recall | MIA AUC | MIA TPR@1%FPR | memorised "
+          "| wall s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--epsilons", nargs="+", default=["inf", "8"])
+    ap.add_argument("--data", default="demo")
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--partition", default="auto")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    ap.add_argument("extra", nargs=argparse.REMAINDER, help="passed to fedldm simulate")
+    args = ap.parse_args(argv)
+    fedldm = Path(sys.executable).with_name("fedldm")
+    rows = []
+    for eps in args.epsilons:
+        out = args.out / f"eps-{eps}"
+        if not (out / "report.html").exists():
+            cmd = [str(fedldm), "simulate", "--data", args.data, "--preset", args.preset,
+                   "--sites", str(args.sites), "--partition", args.partition,
+                   "--epsilon", eps, "--out", str(out), *args.extra]
+            print("+", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+        rows.append(row(eps, json.loads((out / "metrics.json").read_text())))
+    table = "\n".join([HEADER, *rows])
+    cmd = "python benchmarks/privacy_utility.py " + " ".join(
+        ["--epsilons", *args.epsilons, "--data", args.data, "--preset", args.preset])
+    text = f"{table}\n\nProduced by `{cmd}`.\n"
+    (args.out / "privacy_utility.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""A real deployment on 127.0.0.1: SuperLink + SuperNodes as processes, TLS + node auth.
+
+Certificates come from deploy/certs/generate.sh; sites get their data from `fedldm demo-data`;
+the run goes through `fedldm coordinator run`. Besides the two good sites, two bad ones try
+to join: one whose key was never registered and one that trusts another CA. They must be
+refused, leave nothing behind, and a run that needs them must not start.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from server import cli
+from tests.deploy.procs import REPO, Proc, child_env, fedldm_cmd, free_port, wait_for_port
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("openssl") is None,
+                       reason="openssl is not installed: deploy/certs/generate.sh needs it to "
+                       "make the CA and the SuperLink's TLS certificate"),
+]
+
+GENERATE = REPO / "deploy" / "certs" / "generate.sh"
+GOOD = ("site-a", "site-b")
+RUN_TIMEOUT_S = 300
+
+
+@dataclass
+class Deployment:
+    root: Path
+    port: int
+    certs: Path
+    procs: dict[str, Proc] = field(default_factory=dict)
+    node_ids: dict[str, str] = field(default_factory=dict)
+
+    def fedldm(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*fedldm_cmd(), *args], capture_output=True, text=True,
+                              env=child_env(), cwd=REPO, timeout=timeout, check=False)
+
+    def connection(self) -> list[str]:
+        return ["--superlink", f"127.0.0.1:{self.port}", "--certs", str(self.certs)]
+
+    def state(self, site: str) -> Path:
+        return self.root / "state" / site
+
+
+def _site(dep: Deployment, name: str, *, key: str, ca: Path, data: Path) -> Proc:
+    return Proc(name, [*fedldm_cmd(), "site", "start", "--superlink", f"127.0.0.1:{dep.port}",
+                       "--data", str(data), "--state-dir", str(dep.state(name)),
+                       "--site-id", name, "--root-certificates", str(ca),
+                       "--auth-key", str(dep.certs / "sites" / key / "auth.key"),
+                       "--epsilon", "8", "--delta", "1e-5", "--port", str(free_port()),
+                       "--max-wait-time", "10"], dep.root / "logs")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("deploy")
+    (root / "logs").mkdir()
+    certs, other = root / "certs", root / "other-ca"
+    for out, sites in ((certs, "site-a,site-b,site-c,rogue"), (other, "")):
+        subprocess.run(["bash", str(GENERATE), "--out", str(out), "--sites", sites],
+                       check=True, capture_output=True, timeout=60)
+    data = {}
+    for i, site in enumerate(GOOD):
+        data[site] = root / "data" / site
+        assert cli.main(["demo-data", "--out", str(data[site]), "--patients", "24", "--slices",
+                         "3", "--sites", "2", "--image-size", "16", "--seed", str(i + 1)]) == 0
+    dep = Deployment(root=root, port=free_port(), certs=certs)
+    try:
+        link = Proc("superlink", [*fedldm_cmd(), "coordinator", "start", "--host", "127.0.0.1",
+                                  "--port", str(dep.port), "--state-dir", str(root / "link"),
+                                  "--certs", str(certs)], root / "logs")
+        dep.procs["superlink"] = link
+        wait_for_port(dep.port, link, timeout=90)
+        for site in (*GOOD, "site-c"):  # "rogue" is never registered
+            done = dep.fedldm("coordinator", "register-site",
+                              str(certs / "sites" / site / "auth.key.pub"), *dep.connection(),
+                              timeout=90)
+            assert done.returncode == 0, done.stderr
+            dep.node_ids[site] = re.search(r"as node (\d+)", done.stdout).group(1)
+        for site in GOOD:
+            dep.procs[site] = _site(dep, site, key=site, ca=certs / "ca.crt", data=data[site])
+        # Registered key, but it trusts another CA: must fail the TLS handshake.
+        dep.procs["wrong-ca"] = _site(dep, "wrong-ca", key="site-c", ca=other / "ca.crt",
+                                      data=data["site-a"])
+        # Right CA, key never registered: the SuperLink must refuse to activate it.
+        dep.procs["rogue"] = _site(dep, "rogue", key="rogue", ca=certs / "ca.crt",
+                                   data=data["site-a"])
+        yield dep
+    finally:
+        for p in dep.procs.values():
+            p.stop()
+
+
+def test_refused_sites_never_join(deployment: Deployment) -> None:
+    dep = deployment
+    for name, why in (("rogue", "Failed to activate SuperNode"),
+                      ("wrong-ca", "CERTIFICATE_VERIFY_FAILED")):
+        proc = dep.procs[name]
+        code = proc.wait(timeout=90)
+        assert code is not None and code != 0, f"{name} is still running:\n{proc.tail()}"
+        assert why in proc.log(), proc.tail()
+        # Nothing was trained or charged there: no ledger, no site log.
+        assert not (dep.state(name) / "ledger.json").exists()
+        assert not (dep.state(name) / "site.log").exists()
+    listing = dep.fedldm("coordinator", "sites", *dep.connection(), timeout=90)
+    assert listing.returncode == 0, listing.stderr
+    row = next(ln for ln in listing.stdout.splitlines() if ln.startswith(dep.node_ids["site-c"]))
+    assert " online " not in row  # registered, never connected
+    # A run that needs a third site must not start, and must leave no run folder behind.
+    bad = dep.root / "runs" / "needs-three"
+    done = dep.fedldm("coordinator", "run", *dep.connection(), "--out", str(bad), "--preset",
+                      "tiny", "--min-sites", "2", "--num-sites", "3", "--wait-for-sites", "5",
+                      timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(r"only [0-2] site\(s\) online", done.stderr), done.stderr
+    assert "nothing was submitted" in done.stderr
+    assert not bad.exists()
+
+
+def test_two_site_federation_end_to_end(deployment: Deployment,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    dep = deployment
+    run = dep.root / "runs" / "tiny"
+    t0 = time.monotonic()
+    done = dep.fedldm("coordinator", "run", *dep.connection(), "--out", str(run), "--preset",
+                      "tiny", "--set", "autoencoder.rounds=1", "--set", "diffusion.rounds=1",
+                      "--min-sites", "2", "--wait-for-sites", "120",
+                      "--timeout", str(RUN_TIMEOUT_S), timeout=RUN_TIMEOUT_S + 60)
+    logs = "\n".join(f"--- {n}\n{p.tail(15)}" for n, p in dep.procs.items())
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{logs}"
+    assert "completed" in done.stdout
+    print(f"federated run took {time.monotonic() - t0:.0f}s")
+
+    final = run / "checkpoints" / "final"
+    assert (final / "meta.json").is_file()
+    assert list(final.glob("*.safetensors"))
+    assert (run / "report.html").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {r["phase"] for r in metrics["rounds"]} == {"autoencoder", "diffusion"}
+    assert set(metrics["privacy"]["sites"]) == set(GOOD)
+    run_name = json.loads((run / "checkpoints" / "state.json").read_text())["run_name"]
+
+    for site in GOOD:
+        s = metrics["privacy"]["sites"][site]
+        assert 0 < s["epsilon"] <= s["budget_epsilon"] + 1e-9
+        ledger = json.loads((dep.state(site) / "ledger.json").read_text())
+        assert ledger["site_id"] == site
+        phases = {e["phase"] for e in ledger["entries"] if e["run_id"] == run_name}
+        assert {"autoencoder", "diffusion"} <= phases
+        capsys.readouterr()
+        assert cli.main(["site", "budget", "--state-dir", str(dep.state(site))]) == 0
+        shown = capsys.readouterr().out
+        assert run_name in shown and "diffusion" in shown

@@ -1,0 +1,146 @@
+"""`fedldm site check|start|budget`: validation and summaries, without starting Flower."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.ledger import PrivacyLedger
+from client.site_config import SiteConfig
+from server import cli
+from tests.deploy.keys import ca_cert, site_keypair
+
+
+def _png(path: Path, size: int = 16) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), 128, dtype=np.uint8)).save(path)
+
+
+def test_check_summarises_a_manifest(demo_manifest: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["site", "check", "--data", str(demo_manifest.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "manifest layout, 108 images" in out
+    assert "patients  36" in out
+    assert "16x16 L" in out
+    assert "ok " in out
+
+
+def test_check_warns_about_file_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for cls in ("normal", "tumor"):
+        for i in range(6):
+            _png(tmp_path / cls / f"img{i}.png")  # same names in both classes
+    _png(tmp_path / "tumor" / "with space.png")
+    _png(tmp_path / "normal" / "été.png")
+    assert cli.main(["site", "check", "--data", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no patient ids" in out
+    assert "file name(s) with spaces" in out
+    assert "non-ASCII" in out
+    assert "under more than one class" in out
+
+
+@pytest.mark.parametrize("layout", ["empty", "one-class", "unreadable"])
+def test_check_exits_1_on_bad_data(tmp_path: Path, layout: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    if layout == "one-class":
+        for i in range(12):
+            _png(tmp_path / "normal" / f"{i}.png")
+    elif layout == "unreadable":
+        for cls in ("normal", "tumor"):
+            for i in range(6):
+                _png(tmp_path / cls / f"{i}.png")
+        (tmp_path / "tumor" / "broken.png").write_bytes(b"not a png")
+    assert cli.main(["site", "check", "--data", str(tmp_path)]) == 1
+    assert "fedldm site check:" in capsys.readouterr().err
+
+
+@pytest.fixture
+def site_files(tmp_path: Path, demo_manifest: Path) -> dict[str, Path]:
+    priv, pub = site_keypair(tmp_path / "keys")
+    return {"data": demo_manifest.parent, "state": tmp_path / "state dir with space",
+            "ca": ca_cert(tmp_path / "ca.crt"), "key": priv, "pub": pub}
+
+
+def _start(f: dict[str, Path], *extra: str, site: str = "hospital-a") -> list[str]:
+    return ["site", "start", "--superlink", "127.0.0.1:8000", "--data", str(f["data"]),
+            "--state-dir", str(f["state"]), "--site-id", site, "--dry-run", *extra]
+
+
+def test_start_node_config_round_trips_through_flower(site_files: dict[str, Path],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from flwr.common.config import parse_config_args
+
+    argv = _start(site_files, "--root-certificates", str(site_files["ca"]), "--auth-key",
+                  str(site_files["key"]), "--epsilon", "inf", "--delta", "1e-6", "--port", "9200")
+    assert cli.main(argv) == 0
+    command = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "flower-supernode --superlink 127.0.0.1:8000 --port 9200" in command
+    assert f"--auth-supernode-private-key {site_files['key']}" in command
+    node_config = site_files["state"] / "node-config.toml"
+    assert f"--node-config {node_config}" in command
+    site = SiteConfig.from_node_config(parse_config_args([str(node_config)]))
+    assert site.site_id == "hospital-a"
+    assert site.state_dir == site_files["state"]
+    assert Path(site.data) == site_files["data"]
+    assert math.isinf(site.epsilon) and site.delta == 1e-6
+    assert site.partition == "all" and site.allow_audit
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--superlink", "https://host:8000"], "without a scheme"),
+    (["--superlink", "host"], "expected HOST:PORT"),
+    (["--data", "/no/such/folder"], "no such file or folder"),
+    (["--auth-key", "PUB"], "this is a PUBLIC key"),
+    (["--auth-key", "CA"], "not an unencrypted OpenSSH private key"),
+    (["--root-certificates", "KEY"], "not a PEM certificate"),
+    (["--insecure", "--root-certificates", "CA"], "--insecure turns TLS off"),
+    (["--delta", "2"], "delta must be in (0, 1)"),
+])
+def test_start_rejects_bad_input(site_files: dict[str, Path], extra: list[str], message: str,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    names = {"PUB": site_files["pub"], "CA": site_files["ca"], "KEY": site_files["key"]}
+    extra = [str(names.get(a, a)) for a in extra]
+    assert cli.main(_start(site_files, *extra)) == 2
+    err = capsys.readouterr().err
+    assert "fedldm site start:" in err and message in err
+
+
+def test_start_refuses_another_sites_ledger(site_files: dict[str, Path],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    site_files["state"].mkdir(parents=True)
+    PrivacyLedger.open(site_files["state"] / "ledger.json", budget_epsilon=8.0, delta=1e-5,
+                       site_id="hospital-b")
+    assert cli.main(_start(site_files)) == 2
+    assert "belongs to site 'hospital-b'" in capsys.readouterr().err
+
+
+def test_insecure_is_loud(site_files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(_start(site_files, "--insecure")) == 0
+    captured = capsys.readouterr()
+    assert "INSECURE SITE" in captured.err
+    assert "--insecure" in captured.out.splitlines()[-1]
+
+
+def test_budget_shows_runs_and_phases_read_only(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger.open(path, budget_epsilon=8.0, delta=1e-5, site_id="hospital-a")
+    ledger.charge([(1.2, 0.1, 50)], run_id="run-1", phase="autoencoder", round=1)
+    ledger.charge([(1.2, 0.1, 50)], run_id="run-1", phase="diffusion", round=1)
+    before = path.read_bytes()
+    assert cli.main(["site", "budget", "--state-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "site hospital-a" in out and "budget epsilon 8" in out
+    assert "run-1" in out and "autoencoder" in out and "diffusion" in out
+    assert path.read_bytes() == before
+
+
+def test_budget_without_ledger_exits_1(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["site", "budget", "--state-dir", str(tmp_path)]) == 1
+    assert "no ledger yet" in capsys.readouterr().err
