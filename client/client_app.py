@@ -45,7 +45,7 @@ def _error_reply(msg: Message, site: SiteConfig | None, exc: Exception) -> Messa
     if isinstance(exc, BudgetExceededError):
         return Message(Error(code=ERR_BUDGET, reason=f"site {site.site_id if site else '?'} "
                              f"refused: {exc}"), reply_to=msg)
-    where = f"{site.state_dir / 'site.log'}" if site else "the site's log"
+    where = "site.log in the site's state directory"
     if site is not None:
         _log(site).exception("message %s failed", msg.metadata.message_type)
     return Message(Error(code=ERR_SITE, reason=f"site {site.site_id if site else '?'} failed "
@@ -86,16 +86,14 @@ def make_client_app(resolve_site: SiteResolver) -> ClientApp:
                 seed=int(conf.get("seed", 0)) * 1000 + int(conf["server-round"]) * 7
                 + site.site_index,
             )
+            # Sites are weighted equally and the sampling rate, step count and noise multiplier
+            # stay in the site's ledger: each of them would reveal the dataset size.
             metrics = MetricRecord({
-                # Sites are weighted equally: dataset sizes are not released (DESIGN.md).
                 "num-examples": 1,
                 "loss": result.loss,
                 "epsilon": result.epsilon,
                 "budget-epsilon": result.budget_epsilon,
                 "delta": result.delta,
-                "noise-multiplier": result.noise_multiplier,
-                "steps": result.steps,
-                "sample-rate": result.sample_rate,
                 "has-autoencoder": int(AE_STATE_KEY in context.state),
             })
             _log(site).info("%s round %s: loss %.4f, epsilon %.3f / %.3f", phase,

@@ -312,7 +312,8 @@ def _check_existing_ledger(state_dir: Path, site_id: str, delta: float, epsilon:
              "stored (lower) budget stays in force")
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """One TOML value; infinity becomes the string "inf", which is how the apps read it."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float) and math.isinf(v):
@@ -327,7 +328,7 @@ def _toml_value(v: Any) -> str:
 def write_node_config(path: Path, values: dict[str, Any]) -> Path:
     """Node config as TOML: flower-supernode reads `--node-config FILE.toml` verbatim."""
     lines = ["# written by `fedldm site start`; read by the ClientApp (client.site_config)"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -338,6 +339,8 @@ def build_supernode_command(args: argparse.Namespace) -> tuple[list[str], dict[s
     from ldm_core.data import DataError, scan
 
     superlink = parse_address(args.superlink)
+    if not 0 < args.port < 65536:
+        raise SiteCliError(f"--port {args.port}: must be in 1..65535")
     data = args.data.expanduser().resolve()
     if not data.exists():
         raise SiteCliError(f"--data {data}: no such file or folder")

@@ -50,8 +50,13 @@ class ModelConfig:
     dm_norm_groups: int = 8
     dm_head_channels: int = 16
     num_train_timesteps: int = 1000
+    # "v_prediction" keeps the x0 estimate stable at high noise, where epsilon-prediction
+    # divides the denoiser's error by sqrt(alpha_bar) ~ 0.07 (the global layout of a sample).
+    prediction_type: str = "v_prediction"
 
     def __post_init__(self) -> None:
+        _check(self.prediction_type in ("epsilon", "v_prediction"),
+               f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
         _check(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}")
         _check(self.n_classes >= 2, f"n_classes must be >= 2, got {self.n_classes}")
         down = 2 ** (len(self.ae_channels) - 1)

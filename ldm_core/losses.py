@@ -41,10 +41,12 @@ def diffusion_loss(
     timesteps: torch.Tensor,
     noise: torch.Tensor,
 ) -> torch.Tensor:
-    """Epsilon-prediction MSE per sample at the given timesteps and noise."""
+    """MSE per sample against the scheduler's target (noise, or velocity for v-prediction)."""
     noisy = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
     pred = unet(noisy, timesteps, class_labels=labels)
-    return _per_sample_mean((pred - noise).pow(2))
+    target = (scheduler.get_velocity(latents, noise, timesteps)
+              if scheduler.prediction_type == "v_prediction" else noise)
+    return _per_sample_mean((pred - target).pow(2))
 
 
 def multiplicity_diffusion_loss(

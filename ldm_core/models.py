@@ -51,7 +51,8 @@ def make_denoiser(cfg: ModelConfig) -> DiffusionModelUNet:
 
 
 def make_train_scheduler(cfg: ModelConfig) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, **SCHEDULE)
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
+                         prediction_type=cfg.prediction_type, **SCHEDULE)
 
 
 def make_sample_scheduler(cfg: ModelConfig, steps: int, clip: float = 3.0) -> DDIMScheduler:

@@ -82,9 +82,35 @@ def save_pretrained(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
                                                     sort_keys=True) + "\n")
 
 
+def _candidates(name: str) -> list[Path]:
+    """Where the shipped file may be.
+
+    Next to this module first; but under `flwr run` this module is imported from the app
+    bundle (FAB), which only carries source/config files, so also look in the installed
+    `fedldm` distribution (the source tree for editable installs) and $FEDLDM_PRETRAINED_DIR.
+    """
+    import os
+    from importlib import metadata
+
+    out = [PRETRAINED_DIR / name]
+    if os.environ.get("FEDLDM_PRETRAINED_DIR"):
+        out.insert(0, Path(os.environ["FEDLDM_PRETRAINED_DIR"]) / name)
+    try:
+        dist = metadata.distribution("fedldm")
+        out.append(Path(str(dist.locate_file(f"ldm_core/pretrained/{name}"))))
+        direct = json.loads(dist.read_text("direct_url.json") or "{}")
+        url = str(direct.get("url", ""))
+        if url.startswith("file://"):
+            out.append(Path(url[len("file://"):]) / "ldm_core" / "pretrained" / name)
+    except (metadata.PackageNotFoundError, json.JSONDecodeError):
+        pass
+    return out
+
+
 def load_pretrained(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The shipped weights for this architecture, or a FileNotFoundError saying how to make them."""
     path = pretrained_path(cfg)
+    path = next((p for p in _candidates(path.name) if p.exists()), path)
     if not path.exists():
         raise FileNotFoundError(
             f"no public-pretrained autoencoder at {path} for this architecture; create it with "

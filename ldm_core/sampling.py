@@ -26,7 +26,12 @@ def sample_latents(
     device: torch.device,
     clip: float = 3.0,
 ) -> torch.Tensor:
-    """DDIM (eta=0) from Gaussian noise; eps = eps_null + w * (eps_label - eps_null)."""
+    """DDIM (eta=0) from Gaussian noise with classifier-free guidance.
+
+    The denoiser's output (epsilon or velocity, per cfg.prediction_type) is guided as
+    out = out_null + w * (out_label - out_null); both targets are linear in the score, so the
+    same formula holds for either.
+    """
     unet.eval().to(device)
     sched = make_sample_scheduler(cfg, steps, clip)
     b = labels.shape[0]
@@ -37,13 +42,13 @@ def sample_latents(
     for t in sched.timesteps:
         tt = torch.full((b,), int(t), device=device, dtype=torch.long)
         if guidance_scale == 1.0:
-            eps = unet(z, tt, class_labels=labels)
+            out = unet(z, tt, class_labels=labels)
         else:
             both = unet(torch.cat([z, z]), torch.cat([tt, tt]),
                         class_labels=torch.cat([labels, null]))
-            eps_c, eps_u = both.chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
-        z, _ = sched.step(eps, int(t), z)
+            out_c, out_u = both.chunk(2)
+            out = out_u + guidance_scale * (out_c - out_u)
+        z, _ = sched.step(out, int(t), z)
     return z
 
 

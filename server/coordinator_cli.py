@@ -38,6 +38,7 @@ from client.site_cli import (
     parse_address,
     positive_float_or_inf,
     run_supervised,
+    toml_value,
     warn,
 )
 
@@ -403,10 +404,13 @@ def _summary(out: Path) -> list[str]:
     except (OSError, ValueError):
         return []
     sites = metrics.get("privacy", {}).get("sites", {})
-    lines = [f"  site {s}: epsilon {v.get('epsilon', '?')} of budget "
-             f"{v.get('budget_epsilon', '?')} (delta {v.get('delta', '?')})"
-             for s, v in sorted(sites.items())]
-    return lines
+    return [f"  site {s}: epsilon {_num(v.get('epsilon'))} of budget "
+            f"{_num(v.get('budget_epsilon'))} (delta {_num(v.get('delta'))})"
+            for s, v in sorted(sites.items())]
+
+
+def _num(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
 
 
 def coordinator_run(args: argparse.Namespace) -> int:
@@ -422,15 +426,15 @@ def coordinator_run(args: argparse.Namespace) -> int:
         n = _wait_for_sites(flwr, need, args.wait_for_sites)
         print(f"fedldm coordinator: {n} site(s) online; submitting {app} -> {out}", flush=True)
         rc_file = flwr.home / "run-config.toml"
-        import tomli_w
-
-        rc_file.write_text(tomli_w.dumps(rc), encoding="utf-8")
+        rc_file.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in rc.items()),
+                           encoding="utf-8")
         doc = flwr.json("run", str(app), CONNECTION, "--run-config", str(rc_file))
         run_id = str(doc["run-id"])
         print(f"fedldm coordinator: run {run_id} started (fab {doc.get('fab-hash', '?')})",
               flush=True)
         if args.detach:
-            print(f"detached: follow it with `flwr log {run_id}`; results go to {out}")
+            print(f"detached: run {run_id} goes on at the SuperLink; it writes {out} (progress "
+                  f"in {out / 'run.log'})")
             return 0
         try:
             row = _follow(flwr, run_id, args.timeout)
@@ -513,7 +517,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--image-size", type=int, default=None)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--epsilon", type=positive_float_or_inf, default=8.0,
-                     help="epsilon asked of each site; a site's own budget still caps it")
+                     help="the cumulative epsilon each site may reach by the end of this run "
+                     "(earlier runs count); a site's own budget still caps it")
     run.add_argument("--delta", type=float, default=1e-5)
     run.add_argument("--class-names", default="cyst,edema,normal,tumor",
                      help="comma-separated; must match the sites' class folders")

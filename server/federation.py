@@ -87,11 +87,12 @@ class Coordinator:
     def __init__(self, grid: Grid, cfg: RunConfig, settings: ServerSettings) -> None:
         self.grid, self.cfg, self.settings = grid, cfg, settings
         self.folder = RunFolder(settings.out)
+        # Build the models before touching the disk: a bad config leaves no empty run folder.
+        self.ae, self.dm = _initial_models(cfg)
         self.folder.create()
         self.log = self.folder.logger()
         self.strategy = FedAvg(fraction_train=1.0, min_train_nodes=settings.min_sites,
                                min_available_nodes=settings.min_sites)
-        self.ae, self.dm = _initial_models(cfg)
         self.state: dict[str, Any] = {"stage": "autoencoder", "round": 0, "scale_factor": None,
                                       "run_name": f"run-{uuid.uuid4().hex[:12]}"}
         self.metrics: dict[str, Any] = {
@@ -208,17 +209,13 @@ class Coordinator:
     def _record_site(self, site: str, phase: str, rnd: int, m: Any) -> None:
         eps = float(m["epsilon"])
         entry = {"phase": phase, "round": rnd, "site": site, "loss": float(m["loss"]),
-                 "epsilon": eps, "noise_multiplier": float(m["noise-multiplier"]),
-                 "steps": int(m["steps"]), "sample_rate": float(m["sample-rate"])}
+                 "epsilon": eps}
         self.metrics["training"].append(entry)
         self.metrics["privacy"]["rounds"].append(
             {"site": site, "phase": phase, "round": rnd, "epsilon": eps})
-        s = self.metrics["privacy"]["sites"].setdefault(site, {"noise_multiplier": {},
-                                                               "steps": {}})
+        s = self.metrics["privacy"]["sites"].setdefault(site, {})
         s.update({"epsilon": eps, "delta": float(m["delta"]),
                   "budget_epsilon": float(m["budget-epsilon"])})
-        s["noise_multiplier"][phase] = float(m["noise-multiplier"])
-        s["steps"][phase] = s["steps"].get(phase, 0) + int(m["steps"])
 
     def _latent_scale(self, nodes: list[int]) -> float:
         conf = self._base_config(task="latent-stats")
@@ -230,8 +227,7 @@ class Coordinator:
                   float(r.content["metrics"]["count"])) for r in replies]
         for r in replies:
             site = str(r.content["site"]["site-id"])
-            s = self.metrics["privacy"]["sites"].setdefault(site, {"noise_multiplier": {},
-                                                                   "steps": {}})
+            s = self.metrics["privacy"]["sites"].setdefault(site, {})
             s["epsilon"] = float(r.content["metrics"]["epsilon"])
         scale = scale_factor_from(stats)
         self.metrics["latent_scale"] = {"scale_factor": scale, "released": "DP Gaussian "

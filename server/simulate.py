@@ -104,6 +104,7 @@ def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
 
     def after(coord: Coordinator) -> None:
         copy_ledgers(sites, opts.sites, out)
+        add_ledger_details(out)
         finalize_run(out, sites=sites, n_sites=opts.sites, evaluate=opts.evaluate,
                      audit=coord.audit, options=opts.eval_options,
                      show_progress=opts.show_progress)
@@ -134,6 +135,33 @@ def copy_ledgers(sites: SimulationSites, n: int, out: Path) -> None:
         src = sites.site(k).ledger_path
         if src.exists():
             shutil.copyfile(src, out / "ledgers" / f"site-{k}.json")
+
+
+def add_ledger_details(out: Path) -> None:
+    """Noise multipliers and steps per phase, read from the simulated sites' ledgers.
+
+    In a real federation these stay at the sites (they reveal dataset sizes); in a simulation
+    the ledgers are on this machine anyway, and the report should show them.
+    """
+    from server.run_folder import RunFolder
+
+    folder = RunFolder(out)
+    metrics = folder.load_metrics()
+    for path in sorted((out / "ledgers").glob("site-*.json")):
+        doc = json.loads(path.read_text())
+        phases: dict[str, dict[str, Any]] = {}
+        for e in doc.get("entries", []):
+            if e["sample_rate"] >= 1.0 and e["steps"] == 1:
+                key = f"{e['phase']} (released statistics)"
+            else:
+                key = e["phase"]
+            p = phases.setdefault(key, {"noise_multiplier": e["noise_multiplier"],
+                                        "sample_rate": e["sample_rate"], "steps": 0})
+            p["steps"] += int(e["steps"])
+        site = metrics.setdefault("privacy", {}).setdefault("sites", {}).setdefault(
+            doc.get("site_id", path.stem), {})
+        site["ledger"] = phases
+    folder.save_metrics(metrics)
 
 
 def _quiet_flower() -> None:

@@ -52,6 +52,12 @@ def _dockerfile_copies() -> dict[str, Path]:
 
 def test_dockerfile_copies_exist_and_runs_fedldm() -> None:
     copies = _dockerfile_copies()
+    allowed = [ln[1:] for ln in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text()
+               .splitlines() if ln.startswith("!")]
+    for src in copies.values():
+        rel = str(src.relative_to(REPO))
+        assert any(rel == a or a.startswith(rel + "/") or a == rel + "/**" for a in allowed), \
+            f"{rel} is copied by the Dockerfile but filtered out by Dockerfile.dockerignore"
     assert "/app/pyproject.toml" in copies and "/app/server" in copies
     text = DOCKERFILE.read_text()
     assert 'ENTRYPOINT ["tini", "--", "fedldm"]' in text
@@ -108,8 +114,11 @@ def test_compose_build_and_volumes(compose: dict[str, Any]) -> None:
     assert context == REPO
     assert (context / build["dockerfile"]).resolve() == DOCKERFILE
     declared = set(compose["volumes"])
+    images = {svc["image"] for svc in compose["services"].values()}
+    assert images == {compose["services"]["certs"]["image"]}, "one image, built once"
     for name, svc in compose["services"].items():
-        assert "image" in svc, name
+        assert ("build" in svc) == (name == "certs"), name
+        assert svc["pull_policy"] == ("build" if name == "certs" else "never"), name
         for vol, _ in _mounts(svc).values():
             assert vol in declared, f"service {name} mounts undeclared volume {vol}"
 

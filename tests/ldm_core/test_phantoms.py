@@ -1,0 +1,82 @@
+"""Demo phantoms: determinism, structure (patients, sites, labels), and the written dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_core.data import scan
+from ldm_core.phantoms import CLASS_NAMES, generate_demo, render_demo
+
+TINY = {"n_patients": 12, "slices_per_patient": 2, "n_sites": 3, "image_size": 16}
+
+
+def test_render_is_deterministic_from_seed() -> None:
+    a = render_demo(**TINY, seed=5)
+    b = render_demo(**TINY, seed=5)
+    c = render_demo(**TINY, seed=6)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[2:] == b[2:]
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_render_shapes_and_structure() -> None:
+    images, labels, patients, sites, class_names = render_demo(**TINY, seed=0)
+    n = TINY["n_patients"] * TINY["slices_per_patient"]
+    assert images.shape == (n, 16, 16) and images.dtype == np.uint8
+    assert labels.shape == (n,) and labels.dtype == np.int64
+    assert class_names == CLASS_NAMES == tuple(sorted(CLASS_NAMES))
+    assert labels.min() >= 0 and labels.max() < len(class_names)
+    assert len(patients) == len(sites) == n
+    assert set(sites) == {"site-0", "site-1", "site-2"}
+    assert len(set(patients)) == TINY["n_patients"]
+    for pid in set(patients):  # a patient has one label and one site
+        idx = [i for i, p in enumerate(patients) if p == pid]
+        assert len(idx) == TINY["slices_per_patient"]
+        assert len({int(labels[i]) for i in idx}) == 1
+        assert len({sites[i] for i in idx}) == 1
+    # background dark, head bright: it is an image of something
+    assert images[:, 0, 0].mean() < 40 and images[:, 8, 8].mean() > 40
+
+
+def test_slices_of_a_patient_differ() -> None:
+    images, *_ = render_demo(**TINY, seed=0)
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_all_classes_occur_with_enough_patients() -> None:
+    _, labels, *_ = render_demo(n_patients=40, slices_per_patient=1, image_size=16, seed=0)
+    assert set(labels.tolist()) == set(range(len(CLASS_NAMES)))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"n_patients": 0}, {"n_sites": 0}, {"image_size": 8}, {"n_patients": 2, "n_sites": 3}],
+)
+def test_bad_arguments_raise(kwargs: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="phantoms"):
+        render_demo(**{**TINY, **kwargs})
+
+
+def test_generate_writes_tree_and_manifest(tmp_path: Path) -> None:
+    manifest = generate_demo(tmp_path / "demo", **TINY, seed=1)
+    assert manifest == tmp_path / "demo" / "manifest.csv"
+    header = manifest.read_text().splitlines()[0]
+    assert header == "path,label,patient,site"
+    index = scan(tmp_path / "demo")  # the folder with manifest.csv
+    images, labels, patients, sites, class_names = render_demo(**TINY, seed=1)
+    assert index.layout == "manifest" and index.has_patient_ids
+    assert len(index.records) == len(labels)
+    present = tuple(sorted({class_names[i] for i in labels}))
+    assert index.class_names == present
+    first = index.records[0]
+    assert first.path.parent.name == index.class_names[first.label]
+    assert first.patient in patients and first.site in sites
+    # pixels round-trip exactly through the PNGs
+    by_name = {f"{patients[i]}_{i % 2}.png": images[i] for i in range(len(labels))}
+    for r in index.records[:5]:
+        np.testing.assert_array_equal(np.asarray(Image.open(r.path)), by_name[r.path.name])
