@@ -66,7 +66,7 @@ def load_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
     return load_site(site.data, site_index=site.site_index if n_sites > 1 else 0,
                      n_sites=n_sites, scheme=scheme, image_size=cfg.model.image_size,
                      seed=site.data_seed, holdout_fraction=site.holdout_fraction,
-                     test_fraction=site.test_fraction)
+                     test_fraction=site.test_fraction, progress=site.show_progress)
 
 
 def check_classes(site: SiteConfig, cfg: RunConfig, data: SiteData) -> None:

@@ -3,7 +3,7 @@
 Why a fixed, small network: utility numbers (train-on-synthetic vs train-on-real) are only
 comparable when the judge is the same every time, cheap enough to retrain per run on a CPU, and
 free of BatchNorm (whose running statistics would make the numbers depend on batch composition).
-GroupNorm + adaptive pooling lets the same architecture run at 16..128 px.
+GroupNorm + global pooling lets the same architecture run at 16..128 px.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    """Five conv blocks (three stride-2), global average pooling, one linear head.
+    """Per-image standardisation, five conv blocks (three stride-2), global mean+max pooling,
+    dropout, one linear head.
 
-    About 120k parameters with the default ``width=24``. Input ``[N, in_channels, H, W]`` with
-    H, W >= 8; the adaptive pooling makes the output independent of the input size.
+    About 157k parameters with the default ``width=24``; ``feature_dim = 8 * width``. Input
+    ``[N, in_channels, H, W]`` with H, W >= 8; global pooling makes the output independent of
+    the input size.
     """
 
     def __init__(self, n_classes: int, *, in_channels: int = 1, width: int = 24) -> None:

@@ -662,7 +662,9 @@ def _load_one(path: Path, image_size: int) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
-def load_images(records: Sequence[Record], image_size: int) -> tuple[Tensor, Tensor]:
+def load_images(
+    records: Sequence[Record], image_size: int, *, progress: bool | None = None
+) -> tuple[Tensor, Tensor]:
     """Read, grayscale, pad to square, resize and scale records to ``[N,1,S,S]`` in [-1, 1].
 
     Returns ``(images float32, labels int64)``. Decoding runs on a few threads (PIL releases
@@ -676,7 +678,8 @@ def load_images(records: Sequence[Record], image_size: int) -> tuple[Tensor, Ten
     paths = [r.path for r in records]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda p: _load_one(p, image_size), paths)
-        bar = tqdm(results, total=n, desc="loading images", disable=n <= _PROGRESS_THRESHOLD)
+        quiet = n <= _PROGRESS_THRESHOLD if progress is None else not progress
+        bar = tqdm(results, total=n, desc="loading images", disable=quiet)
         for i, arr in enumerate(bar):
             images[i, 0] = arr
     x = torch.from_numpy(images).mul_(2.0).sub_(1.0)
@@ -684,8 +687,10 @@ def load_images(records: Sequence[Record], image_size: int) -> tuple[Tensor, Ten
     return x, y
 
 
-def _image_set(records: Sequence[Record], image_size: int, root: Path) -> ImageSet:
-    x, y = load_images(records, image_size)
+def _image_set(
+    records: Sequence[Record], image_size: int, root: Path, progress: bool | None = None
+) -> ImageSet:
+    x, y = load_images(records, image_size, progress=progress)
     patients = []
     for r in records:
         if r.patient is not None:
@@ -708,6 +713,7 @@ def _site_data(
     seed: int,
     holdout_fraction: float,
     test_fraction: float,
+    progress: bool | None = None,
 ) -> SiteData:
     splits = split_by_patient(
         share,
@@ -726,9 +732,9 @@ def _site_data(
     return SiteData(
         site_id=site_id,
         class_names=index.class_names,
-        train=_image_set(splits["train"], image_size, index.root),
-        holdout=_image_set(splits["holdout"], image_size, index.root),
-        test=_image_set(splits["test"], image_size, index.root),
+        train=_image_set(splits["train"], image_size, index.root, progress),
+        holdout=_image_set(splits["holdout"], image_size, index.root, progress),
+        test=_image_set(splits["test"], image_size, index.root, progress),
         has_patient_ids=index.has_patient_ids,
     )
 
@@ -743,6 +749,7 @@ def load_site(
     seed: int = 0,
     holdout_fraction: float = 0.15,
     test_fraction: float = 0.15,
+    progress: bool | None = None,
 ) -> SiteData:
     """Load one site's share: scan, assign patients to sites, split by patient, read pixels.
 
@@ -763,6 +770,7 @@ def load_site(
         seed=seed,
         holdout_fraction=holdout_fraction,
         test_fraction=test_fraction,
+        progress=progress,
     )
 
 

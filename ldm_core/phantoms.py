@@ -7,6 +7,12 @@ federation is really heterogeneous), mildly different label mixes per site, and 
 sometimes small and faint (so a classifier does well but not perfectly; ``benchmarks/
 demo_difficulty.py`` checks that a SmallCNN lands at macro AUC 0.85-0.97).
 
+Anatomy (T1-like contrast): scalp, dark skull, CSF rim, folded grey/white matter, lateral
+ventricles, interhemispheric fissure, deep grey nuclei on lower slices, smooth tissue texture.
+Classes: ``normal``; ``tumor`` (ring-enhancing mass, necrotic core, faint oedema halo); ``cyst``
+(sharp, round, CSF-dark); ``edema`` (large, soft-edged darkening). A patient has one lesion, seen
+on all of the patient's slices with a cross-section that shrinks away from its centre.
+
 Everything is vectorised numpy over a batch of slices and driven by one ``numpy.random.Generator``
 seeded from ``seed``, so the same seed gives bit-identical images.
 """

@@ -55,7 +55,7 @@ class EvalOptions:
     # subsample of what the generator saw): keeps the evaluation to minutes on a CPU.
     max_real_train: int = 1200
     utility_seeds: tuple[int, ...] = (0, 1, 2)
-    utility_epochs: int = 8
+    utility_epochs: int = 15
     ddim_steps: int | None = None
     guidance_scale: float | None = None
     reference: Path | None = None

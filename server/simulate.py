@@ -165,15 +165,8 @@ def add_ledger_details(out: Path) -> None:
 
 
 def _quiet_flower() -> None:
-    """Keep the console to the coordinator's progress bars and summary.
-
-    Ray workers inherit the driver's environment when they start: TQDM_DISABLE silences the
-    sites' per-file loading bars there, while this process (tqdm already imported and
-    configured) keeps its own bars. Site details still go to each site's site.log.
-    """
-    import tqdm  # noqa: F401 - import before setting the variable, so ours stay enabled
-
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    """Keep the console to the coordinator's progress bars and summary (sites log to site.log;
+    simulated sites have show_progress off, so they draw no bars of their own)."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
