@@ -22,6 +22,7 @@ from client import tasks
 from client.ledger import BudgetExceededError
 from client.site_config import SiteConfig
 from ldm_core.config import RunConfig
+from ldm_core.logs import file_logger
 
 SiteResolver = Callable[[Context], SiteConfig]
 ERR_BUDGET = 4001
@@ -30,15 +31,7 @@ AE_STATE_KEY = "fedldm-autoencoder"
 
 
 def _log(site: SiteConfig) -> logging.Logger:
-    logger = logging.getLogger(f"fedldm.site.{site.site_id}.{site.state_dir.resolve()}")
-    if not logger.handlers:
-        site.state_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(site.state_dir / "site.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    return logger
+    return file_logger(site.state_dir / "site.log")
 
 
 def _error_reply(msg: Message, site: SiteConfig | None, exc: Exception) -> Message:

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", type=Path)
     e.add_argument("--reference", type=Path, help="extra real reference set at the coordinator")
     e.add_argument("--per-class", type=int, help="synthetic images per class")
-    e.add_argument("--utility-epochs", type=int, default=15)
+    e.add_argument("--utility-epochs", type=int, default=12)
     e.add_argument("--utility-seeds", type=int, default=3)
     e.add_argument("--no-audit", action="store_true", help="skip the site privacy audits")
     pa = sub.add_parser("pretrain-ae", help="pretrain the autoencoder on public phantoms")

@@ -53,9 +53,9 @@ class EvalOptions:
     per_class_cap: int = 300
     # Real training images used per utility arm and for fidelity (a seeded, class-stratified
     # subsample of what the generator saw): keeps the evaluation to minutes on a CPU.
-    max_real_train: int = 1200
+    max_real_train: int = 1000
     utility_seeds: tuple[int, ...] = (0, 1, 2)
-    utility_epochs: int = 15
+    utility_epochs: int = 12
     ddim_steps: int | None = None
     guidance_scale: float | None = None
     reference: Path | None = None

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ldm_core.logs import file_logger
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,12 +93,4 @@ class RunFolder:
 
     def logger(self) -> logging.Logger:
         """`run.log`: the readable log of the coordinator side."""
-        logger = logging.getLogger(f"fedldm.run.{self.root.resolve()}")
-        if not logger.handlers:
-            self.root.mkdir(parents=True, exist_ok=True)
-            h = logging.FileHandler(self.root / "run.log")
-            h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            logger.addHandler(h)
-            logger.setLevel(logging.INFO)
-            logger.propagate = False
-        return logger
+        return file_logger(self.root / "run.log")
