@@ -52,79 +52,86 @@ def _run_config(msg: Message) -> RunConfig:
     return RunConfig.from_dict(json.loads(str(msg.content["config"]["run-config"])))
 
 
+def _guarded(msg: Message, context: Context, resolve_site: SiteResolver,
+             handle: Callable[[Message, Context, SiteConfig, RunConfig], Message]) -> Message:
+    """Resolve the site and the run config, run `handle`; every failure becomes an error reply."""
+    site = None
+    try:
+        site = resolve_site(context)
+        return handle(msg, context, site, _run_config(msg))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+        return _error_reply(msg, site, exc)
+
+
+def _train(msg: Message, context: Context, site: SiteConfig, cfg: RunConfig) -> Message:
+    conf = msg.content["config"]
+    phase = str(conf["phase"])
+    if "autoencoder" in msg.content:
+        context.state[AE_STATE_KEY] = msg.content["autoencoder"]
+    ae_weights = None
+    if phase == "diffusion":
+        if AE_STATE_KEY not in context.state:
+            raise RuntimeError("no autoencoder received for the diffusion phase")
+        ae_weights = context.state[AE_STATE_KEY].to_torch_state_dict()
+    result = tasks.train_round(
+        site, cfg, phase=phase, server_round=int(conf["server-round"]),
+        run_id=str(conf["run-name"]),
+        weights=msg.content["arrays"].to_torch_state_dict(),
+        ae_weights=ae_weights, scale_factor=float(conf.get("scale-factor", 1.0)),
+        seed=int(conf.get("seed", 0)) * 1000 + int(conf["server-round"]) * 7
+        + site.site_index,
+    )
+    # Sites are weighted equally and the sampling rate, step count and noise multiplier
+    # stay in the site's ledger: each of them would reveal the dataset size.
+    metrics = MetricRecord({
+        "num-examples": 1,
+        "loss": result.loss,
+        "epsilon": result.epsilon,
+        "budget-epsilon": result.budget_epsilon,
+        "delta": result.delta,
+        "has-autoencoder": int(AE_STATE_KEY in context.state),
+    })
+    _log(site).info("%s round %s: loss %.4f, epsilon %.3f / %.3f", phase,
+                    conf["server-round"], result.loss, result.epsilon,
+                    result.budget_epsilon)
+    return Message(RecordDict({
+        "arrays": ArrayRecord(result.weights),
+        "metrics": metrics,
+        "site": ConfigRecord({"site-id": site.site_id}),
+    }), reply_to=msg)
+
+
+def _query(msg: Message, context: Context, site: SiteConfig, cfg: RunConfig) -> Message:
+    conf = msg.content["config"]
+    task = str(conf["task"])
+    if task == "latent-stats":
+        context.state[AE_STATE_KEY] = msg.content["autoencoder"]
+        stats = tasks.latent_stats(
+            site, cfg, run_id=str(conf["run-name"]),
+            ae_weights=msg.content["autoencoder"].to_torch_state_dict(),
+            seed=int(conf.get("seed", 0)) + site.site_index)
+        return Message(RecordDict({
+            "metrics": MetricRecord({"second-moment-sum": stats.second_moment_sum,
+                                     "count": stats.count, "epsilon": stats.epsilon,
+                                     "num-examples": 1}),
+            "site": ConfigRecord({"site-id": site.site_id}),
+        }), reply_to=msg)
+    if task == "audit":
+        return _audit_reply(msg, site, cfg)
+    raise ValueError(f"unknown query task {task!r}")
+
+
 def make_client_app(resolve_site: SiteResolver) -> ClientApp:
     """Build the ClientApp; deployment and simulation differ only in how a site is resolved."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        site = None
-        try:
-            site = resolve_site(context)
-            cfg = _run_config(msg)
-            conf = msg.content["config"]
-            phase = str(conf["phase"])
-            if "autoencoder" in msg.content:
-                context.state[AE_STATE_KEY] = msg.content["autoencoder"]
-            ae_weights = None
-            if phase == "diffusion":
-                if AE_STATE_KEY not in context.state:
-                    raise RuntimeError("no autoencoder received for the diffusion phase")
-                ae_weights = context.state[AE_STATE_KEY].to_torch_state_dict()
-            result = tasks.train_round(
-                site, cfg, phase=phase, server_round=int(conf["server-round"]),
-                run_id=str(conf["run-name"]),
-                weights=msg.content["arrays"].to_torch_state_dict(),
-                ae_weights=ae_weights, scale_factor=float(conf.get("scale-factor", 1.0)),
-                seed=int(conf.get("seed", 0)) * 1000 + int(conf["server-round"]) * 7
-                + site.site_index,
-            )
-            # Sites are weighted equally and the sampling rate, step count and noise multiplier
-            # stay in the site's ledger: each of them would reveal the dataset size.
-            metrics = MetricRecord({
-                "num-examples": 1,
-                "loss": result.loss,
-                "epsilon": result.epsilon,
-                "budget-epsilon": result.budget_epsilon,
-                "delta": result.delta,
-                "has-autoencoder": int(AE_STATE_KEY in context.state),
-            })
-            _log(site).info("%s round %s: loss %.4f, epsilon %.3f / %.3f", phase,
-                            conf["server-round"], result.loss, result.epsilon,
-                            result.budget_epsilon)
-            return Message(RecordDict({
-                "arrays": ArrayRecord(result.weights),
-                "metrics": metrics,
-                "site": ConfigRecord({"site-id": site.site_id}),
-            }), reply_to=msg)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
-            return _error_reply(msg, site, exc)
+        return _guarded(msg, context, resolve_site, _train)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        site = None
-        try:
-            site = resolve_site(context)
-            cfg = _run_config(msg)
-            conf = msg.content["config"]
-            task = str(conf["task"])
-            if task == "latent-stats":
-                context.state[AE_STATE_KEY] = msg.content["autoencoder"]
-                stats = tasks.latent_stats(
-                    site, cfg, run_id=str(conf["run-name"]),
-                    ae_weights=msg.content["autoencoder"].to_torch_state_dict(),
-                    seed=int(conf.get("seed", 0)) + site.site_index)
-                return Message(RecordDict({
-                    "metrics": MetricRecord({"second-moment-sum": stats.second_moment_sum,
-                                             "count": stats.count, "epsilon": stats.epsilon,
-                                             "num-examples": 1}),
-                    "site": ConfigRecord({"site-id": site.site_id}),
-                }), reply_to=msg)
-            if task == "audit":
-                return _audit_reply(msg, site, cfg)
-            raise ValueError(f"unknown query task {task!r}")
-        except Exception as exc:  # noqa: BLE001
-            return _error_reply(msg, site, exc)
+        return _guarded(msg, context, resolve_site, _query)
 
     return app
 

@@ -7,6 +7,7 @@ optimizer steps: a mismatch would mean the ledger under-counted, so it raises in
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -57,6 +58,25 @@ class TrainStats:
     losses: tuple[float, ...]
 
 
+def _quiet_opacus(fn: Callable[..., TrainStats]) -> Callable[..., TrainStats]:
+    """Silence the warnings Opacus repeats on every step.
+
+    Its hooks warn on each backward when inputs need no grad (expected here), and about secure
+    RNG (the ledger, not the RNG, is what bounds epsilon in this setting).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> TrainStats:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+            warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+            warnings.filterwarnings("ignore", message=".*Optimal order.*")
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_quiet_opacus
 def dp_train(
     module: nn.Module,
     tensors: tuple[torch.Tensor, ...],
@@ -74,33 +94,10 @@ def dp_train(
 
     noise_multiplier == 0 means the non-private baseline: plain Adam on shuffled batches of the
     same expected size. Otherwise Opacus wraps model, optimizer and loader (Poisson sampling,
-    flat clipping at phase.max_grad_norm). The module's weights are updated in place; the Opacus
-    wrapper is removed so the caller gets the bare module back.
+    flat clipping at phase.max_grad_norm). Loss functions always get the bare module (Opacus
+    hooks sit on its layers, so calls like `ae.encode` are still captured). The module's weights
+    are updated in place; the Opacus wrapper is removed so the caller gets the bare module back.
     """
-    with warnings.catch_warnings():
-        # Opacus' hooks warn on every backward when inputs need no grad (expected here), and
-        # about secure RNG (the ledger, not the RNG, is what bounds epsilon in this setting).
-        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-        warnings.filterwarnings("ignore", message=".*Optimal order.*")
-        return _dp_train(module, tensors, loss_fn, phase=phase, plan=plan,
-                         noise_multiplier=noise_multiplier, seed=seed, device=device, desc=desc,
-                         show_progress=show_progress)
-
-
-def _dp_train(
-    module: nn.Module,
-    tensors: tuple[torch.Tensor, ...],
-    loss_fn: LossFn,
-    *,
-    phase: PhaseConfig,
-    plan: SamplingPlan,
-    noise_multiplier: float,
-    seed: int,
-    device: torch.device,
-    desc: str,
-    show_progress: bool,
-) -> TrainStats:
     n = tensors[0].shape[0]
     if n != plan.n:
         raise ValueError(f"plan made for {plan.n} samples, got {n}")
