@@ -96,8 +96,8 @@ def plan_noise(site: SiteConfig, cfg: RunConfig, n_train: int, ledger: PrivacyLe
     Reserved releases (latent scale factor, one training-curve value per round) are fixed,
     small Gaussian mechanisms; the two training phases share what is left.
     """
-    ae_plan = _full_plan(n_train, cfg.autoencoder)
-    dm_plan = _full_plan(n_train, cfg.diffusion)
+    ae_plan = sampling_plan(n_train, cfg.autoencoder)
+    dm_plan = sampling_plan(n_train, cfg.diffusion)
     target = site.effective_target(cfg.privacy.epsilon)
     if math.isinf(target):
         return NoisePlan(target, site.delta, 0.0, 0.0, 0.0, 0.0, ae_plan, dm_plan)
@@ -112,10 +112,6 @@ def plan_noise(site: SiteConfig, cfg: RunConfig, n_train: int, ledger: PrivacyLe
     sig_ae, sig_dm = calibrate_noise(phases, target_epsilon=target, delta=site.delta,
                                      shares=[share, 1 - share], reserved=reserved)
     return NoisePlan(target, site.delta, sig_ae, sig_dm, metric, scale, ae_plan, dm_plan)
-
-
-def _full_plan(n: int, phase: PhaseConfig) -> SamplingPlan:
-    return sampling_plan(n, phase)
 
 
 def _dp_mean(values: torch.Tensor, *, clip: float, sigma: float, seed: int) -> float:

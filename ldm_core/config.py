@@ -226,7 +226,6 @@ def _from_dict(cls: type, d: Mapping[str, Any]) -> Any:
     _check(not unknown, f"unknown {cls.__name__} keys: {sorted(unknown)}")
     kwargs: dict[str, Any] = {}
     for name, value in d.items():
-        f = known[name]
         sub = _SUBCONFIGS.get((cls.__name__, name))
         if sub is not None:
             kwargs[name] = _from_dict(sub, value)
@@ -236,7 +235,6 @@ def _from_dict(cls: type, d: Mapping[str, Any]) -> Any:
             kwargs[name] = math.inf
         else:
             kwargs[name] = value
-        del f
     return cls(**kwargs)
 
 

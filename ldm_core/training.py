@@ -161,7 +161,7 @@ def dp_train(
                         steps += 1
                         bar.update(1)
         finally:
-            dp_model._close() if hasattr(dp_model, "_close") else None
+            dp_model._close()  # removes Opacus' hooks from the module's layers
             _strip_opacus(module)
     bar.close()
     ema.copy_to(module)

@@ -13,7 +13,6 @@ Where each number is computed:
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -330,6 +329,3 @@ def _run_table(metrics: dict[str, Any], cfg: RunConfig, out: Path) -> dict[str, 
         "patient ids": meta.get("patient_note") or "yes",
     }
 
-
-def dump_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2))

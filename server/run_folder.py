@@ -47,7 +47,7 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise
+        raise  # a missing file is the caller's case to handle, not a corrupt one
     except (OSError, json.JSONDecodeError) as e:
         raise RuntimeError(f"{path} is unreadable ({e}); restore it from a backup or start a "
                            "new run folder") from e
