@@ -56,18 +56,20 @@ def make_train_scheduler(cfg: ModelConfig) -> DDPMScheduler:
 
 
 def make_sample_scheduler(cfg: ModelConfig, steps: int, clip: float = 3.0) -> DDIMScheduler:
-    """DDIM that clips its x0 estimate to [-clip, clip] (clip <= 0: no clipping).
+    """DDIM that reads the denoiser's output as training defined it, and clips its x0 estimate.
 
-    Latents are unit-scaled, so +-3 keeps every plausible value. Without it, the x0 estimate at
-    high noise (divided by sqrt(alpha_bar) ~ 0.07) amplifies the denoiser's error 14-fold and an
-    imperfect (e.g. DP-trained) model samples textured noise although it denoises well from
-    t <= 500 (measured on the quick preset: noise without clipping, phantoms with it).
+    `prediction_type` must match the training scheduler's: a DDIM that reads a velocity as noise
+    samples head-shaped blobs from a good model (tests/ldm_core/test_sampling.py guards this).
+    Latents are unit-scaled, so clipping x0 to +-clip (clip <= 0: off) keeps every plausible
+    value and only stops an imperfect (e.g. DP-trained) denoiser's error at high noise, divided
+    by sqrt(alpha_bar) ~ 0.07, from running away.
     """
     sched = DDIMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         clip_sample=clip > 0,
         clip_sample_min=-abs(clip),
         clip_sample_max=abs(clip),
+        prediction_type=cfg.prediction_type,
         **SCHEDULE,
     )
     sched.set_timesteps(min(steps, cfg.num_train_timesteps))
