@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa = sub.add_parser("pretrain-ae", help="pretrain the autoencoder on public phantoms")
     pa.add_argument("--preset", default="quick", choices=("tiny", "quick", "standard"))
     pa.add_argument("--image-size", type=int, default=None)
-    pa.add_argument("--steps", type=int, default=600)
+    pa.add_argument("--steps", type=int, default=2500)
     pa.add_argument("--seed", type=int, default=0)
     pa.add_argument("--out", type=Path)
     pa.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE")
