@@ -701,8 +701,8 @@ def _utility_html(m: Mapping[str, Any]) -> str:
     out = (
         "<p>The same small CNN, trained with the same recipe on real images (TRTR), on synthetic "
         "images matched to the real class counts (TSTR) and on both (TRS), scored on real test "
-        "patients. Values are means over seeds; 95% intervals come from resampling test "
-        "patients.</p>"
+        "patients. Values are those of the seed ensemble (probabilities averaged over the "
+        "seeds' models); 95% intervals come from resampling test patients.</p>"
         + _table(["training data", "macro AUC", "AUC 95% CI", "accuracy", "accuracy 95% CI"], rows)
     )
     out += _table(
