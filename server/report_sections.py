@@ -1,0 +1,274 @@
+"""HTML sections of the run report: the verdict table and the per-aspect metric tables.
+
+Each ``*_html(metrics)`` builder returns the body of one report section as an HTML fragment, reads
+only its own block of ``metrics`` (layout in :mod:`server.report`) and returns
+:data:`NOT_MEASURED` when that block is missing, so a partial run still renders. Every value from
+``metrics`` goes through :func:`html.escape` (or is formatted as a number) before it is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from server.report_figures import UTILITY_ARMS, png_bytes
+from server.report_verdicts import THRESHOLDS, final_epsilons, verdicts
+
+__all__ = [
+    "NOT_MEASURED",
+    "fidelity_html",
+    "img_tag",
+    "method_html",
+    "privacy_html",
+    "run_html",
+    "utility_html",
+    "verdict_html",
+]
+
+
+def img_tag(name: str, fig: Any) -> str:
+    """A ``<figure>`` with the PNG inlined as a data URI (no external file) and a caption."""
+    data = base64.b64encode(png_bytes(fig)).decode("ascii")
+    cap = html.escape(name.replace("_", " "))
+    return (
+        f'<figure><img alt="{cap}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{cap}</figcaption></figure>"
+    )
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return html.escape(str(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        return "n/a" if math.isnan(v) else f"{v:.4g}"
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
+        return f"[{_fmt(v[0])}, {_fmt(v[1])}]"
+    return html.escape(str(v))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="num">{_fmt(c)}</td>'
+            if isinstance(c, (int, float))
+            else f"<td>{_fmt(c)}</td>"
+            for c in row
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+NOT_MEASURED = '<p class="muted">Not measured in this run.</p>'
+
+
+def verdict_html(m: Mapping[str, Any]) -> str:
+    """The verdict table: one row per aspect with its PASS/WEAK/FAIL badge and sentence."""
+    return (
+        "<table><tr><th>aspect</th><th>status</th><th>what it means</th></tr>"
+        + "".join(
+            f"<tr><td><b>{html.escape(aspect)}</b></td>"
+            f'<td><span class="badge {status}">{status}</span></td>'
+            f"<td>{html.escape(sentence)}</td></tr>"
+            for aspect, status, sentence in verdicts(m)
+        )
+        + "</table>"
+    )
+
+
+def run_html(m: Mapping[str, Any]) -> str:
+    run = m.get("run")
+    if not run:
+        return NOT_MEASURED
+    return _table(["setting", "value"], [(k, v) for k, v in run.items()])
+
+
+def fidelity_html(m: Mapping[str, Any]) -> str:
+    fid_block = m.get("fidelity")
+    if not fid_block:
+        return NOT_MEASURED
+    keys = ["fid", "kid", "kid_std", "precision", "recall", "density", "coverage"]
+    rows = []
+    for space, block in fid_block.items():
+        if space == "diversity" or not isinstance(block, Mapping):
+            continue
+        rows.append([f"{space}: real vs synthetic"] + [block.get(k, float("nan")) for k in keys])
+        ref = block.get("real_split")
+        if ref:
+            rows.append(
+                [f"{space}: real half vs real half"] + [ref.get(k, float("nan")) for k in keys]
+            )
+    out = (
+        "<p>FID/KID: lower is closer (0 = same distribution). Precision: share of synthetic images "
+        "that look like some real image. Recall and coverage: share of the real variety the "
+        "synthetic set reproduces. Density is about 1 when both sets match. The 'real half' rows "
+        "show what a perfect generator would score.</p>" + _table(["feature space"] + keys, rows)
+    )
+    div = fid_block.get("diversity")
+    if div:
+        classes = sorted(set(div.get("real", {})) | set(div.get("synthetic", {})), key=str)
+        out += "<h3>Within-class similarity (mean pairwise SSIM, lower = more diverse)</h3>"
+        out += _table(
+            ["class", "real", "synthetic"],
+            [
+                (
+                    c,
+                    div.get("real", {}).get(c, float("nan")),
+                    div.get("synthetic", {}).get(c, float("nan")),
+                )
+                for c in classes
+            ],
+        )
+    return out
+
+
+def utility_html(m: Mapping[str, Any]) -> str:
+    u = m.get("utility")
+    if not u:
+        return NOT_MEASURED
+    rows = [
+        (
+            label,
+            u.get(f"{a}_auc", float("nan")),
+            u.get(f"{a}_auc_ci", ""),
+            u.get(f"{a}_acc", float("nan")),
+            u.get(f"{a}_acc_ci", ""),
+        )
+        for a, label in UTILITY_ARMS
+        if f"{a}_auc" in u
+    ]
+    out = (
+        "<p>The same small CNN, trained with the same recipe on real images (TRTR), on synthetic "
+        "images matched to the real class counts (TSTR) and on both (TRS), scored on real test "
+        "patients. Values are those of the seed ensemble (probabilities averaged over the "
+        "seeds' models); 95% intervals come from resampling test patients.</p>"
+        + _table(["training data", "macro AUC", "AUC 95% CI", "accuracy", "accuracy 95% CI"], rows)
+    )
+    out += _table(
+        ["TSTR/TRTR ratio", "95% CI", "train images", "synthetic images", "test images", "seeds"],
+        [
+            (
+                u.get("ratio", float("nan")),
+                u.get("ratio_ci", ""),
+                u.get("n_train", ""),
+                u.get("n_synthetic", ""),
+                u.get("n_test", ""),
+                str(u.get("seeds", "")),
+            )
+        ],
+    )
+    per_class = u.get("per_class")
+    if per_class:
+        n = max(len(v) for v in per_class.values())
+        out += "<h3>One-vs-rest AUC per class</h3>" + _table(
+            ["class"] + [lbl for a, lbl in UTILITY_ARMS if a in per_class],
+            [[c] + [per_class[a][c] for a, _ in UTILITY_ARMS if a in per_class] for c in range(n)],
+        )
+    return out
+
+
+def privacy_html(m: Mapping[str, Any]) -> str:
+    out = "<h3>Formal guarantee (differential privacy)</h3>"
+    sites = final_epsilons(m.get("privacy") or {})
+    if sites:
+        out += _table(
+            ["site", "epsilon spent", "delta", "epsilon budget"],
+            [
+                (
+                    s,
+                    v.get("epsilon", float("nan")),
+                    v.get("delta", float("nan")),
+                    v.get("budget_epsilon", float("nan")),
+                )
+                for s, v in sites.items()
+            ],
+        )
+    else:
+        out += NOT_MEASURED
+    disclosures = (m.get("privacy") or {}).get("disclosures")
+    out += "<h3>Other values released from private data</h3>"
+    if disclosures:
+        out += "<ul>" + "".join(f"<li>{html.escape(str(d))}</li>" for d in disclosures) + "</ul>"
+    else:
+        out += '<p class="muted">None declared.</p>'
+    out += "<h3>Membership inference (loss attack, per-site aggregates)</h3>"
+    mia = m.get("mia")
+    if mia:
+        out += _table(
+            ["AUC", "TPR at 1% FPR", "TPR at 0.1% FPR", "members", "non-members", "pooling"],
+            [
+                (
+                    mia.get("auc"),
+                    mia.get("tpr_at_1pct_fpr"),
+                    mia.get("tpr_at_0_1pct_fpr"),
+                    mia.get("n_members", ""),
+                    mia.get("n_nonmembers", ""),
+                    mia.get("method", "single site"),
+                )
+            ],
+        )
+    else:
+        out += NOT_MEASURED
+    out += "<h3>Nearest-neighbour memorisation audit</h3>"
+    audit = m.get("nn_audit")
+    if audit:
+        out += _table(
+            [
+                "memorised fraction",
+                "expected by chance",
+                "threshold",
+                "synthetic",
+                "train",
+                "holdout",
+            ],
+            [
+                (
+                    audit.get("memorized_fraction"),
+                    audit.get("expected_fraction"),
+                    audit.get("threshold", float("nan")),
+                    audit.get("n_synthetic", ""),
+                    audit.get("n_train", ""),
+                    audit.get("n_holdout", ""),
+                )
+            ],
+        )
+    else:
+        out += NOT_MEASURED
+    return out
+
+
+def method_html() -> str:
+    t = THRESHOLDS
+    items = [
+        f"Utility: PASS when TSTR/TRTR AUC ratio &ge; {t['utility_ratio_pass']}, FAIL below "
+        f"{t['utility_ratio_fail']}.",
+        f"Fidelity: precision/recall relative to the real-half baseline; PASS when &ge; "
+        f"{t['fidelity_rel_precision_pass']} / {t['fidelity_rel_recall_pass']}, FAIL below "
+        f"{t['fidelity_rel_precision_fail']} / {t['fidelity_rel_recall_fail']} (absolute "
+        f"{t['fidelity_abs_precision_pass']} / {t['fidelity_abs_recall_pass']} and "
+        f"{t['fidelity_abs_precision_fail']} / {t['fidelity_abs_recall_fail']} without a "
+        "baseline). "
+        "Feature spaces are a seeded random CNN and our own classifier (no downloaded Inception "
+        "network), so values are comparable only between runs using the same extractor.",
+        f"Diversity: WEAK when synthetic within-class SSIM exceeds the real one by "
+        f"{t['diversity_gap_weak']}, FAIL by {t['diversity_gap_fail']}.",
+        "Formal privacy: PASS when every site's cumulative epsilon (all rounds, both phases) is "
+        "within its budget; FAIL when a site exceeded it or trained without DP.",
+        f"Membership inference: PASS at AUC &le; {t['mia_auc_pass']}, FAIL above "
+        f"{t['mia_auc_fail']}. A low AUC does not prove privacy; the DP epsilon is the guarantee.",
+        f"Memorisation: PASS up to {t['memorized_pass_factor']}&times; the chance rate (or chance "
+        f"+ 2 standard errors), FAIL above {t['memorized_fail_factor']}&times; (or chance + 4 SE).",
+        "A measurement that is missing counts as FAIL.",
+    ]
+    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
