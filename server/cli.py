@@ -124,6 +124,29 @@ def _pretrain_ae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_dm(args: argparse.Namespace) -> int:
+    from ldm_core.config import build_config
+    from ldm_core.pretrain import (
+        PUBLIC_SEED,
+        denoiser_pretrained_path,
+        load_pretrained,
+        pretrain_denoiser,
+        save_pretrained,
+    )
+
+    cfg = build_config(preset=args.preset, image_size=args.image_size,
+                       overrides=dict(args.set)).model
+    state, scale = pretrain_denoiser(cfg, load_pretrained(cfg), steps=args.steps, seed=args.seed)
+    path = args.out or denoiser_pretrained_path(cfg)
+    save_pretrained(path, cfg, state, {
+        "steps": args.steps, "seed": args.seed, "public_seed": PUBLIC_SEED + 1,
+        "public_scale_factor": scale, "labels": "none (null class only)",
+        "data": "healthy procedural phantoms (ldm_core.phantoms, class 'normal' only), encoded "
+                "by the shipped public-phantom autoencoder"}, denoiser=True)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedldm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,13 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--seed", type=int, default=0)
     pa.add_argument("--out", type=Path)
     pa.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE")
+    pd = sub.add_parser("pretrain-dm", help="pretrain the denoiser (no labels) on healthy public "
+                        "phantoms, in the latent space of the shipped autoencoder")
+    pd.add_argument("--preset", default="quick", choices=("tiny", "quick", "standard"))
+    pd.add_argument("--image-size", type=int, default=None)
+    pd.add_argument("--steps", type=int, default=3000)
+    pd.add_argument("--seed", type=int, default=0)
+    pd.add_argument("--out", type=Path)
+    pd.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE")
     site_cli.register(sub)
     coordinator_cli.register(sub)
     return parser
 
 
 COMMANDS = {"simulate": _simulate, "demo-data": _demo_data, "evaluate": _evaluate,
-            "pretrain-ae": _pretrain_ae, "site": site_cli.main, "coordinator": coordinator_cli.main}
+            "pretrain-ae": _pretrain_ae, "pretrain-dm": _pretrain_dm, "site": site_cli.main,
+            "coordinator": coordinator_cli.main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,12 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
         f"- Sampling: DDIM, {syn.get('ddim_steps')} steps, classifier-free guidance "
         f"{syn.get('guidance_scale')}; {syn.get('n')} images, {syn.get('per_class')} per class "
         f"({', '.join(cfg.class_names)}), class-balanced by design.",
+        "- Starting weights: autoencoder "
+        + ("pretrained on public procedural phantoms" if cfg.ae_init != "random" else "random")
+        + "; denoiser "
+        + ("pretrained without labels on healthy public phantoms (anatomy only)"
+           if cfg.dm_init != "random" else "random")
+        + "; both then trained on the sites' data under DP.",
         "- Files: `<class>/syn_NNNNNN.png` (8-bit grayscale) and `manifest.csv` (path,label).", "",
         "## Privacy",
     ]

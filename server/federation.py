@@ -51,6 +51,10 @@ def _initial_models(cfg: RunConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
         from ldm_core.pretrain import load_pretrained
 
         ae.load_state_dict(load_pretrained(cfg.model))
+    if cfg.dm_init == "public-healthy-phantoms":
+        from ldm_core.pretrain import load_pretrained_denoiser
+
+        dm.load_state_dict(load_pretrained_denoiser(cfg.model))
     return ae, dm
 
 

@@ -32,3 +32,81 @@ def test_missing_or_mismatched_pretrained_weights_explain_the_fix() -> None:
     other = dataclasses.replace(quick, ae_res_blocks=2)
     with pytest.raises(FileNotFoundError):
         load_pretrained(other)
+
+
+def test_shipped_quick_denoiser_prior_knows_healthy_anatomy_but_no_labels() -> None:
+    """The quick preset's denoiser starts from the shipped healthy-anatomy prior: every class
+    row equals the null row (no label was ever seen), and it denoises healthy public phantoms'
+    latents far better than a fresh network does."""
+    from ldm_core.losses import diffusion_loss
+    from ldm_core.models import make_denoiser, make_train_scheduler
+    from ldm_core.pretrain import denoiser_pretrained_path, load_pretrained_denoiser, public_images
+
+    cfg = build_config(preset="quick", class_names=("a", "b", "c"))
+    assert cfg.dm_init == "public-healthy-phantoms"
+    m = cfg.model
+    assert denoiser_pretrained_path(m).exists(), "the quick preset's denoiser prior is missing"
+    state = load_pretrained_denoiser(m)
+    emb = state["class_embedding.weight"]
+    assert emb.shape[0] == m.n_classes + 1 and torch.equal(emb, emb[-1:].expand_as(emb))
+    ae = make_autoencoder(m)
+    ae.load_state_dict(load_pretrained(m))
+    x = public_images(64, m.image_size, seed=99, healthy_only=True)
+    with torch.no_grad():
+        z = ae.encode(x)[0]
+        z = z / z.pow(2).mean().sqrt()
+        gen = torch.Generator().manual_seed(0)
+        t = torch.randint(0, m.num_train_timesteps, (z.shape[0],), generator=gen)
+        noise = torch.randn(z.shape, generator=gen)
+        labels = torch.zeros(z.shape[0], dtype=torch.long)
+        sched = make_train_scheduler(m)
+        prior, fresh = make_denoiser(m), make_denoiser(m)
+        prior.load_state_dict(state)
+        loss_prior = diffusion_loss(prior, sched, z, labels, timesteps=t, noise=noise).mean()
+        loss_fresh = diffusion_loss(fresh, sched, z, labels, timesteps=t, noise=noise).mean()
+    assert float(loss_prior) < 0.5 * float(loss_fresh)
+
+
+def test_denoiser_prior_needs_its_autoencoder_and_matching_architecture() -> None:
+    from ldm_core.config import ConfigError
+    from ldm_core.pretrain import load_pretrained_denoiser
+
+    with pytest.raises(ConfigError, match="ae_init"):
+        build_config(preset="quick", overrides={"ae_init": "random"})
+    with pytest.raises(ConfigError, match="dm_init must be one of"):
+        build_config(preset="quick", overrides={"dm_init": "imagenet"})
+    other = dataclasses.replace(build_config(preset="quick").model, dm_channels=(32, 32))
+    with pytest.raises(FileNotFoundError, match="pretrain-dm"):
+        load_pretrained_denoiser(other)
+    eps = dataclasses.replace(build_config(preset="quick").model, prediction_type="epsilon")
+    with pytest.raises(FileNotFoundError):
+        load_pretrained_denoiser(eps)
+
+
+def test_pretrain_denoiser_round_trip_through_the_pretrained_dir(tmp_path, monkeypatch) -> None:
+    """`fedldm pretrain-dm` in miniature: a tiny prior trains on healthy phantoms only, is saved
+    with its single null row, and loads for any class count with that row in every class."""
+    from ldm_core.pretrain import (
+        denoiser_pretrained_path,
+        load_pretrained_denoiser,
+        pretrain_denoiser,
+        save_pretrained,
+    )
+
+    m = build_config(preset="tiny", image_size=16, class_names=("a", "b")).model
+    ae_state = make_autoencoder(m).state_dict()
+    state, scale = pretrain_denoiser(m, ae_state, steps=3, batch_size=4, n_images=16,
+                                     show_progress=False)
+    assert state["class_embedding.weight"].shape[0] == 1 and scale > 0
+    monkeypatch.setenv("FEDLDM_PRETRAINED_DIR", str(tmp_path))
+    save_pretrained(tmp_path / denoiser_pretrained_path(m).name, m, state, {"steps": 3},
+                    denoiser=True)
+    four = dataclasses.replace(m, n_classes=4)
+    loaded = load_pretrained_denoiser(four)
+    emb = loaded["class_embedding.weight"]
+    assert emb.shape[0] == 5 and torch.equal(emb, state["class_embedding.weight"].expand(5, -1))
+    eps = dataclasses.replace(m, num_train_timesteps=200)
+    with pytest.raises(ValueError, match="was made for"):
+        # same file name, different schedule: the sidecar's architecture check refuses it
+        load_pretrained_denoiser(eps)
+

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from ldm_core.config import build_config, to_dict
-from server.federation import Coordinator, FederationError, ServerSettings, check_update
+from ldm_core.pretrain import load_pretrained, load_pretrained_denoiser
+from server.federation import (
+    Coordinator,
+    FederationError,
+    ServerSettings,
+    _initial_models,
+    check_update,
+)
 from server.server_app import config_from_run_config
 
 
@@ -55,3 +62,16 @@ def test_waiting_for_sites_times_out_with_advice(tmp_path: Path) -> None:
                                                        wait_for_sites_s=0.0))
     with pytest.raises(FederationError, match="site daemons"):
         coord.run()
+
+
+def test_coordinator_starts_from_the_shipped_priors() -> None:
+    cfg = build_config(preset="quick", class_names=("a", "b", "c", "d"))
+    ae, dm = _initial_models(cfg)
+    for k, v in load_pretrained(cfg.model).items():
+        assert torch.equal(ae.state_dict()[k], v), k
+    for k, v in load_pretrained_denoiser(cfg.model).items():
+        assert torch.equal(dm.state_dict()[k], v), k
+    random_cfg = build_config(preset="quick", overrides={"dm_init": "random"})
+    _, fresh = _initial_models(random_cfg)
+    assert not torch.equal(fresh.state_dict()["out.2.conv.weight"],
+                           dm.state_dict()["out.2.conv.weight"])
