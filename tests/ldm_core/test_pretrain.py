@@ -35,15 +35,15 @@ def test_missing_or_mismatched_pretrained_weights_explain_the_fix() -> None:
 
 
 def test_shipped_quick_denoiser_prior_knows_healthy_anatomy_but_no_labels() -> None:
-    """The quick preset's denoiser starts from the shipped healthy-anatomy prior: every class
-    row equals the null row (no label was ever seen), and it denoises healthy public phantoms'
-    latents far better than a fresh network does."""
+    """The shipped healthy-anatomy prior for the quick architecture: every class row equals the
+    null row (no label was ever seen), and it denoises healthy public phantoms' latents far
+    better than a fresh network does."""
     from ldm_core.losses import diffusion_loss
     from ldm_core.models import make_denoiser, make_train_scheduler
     from ldm_core.pretrain import denoiser_pretrained_path, load_pretrained_denoiser, public_images
 
-    cfg = build_config(preset="quick", class_names=("a", "b", "c"))
-    assert cfg.dm_init == "public-healthy-phantoms"
+    cfg = build_config(preset="quick", class_names=("a", "b", "c"),
+                       overrides={"dm_init": "public-healthy-phantoms"})
     m = cfg.model
     assert denoiser_pretrained_path(m).exists(), "the quick preset's denoiser prior is missing"
     state = load_pretrained_denoiser(m)
@@ -72,7 +72,8 @@ def test_denoiser_prior_needs_its_autoencoder_and_matching_architecture() -> Non
     from ldm_core.pretrain import load_pretrained_denoiser
 
     with pytest.raises(ConfigError, match="ae_init"):
-        build_config(preset="quick", overrides={"ae_init": "random"})
+        build_config(preset="quick", overrides={"ae_init": "random",
+                                                "dm_init": "public-healthy-phantoms"})
     with pytest.raises(ConfigError, match="dm_init must be one of"):
         build_config(preset="quick", overrides={"dm_init": "imagenet"})
     other = dataclasses.replace(build_config(preset="quick").model, dm_channels=(32, 32))
