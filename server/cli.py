@@ -104,45 +104,27 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pretrain_ae(args: argparse.Namespace) -> int:
+def _pretrain(args: argparse.Namespace) -> int:
+    """`pretrain-ae` / `pretrain-dm`: remake a shipped public prior (no patient data)."""
+    from ldm_core import pretrain as pt
     from ldm_core.config import build_config
-    from ldm_core.pretrain import (
-        PUBLIC_SEED,
-        pretrain_autoencoder,
-        pretrained_path,
-        save_pretrained,
-    )
 
     cfg = build_config(preset=args.preset, image_size=args.image_size,
                        overrides=dict(args.set)).model
-    state = pretrain_autoencoder(cfg, steps=args.steps, seed=args.seed)
-    path = args.out or pretrained_path(cfg)
-    save_pretrained(path, cfg, state, {"steps": args.steps, "seed": args.seed,
-                                       "public_seed": PUBLIC_SEED,
-                                       "data": "procedural phantoms (ldm_core.phantoms)"})
-    print(f"wrote {path}")
-    return 0
-
-
-def _pretrain_dm(args: argparse.Namespace) -> int:
-    from ldm_core.config import build_config
-    from ldm_core.pretrain import (
-        PUBLIC_SEED,
-        denoiser_pretrained_path,
-        load_pretrained,
-        pretrain_denoiser,
-        save_pretrained,
-    )
-
-    cfg = build_config(preset=args.preset, image_size=args.image_size,
-                       overrides=dict(args.set)).model
-    state, scale = pretrain_denoiser(cfg, load_pretrained(cfg), steps=args.steps, seed=args.seed)
-    path = args.out or denoiser_pretrained_path(cfg)
-    save_pretrained(path, cfg, state, {
-        "steps": args.steps, "seed": args.seed, "public_seed": PUBLIC_SEED + 1,
-        "public_scale_factor": scale, "labels": "none (null class only)",
-        "data": "healthy procedural phantoms (ldm_core.phantoms, class 'normal' only), encoded "
-                "by the shipped public-phantom autoencoder"}, denoiser=True)
+    meta: dict[str, object] = {"steps": args.steps, "seed": args.seed}
+    if args.command == "pretrain-ae":
+        state = pt.pretrain_autoencoder(cfg, steps=args.steps, seed=args.seed)
+        path = args.out or pt.pretrained_path(cfg)
+        meta.update(public_seed=pt.PUBLIC_SEED, data="procedural phantoms (ldm_core.phantoms)")
+    else:
+        state, scale = pt.pretrain_denoiser(cfg, pt.load_pretrained(cfg), steps=args.steps,
+                                            seed=args.seed)
+        path = args.out or pt.denoiser_pretrained_path(cfg)
+        meta.update(public_seed=pt.PUBLIC_SEED + 1, public_scale_factor=scale,
+                    labels="none (null class only)",
+                    data="healthy procedural phantoms (ldm_core.phantoms, class 'normal' only), "
+                         "encoded by the shipped public-phantom autoencoder")
+    pt.save_pretrained(path, cfg, state, meta, denoiser=args.command == "pretrain-dm")
     print(f"wrote {path}")
     return 0
 
@@ -165,28 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--utility-epochs", type=int, default=12)
     e.add_argument("--utility-seeds", type=int, default=3)
     e.add_argument("--no-audit", action="store_true", help="skip the site privacy audits")
-    pa = sub.add_parser("pretrain-ae", help="pretrain the autoencoder on public phantoms")
-    pa.add_argument("--preset", default="quick", choices=("tiny", "quick", "standard"))
-    pa.add_argument("--image-size", type=int, default=None)
-    pa.add_argument("--steps", type=int, default=2500)
-    pa.add_argument("--seed", type=int, default=0)
-    pa.add_argument("--out", type=Path)
-    pa.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE")
-    pd = sub.add_parser("pretrain-dm", help="pretrain the denoiser (no labels) on healthy public "
-                        "phantoms, in the latent space of the shipped autoencoder")
-    pd.add_argument("--preset", default="quick", choices=("tiny", "quick", "standard"))
-    pd.add_argument("--image-size", type=int, default=None)
-    pd.add_argument("--steps", type=int, default=3000)
-    pd.add_argument("--seed", type=int, default=0)
-    pd.add_argument("--out", type=Path)
-    pd.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE")
+    for name, steps, text in (
+        ("pretrain-ae", 2500, "pretrain the autoencoder on public phantoms"),
+        ("pretrain-dm", 3000, "pretrain the denoiser (no labels) on healthy public phantoms, "
+                              "in the latent space of the shipped autoencoder"),
+    ):
+        pp = sub.add_parser(name, help=text)
+        pp.add_argument("--preset", default="quick", choices=("tiny", "quick", "standard"))
+        pp.add_argument("--image-size", type=int, default=None)
+        pp.add_argument("--steps", type=int, default=steps)
+        pp.add_argument("--seed", type=int, default=0)
+        pp.add_argument("--out", type=Path)
+        pp.add_argument("--set", type=_override, action="append", default=[],
+                        metavar="KEY=VALUE")
     site_cli.register(sub)
     coordinator_cli.register(sub)
     return parser
 
 
 COMMANDS = {"simulate": _simulate, "demo-data": _demo_data, "evaluate": _evaluate,
-            "pretrain-ae": _pretrain_ae, "pretrain-dm": _pretrain_dm, "site": site_cli.main,
+            "pretrain-ae": _pretrain, "pretrain-dm": _pretrain, "site": site_cli.main,
             "coordinator": coordinator_cli.main}
 
 
