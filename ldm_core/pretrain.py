@@ -11,7 +11,9 @@ under DP:
   that exist in reality (IXI, OASIS), but it has never seen a lesion nor a label. Everything
   class-specific -- which lesion goes with which label -- is learned from the sites' data under
   DP. All class embeddings start as the null embedding, so at round 0 every class draws a
-  healthy head and DP training is what pulls the classes apart.
+  healthy head and DP training is what pulls the classes apart. It is opt-in
+  (``dm_init="public-healthy-phantoms"``): at the quick preset's compute it draws cleaner heads
+  but never learns to use the label (README, "Results"), so the quick preset starts from scratch.
 
 On the built-in demo data the public phantoms come from the same generator as the sites' data
 (another seed), so the demo's anatomy is easier than real data's; the report says so. On real
