@@ -8,6 +8,18 @@ from typing import Any
 
 from ldm_core.config import RunConfig
 
+# Where the weights started (public pretraining is a prior, not a release of private data).
+INIT_NOTES = {
+    "random": "random initialisation",
+    "public-phantoms": "pretrained on public procedural phantoms (no patient data), then "
+                       "fine-tuned on the sites' data",
+    "public-healthy-phantoms": "pretrained without labels on healthy public phantoms (anatomy, "
+                               "no lesion, no label), then fine-tuned on the sites' data; on "
+                               "the built-in demo data those phantoms come from the demo's own "
+                               "generator, so the demo's anatomy owes much to public data and "
+                               "only lesions and labels must be learned privately",
+}
+
 
 def _f(x: Any, nd: int = 3) -> str:
     if isinstance(x, (int, float)):
@@ -34,12 +46,8 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
         f"- Sampling: DDIM, {syn.get('ddim_steps')} steps, classifier-free guidance "
         f"{syn.get('guidance_scale')}; {syn.get('n')} images, {syn.get('per_class')} per class "
         f"({', '.join(cfg.class_names)}), class-balanced by design.",
-        "- Starting weights: autoencoder "
-        + ("pretrained on public procedural phantoms" if cfg.ae_init != "random" else "random")
-        + "; denoiser "
-        + ("pretrained without labels on healthy public phantoms (anatomy only)"
-           if cfg.dm_init != "random" else "random")
-        + "; both then trained on the sites' data under DP.",
+        f"- Starting weights: autoencoder {INIT_NOTES[cfg.ae_init]}; denoiser "
+        f"{INIT_NOTES[cfg.dm_init]}.",
         "- Files: `<class>/syn_NNNNNN.png` (8-bit grayscale) and `manifest.csv` (path,label).", "",
         "## Privacy",
     ]

@@ -37,7 +37,7 @@ from ldm_core.evaluation import (
 from ldm_core.models import resolve_device
 from ldm_core.sampling import generate_images
 from server import report
-from server.datacard import write_datacard
+from server.datacard import INIT_NOTES, write_datacard
 from server.federation import load_final
 from server.run_folder import RunFolder
 
@@ -327,20 +327,8 @@ def _run_table(metrics: dict[str, Any], cfg: RunConfig, out: Path) -> dict[str, 
         "delta": cfg.privacy.delta, "latent scale factor":
             (metrics.get("latent_scale") or {}).get("scale_factor"),
         "patient ids": meta.get("patient_note") or "yes",
-        "autoencoder start": _INIT_NOTES[cfg.ae_init],
-        "denoiser start": _INIT_NOTES[cfg.dm_init],
+        "autoencoder start": INIT_NOTES[cfg.ae_init],
+        "denoiser start": INIT_NOTES[cfg.dm_init],
     }
 
-
-# Where the weights started (public pretraining is a prior, not a release of private data).
-_INIT_NOTES = {
-    "random": "random initialisation",
-    "public-phantoms": "pretrained on public procedural phantoms (no patient data), then "
-                       "fine-tuned under DP",
-    "public-healthy-phantoms": "pretrained without labels on healthy public phantoms (anatomy, "
-                               "no lesion, no label), then fine-tuned under DP; on the built-in "
-                               "demo data those phantoms come from the demo's own generator, so "
-                               "the demo's anatomy owes much to public data and only lesions and "
-                               "labels must be learned privately",
-}
 
