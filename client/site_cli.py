@@ -1,4 +1,4 @@
-"""`fedldm site ...`: what a hospital runs next to its images (check, start, budget).
+"""`fedldm site ...`: what a hospital runs next to its images (check, init, start, budget).
 
 Why a wrapper around `flower-supernode` and not the raw command: the site's data path, ledger
 folder and privacy budget must reach the ClientApp through the SuperNode's node config, and a
@@ -6,6 +6,10 @@ typo there only shows up rounds later as an error reply. `site start` validates 
 (data readable, state dir writable, certificate and key parseable, an existing ledger belongs to
 this site), writes the node config to a TOML file (so paths with spaces or quotes survive), then
 runs the SuperNode as a child process and forwards signals to it.
+
+`site init` enrols the site once: it creates the state dir (0o700) and the privacy ledger
+(0o600). `site start` never creates a ledger: a missing one means the state folder was lost (or
+the site never enrolled), and silently starting from zero would forget the epsilon already spent.
 
 The process helpers at the bottom (`run_supervised`, `flower_env`, `parse_address`) are shared
 with `server.coordinator_cli`: the coordinator side supervises its SuperLink the same way.
@@ -28,6 +32,9 @@ from typing import Any
 
 SUPERNODE_DEFAULT_PORT = 9094
 NODE_CONFIG_FILE = "node-config.toml"
+LEDGER_FILE = "ledger.json"
+STATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 FLWR_HOME_DIR = "flwr-home"
 IMAGE_SAMPLE = 300
 # After forwarding SIGINT/SIGTERM, how long the child may take before it is killed.
@@ -267,10 +274,35 @@ def site_check(data: Path, *, sample: int = IMAGE_SAMPLE, out: Callable[[str], N
 # site start
 
 
-def _check_state_dir(state_dir: Path) -> Path:
+def _init_command(state_dir: Path, site_id: str, epsilon: float, delta: float) -> str:
+    return (f"fedldm site init --state-dir {_shell_quote(state_dir)} --site-id "
+            f"{_shell_quote(site_id)} --epsilon {epsilon:g} --delta {delta:g}")
+
+
+def _shell_quote(value: object) -> str:
+    import shlex
+
+    return shlex.quote(str(value))
+
+
+def _require_ledger(state_dir: Path, site_id: str, epsilon: float, delta: float) -> Path:
+    """Refuse to start a site that has no ledger: it was never enrolled, or its state was lost."""
+    path = state_dir / LEDGER_FILE
+    if not path.is_file():
+        raise SiteCliError(
+            f"--state-dir {state_dir}: no privacy ledger ({path}). If this site has never "
+            f"trained, enrol it once: `{_init_command(state_dir, site_id, epsilon, delta)}`. "
+            "If the folder was deleted or moved, restore ledger.json and ledger.json.head from "
+            "backup instead: re-initialising forgets the epsilon already spent, and the "
+            "coordinator refuses a site whose spend went down."
+        )
+    return path
+
+
+def _check_state_dir(state_dir: Path, site_id: str, epsilon: float, delta: float) -> Path:
     state_dir = state_dir.expanduser().resolve()
+    _require_ledger(state_dir, site_id, epsilon, delta)
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".write-test-"):
             pass
     except OSError as e:
@@ -294,8 +326,11 @@ def _read_ledger_header(path: Path) -> dict[str, Any]:
 
 
 def _check_existing_ledger(state_dir: Path, site_id: str, delta: float, epsilon: float) -> None:
-    """Refuse now what the ClientApp would refuse every round: another site's or delta's ledger."""
-    path = state_dir / "ledger.json"
+    """Refuse now what the ClientApp would refuse every round: another site's or delta's ledger,
+    or one whose hash chain / head shows it was edited or truncated."""
+    from client.ledger import LedgerError, PrivacyLedger
+
+    path = state_dir / LEDGER_FILE
     if not path.exists():
         return
     doc = _read_ledger_header(path)
@@ -310,6 +345,10 @@ def _check_existing_ledger(state_dir: Path, site_id: str, delta: float, epsilon:
     if epsilon > stored_f:
         warn(f"--epsilon {epsilon:g} is above the budget {stored_f:g} stored in {path}; the "
              "stored (lower) budget stays in force")
+    try:
+        PrivacyLedger(path, site_id=site_id, delta=delta).remaining()  # full verified read
+    except LedgerError as e:
+        raise SiteCliError(str(e)) from e
 
 
 def toml_value(v: Any) -> str:
@@ -325,12 +364,21 @@ def toml_value(v: Any) -> str:
     return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
 
+def write_private_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` readable by this user only (0o600, also when it existed):
+    a site's files name its data paths and budget, which other local users need not see."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), PRIVATE_FILE_MODE)
+        f.write(text)
+    return path
+
+
 def write_node_config(path: Path, values: dict[str, Any]) -> Path:
     """Node config as TOML: flower-supernode reads `--node-config FILE.toml` verbatim."""
     lines = ["# written by `fedldm site start`; read by the ClientApp (client.site_config)"]
     lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_private_text(path, "\n".join(lines) + "\n")
 
 
 def build_supernode_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -348,12 +396,13 @@ def build_supernode_command(args: argparse.Namespace) -> tuple[list[str], dict[s
         scan(data)
     except DataError as e:
         raise SiteCliError(f"--data: {e} (run `fedldm site check --data {data}`)") from e
-    state_dir = _check_state_dir(args.state_dir)
     try:
-        SiteConfig(site_id=args.site_id, data=str(data), state_dir=state_dir,
+        SiteConfig(site_id=args.site_id, data=str(data),
+                   state_dir=args.state_dir.expanduser().resolve(),
                    epsilon=args.epsilon, delta=args.delta, partition=args.partition)
     except SiteConfigError as e:
         raise SiteCliError(str(e)) from e
+    state_dir = _check_state_dir(args.state_dir, args.site_id, args.epsilon, args.delta)
     _check_existing_ledger(state_dir, args.site_id, args.delta, args.epsilon)
 
     cmd = [flower_tool("flower-supernode"), "--superlink", superlink,
@@ -378,7 +427,7 @@ def build_supernode_command(args: argparse.Namespace) -> tuple[list[str], dict[s
     node_config = write_node_config(state_dir / NODE_CONFIG_FILE, {
         "site-id": args.site_id, "data-path": str(data), "state-dir": str(state_dir),
         "epsilon": args.epsilon, "delta": args.delta, "partition": args.partition,
-        "device": args.device, "allow-audit": not args.no_audit, "progress": False,
+        "device": args.device, "allow-audit": args.allow_audit, "progress": False,
     })
     cmd += ["--node-config", str(node_config)]
     return cmd, flower_env(state_dir / FLWR_HOME_DIR)
@@ -388,11 +437,49 @@ def site_start(args: argparse.Namespace) -> int:
     cmd, env = build_supernode_command(args)
     print(f"fedldm site {args.site_id}: budget epsilon {args.epsilon:g}, delta {args.delta:g} "
           f"(the coordinator can lower it per run, never raise it); ledger "
-          f"{args.state_dir.expanduser().resolve() / 'ledger.json'}", flush=True)
+          f"{args.state_dir.expanduser().resolve() / LEDGER_FILE}", flush=True)
     if args.dry_run:
         print(" ".join(cmd))
         return 0
     return run_supervised(cmd, env)
+
+
+# ---------------------------------------------------------------------------------------------
+# site init
+
+
+def _make_state_dir(state_dir: Path) -> Path:
+    """Create the state dir 0o700 (the ledger, keys' paths and logs are this site's business)."""
+    state_dir = state_dir.expanduser().resolve()
+    if not state_dir.exists():
+        try:
+            state_dir.mkdir(parents=True, mode=STATE_DIR_MODE)
+            state_dir.chmod(STATE_DIR_MODE)  # mkdir's mode is filtered by the umask
+        except OSError as e:
+            raise SiteCliError(f"--state-dir {state_dir}: cannot create it ({e})") from e
+    elif not state_dir.is_dir():
+        raise SiteCliError(f"--state-dir {state_dir}: exists and is not a folder")
+    elif state_dir.stat().st_mode & 0o077:
+        warn(f"{state_dir} is accessible to other users; restrict it: chmod 700 {state_dir}")
+    return state_dir
+
+
+def site_init(state_dir: Path, *, site_id: str, epsilon: float, delta: float,
+              out: Callable[[str], None] = print) -> int:
+    """Enrol this site once: create its state dir and an empty privacy ledger."""
+    from client.ledger import LedgerError, PrivacyLedger
+
+    state_dir = _make_state_dir(state_dir)
+    path = state_dir / LEDGER_FILE
+    try:
+        PrivacyLedger.create(path, budget_epsilon=epsilon, delta=delta, site_id=site_id)
+    except ValueError as e:
+        raise SiteCliError(str(e)) from e
+    except LedgerError as e:
+        raise SiteCliError(f"{e} (nothing was changed)") from e
+    out(f"enrolled site {site_id}: privacy ledger {path} (budget epsilon {epsilon:g} at delta "
+        f"{delta:g}). Back up {path.name} and {path.name}.head together; never delete them.")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,10 +490,11 @@ def site_budget(state_dir: Path, *, out: Callable[[str], None] = print) -> int:
     """Print what this site has spent, per run and phase, from its ledger (never modified)."""
     from client.ledger import LedgerError, PrivacyLedger
 
-    path = state_dir.expanduser() / "ledger.json"
+    path = state_dir.expanduser() / LEDGER_FILE
     if not path.is_file():
-        print(f"fedldm site budget: {path}: no ledger yet (this site has not trained), or "
-              "--state-dir is not the folder given to `fedldm site start`", file=sys.stderr)
+        print(f"fedldm site budget: {path}: no ledger: this site is not enrolled (`fedldm site "
+              "init`), or --state-dir is not the folder given to `fedldm site start`",
+              file=sys.stderr)
         return 1
     doc = _read_ledger_header(path)
     ledger = PrivacyLedger(path, site_id=str(doc["site_id"]), delta=float(doc["delta"]))
@@ -415,7 +503,9 @@ def site_budget(state_dir: Path, *, out: Callable[[str], None] = print) -> int:
     except LedgerError as e:
         print(f"fedldm site budget: {e}", file=sys.stderr)
         return 1
-    out(f"site {s['site_id']}   ledger {path}")
+    n = s["entries"]
+    out(f"site {s['site_id']}   ledger {path} ({n} entr{'y' if n == 1 else 'ies'}, hash chain "
+        "and head verified)")
     out(f"budget epsilon {s['budget_epsilon']:g} at delta {s['delta']:g}; spent "
         f"{s['epsilon']:.4g}; remaining {s['remaining']:.4g}")
     if s["phases"]:
@@ -447,9 +537,9 @@ def positive_float_or_inf(s: str) -> float:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `fedldm site {check,start,budget}`."""
-    site = subparsers.add_parser("site", help="hospital side: check data, run the site daemon, "
-                                 "show the privacy budget")
+    """Add `fedldm site {check,init,start,budget}`."""
+    site = subparsers.add_parser("site", help="hospital side: check data, enrol, run the site "
+                                 "daemon, show the privacy budget")
     sub = site.add_subparsers(dest="site_command", required=True)
 
     c = sub.add_parser("check", help="validate a site's dataset and print a summary")
@@ -457,6 +547,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="class-folder tree, manifest.csv, or a folder holding manifest.csv")
     c.add_argument("--sample", type=int, default=IMAGE_SAMPLE,
                    help="how many image files to open to check sizes and readability")
+
+    i = sub.add_parser(
+        "init", help="enrol this site once: create its state dir and privacy ledger",
+        description="Create the state dir (mode 700) and an empty privacy ledger (mode 600). "
+        "Run it once per site, on purpose: it refuses if a ledger exists. If the state folder "
+        "was lost, restore ledger.json and ledger.json.head from backup instead of running "
+        "init again, or the epsilon already spent is forgotten.")
+    i.add_argument("--state-dir", type=Path, required=True,
+                   help="local folder for the privacy ledger (the one given to site start)")
+    i.add_argument("--site-id", required=True, help="this site's name, e.g. hospital-a")
+    i.add_argument("--epsilon", type=positive_float_or_inf, required=True,
+                   help="the site's total DP budget over all runs ('inf' = no DP)")
+    i.add_argument("--delta", type=float, required=True, help="DP delta, e.g. 1e-5")
 
     s = sub.add_parser(
         "start", help="run this site's Flower SuperNode (long-lived; Ctrl-C stops it)",
@@ -467,7 +570,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the coordinator's SuperLink address")
     s.add_argument("--data", type=Path, required=True, help="the site's images (see site check)")
     s.add_argument("--state-dir", type=Path, required=True,
-                   help="local folder for the privacy ledger, site.log and Flower's files")
+                   help="local folder for the privacy ledger, site.log and Flower's files "
+                   "(made once by `fedldm site init`)")
     s.add_argument("--site-id", required=True, help="this site's name, e.g. hospital-a")
     s.add_argument("--root-certificates", type=Path, metavar="CA.pem",
                    help="the consortium CA certificate (ca.crt) that signed the SuperLink's")
@@ -484,8 +588,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="'all' (default: the site trains on all its data) or a scheme for "
                    "trials where sites share one dataset")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    s.add_argument("--no-audit", action="store_true",
-                   help="refuse the end-of-run privacy audit (its aggregates are not DP)")
+    s.add_argument("--allow-audit", action="store_true",
+                   help="answer the end-of-run privacy audit: the site attacks its own records "
+                   "with samples it draws itself and releases a few DP aggregates, charged to "
+                   "its ledger (off by default)")
     s.add_argument("--max-wait-time", type=float, metavar="SECONDS",
                    help="give up when the SuperLink cannot be reached for this long "
                    "(default: retry forever)")
@@ -503,6 +609,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.site_command == "check":
             return site_check(args.data, sample=args.sample)
+        if args.site_command == "init":
+            return site_init(args.state_dir, site_id=args.site_id, epsilon=args.epsilon,
+                             delta=args.delta)
         if args.site_command == "start":
             return site_start(args)
         if args.site_command == "budget":

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from client.ledger import BudgetExceededError, LedgerError, PrivacyLedger
+from client.ledger import (
+    BudgetExceededError,
+    LedgerError,
+    LedgerMissingError,
+    PrivacyLedger,
+    genesis_hash,
+)
 from ldm_core.privacy import epsilon_of
 
 DELTA = 1e-5
@@ -24,6 +36,10 @@ STEP = (1.0, 0.01, 500)  # epsilon ~1.29 alone at DELTA
 
 def _open(path: Path, budget: float = 8.0, **kw) -> PrivacyLedger:
     return PrivacyLedger.open(path, budget_epsilon=budget, delta=DELTA, site_id="site-a", **kw)
+
+
+def _create(path: Path, budget: float = 8.0) -> PrivacyLedger:
+    return PrivacyLedger.create(path, budget_epsilon=budget, delta=DELTA, site_id="site-a")
 
 
 def _run_py(code: str, *args: str) -> subprocess.Popen:
@@ -40,18 +56,23 @@ def _run_py(code: str, *args: str) -> subprocess.Popen:
 
 def test_new_ledger_is_empty_strict_json(tmp_path):
     path = tmp_path / "ledger.json"
-    ledger = _open(path)
+    ledger = _create(path)
     assert path.exists()
     assert ledger.epsilon() == 0.0
     assert ledger.remaining() == 8.0
     assert ledger.history == []
     doc = json.loads(path.read_text())
-    assert doc["format"] == 1 and doc["site_id"] == "site-a" and doc["delta"] == DELTA
+    assert doc["format"] == 2 and doc["site_id"] == "site-a" and doc["delta"] == DELTA
+    head = json.loads((tmp_path / "ledger.json.head").read_text())
+    assert head == {"format": 2, "entries": 0, "last_hash": genesis_hash("site-a", DELTA)}
+    for name in ("ledger.json", "ledger.json.head", "ledger.json.lock"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    assert _open(path).epsilon() == 0.0
 
 
 def test_charge_persists_and_reloads(tmp_path):
     path = tmp_path / "ledger.json"
-    ledger = _open(path)
+    ledger = _create(path)
     after = ledger.charge([STEP], run_id="r1", phase="autoencoder", round=1)
     assert after == pytest.approx(epsilon_of([STEP], DELTA))
     after2 = ledger.charge([(1.2, 0.02, 100)], run_id="r1", phase="diffusion", round=2)
@@ -76,12 +97,14 @@ def test_charge_persists_and_reloads(tmp_path):
         "steps",
         "epsilon_after",
         "time",
+        "prev_hash",
+        "hash",
     }
 
 
 def test_epsilon_if_writes_nothing(tmp_path):
     path = tmp_path / "ledger.json"
-    ledger = _open(path)
+    ledger = _create(path)
     before = path.read_bytes()
     assert ledger.epsilon_if([STEP]) == pytest.approx(epsilon_of([STEP], DELTA))
     assert path.read_bytes() == before
@@ -89,7 +112,7 @@ def test_epsilon_if_writes_nothing(tmp_path):
 
 def test_over_budget_raises_and_leaves_file_identical(tmp_path):
     path = tmp_path / "ledger.json"
-    ledger = _open(path, budget=2.0)
+    ledger = _create(path, budget=2.0)
     ledger.charge([STEP], run_id="r1", phase="autoencoder", round=1)
     before = path.read_bytes()
     with pytest.raises(BudgetExceededError) as info:
@@ -97,13 +120,15 @@ def test_over_budget_raises_and_leaves_file_identical(tmp_path):
     message = str(info.value)
     assert "spent" in message and "budget 2" in message and "allow_budget_increase" in message
     assert info.value.requested > 2.0 and info.value.spent < 2.0
+    public = info.value.public_reason()
+    assert "budget" in public and not re.search(r"\d", public)  # nothing data-dependent
     assert path.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_kill_between_charge_and_training_never_under_counts(tmp_path):
     path = tmp_path / "ledger.json"
-    _open(path)
+    _create(path)
     proc = _run_py(
         """
         import os, sys
@@ -133,11 +158,13 @@ def test_charge_waits_for_the_lock_and_rereads_inside_it(tmp_path):
     """
     path = tmp_path / "ledger.json"
     budget = (epsilon_of([STEP], DELTA) + epsilon_of([STEP, STEP], DELTA)) / 2
-    ledger = _open(path, budget=budget)
-    empty = path.read_bytes()
+    head = tmp_path / "ledger.json.head"
+    ledger = _create(path, budget=budget)
+    empty, empty_head = path.read_bytes(), head.read_bytes()
     ledger.charge([STEP], run_id="other", phase="p", round=0)
-    one_charge = path.read_bytes()
+    one_charge, one_charge_head = path.read_bytes(), head.read_bytes()
     path.write_bytes(empty)
+    head.write_bytes(empty_head)
 
     fd = os.open(tmp_path / "ledger.json.lock", os.O_RDWR | os.O_CREAT)
     try:
@@ -162,6 +189,7 @@ def test_charge_waits_for_the_lock_and_rereads_inside_it(tmp_path):
         assert proc.poll() is None  # blocked on the lock
         assert path.read_bytes() == empty
         path.write_bytes(one_charge)  # the lock holder's charge
+        head.write_bytes(one_charge_head)
     finally:
         os.close(fd)  # releases the lock
     _, err = proc.communicate(timeout=60)
@@ -177,7 +205,12 @@ def test_charge_waits_for_the_lock_and_rereads_inside_it(tmp_path):
         b"{not json",
         b'{"format": 1, "site_id": "site-a", "delta": 1e-05, "budget_epsilon": 8.0, "entries": [',
         b"[]",
+        b'{"format": 3, "site_id": "site-a", "delta": 1e-05, "budget_epsilon": 8.0, "entries": []}',
+        # format 2 without its head file: truncation cannot be ruled out
         b'{"format": 2, "site_id": "site-a", "delta": 1e-05, "budget_epsilon": 8.0, "entries": []}',
+        b'{"format": 1, "site_id": "site-a", "delta": 1e-05, "budget_epsilon": 8.0, '
+        b'"entries": [{"run_id": "r", "phase": "p", "round": 0, "noise_multiplier": 1.0, '
+        b'"sample_rate": 0.01, "steps": NaN, "epsilon_after": 0.1, "time": 0}]}',
         b'{"format": 1, "site_id": "site-a", "delta": 1e-05, "budget_epsilon": 8.0, '
         b'"entries": [{"run_id": "r", "phase": "p", "round": 0, "noise_multiplier": NaN, '
         b'"sample_rate": 0.01, "steps": 5, "epsilon_after": 0.1, "time": 0}]}',
@@ -196,7 +229,7 @@ def test_corrupt_file_raises_and_is_untouched(tmp_path, content):
 
 def test_delta_mismatch_raises(tmp_path):
     path = tmp_path / "ledger.json"
-    _open(path)
+    _create(path)
     before = path.read_bytes()
     with pytest.raises(LedgerError, match="delta"):
         PrivacyLedger.open(path, budget_epsilon=8.0, delta=1e-6, site_id="site-a")
@@ -205,14 +238,14 @@ def test_delta_mismatch_raises(tmp_path):
 
 def test_site_mismatch_raises(tmp_path):
     path = tmp_path / "ledger.json"
-    _open(path)
+    _create(path)
     with pytest.raises(LedgerError, match="site-a"):
         PrivacyLedger.open(path, budget_epsilon=8.0, delta=DELTA, site_id="site-b")
 
 
 def test_budget_lowering_kept_and_recorded(tmp_path):
     path = tmp_path / "ledger.json"
-    _open(path, budget=8.0)
+    _create(path, budget=8.0)
     lowered = _open(path, budget=4.0)
     assert lowered.budget_epsilon == 4.0
     changes = json.loads(path.read_text())["budget_changes"]
@@ -224,7 +257,7 @@ def test_budget_lowering_kept_and_recorded(tmp_path):
 
 def test_budget_raise_refused_unless_explicit(tmp_path):
     path = tmp_path / "ledger.json"
-    _open(path, budget=4.0)
+    _create(path, budget=4.0)
     before = path.read_bytes()
     with pytest.warns(UserWarning, match="allow_budget_increase"):
         ledger = _open(path, budget=8.0)
@@ -238,7 +271,7 @@ def test_budget_raise_refused_unless_explicit(tmp_path):
 
 def test_lowering_below_spent_blocks_further_charges(tmp_path):
     path = tmp_path / "ledger.json"
-    _open(path).charge([STEP], run_id="r", phase="p", round=0)
+    _create(path).charge([STEP], run_id="r", phase="p", round=0)
     ledger = _open(path, budget=0.5)
     assert ledger.remaining() == 0.0
     with pytest.raises(BudgetExceededError):
@@ -247,7 +280,7 @@ def test_lowering_below_spent_blocks_further_charges(tmp_path):
 
 def test_infinite_budget_non_dp_baseline(tmp_path):
     path = tmp_path / "ledger.json"
-    ledger = _open(path, budget=math.inf)
+    ledger = _create(path, budget=math.inf)
     assert ledger.remaining() == math.inf
     after = ledger.charge([(0.0, 0.05, 200)], run_id="base", phase="autoencoder", round=0)
     assert after == math.inf
@@ -262,11 +295,11 @@ def test_infinite_budget_non_dp_baseline(tmp_path):
     # a finite budget refuses the non-private baseline
     finite = tmp_path / "finite.json"
     with pytest.raises(BudgetExceededError):
-        _open(finite).charge([(0.0, 0.05, 1)], run_id="base", phase="autoencoder", round=0)
+        _create(finite).charge([(0.0, 0.05, 1)], run_id="base", phase="autoencoder", round=0)
 
 
 def test_summary_per_run_and_phase(tmp_path):
-    ledger = _open(tmp_path / "ledger.json", budget=20.0)
+    ledger = _create(tmp_path / "ledger.json", budget=20.0)
     ledger.charge([(1.0, 0.01, 100)], run_id="r1", phase="autoencoder", round=1)
     ledger.charge([(1.0, 0.01, 100)], run_id="r1", phase="autoencoder", round=2)
     ledger.charge([(1.3, 0.02, 50), (1.0, 1.0, 1)], run_id="r1", phase="diffusion", round=3)
@@ -298,7 +331,7 @@ def test_summary_per_run_and_phase(tmp_path):
 )
 def test_charge_bad_input_writes_nothing(tmp_path, entries, kw, match):
     path = tmp_path / "ledger.json"
-    ledger = _open(path)
+    ledger = _create(path)
     before = path.read_bytes()
     args = {"run_id": "r", "phase": "p", "round": 0, **kw}
     with pytest.raises(ValueError, match=match):
@@ -310,8 +343,312 @@ def test_charge_bad_input_writes_nothing(tmp_path, entries, kw, match):
     "kw",
     [{"budget_epsilon": -1.0}, {"budget_epsilon": float("nan")}, {"delta": 0.0}, {"site_id": ""}],
 )
-def test_open_bad_input(tmp_path, kw):
+@pytest.mark.parametrize("method", [PrivacyLedger.open, PrivacyLedger.create])
+def test_open_bad_input(tmp_path, kw, method):
     args = {"budget_epsilon": 8.0, "delta": DELTA, "site_id": "s", **kw}
     with pytest.raises(ValueError):
-        PrivacyLedger.open(tmp_path / "ledger.json", **args)
-    assert not (tmp_path / "ledger.json").exists()
+        method(tmp_path / "ledger.json", **args)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- durability: fsync order, atomic replace, persisted before return ---------------------------
+
+
+def test_every_write_fsyncs_the_temp_file_before_replace_and_the_folder_after(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "ledger.json"
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    _create(path).charge([STEP], run_id="r", phase="p", round=0)
+    monkeypatch.undo()
+
+    at = [i for i, e in enumerate(events) if e[0] == "replace"]
+    ledger, head = os.path.realpath(path), os.path.realpath(tmp_path / "ledger.json.head")
+    assert [events[i][2] for i in at] == [ledger, head, ledger, head]  # create, then charge
+    folder = ("fsync", os.path.realpath(tmp_path))
+    for k, i in enumerate(at):
+        src = events[i][1]
+        assert ("fsync", src) in events[:i], f"temp file {src} not fsynced before os.replace"
+        until = at[k + 1] if k + 1 < len(at) else len(events)
+        assert folder in events[i + 1 : until], "folder not fsynced after os.replace"
+
+
+def test_failed_replace_mid_charge_leaves_the_old_ledger_intact(tmp_path, monkeypatch):
+    path, head = tmp_path / "ledger.json", tmp_path / "ledger.json.head"
+    ledger = _create(path)
+    ledger.charge([STEP], run_id="r", phase="p", round=0)
+    before, head_before = path.read_bytes(), head.read_bytes()
+
+    def crash(src: Any, dst: Any) -> None:
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        ledger.charge([(1.1, 0.01, 10)], run_id="r", phase="p", round=1)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and head.read_bytes() == head_before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert _open(path).history == [STEP]
+
+
+def test_charge_is_persisted_before_it_returns(tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = _create(path)
+    ledger.charge([STEP], run_id="r", phase="p", round=0)
+    # immediately, through another object and through the raw file
+    assert _open(path).history == [STEP]
+    assert [e["steps"] for e in json.loads(path.read_text())["entries"]] == [STEP[2]]
+    assert json.loads((tmp_path / "ledger.json.head").read_text())["entries"] == 1
+
+
+# -- reads take the (shared) lock ---------------------------------------------------------------
+
+READS: dict[str, Callable[[PrivacyLedger], Any]] = {
+    "epsilon": lambda ledger: ledger.epsilon(),
+    "history": lambda ledger: ledger.history,
+    "entries": lambda ledger: ledger.entries(),
+    "budget_epsilon": lambda ledger: ledger.budget_epsilon,
+    "remaining": lambda ledger: ledger.remaining(),
+    "epsilon_if": lambda ledger: ledger.epsilon_if([STEP]),
+    "summary": lambda ledger: ledger.summary(),
+}
+
+
+def _read_in_thread(ledger: PrivacyLedger, read: str) -> tuple[threading.Thread, dict]:
+    result: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault("value", READS[read](ledger)), daemon=True
+    )
+    thread.start()
+    return thread, result
+
+
+@pytest.mark.parametrize("read", list(READS))
+def test_reads_wait_while_a_writer_holds_the_lock(tmp_path, read):
+    path = tmp_path / "ledger.json"
+    ledger = _create(path)
+    ledger.charge([STEP], run_id="r", phase="p", round=0)
+    fd = os.open(tmp_path / "ledger.json.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a writer in the middle of replacing the ledger
+        thread, result = _read_in_thread(ledger, read)
+        thread.join(0.3)
+        assert thread.is_alive(), f"{read} read the ledger without taking the lock"
+    finally:
+        os.close(fd)
+    thread.join(30)
+    assert not thread.is_alive() and "value" in result
+
+
+@pytest.mark.parametrize("read", list(READS))
+def test_reads_share_the_lock_with_other_readers(tmp_path, read):
+    path = tmp_path / "ledger.json"
+    ledger = _create(path)
+    fd = os.open(tmp_path / "ledger.json.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        thread, result = _read_in_thread(ledger, read)
+        thread.join(30)
+        assert not thread.is_alive() and "value" in result
+    finally:
+        os.close(fd)
+
+
+# -- enrolment: open() never creates --------------------------------------------------------------
+
+
+def test_open_refuses_a_missing_ledger_and_creates_nothing(tmp_path):
+    assert issubclass(LedgerMissingError, LedgerError)
+    for path in (tmp_path / "ledger.json", tmp_path / "deleted state dir" / "ledger.json"):
+        with pytest.raises(LedgerMissingError) as info:
+            _open(path)
+        message = str(info.value)
+        assert str(path) in message and "backup" in message
+        assert f"fedldm site init --state-dir {shlex.quote(str(path.parent))} --site-id site-a" in (
+            message
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_deleted_ledger_is_not_recreated(tmp_path):
+    path = tmp_path / "ledger.json"
+    _create(path).charge([STEP], run_id="r", phase="p", round=0)
+    path.unlink()
+    with pytest.raises(LedgerMissingError):
+        _open(path)
+    assert not path.exists()
+
+
+def test_create_refuses_an_existing_ledger_or_head(tmp_path):
+    path, head = tmp_path / "ledger.json", tmp_path / "ledger.json.head"
+    _create(path).charge([STEP], run_id="r", phase="p", round=0)
+    before, head_before = path.read_bytes(), head.read_bytes()
+    with pytest.raises(LedgerError, match="already enrolled"):
+        _create(path)
+    assert path.read_bytes() == before and head.read_bytes() == head_before
+    path.unlink()  # the head alone still proves an enrolment
+    with pytest.raises(LedgerError, match="already enrolled"):
+        _create(path)
+    assert not path.exists()
+
+
+# -- tamper evidence: hash chain and head ---------------------------------------------------------
+
+
+def _three_charges(tmp_path: Path) -> Path:
+    path = tmp_path / "ledger.json"
+    ledger = _create(path, budget=50.0)
+    for k, steps in enumerate((100, 200, 300)):
+        ledger.charge([(1.0, 0.01, steps)], run_id="r", phase="p", round=k)
+    return path
+
+
+def _rehash_from(doc: dict, start: int) -> None:
+    """What a careful forger would do: recompute the chain after an edit (head left alone)."""
+    prev = doc["entries"][start - 1]["hash"] if start else genesis_hash("site-a", DELTA)
+    for e in doc["entries"][start:]:
+        e["prev_hash"] = prev
+        body = {k: v for k, v in e.items() if k != "hash"}
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        prev = e["hash"] = hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _edit_steps(doc: dict) -> None:
+    doc["entries"][1]["steps"] = 1
+
+
+def _edit_noise(doc: dict) -> None:
+    doc["entries"][1]["noise_multiplier"] = 50.0
+
+
+def _drop_first(doc: dict) -> None:
+    del doc["entries"][0]
+
+
+def _drop_last(doc: dict) -> None:
+    del doc["entries"][-1]
+
+
+def _drop_all(doc: dict) -> None:
+    doc["entries"] = []
+
+
+def _edit_and_rehash(doc: dict) -> None:
+    doc["entries"][2]["steps"] = 1
+    _rehash_from(doc, 2)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_edit_steps, r"entry #1 .*edited or corrupted"),
+        (_edit_noise, r"entry #1 .*edited or corrupted"),
+        (_drop_first, r"entry #0 .*edited or corrupted"),
+        (_drop_last, "truncated"),
+        (_drop_all, "truncated"),
+        (_edit_and_rehash, "truncated or replaced"),
+    ],
+)
+def test_edited_or_truncated_ledger_is_refused(tmp_path, edit, match):
+    path = _three_charges(tmp_path)
+    ledger = _open(path, budget=50.0)
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc, indent=2))
+    tampered = path.read_bytes()
+    with pytest.raises(LedgerError, match=match) as info:
+        _open(path, budget=50.0)
+    assert str(path) in str(info.value) and "backup" in str(info.value)
+    with pytest.raises(LedgerError, match=match):
+        ledger.epsilon()
+    with pytest.raises(LedgerError, match=match):
+        ledger.charge([STEP], run_id="r", phase="p", round=9)
+    assert path.read_bytes() == tampered
+
+
+def test_nan_steps_are_refused(tmp_path):
+    path = _three_charges(tmp_path)
+    text = path.read_text()
+    assert '"steps": 200' in text
+    path.write_text(text.replace('"steps": 200', '"steps": NaN'))
+    with pytest.raises(LedgerError, match=str(path)):
+        _open(path, budget=50.0)
+
+
+def test_missing_head_is_refused(tmp_path):
+    path = _three_charges(tmp_path)
+    (tmp_path / "ledger.json.head").unlink()
+    with pytest.raises(LedgerError, match="head file .* is missing"):
+        _open(path, budget=50.0)
+    assert not (tmp_path / "ledger.json.head").exists()
+
+
+def test_head_may_lag_by_the_charge_a_crash_interrupted(tmp_path):
+    """A crash after the ledger was replaced but before the head was: still a valid ledger."""
+    path, head = tmp_path / "ledger.json", tmp_path / "ledger.json.head"
+    ledger = _create(path)
+    ledger.charge([STEP], run_id="r", phase="p", round=0)
+    old_head = head.read_bytes()
+    ledger.charge([STEP], run_id="r", phase="p", round=1)
+    head.write_bytes(old_head)
+    assert _open(path).history == [STEP, STEP]
+
+
+FORMAT_1 = {
+    "format": 1,
+    "site_id": "site-a",
+    "delta": DELTA,
+    "budget_epsilon": 8.0,
+    "budget_changes": [{"time": 1.0, "from": 9.0, "to": 8.0, "reason": "lowered"}],
+    "entries": [
+        {"run_id": "old", "phase": "autoencoder", "round": 1, "noise_multiplier": 1,
+         "sample_rate": 0.01, "steps": 500, "epsilon_after": 1.3, "time": 1.0},
+        {"run_id": "old", "phase": "diffusion", "round": 2, "noise_multiplier": 1.2,
+         "sample_rate": 0.02, "steps": 100, "epsilon_after": 2.0, "time": 2.0},
+    ],
+}
+
+
+def test_format_1_ledger_is_upgraded_in_place(tmp_path):
+    path, head = tmp_path / "ledger.json", tmp_path / "ledger.json.head"
+    path.write_text(json.dumps(FORMAT_1))
+    # a read-only reader (like `fedldm site budget`) reads it without rewriting it
+    before = path.read_bytes()
+    reader = PrivacyLedger(path, site_id="site-a", delta=DELTA)
+    assert reader.history == [STEP, (1.2, 0.02, 100)]
+    assert path.read_bytes() == before and not head.exists()
+
+    ledger = _open(path)
+    doc = json.loads(path.read_text())
+    assert doc["format"] == 2 and doc["budget_changes"] == FORMAT_1["budget_changes"]
+    assert doc["entries"][0]["prev_hash"] == genesis_hash("site-a", DELTA)
+    assert json.loads(head.read_text())["entries"] == 2
+    assert ledger.history == [STEP, (1.2, 0.02, 100)]
+    ledger.charge([STEP], run_id="new", phase="p", round=0)
+    assert _open(path).history == [STEP, (1.2, 0.02, 100), STEP]
+    _drop_first(doc)  # the upgraded ledger is protected like any other
+    path.write_text(json.dumps(doc))
+    with pytest.raises(LedgerError, match="entry #0"):
+        _open(path)
+
+
+def test_format_1_ledger_next_to_a_head_is_refused(tmp_path):
+    """An old copy put back over an upgraded ledger (e.g. to undo spending) is not accepted."""
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps(FORMAT_1))
+    _open(path)
+    path.write_text(json.dumps(FORMAT_1))
+    with pytest.raises(LedgerError, match="format 1"):
+        _open(path)

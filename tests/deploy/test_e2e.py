@@ -70,6 +70,10 @@ def fedldm_inprocess(*argv: str) -> tuple[int, str, str]:
 def _site(dep: Deployment, name: str, *, key: str, ca: Path, data: Path,
           give_up_s: float | None = None) -> Proc:
     extra = ["--max-wait-time", str(give_up_s)] if give_up_s is not None else []
+    # Enrolment is a deliberate, one-time step: `site start` refuses a missing ledger.
+    code, _, err = fedldm_inprocess("site", "init", "--state-dir", str(dep.state(name)),
+                                    "--site-id", name, "--epsilon", "8", "--delta", "1e-5")
+    assert code == 0, err
     return Proc(name, [*fedldm_cmd(), "site", "start", "--superlink", f"127.0.0.1:{dep.port}",
                        "--data", str(data), "--state-dir", str(dep.state(name)),
                        "--site-id", name, "--root-certificates", str(ca),
@@ -132,8 +136,8 @@ def test_refused_sites_never_join(deployment: Deployment) -> None:
         code = proc.wait(timeout=120)
         assert code is not None and code != 0, f"{name} is still running:\n{proc.tail()}"
         assert why in proc.log(), proc.tail()
-        # Nothing was trained or charged there: no ledger, no site log.
-        assert not (dep.state(name) / "ledger.json").exists()
+        # Nothing was trained or charged there: an empty ledger, no site log.
+        assert json.loads((dep.state(name) / "ledger.json").read_text())["entries"] == []
         assert not (dep.state(name) / "site.log").exists()
     code, out, err = fedldm_inprocess("coordinator", "sites", *dep.connection())
     assert code == 0, err

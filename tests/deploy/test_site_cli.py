@@ -1,4 +1,4 @@
-"""`fedldm site check|start|budget`: validation and summaries, without starting Flower."""
+"""`fedldm site check|init|start|budget`: validation and summaries, without starting Flower."""
 
 from __future__ import annotations
 
@@ -59,10 +59,19 @@ def test_check_exits_1_on_bad_data(tmp_path: Path, layout: str,
     assert "fedldm site check:" in capsys.readouterr().err
 
 
+def _init(state: Path, site: str = "hospital-a", epsilon: str = "8",
+          delta: str = "1e-5") -> int:
+    return cli.main(["site", "init", "--state-dir", str(state), "--site-id", site,
+                     "--epsilon", epsilon, "--delta", delta])
+
+
 @pytest.fixture
 def site_files(tmp_path: Path, demo_manifest: Path) -> dict[str, Path]:
+    """An enrolled site (ledger at the `site start` defaults: epsilon 8, delta 1e-5)."""
     priv, pub = site_keypair(tmp_path / "keys")
-    return {"data": demo_manifest.parent, "state": tmp_path / "state dir with space",
+    state = tmp_path / "state dir with space"
+    assert _init(state) == 0
+    return {"data": demo_manifest.parent, "state": state,
             "ca": ca_cert(tmp_path / "ca.crt"), "key": priv, "pub": pub}
 
 
@@ -75,6 +84,8 @@ def test_start_node_config_round_trips_through_flower(site_files: dict[str, Path
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     from flwr.common.config import parse_config_args
 
+    site_files["state"] = site_files["state"].with_name("inf state")
+    assert _init(site_files["state"], epsilon="inf", delta="1e-6") == 0
     argv = _start(site_files, "--root-certificates", str(site_files["ca"]), "--auth-key",
                   str(site_files["key"]), "--epsilon", "inf", "--delta", "1e-6", "--port", "9200")
     assert cli.main(argv) == 0
@@ -83,6 +94,7 @@ def test_start_node_config_round_trips_through_flower(site_files: dict[str, Path
     assert f"--auth-supernode-private-key {site_files['key']}" in command
     node_config = site_files["state"] / "node-config.toml"
     assert f"--node-config {node_config}" in command
+    assert node_config.stat().st_mode & 0o777 == 0o600
     site = SiteConfig.from_node_config(parse_config_args([str(node_config)]))
     assert site.site_id == "hospital-a"
     assert site.state_dir == site_files["state"]
@@ -112,9 +124,10 @@ def test_start_rejects_bad_input(site_files: dict[str, Path], extra: list[str], 
 
 def test_start_refuses_another_sites_ledger(site_files: dict[str, Path],
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    site_files["state"].mkdir(parents=True)
-    PrivacyLedger.open(site_files["state"] / "ledger.json", budget_epsilon=8.0, delta=1e-5,
-                       site_id="hospital-b")
+    site_files["state"] = site_files["state"].with_name("other site")
+    site_files["state"].mkdir()
+    PrivacyLedger.create(site_files["state"] / "ledger.json", budget_epsilon=8.0, delta=1e-5,
+                         site_id="hospital-b")
     assert cli.main(_start(site_files)) == 2
     assert "belongs to site 'hospital-b'" in capsys.readouterr().err
 
@@ -129,7 +142,7 @@ def test_insecure_is_loud(site_files: dict[str, Path], capsys: pytest.CaptureFix
 def test_budget_shows_runs_and_phases_read_only(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "ledger.json"
-    ledger = PrivacyLedger.open(path, budget_epsilon=8.0, delta=1e-5, site_id="hospital-a")
+    ledger = PrivacyLedger.create(path, budget_epsilon=8.0, delta=1e-5, site_id="hospital-a")
     ledger.charge([(1.2, 0.1, 50)], run_id="run-1", phase="autoencoder", round=1)
     ledger.charge([(1.2, 0.1, 50)], run_id="run-1", phase="diffusion", round=1)
     before = path.read_bytes()
@@ -137,10 +150,67 @@ def test_budget_shows_runs_and_phases_read_only(tmp_path: Path,
     out = capsys.readouterr().out
     assert "site hospital-a" in out and "budget epsilon 8" in out
     assert "run-1" in out and "autoencoder" in out and "diffusion" in out
+    assert "2 entries, hash chain and head verified" in out
     assert path.read_bytes() == before
 
 
 def test_budget_without_ledger_exits_1(tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["site", "budget", "--state-dir", str(tmp_path)]) == 1
-    assert "no ledger yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no ledger" in err and "fedldm site init" in err
+
+
+def test_init_creates_a_private_state_dir_and_ledger(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "new site"
+    assert _init(state, epsilon="6", delta="1e-6") == 0
+    assert "enrolled site hospital-a" in capsys.readouterr().out
+    assert state.stat().st_mode & 0o777 == 0o700
+    for name in ("ledger.json", "ledger.json.head"):
+        assert (state / name).stat().st_mode & 0o777 == 0o600, name
+    ledger = PrivacyLedger.open(state / "ledger.json", budget_epsilon=6.0, delta=1e-6,
+                                site_id="hospital-a")
+    assert ledger.budget_epsilon == 6.0 and ledger.history == []
+
+
+def test_second_init_refuses_and_changes_nothing(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    assert _init(state) == 0
+    PrivacyLedger.open(state / "ledger.json", budget_epsilon=8.0, delta=1e-5,
+                       site_id="hospital-a").charge([(1.2, 0.1, 50)], run_id="r", phase="p",
+                                                    round=1)
+    before = {n: (state / n).read_bytes() for n in ("ledger.json", "ledger.json.head")}
+    capsys.readouterr()
+    assert _init(state, epsilon="100") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedldm site init:") and "already enrolled" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert {n: (state / n).read_bytes() for n in before} == before
+
+
+@pytest.mark.parametrize("lost", ["folder", "ledger"])
+def test_start_without_a_ledger_refuses(site_files: dict[str, Path], lost: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    if lost == "folder":
+        site_files["state"] = site_files["state"].with_name("never enrolled")
+    else:  # the review's scenario: the state was deleted, the folder came back empty
+        for f in site_files["state"].iterdir():
+            f.unlink()
+    capsys.readouterr()
+    assert cli.main(_start(site_files)) == 2
+    captured = capsys.readouterr()
+    assert "fedldm site start:" in captured.err and "Traceback" not in captured.err
+    assert f"fedldm site init --state-dir '{site_files['state']}'" in captured.err
+    assert "flower-supernode" not in captured.out
+    assert not (site_files["state"] / "ledger.json").exists()
+    assert not (site_files["state"] / "node-config.toml").exists()
+
+
+def test_start_refuses_a_truncated_ledger(site_files: dict[str, Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (site_files["state"] / "ledger.json.head").unlink()
+    assert cli.main(_start(site_files)) == 2
+    err = capsys.readouterr().err
+    assert "fedldm site start:" in err and "head file" in err and "backup" in err
