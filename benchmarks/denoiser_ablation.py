@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.tasks import _dm_loss_fn, encode
+from client.tasks import dm_loss_fn, encode
 from ldm_core.classifier import macro_auc, predict_proba, train_classifier
 from ldm_core.config import build_config
 from ldm_core.data import load_site
+from ldm_core.dp_random import PrivacyRng
 from ldm_core.models import make_autoencoder, make_denoiser
 from ldm_core.phantoms import CLASS_NAMES, generate_demo
 from ldm_core.pretrain import load_pretrained, load_pretrained_denoiser
@@ -70,7 +71,7 @@ def main() -> None:
     z = encode(ae, site.train.images, 1.0, torch.device("cpu"))
     scale = float(1.0 / z.pow(2).mean().sqrt())
     z, y = z * scale, site.train.labels
-    plan = sampling_plan(len(z), ph)
+    plan = sampling_plan(ph)
     steps = plan.steps * ph.rounds
     sigma = 0.0 if math.isinf(args.epsilon) else calibrate_noise(
         [(plan.sample_rate, steps)], target_epsilon=args.epsilon * (1 - cfg.privacy.ae_share),
@@ -81,8 +82,9 @@ def main() -> None:
     t0 = time.time()
     losses = []
     for r in range(ph.rounds):
-        st = dp_train(dm, (z, y), _dm_loss_fn(cfg, ph), phase=ph, plan=plan,
+        st = dp_train(dm, (z, y), dm_loss_fn(cfg, ph), phase=ph, plan=plan,
                       noise_multiplier=sigma, seed=r, device=torch.device("cpu"),
+                      privacy_rng=PrivacyRng.secure(),
                       desc=f"{args.name} round {r + 1}/{ph.rounds}")
         losses.append(round(st.mean_loss, 4))
     train_s = time.time() - t0

@@ -17,6 +17,7 @@ import time
 import torch
 
 from ldm_core.config import build_config
+from ldm_core.dp_random import PrivacyRng
 from ldm_core.losses import autoencoder_loss, multiplicity_diffusion_loss
 from ldm_core.models import make_autoencoder, make_denoiser, make_train_scheduler
 from ldm_core.training import dp_train, sampling_plan
@@ -59,14 +60,16 @@ def main() -> None:
         ("autoencoder", make_autoencoder, (x,), ae_loss, cfg.autoencoder),
         ("denoiser", make_denoiser, (z, y), dm_loss, cfg.diffusion),
     ):
-        ph = dataclasses.replace(phase, batch_size=n, local_epochs=1, physical_batch_size=n)
-        plan = sampling_plan(n, ph)
+        ph = dataclasses.replace(phase, batch_size=n, sample_rate=1.0, local_steps=1,
+                                 physical_batch_size=n)
+        plan = sampling_plan(ph)
         res = {}
         for sigma in (0.0, 1.0):
             model = make(m)
             res[sigma] = _time(lambda model=model, sigma=sigma, ph=ph, plan=plan, tensors=tensors,
                                loss=loss: dp_train(model, tensors, loss, phase=ph, plan=plan,
                                                    noise_multiplier=sigma, seed=0,
+                                                   privacy_rng=PrivacyRng.secure(),
                                                    device=torch.device("cpu"),
                                                    show_progress=False), args.reps)
         rows.append((name, res[0.0], res[1.0], res[1.0] / res[0.0]))

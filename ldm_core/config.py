@@ -20,6 +20,7 @@ from typing import Any
 PRESETS = ("tiny", "quick", "standard")
 AE_INITS = ("random", "public-phantoms")
 DM_INITS = ("random", "public-healthy-phantoms")
+OPTIMIZERS = ("adam", "sgd")
 
 
 class ConfigError(ValueError):
@@ -96,13 +97,20 @@ class ModelConfig:
 class PhaseConfig:
     """Training plan of one phase (autoencoder or diffusion).
 
-    `batch_size` is the *expected logical* batch of Poisson sampling at a site (q = B / n);
-    `physical_batch_size` bounds memory through Opacus' BatchMemoryManager and does not change
-    the privacy analysis.
+    The plan is fixed by the configuration, never by a site's dataset size: every site Poisson-
+    samples each privacy unit (patient) with probability `sample_rate` for `local_steps` logical
+    steps per round. So sigma, the steps and the epsilon a site reports are the same for every
+    site with the same budget and say nothing about how many records it holds. `batch_size` is
+    the public expected logical batch that the noisy gradient sum is divided by (a site with
+    n units draws about q*n per step; Adam is insensitive to that scale), and the batch of the
+    non-private baseline. `physical_batch_size` bounds memory through Opacus' BatchMemoryManager
+    and does not change the privacy analysis. `optimizer` "sgd" exists so tests can read the
+    injected noise off the update; "adam" is what trains well.
     """
 
     rounds: int = 2
-    local_epochs: int = 1
+    sample_rate: float = 0.125
+    local_steps: int = 8
     batch_size: int = 64
     physical_batch_size: int = 256
     lr: float = 1e-3
@@ -112,10 +120,15 @@ class PhaseConfig:
     # Per-step EMA of the weights a site sends back (0 = off). Post-processing of DP-SGD
     # iterates, so free in privacy; it averages out much of the injected noise.
     ema_decay: float = 0.0
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 0, f"rounds must be >= 0, got {self.rounds}")
-        _check(self.local_epochs >= 1, f"local_epochs must be >= 1, got {self.local_epochs}")
+        _check(0 < self.sample_rate <= 1,
+               f"sample_rate must be in (0, 1] (Poisson rate per patient), got {self.sample_rate}")
+        _check(self.local_steps >= 1, f"local_steps must be >= 1, got {self.local_steps}")
+        _check(self.optimizer in OPTIMIZERS,
+               f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.physical_batch_size >= 1, "physical_batch_size must be >= 1")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -138,6 +151,22 @@ class PrivacyConfig:
     ae_share: float = 0.3
     scale_noise_multiplier: float = 20.0
     scale_clip: float = 10.0
+    # Site audits (opt-in per site): members and non-members scored per site (a public
+    # normaliser, not the site's size), samples the site draws itself from the final model, and
+    # the noise multiplier of the one Gaussian release that carries all audit aggregates.
+    audit_records: int = 256
+    audit_samples: int = 256
+    audit_noise_multiplier: float = 8.0
+    # Patient-level DP: at most this many of one patient's images enter one step's per-patient
+    # gradient (their gradients are summed, then clipped together). Per-sample gradients are
+    # usually far above the clip bound, so one image a step gives the same signal per patient as
+    # several at a fraction of the compute.
+    patient_images_per_step: int = 1
+    # Images of one patient kept per round (a random subset when a patient has more).
+    max_patient_images: int = 16
+    # Extra rounds per phase the noise is planned for, so that a round retried after a crash
+    # between its charge and its stored reply still fits the budget (0 = no reserve).
+    retry_reserve_rounds: int = 1
 
     def __post_init__(self) -> None:
         _check(self.epsilon > 0, f"epsilon must be > 0 (use inf for no DP), got {self.epsilon}")
@@ -145,6 +174,13 @@ class PrivacyConfig:
         _check(0 < self.ae_share < 1, f"ae_share must be in (0, 1), got {self.ae_share}")
         _check(self.scale_noise_multiplier > 0, "scale_noise_multiplier must be > 0")
         _check(self.scale_clip > 0, "scale_clip must be > 0")
+        _check(self.audit_records >= 8, f"audit_records must be >= 8, got {self.audit_records}")
+        _check(self.audit_samples >= 8, f"audit_samples must be >= 8, got {self.audit_samples}")
+        _check(self.audit_noise_multiplier > 0, "audit_noise_multiplier must be > 0")
+        _check(self.retry_reserve_rounds >= 0, "retry_reserve_rounds must be >= 0")
+        _check(1 <= self.patient_images_per_step <= self.max_patient_images,
+               "need 1 <= patient_images_per_step <= max_patient_images, got "
+               f"{self.patient_images_per_step} and {self.max_patient_images}")
 
     @property
     def private(self) -> bool:
@@ -273,9 +309,10 @@ def _preset_parts(preset: str, image_size: int) -> dict[str, Any]:
                 dm_channels=(8, 16), dm_attention=(False, False), dm_norm_groups=4,
                 dm_head_channels=8, num_train_timesteps=100,
             ),
-            "autoencoder": PhaseConfig(rounds=1, local_epochs=1, batch_size=8, lr=2e-3),
-            "diffusion": PhaseConfig(rounds=1, local_epochs=1, batch_size=8, lr=2e-3,
-                                     noise_multiplicity=2),
+            "autoencoder": PhaseConfig(rounds=1, sample_rate=0.25, local_steps=4, batch_size=8,
+                                       lr=2e-3),
+            "diffusion": PhaseConfig(rounds=1, sample_rate=0.25, local_steps=4, batch_size=8,
+                                     lr=2e-3, noise_multiplicity=2),
             "dm": DiffusionConfig(ddim_steps=5),
         }
     if preset == "quick":
@@ -300,13 +337,16 @@ def _preset_parts(preset: str, image_size: int) -> dict[str, Any]:
                 num_train_timesteps=1000,
             ),
             "autoencoder": PhaseConfig(
-                rounds=1, local_epochs=1, batch_size=512, lr=5e-4, max_grad_norm=1.0
+                rounds=1, sample_rate=1 / 6, local_steps=6, batch_size=512, lr=5e-4,
+                max_grad_norm=1.0,
             ),
-            # With ~3000 train images a site, B=384 gives q=1/8: small q buys low noise
-            # (sigma ~1.7 for 320 steps at epsilon ~7), the lever that matters under DP.
+            # q=1/8 (about 384 of the demo's ~3000 train patients a site per step): small q
+            # buys low noise (sigma ~1.7 for 320 steps at epsilon ~7), the lever that matters
+            # under DP. 64 steps a round = 8 expected passes over the data.
             "diffusion": PhaseConfig(
                 rounds=5,
-                local_epochs=8,
+                sample_rate=1 / 8,
+                local_steps=64,
                 batch_size=384,
                 lr=2e-3,
                 max_grad_norm=1.0,
@@ -323,10 +363,10 @@ def _preset_parts(preset: str, image_size: int) -> dict[str, Any]:
                 ae_norm_groups=16, dm_channels=(64, 128, 128),
                 dm_attention=(False, False, True), dm_norm_groups=16, dm_head_channels=32,
             ),
-            "autoencoder": PhaseConfig(rounds=10, local_epochs=5, batch_size=512, lr=2e-3,
-                                       physical_batch_size=128),
-            "diffusion": PhaseConfig(rounds=20, local_epochs=10, batch_size=1024, lr=1e-3,
-                                     physical_batch_size=128, noise_multiplicity=8),
+            "autoencoder": PhaseConfig(rounds=10, sample_rate=0.1, local_steps=50,
+                                       batch_size=512, lr=2e-3, physical_batch_size=128),
+            "diffusion": PhaseConfig(rounds=20, sample_rate=0.2, local_steps=50, batch_size=1024,
+                                     lr=1e-3, physical_batch_size=128, noise_multiplicity=8),
             "dm": DiffusionConfig(ddim_steps=100, guidance_scale=2.0),
         }
     raise ConfigError(f"unknown preset {preset!r}; choose one of {PRESETS}")

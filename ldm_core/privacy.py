@@ -327,3 +327,21 @@ def dp_sum_and_count(
     noise = torch.randn(d + 1, generator=generator, dtype=torch.float64, device=generator.device)
     noisy = total + std * noise.to(total.device)
     return noisy[:d].to(per_sample.dtype), float(noisy[d].item() / float(clip))
+
+
+def pooled_scale_factor(stats: Sequence[tuple[float, float]], *, clip: float
+                        ) -> tuple[float, str | None]:
+    """Pool the sites' noisy (sum, count) into the latent scale factor 1 / sqrt(E[z^2]).
+
+    Post-processing of DP releases, so any rule is free in privacy. The noisy mean is clamped to
+    [1e-2, clip] (per-patient values were clipped to `clip`); when noise swamps the sums (a
+    non-positive pooled count or sum: tiny sites), the public default 1.0 is used and a note says
+    so, instead of failing a run whose training is otherwise fine.
+    """
+    total = sum(s for s, _ in stats)
+    count = sum(c for _, c in stats)
+    if count <= 0 or total <= 0:
+        return 1.0, ("the DP latent statistics were swamped by noise (pooled sum "
+                     f"{total:.3g}, count {count:.3g}); used the default scale factor 1.0")
+    mean = min(max(total / count, 1e-2), clip)
+    return 1.0 / math.sqrt(mean), None

@@ -31,13 +31,13 @@ def test_trained_generator_scores_clearly_better_than_untrained() -> None:
     scale = float(1 / z.pow(2).mean().sqrt())
     sched = make_train_scheduler(m)
     trained = make_denoiser(m)
-    phase = dataclasses.replace(cfg.diffusion, batch_size=64, local_epochs=40, lr=3e-3,
+    phase = dataclasses.replace(cfg.diffusion, batch_size=64, local_steps=280, lr=3e-3,
                                 noise_multiplicity=1)
 
     def loss(model, b, g):  # noqa: ANN001, ANN202
         return multiplicity_diffusion_loss(model, sched, b[0], b[1], k=1, generator=g)
 
-    dp_train(trained, (z * scale, labels), loss, phase=phase, plan=sampling_plan(400, phase),
+    dp_train(trained, (z * scale, labels), loss, phase=phase, plan=sampling_plan(phase),
              noise_multiplier=0.0, seed=0, device=torch.device("cpu"), show_progress=False)
     untrained = make_denoiser(m)
     extractor = random_feature_extractor(seed=0)
