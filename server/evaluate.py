@@ -2,9 +2,13 @@
 
 Where each number is computed:
 - synthetic set: at the coordinator, from the global generator (class-balanced, no private input);
-- privacy audits (membership inference, memorisation): at each site, same function whether the
+- privacy audits (membership inference, near copies): at each site, same function whether the
   request comes over Flower (`query` message, task "audit") or, for `fedldm evaluate` on a
-  simulated run, by a direct call; only aggregates come back;
+  simulated run, by a direct call (client.audit.site_audit). The coordinator sends only the
+  model; each site generates its own samples, charges one Gaussian mechanism to its ledger and
+  returns a fixed vector of noised fractions (ldm_core.evaluation.attacks.AUDIT_RELEASE_KEYS).
+  Exact curves and closest pairs stay in the site's local diagnostics file; in a simulation, where
+  all sites run on this machine, the report may read those files (and says so on the figures);
 - fidelity and utility need real images at the coordinator: in simulation the coordinator may
   load the sites' data (it is all on one machine); in deployment only a `--reference` set held
   by the coordinator is used, and without one these sections say "not measured".
@@ -13,6 +17,7 @@ Where each number is computed:
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -27,11 +32,12 @@ from PIL import Image
 from ldm_core.config import RunConfig
 from ldm_core.data import load_images, scan, split_by_patient
 from ldm_core.evaluation import (
+    ATTACKS,
+    AUDIT_RELEASE_KEYS,
+    audit_estimates,
     evaluate_utility,
     feature_spaces,
     fidelity_report,
-    merge_mia,
-    merge_nn_audits,
     train_reference_classifier,
 )
 from ldm_core.models import resolve_device
@@ -41,7 +47,17 @@ from server.datacard import INIT_NOTES, write_datacard
 from server.federation import load_final
 from server.run_folder import RunFolder
 
-AuditFn = Callable[[torch.Tensor], list[dict[str, Any]]]
+# Asks every site for its audit of the final model; one dict per site: {"site": id, **release}
+# with the release keys of ldm_core.evaluation.attacks.AUDIT_RELEASE_KEYS.
+AuditFn = Callable[[], list[dict[str, Any]]]
+# metrics.json audit values: dropped before each evaluation so that none of a previous audit (or
+# of the old, non-DP audit: the last two) is ever shown as this evaluation's.
+_STALE_PRIVACY_KEYS = ("mia_auc", "mia_tpr_at_1pct_fpr", "mia_fpr_at_threshold", "mia_noise_std",
+                       "memorized_fraction", "memorized_fraction_holdout", "audit_attacks",
+                       "audit_sites", "memorized_fraction_pixel", "mia_tpr_at_0_1pct_fpr")
+_STALE_BLOCKS = ("mia", "nn_audit", "nn_audit_pixel", "audit_sites")
+SITE_LOCAL_NOTE = ("site-local diagnostics, visible here only because all sites run on this "
+                   "machine")
 
 
 @dataclass(frozen=True)
@@ -131,8 +147,13 @@ def real_from_reference(path: Path, cfg: RunConfig) -> RealSets:
 
 def evaluate_run(out: Path, *, sites: Any = None, n_sites: int = 0,
                  audit: AuditFn | None = None, options: EvalOptions | None = None,
-                 show_progress: bool = True) -> dict[str, Any]:
-    """Evaluate the final generator in `out`; updates metrics.json, writes report.html."""
+                 show_progress: bool = True, audit_run_id: str | None = None) -> dict[str, Any]:
+    """Evaluate the final generator in `out`; updates metrics.json, writes report.html.
+
+    `audit_run_id` names the run id the sites' audit used; in a simulation (`sites` given) the
+    report then reads `<site state>/audits/<audit_run_id>.json` for the exact ROC and closest
+    pairs. Without it, the newest diagnostics file written during this evaluation is used.
+    """
     opts = options or EvalOptions()
     folder = RunFolder(out)
     log = folder.logger()
@@ -192,30 +213,33 @@ def evaluate_run(out: Path, *, sites: Any = None, n_sites: int = 0,
             "not measured: the coordinator holds no real images (pass --reference PATH)")
 
     privacy = metrics.setdefault("privacy", {})
+    for key in _STALE_PRIVACY_KEYS:
+        privacy.pop(key, None)
+    for key in _STALE_BLOCKS:
+        metrics.pop(key, None)
     if audit is not None:
-        say("privacy audits at the sites (membership inference, nearest neighbours)")
-        results = audit(syn_x)
+        say("privacy audits at the sites (one DP release each: membership inference, near "
+            "copies)")
+        started = time.time()
+        results = audit()
         if results:
-            mia = merge_mia([r["mia"] for r in results])
-            nn = merge_nn_audits([r["nn_audit"] for r in results])
-            nn_pix = merge_nn_audits([r["nn_audit_pixel"] for r in results])
-            ev["mia"], ev["nn_audit"], ev["nn_audit_pixel"] = mia, nn, nn_pix
-            ev["audit_sites"] = {r["site"]: {"mia_auc": r["mia"]["auc"],
-                                             "memorized_fraction":
-                                                 r["nn_audit"]["memorized_fraction"]}
-                                 for r in results}
-            privacy.update({"mia_auc": mia["auc"],
-                            "mia_tpr_at_1pct_fpr": mia["tpr_at_1pct_fpr"],
-                            "mia_tpr_at_0_1pct_fpr": mia["tpr_at_0_1pct_fpr"],
-                            "memorized_fraction": nn["memorized_fraction"],
-                            "memorized_fraction_pixel": nn_pix["memorized_fraction"]})
-            figures["roc"] = report.roc_figure(mia)
-            worst = max(results, key=lambda r: r["nn_audit"]["memorized_fraction"])
-            nn["histogram_site"] = worst["site"]
-            figures["nn_histogram"] = report.nn_histogram_figure(worst["nn_audit"])
-            if sites is not None and real is not None:
-                figures["closest_pairs"] = _closest_pairs(results, sites, cfg, syn_x)
-    privacy["disclosures"] = _disclosures(cfg, audited=audit is not None)
+            privacy.update(summarise_audits(results))
+            _add_audit_epsilon(privacy, results)
+            if sites is not None:
+                diags = _local_diagnostics(sites, n_sites, audit_run_id, since=started)
+                if diags:
+                    figures["roc"] = report.roc_figure(
+                        {s: d["attacks"] for s, d in diags.items()}, note=SITE_LOCAL_NOTE)
+                    figures["score_histograms"] = report.score_histogram_figure(
+                        {s: d["attacks"] for s, d in diags.items()}, note=SITE_LOCAL_NOTE)
+                    pairs = _closest_pairs(diags, sites, cfg)
+                    if pairs is not None:
+                        figures["closest_pairs"] = pairs
+    privacy["disclosures"] = _disclosures(cfg, audited=audit is not None,
+                                          meta=metrics.get("meta", {}))
+    privacy["unit"] = _privacy_unit(metrics.get("meta", {}))
+    privacy["randomness"] = metrics.get("meta", {}).get("privacy_randomness",
+                                                        PRIVACY_RANDOMNESS_SECURE)
     metrics.update(ev)
     metrics["evaluation_seconds"] = round(time.monotonic() - t0, 1)
     metrics["run"] = _run_table(metrics, cfg, out)
@@ -275,41 +299,140 @@ def _real_vs_synthetic(real: tuple[torch.Tensor, torch.Tensor],
     return report.image_grid_figure(rows, "real (top) vs synthetic (bottom), per class")
 
 
-def _closest_pairs(results: list[dict[str, Any]], sites: Any, cfg: RunConfig,
-                   syn_x: torch.Tensor) -> Any:
-    """Simulation only: the coordinator can show site images because it holds them anyway."""
+def summarise_audits(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """metrics.json `privacy` values from the sites' DP audit releases (post-processing only).
+
+    `mia_auc` / `mia_tpr_at_1pct_fpr` / `mia_fpr_at_threshold`: means over sites of the best
+    attack's (highest DP AUC, per site) values; the TPR and FPR are at the site's data-independent
+    threshold (1 % of its own generated samples score below it), so the FPR is near, not at, 1 %.
+    `mia_noise_std`: the largest per-site noise std of a released fraction. `memorized_fraction`
+    / `memorized_fraction_holdout`: mean DP near-copy fractions of training (members) and unseen
+    holdout records (the chance level). `audit_sites`: per site, per attack.
+    """
+    if not results:
+        raise ValueError("no audit results: every site refused or failed the audit")
+    per_site: dict[str, Any] = {}
+    for r in results:
+        if "site" not in r:
+            raise ValueError("an audit result has no 'site' key; the coordinator must tag each "
+                             "site's release with {'site': site_id, ...}")
+        est = audit_estimates(r)
+        per_site[str(r["site"])] = {
+            **est,
+            "released": {k: float(r[k]) for k in AUDIT_RELEASE_KEYS},
+        }
+    sites = list(per_site.values())
+
+    def mean(values: list[float]) -> float:
+        return float(np.mean(values))
+
+    return {
+        "mia_auc": mean([s["attacks"][s["best_attack"]]["auc"] for s in sites]),
+        "mia_tpr_at_1pct_fpr": mean([s["attacks"][s["best_attack"]]["tpr"] for s in sites]),
+        "mia_fpr_at_threshold": mean([s["attacks"][s["best_attack"]]["fpr"] for s in sites]),
+        "mia_noise_std": max(s["noise_std"] for s in sites),
+        "memorized_fraction": mean([s["near_copy_fraction"] for s in sites]),
+        "memorized_fraction_holdout": mean([s["near_copy_fraction_holdout"] for s in sites]),
+        "audit_attacks": list(ATTACKS),
+        "audit_sites": per_site,
+    }
+
+
+def _add_audit_epsilon(privacy: dict[str, Any], results: Sequence[dict[str, Any]]) -> None:
+    """The audit release is charged to each site's ledger: show the epsilon after it."""
+    table = privacy.get("sites")
+    if not isinstance(table, dict):
+        return
+    for r in results:
+        entry = table.get(str(r.get("site")))
+        if isinstance(entry, dict) and isinstance(r.get("epsilon"), (int, float)):
+            entry["epsilon"] = max(float(entry.get("epsilon", 0.0)), float(r["epsilon"]))
+            entry["epsilon_includes_audit"] = True
+
+
+def _local_diagnostics(sites: Any, n_sites: int, run_id: str | None, *, since: float
+                       ) -> dict[str, dict[str, Any]]:
+    """Simulation only: each site's local audit diagnostics file, read straight from its folder.
+
+    With `run_id` the file of that audit; otherwise the newest one written since `since` (a file
+    left by an older audit is never shown as this one's).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for k in range(n_sites):
+        site = sites.site(k)
+        folder = Path(site.state_dir) / "audits"
+        if run_id is not None:
+            path = folder / f"{run_id}.json"
+            candidates = [path] if path.is_file() else []
+        else:
+            candidates = sorted((p for p in folder.glob("*.json")
+                                 if p.stat().st_mtime >= since - 1.0),
+                                key=lambda p: p.stat().st_mtime)
+        if candidates:
+            out[site.site_id] = {**json.loads(candidates[-1].read_text()), "_index": k}
+    return out
+
+
+def _closest_pairs(diags: dict[str, dict[str, Any]], sites: Any, cfg: RunConfig) -> Any:
+    """Simulation only: closest (generated, training) pairs from the sites' local files."""
     from client.tasks import load_data
 
     pairs, dists = [], []
-    for r in results:
-        k = int(str(r["site"]).rsplit("-", 1)[-1])
-        train = load_data(sites.site(k), cfg).train.images
-        for p in r["nn_audit"]["closest_pairs"][:4]:
-            pairs.append((syn_x[p["synthetic"], 0].numpy(), train[p["train"], 0].numpy()))
+    for d in diags.values():
+        found = (d.get("near_copy") or {}).get("closest_pairs") or []
+        if not found:
+            continue
+        train = load_data(sites.site(int(d["_index"])), cfg).train.images
+        for p in found[:4]:
+            sample = np.asarray(p["sample_uint8"], dtype=np.float64) / 127.5 - 1.0
+            pairs.append((sample, train[int(p["train_index"]), 0].numpy()))
             dists.append(float(p["distance"]))
+    if not pairs:
+        return None
     order = np.argsort(dists)[:8]
-    return report.closest_pairs_figure([pairs[i] for i in order], [dists[i] for i in order])
+    return report.closest_pairs_figure([pairs[i] for i in order], [dists[i] for i in order],
+                                       title=f"closest (generated, training) pairs; "
+                                             f"{SITE_LOCAL_NOTE}")
 
 
-def _disclosures(cfg: RunConfig, *, audited: bool) -> list[str]:
+PRIVACY_RANDOMNESS_SECURE = (
+    "secure: each site draws Poisson sampling and DP noise from its own OS entropy; the run's "
+    "seed drives only initialisation, timesteps and evaluation")
+
+
+def _privacy_unit(meta: dict[str, Any]) -> str:
+    """The unit the DP guarantee protects; deployments hold patient ids only where sites do."""
+    if meta.get("has_patient_ids", True):
+        return "patient (all of a patient's images together)"
+    return ("image: the data has no patient ids, so each image was treated as its own patient; "
+            "several images of one patient get a weaker, group-privacy guarantee")
+
+
+def _disclosures(cfg: RunConfig, *, audited: bool, meta: dict[str, Any] | None = None
+                 ) -> list[str]:
+    meta = meta or {}
+    randomness = meta.get("privacy_randomness", PRIVACY_RANDOMNESS_SECURE)
     out = [
         "Model weights: released after DP-SGD (Opacus, Poisson sampling), charged to each "
         "site's ledger before training.",
         "Training-curve losses: one DP Gaussian-mechanism release per site and round "
-        "(clipped per-sample loss), charged to the ledger." if cfg.privacy.private else
+        "(clipped per-patient loss), charged to the ledger." if cfg.privacy.private else
         "Training-curve losses: released without noise (non-private run).",
-        "Latent scale factor: DP Gaussian mechanism on clipped per-sample latent second "
+        "Latent scale factor: DP Gaussian mechanism on clipped per-patient latent second "
         "moments, charged to the ledger.",
         "Dataset sizes and class counts: not released; FedAvg weights sites equally and the "
         "synthetic set is class-balanced by design.",
-        "DP unit: one image. Several slices of one patient are several records, so the "
-        "per-patient guarantee is weaker (group privacy).",
+        f"DP unit: {_privacy_unit(meta)}.",
+        f"Privacy randomness: {randomness}.",
     ]
     if audited:
-        out.append("Audit aggregates (membership-inference AUC/ROC and loss histograms, "
-                   "nearest-neighbour distance histograms and indices of the closest training "
-                   "images): computed from private data and NOT covered by the DP guarantee; "
-                   "a site can refuse audits with allow-audit=false.")
+        out.append(
+            "Privacy audit: one DP Gaussian-mechanism release per site (per attack: AUC "
+            "statistic, TPR and FPR at a threshold set on the site's own generated samples; "
+            "near-copy fractions; split sizes, all over a public record count), charged to each "
+            "site's ledger (phase 'audit') before the site reads its data. The coordinator sends "
+            "only the model; indices, distances, curves and exact values stay in the site's "
+            "local diagnostics file. A site can refuse audits with allow-audit=false.")
     return out
 
 

@@ -1,17 +1,17 @@
 """`fedldm evaluate RUN`: evaluation of an existing run folder without a live federation.
 
 For a simulated run the sites are rebuilt from run.json and audited by calling the very function
-their ClientApp `query` handler calls (client.audit.site_audit); for a deployed run only a
-`--reference` set at the coordinator can be used.
+their ClientApp `query` handler calls (client.audit.site_audit): each audit is a DP release
+charged to that site's ledger under run id "evaluate-<run folder name>", with secure privacy
+randomness. For a deployed run only a `--reference` set at the coordinator can be used.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from client.client_app import SimulationSites
 from server.evaluate import EvalOptions, evaluate_run
@@ -46,12 +46,26 @@ def evaluate_existing_run(run: Path, *, options: EvalOptions, audit: bool = True
         return evaluate_run(run, options=options)
     sites, n = found
 
-    def direct_audit(synthetic: torch.Tensor) -> list[dict[str, Any]]:
+    run_id = audit_run_id(run)
+
+    def direct_audit() -> list[dict[str, Any]]:
         from client.audit import site_audit
+        from ldm_core.dp_random import privacy_rng_for
 
         cfg, ae, dm, scale = load_final(run)
-        return [site_audit(sites.site(k), cfg, ae, dm, scale, synthetic, seed=cfg.seed)
-                for k in range(n)]
+        out = []
+        for k in range(n):
+            site = sites.site(k)
+            release = site_audit(site, cfg, ae, dm, scale, run_id=run_id,
+                                 rng=privacy_rng_for(None), seed=cfg.seed)
+            out.append({"site": site.site_id, **release})
+        return out
 
     return evaluate_run(run, sites=sites, n_sites=n, audit=direct_audit if audit else None,
-                        options=options)
+                        options=options, audit_run_id=run_id)
+
+
+def audit_run_id(run: Path) -> str:
+    """Ledger run id (and diagnostics file name) of `fedldm evaluate RUN`'s audit."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(run).resolve().name).strip("-.") or "run"
+    return f"evaluate-{name}"[:200]

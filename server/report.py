@@ -15,15 +15,19 @@ and its verdict is FAIL, because a run that cannot show all three properties is 
 * ``run``: flat ``{name: value}`` shown as the run table (preset, sites, rounds, image size ...);
 * ``fidelity``: ``ldm_core.evaluation.fidelity_report`` output;
 * ``utility``: ``ldm_core.evaluation.evaluate_utility`` output;
-* ``mia``: ``membership_inference`` or ``merge_mia`` output;
-* ``nn_audit``: ``nearest_neighbour_audit`` or ``merge_nn_audits`` output;
 * ``privacy``: ``{"sites": {site: {"epsilon", "delta", "budget_epsilon"}}}`` or
   ``{"rounds": [{site, phase, round, epsilon}], "budget_epsilon": float, "delta": float}``,
   plus ``"disclosures": [str]`` - every other value computed from private data and released
-  (latent scale factor, class counts ...) and how it is accounted for (ledger or fixed by design).
+  (latent scale factor, class counts ...) and how it is accounted for (ledger or fixed by design),
+  plus the DP audit summary of ``server.evaluate.summarise_audits``: ``mia_auc``,
+  ``mia_tpr_at_1pct_fpr``, ``mia_fpr_at_threshold``, ``mia_noise_std``, ``memorized_fraction``,
+  ``memorized_fraction_holdout`` and ``audit_sites`` (``{site: {attacks: {attack: {auc, tpr,
+  fpr}}, best_attack, near_copy_fraction, near_copy_fraction_holdout, noise_std, records,
+  epsilon}}``).
 
 Known figure names are placed in their section: ``samples``, ``utility``, ``epsilon``, ``roc``,
-``nn_histogram``, ``closest_pairs``, ``training_curves``; any other name goes under "Other figures".
+``score_histograms``, ``closest_pairs``, ``training_curves``; any other name goes under "Other
+figures".
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ from server.report_figures import (
     closest_pairs_figure,
     epsilon_figure,
     image_grid_figure,
-    nn_histogram_figure,
     roc_figure,
+    score_histogram_figure,
     training_curves_figure,
     utility_bars_figure,
 )
@@ -63,8 +67,8 @@ __all__ = [
     "closest_pairs_figure",
     "epsilon_figure",
     "image_grid_figure",
-    "nn_histogram_figure",
     "roc_figure",
+    "score_histogram_figure",
     "training_curves_figure",
     "utility_bars_figure",
     "verdicts",
@@ -88,7 +92,7 @@ _FIGURE_SECTION = {
     "utility": "utility",
     "epsilon": "privacy",
     "roc": "privacy",
-    "nn_histogram": "privacy",
+    "score_histograms": "privacy",
     "closest_pairs": "privacy",
     "training_curves": "training",
 }

@@ -25,9 +25,9 @@ __all__ = [
     "closest_pairs_figure",
     "epsilon_figure",
     "image_grid_figure",
-    "nn_histogram_figure",
     "png_bytes",
     "roc_figure",
+    "score_histogram_figure",
     "training_curves_figure",
     "utility_bars_figure",
 ]
@@ -179,58 +179,97 @@ def utility_bars_figure(utility: Mapping[str, Any]) -> Figure:
     return fig
 
 
-def roc_figure(mia: Mapping[str, Any]) -> Figure:
-    """Membership-inference ROC on linear and log-log axes (low-FPR is where attacks matter)."""
-    fpr = np.asarray(mia["fpr"], dtype=np.float64)
-    tpr = np.asarray(mia["tpr"], dtype=np.float64)
-    fig = _new_figure(8.0, 3.6)
-    axes = fig.subplots(1, 2)
-    label = f"attack (AUC {float(mia['auc']):.3f})"
-    axes[0].plot(fpr, tpr, label=label)
-    axes[0].plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
-    axes[0].set_title("ROC")
-    keep = (fpr > 0) & (tpr > 0)
-    axes[1].loglog(fpr[keep], tpr[keep], label=label)
-    grid = np.geomspace(1e-4, 1, 50)
-    axes[1].loglog(grid, grid, "k--", lw=0.8, label="chance")
-    axes[1].set_xlim(1e-4, 1)
-    axes[1].set_ylim(1e-4, 1)
-    axes[1].set_title("ROC, log scale (low FPR)")
-    for ax in axes:
-        ax.set_xlabel("false positive rate")
+def _site_grid(n: int, width: float = 3.6, height: float = 3.3) -> tuple[Figure, list[Any]]:
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = _new_figure(width * cols, height * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def roc_figure(site_attacks: Mapping[str, Mapping[str, Any]], *, note: str = "") -> Figure:
+    """Exact membership-inference ROC per site and attack, FPR on a log axis.
+
+    ``site_attacks`` maps a site to ``{attack: {"roc": {"fpr", "tpr", "auc", ...}}}`` (the
+    site-local diagnostics of ``client.audit``). The log FPR axis starts below 1 % (at
+    ``min(1e-3, 1 / (2 * non-members))``) because low-FPR is where an attack is dangerous; the
+    operating point at FPR = 0 is drawn at the axis' left edge.
+    """
+    if not site_attacks:
+        raise ValueError("site_attacks is empty: pass {site: {attack: {'roc': ...}}}")
+    fig, axes = _site_grid(len(site_attacks))
+    for ax, (site, attacks) in zip(axes, site_attacks.items(), strict=True):
+        lo = 1e-3
+        for name, block in attacks.items():
+            roc = (block or {}).get("roc")
+            if not roc:
+                continue
+            fpr = np.asarray(roc["fpr"], dtype=np.float64)
+            tpr = np.asarray(roc["tpr"], dtype=np.float64)
+            n_non = int(roc.get("n_nonmembers") or 0)
+            if n_non > 0:
+                lo = min(lo, 0.5 / n_non)
+            ax.step(np.maximum(fpr, lo), tpr, where="post",
+                    label=f"{name} (AUC {float(roc['auc']):.3f}, TPR@1% "
+                          f"{float(roc.get('tpr_at_1pct_fpr', float('nan'))):.2f})")
+        grid = np.geomspace(lo, 1.0, 50)
+        ax.plot(grid, grid, "k--", lw=0.8, label="chance")
+        ax.axvline(0.01, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlim(lo, 1.0)
+        ax.set_ylim(0.0, 1.02)
+        ax.set_title(str(site), fontsize=10)
+        ax.set_xlabel("false positive rate (log)")
         ax.set_ylabel("true positive rate")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("exact membership-inference ROC" + (f"\n({note})" if note else ""), fontsize=9)
     return fig
 
 
-def nn_histogram_figure(audit: Mapping[str, Any]) -> Figure:
-    """Nearest-neighbour distance distributions on shared bins, with the memorisation threshold."""
-    edges = np.asarray(audit["bin_edges"], dtype=np.float64)
-    fig = _new_figure(7.0, 3.6)
-    ax = fig.subplots()
-    series = (
-        ("hist_synth_train", "synthetic -> nearest train"),
-        ("hist_synth_holdout", "synthetic -> nearest holdout"),
-        ("hist_holdout_train", "holdout -> nearest train (reference)"),
-    )
-    for key, label in series:
-        counts = np.asarray(audit[key], dtype=np.float64)
-        total = counts.sum()
-        dens = counts / (total * np.diff(edges)) if total > 0 else counts
-        ax.stairs(dens, edges, label=label, lw=1.5)
-    ax.axvline(float(audit["threshold"]), color="crimson", ls="--", lw=1, label="threshold")
-    ax.set_xlabel("feature-space distance")
-    ax.set_ylabel("density")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def score_histogram_figure(site_attacks: Mapping[str, Mapping[str, Any]], *,
+                           note: str = "") -> Figure:
+    """Attack-score distributions per site: members, non-members, the site's generated samples.
+
+    Reads ``{site: {attack: {"histogram": {"edges", "members", "nonmembers", "samples"},
+    "threshold"}}}`` (site-local diagnostics); the dashed line is the data-independent threshold
+    (1 % of generated samples score below it). One panel per (site, attack).
+    """
+    panels = [(site, name, block) for site, attacks in site_attacks.items()
+              for name, block in attacks.items() if (block or {}).get("histogram")]
+    if not panels:
+        raise ValueError("no histograms: pass {site: {attack: {'histogram': ...}}}")
+    fig, axes = _site_grid(len(panels), 3.4, 2.8)
+    for ax, (site, name, block) in zip(axes, panels, strict=True):
+        hist = block["histogram"]
+        edges = np.asarray(hist["edges"], dtype=np.float64)
+        for key, label in (("members", "members (train)"), ("nonmembers", "non-members"),
+                           ("samples", "generated")):
+            counts = np.asarray(hist.get(key, []), dtype=np.float64)
+            if counts.size != edges.size - 1 or counts.sum() <= 0:
+                continue
+            ax.stairs(counts / (counts.sum() * np.diff(edges)), edges, label=label, lw=1.3)
+        if "threshold" in block:
+            ax.axvline(float(block["threshold"]), color="crimson", ls="--", lw=1,
+                       label="threshold")
+        ax.set_title(f"{site}: {name}", fontsize=9)
+        ax.set_xlabel("score (lower = more member-like)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("attack scores" + (f"\n({note})" if note else ""), fontsize=9)
     return fig
 
 
 def closest_pairs_figure(
-    pairs: Sequence[tuple[np.ndarray, np.ndarray]], distances: Sequence[float] | None = None
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    distances: Sequence[float] | None = None,
+    *,
+    title: str = "",
 ) -> Figure:
-    """Top row: synthetic images; bottom row: their nearest training images; spot copies by eye."""
+    """Top row: generated images; bottom row: their nearest training images; spot copies by eye."""
     if not pairs:
         raise ValueError("pairs is empty: pass (synthetic_image, train_image) tuples")
     n = len(pairs)
@@ -244,8 +283,10 @@ def closest_pairs_figure(
             ax.set_yticks([])
         if distances is not None:
             axes[0][i].set_title(f"d={float(distances[i]):.2f}", fontsize=8)
-    axes[0][0].set_ylabel("synthetic")
+    axes[0][0].set_ylabel("generated")
     axes[1][0].set_ylabel("nearest train")
+    if title:
+        fig.suptitle(title, fontsize=8)
     return fig
 
 

@@ -33,13 +33,15 @@ THRESHOLDS: dict[str, float] = {
     # Mean within-class SSIM of synthetic minus real: higher = less diverse (collapse/copies).
     "diversity_gap_weak": 0.10,
     "diversity_gap_fail": 0.20,
-    # Membership-inference AUC: 0.5 is chance.
+    # Membership-inference AUC (mean over sites of the best attack's DP value): 0.5 is chance.
     "mia_auc_pass": 0.60,
     "mia_auc_fail": 0.70,
-    # Memorised fraction vs the rate expected by chance (the audit quantile, usually 5 %):
-    # PASS up to max(1.5x, chance + 2 binomial SE), FAIL above max(3x, chance + 4 SE).
-    "memorized_pass_factor": 1.5,
-    "memorized_fail_factor": 3.0,
+    # When the DP noise on that mean (std) exceeds this, the audit cannot tell PASS: WEAK.
+    "mia_noise_weak": 0.10,
+    # Near-copy fraction of training records minus that of unseen holdout records (chance):
+    # WEAK above max(2 noise SE, 0.02), FAIL above max(4 noise SE, 0.05).
+    "near_copy_weak_excess": 0.02,
+    "near_copy_fail_excess": 0.05,
 }
 _STATUS_RANK = {"PASS": 0, "WEAK": 1, "FAIL": 2}
 
@@ -138,45 +140,71 @@ def _verdict_diversity(m: Mapping[str, Any]) -> tuple[str, str] | None:
     )
 
 
+def _audit_sites(m: Mapping[str, Any]) -> int:
+    return max(1, len((m.get("privacy") or {}).get("audit_sites") or {}))
+
+
+def _mean_noise(m: Mapping[str, Any]) -> float:
+    """Std of the DP noise on a mean over sites of one released fraction."""
+    noise = float((m.get("privacy") or {}).get("mia_noise_std", float("nan")))
+    return noise / math.sqrt(_audit_sites(m))
+
+
 def _verdict_mia(m: Mapping[str, Any]) -> tuple[str, str]:
-    mia = m.get("mia")
-    if not mia or "auc" not in mia:
+    priv = m.get("privacy") or {}
+    if not isinstance(priv.get("mia_auc"), (int, float)):
         return "FAIL", "No membership-inference attack was run, so empirical leakage is unknown."
-    auc = float(mia["auc"])
+    auc = float(priv["mia_auc"])
+    tpr = float(priv.get("mia_tpr_at_1pct_fpr", float("nan")))
+    fpr = float(priv.get("mia_fpr_at_threshold", float("nan")))
+    noise = _mean_noise(m)
     t = THRESHOLDS
     status = "PASS" if auc <= t["mia_auc_pass"] else "FAIL" if auc > t["mia_auc_fail"] else "WEAK"
-    tpr = float(mia.get("tpr_at_1pct_fpr", float("nan")))
-    return status, (
-        f"An attacker guessing from the model's denoising loss whether a patient image was used in "
-        f"training is right with AUC {auc:.3f} (0.5 = coin flip); at a 1% false-alarm rate it "
-        f"finds {tpr:.1%} of training images (chance: 1%)."
+    sentence = (
+        f"The best of the shipped attacks (denoiser loss, autoencoder reconstruction) tells "
+        f"training images from unseen ones with AUC {auc:.3f} (0.5 = coin flip); at a threshold "
+        f"that flags {fpr:.1%} of unseen images it flags {tpr:.1%} of training images. These are "
+        f"DP releases (noise std about {noise:.3f} on these means) and lower bounds on leakage: "
+        "they show what these attacks found, never that no attack can succeed."
     )
+    if status == "PASS" and not noise <= t["mia_noise_weak"]:
+        status = "WEAK"
+        sentence += " The noise is too large for this audit to count as a pass."
+    return status, sentence
 
 
 def _verdict_memorisation(m: Mapping[str, Any]) -> tuple[str, str]:
-    audit = m.get("nn_audit")
-    if not audit or "memorized_fraction" not in audit:
+    priv = m.get("privacy") or {}
+    if not isinstance(priv.get("memorized_fraction"), (int, float)):
         return (
             "FAIL",
-            "No nearest-neighbour audit was run, so copying of training images is unchecked.",
+            "No near-copy audit was run, so copying of training images is unchecked.",
         )
-    frac = float(audit["memorized_fraction"])
-    exp = float(audit.get("expected_fraction", 0.05))
-    # binomial noise of the fraction plus that of the threshold (a quantile of n_holdout values)
-    n_syn = max(1, int(audit.get("n_synthetic", 1)))
-    n_hold = int(audit.get("n_holdout", 0))
-    se = math.sqrt(exp * (1 - exp) * (1 / n_syn + (1 / n_hold if n_hold > 0 else 0.0)))
+    frac = float(priv["memorized_fraction"])
+    chance = float(priv.get("memorized_fraction_holdout", 0.0))
+    # difference of two means over sites, each with the per-site noise
+    se = _mean_noise(m) * math.sqrt(2.0)
+    se = se if math.isfinite(se) else 0.0
+    excess = frac - chance
     t = THRESHOLDS
-    if frac <= max(t["memorized_pass_factor"] * exp, exp + 2 * se):
-        status = "PASS"
-    elif frac > max(t["memorized_fail_factor"] * exp, exp + 4 * se):
+    if excess > max(4 * se, t["near_copy_fail_excess"]):
         status = "FAIL"
-    else:
+    elif excess > max(2 * se, t["near_copy_weak_excess"]):
         status = "WEAK"
-    return status, (
-        f"{frac:.1%} of synthetic images are closer to a training image than {exp:.0%} of unseen "
-        f"real images are; a generator that does not copy would show about {exp:.0%}."
+    else:
+        status = "PASS"
+    head = (
+        f"{frac:.1%} of audited training images have one generated sample much closer than any "
+        f"other (ratio test), against {chance:.1%} of unseen images (what chance gives; DP noise "
+        f"std about {se:.3f} on the difference)."
     )
+    if status == "PASS":
+        return status, head + (
+            " At or below chance, this test found no copies; that reflects low fidelity as much "
+            "as privacy (a generator whose samples resemble no real image copies none), and it "
+            "is a lower bound on leakage, not proof of its absence."
+        )
+    return status, head + " Some synthetic images may be near-copies of training images."
 
 
 def _verdict_epsilon(m: Mapping[str, Any]) -> tuple[str, str]:
@@ -226,16 +254,17 @@ def _shortfall(aspect: str, m: Mapping[str, Any]) -> str:
         if aspect == "Formal privacy (DP)":
             return "the formal privacy guarantee is missing or a site exceeded its budget"
         if aspect == "Membership inference":
-            return (
-                "an attacker can partly tell training patients from others "
-                f"(AUC {float(m['mia']['auc']):.2f})"
-            )
+            auc = float(m["privacy"]["mia_auc"])
+            if auc <= THRESHOLDS["mia_auc_pass"]:
+                return "the DP audit was too noisy to tell whether attackers can spot training "\
+                    f"patients (AUC {auc:.2f})"
+            return f"an attacker can partly tell training patients from others (AUC {auc:.2f})"
         if aspect == "Memorisation":
-            audit = m["nn_audit"]
+            priv = m["privacy"]
             return (
-                f"{float(audit['memorized_fraction']):.0%} of synthetic images sit unusually close "
-                f"to a training image (chance: {float(audit.get('expected_fraction', 0.05)):.0%}), "
-                "so some may be near-copies"
+                f"{float(priv['memorized_fraction']):.0%} of audited training images have a "
+                "generated near-copy (unseen images: "
+                f"{float(priv.get('memorized_fraction_holdout', 0.0)):.0%})"
             )
     except (KeyError, TypeError, ValueError):
         pass

@@ -1,351 +1,316 @@
-"""Empirical privacy audits: membership inference and nearest-neighbour memorisation.
+"""Empirical privacy audits at a site: exact attack statistics and their one DP release.
 
-Both run at the site, on the site's own train (members) and holdout (non-members) splits, and
-return only aggregates: curves, histograms and a few indices into the *synthetic* set (which is
-released anyway). No image or per-patient value of the private data leaves the site, except
-``closest_pairs`` train indices, which the site may choose to resolve to images or not.
+What runs where. Each site scores its own records with the shipped attacks
+(:mod:`ldm_core.evaluation.scores`; lower score = more member-like) and a near-copy test against
+samples the site generated itself from the final model. The site keeps the exact results (ROC
+curves, closest pairs) in a local diagnostics file; the coordinator receives only the fixed
+vector :data:`AUDIT_RELEASE_KEYS`, released once through the Gaussian mechanism and charged to
+the site's ledger (``client.audit.site_audit``).
 
-Membership inference (loss attack, Yeom et al. 2018; low-FPR reporting after Carlini et al. 2022):
-the score is each sample's denoising loss; members tend to have lower loss. We report AUC (0.5 =
-chance) and, more tellingly, the TPR at 1 % and 0.1 % FPR (chance = the FPR itself).
+Why no histograms, pooled curves or distances leave the site any more: they are functions of
+private records with no bounded sensitivity, so no noise could make them DP; and quantised
+histograms pooled across sites put every threshold on a bin edge, which made TPR at 1 % FPR zero
+by construction. The low-FPR statistic is instead a count at a threshold ``tau_a`` that does not
+depend on private data at all: the 1 % quantile of attack ``a``'s scores on the site's own
+generated samples (a function of the public model and fresh randomness only).
 
-Pooling across sites. AUC is not additive, so averaging site AUCs does not give the AUC of the
-pooled attack. What is additive: histogram counts of member and non-member scores on bin edges that
-all sites share. Summing them gives the pooled score distributions, from which the pooled ROC and
-AUC follow exactly up to the bin resolution (scores sharing a bin count as ties, i.e. one half):
-``AUC = sum_b m_b (n_beyond(b) + n_b / 2) / (M N)``. With the 512 log-spaced bins of
-:func:`loss_bin_edges` (3 % relative width) the error is far below the sampling noise. Sites
-therefore run :func:`membership_inference` with the coordinator's ``bin_edges``, and the
-coordinator calls :func:`merge_mia`.
+Attack results are lower bounds on leakage: a weak result says these attacks failed, not that no
+attack can succeed. The DP epsilon is the guarantee.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 from scipy.spatial.distance import cdist
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 __all__ = [
-    "loss_bin_edges",
-    "membership_inference",
-    "merge_mia",
-    "merge_nn_audits",
-    "mia_from_histograms",
-    "nearest_neighbour_audit",
+    "ATTACKS",
+    "AUDIT_NOISED_KEYS",
+    "AUDIT_PUBLIC_KEYS",
+    "AUDIT_RELEASE_KEYS",
+    "NEAR_COPY_RATIO",
+    "THRESHOLD_QUANTILE",
+    "audit_counts",
+    "audit_estimates",
+    "audit_sensitivity",
+    "auc_count",
+    "dp_audit_release",
+    "exact_roc",
+    "near_copy_test",
+    "sample_threshold",
 ]
 
-MAX_ROC_POINTS = 200
+# The shipped attacks, in release order (scores: ldm_core.evaluation.scores).
+ATTACKS: tuple[str, ...] = ("denoiser", "autoencoder")
+# Quantile of an attack's scores on the site's generated samples used as its threshold: a
+# non-member-like population of the model's own making, so the FPR on real non-members is near 1%
+# when the model generalises (the released FPR says how near).
+THRESHOLD_QUANTILE = 0.01
+# A record is a near-copy when its nearest generated sample is 3x closer than the second nearest
+# (the "ratio test" of memorisation studies, applied per record so its sensitivity is bounded).
+NEAR_COPY_RATIO = 1.0 / 3.0
+
+# The noised coordinates, in order. Each is a count divided by the public m = audit_records.
+AUDIT_NOISED_KEYS: tuple[str, ...] = (
+    *(f"{a}.{stat}" for a in ATTACKS for stat in ("auc", "tpr", "fpr")),
+    "near_copy_fraction",
+    "near_copy_fraction_holdout",
+    "members_fraction",
+    "nonmembers_fraction",
+)
+# Public values added to the release (no private input): m, the noise std, the ledger epsilon.
+AUDIT_PUBLIC_KEYS: tuple[str, ...] = ("records", "noise_std", "epsilon")
+AUDIT_RELEASE_KEYS: tuple[str, ...] = AUDIT_NOISED_KEYS + AUDIT_PUBLIC_KEYS
 
 
-def loss_bin_edges(low: float = 1e-5, high: float = 1e2, n_bins: int = 512) -> np.ndarray:
-    """Log-spaced shared bin edges for per-sample losses; scores outside go to the end bins."""
-    if not 0 < low < high:
-        raise ValueError(f"need 0 < low < high, got low={low}, high={high}")
-    if n_bins < 2:
-        raise ValueError(f"n_bins must be >= 2, got {n_bins}")
-    return np.geomspace(low, high, n_bins + 1)
-
-
-def _as_scores(x: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
+def _as_scores(x: Sequence[float] | np.ndarray | torch.Tensor, name: str,
+               *, allow_empty: bool = False) -> np.ndarray:
     arr = np.asarray(x, dtype=np.float64).reshape(-1)
-    if arr.size == 0:
+    if arr.size == 0 and not allow_empty:
         raise ValueError(f"{name} is empty: need at least one score")
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or inf; check the per-sample loss computation")
+        raise ValueError(f"{name} contains NaN or inf; check the per-record score computation")
     return arr
 
 
-def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
-    """Best TPR among operating points with FPR <= target (no interpolation: conservative)."""
-    ok = fpr <= target + 1e-12
-    return float(tpr[ok].max()) if ok.any() else 0.0
+# -------------------------------------------------------------------------- exact, site-local
+def exact_roc(member_scores: Sequence[float] | np.ndarray,
+              nonmember_scores: Sequence[float] | np.ndarray) -> dict[str, object]:
+    """Exact threshold-attack ROC (lower score = member): every distinct score is a threshold.
 
-
-def _downsample_roc(fpr: np.ndarray, tpr: np.ndarray) -> tuple[list[float], list[float]]:
-    """At most ``MAX_ROC_POINTS`` points, dense at low FPR (log grid) and across [0,1] (linear)."""
-    if fpr.size <= MAX_ROC_POINTS:
-        return fpr.tolist(), tpr.tolist()
-    half = (MAX_ROC_POINTS - 2) // 2
-    grid = np.r_[np.geomspace(1e-4, 1.0, half), np.linspace(0.0, 1.0, half)]
-    idx = np.searchsorted(fpr, grid, side="right") - 1  # last point with fpr <= grid value
-    idx = np.unique(np.r_[0, np.clip(idx, 0, fpr.size - 1), fpr.size - 1])
-    return fpr[idx].tolist(), tpr[idx].tolist()
-
-
-def _summary(fpr: np.ndarray, tpr: np.ndarray, auc: float) -> dict:
-    fpr_ds, tpr_ds = _downsample_roc(fpr, tpr)
-    return {
-        "auc": float(auc),
-        "tpr_at_1pct_fpr": _tpr_at(fpr, tpr, 0.01),
-        "tpr_at_0_1pct_fpr": _tpr_at(fpr, tpr, 0.001),
-        "advantage": float(np.max(tpr - fpr)),
-        "fpr": fpr_ds,
-        "tpr": tpr_ds,
-    }
-
-
-def _check_edges(bin_edges: np.ndarray) -> np.ndarray:
-    edges = np.asarray(bin_edges, dtype=np.float64).reshape(-1)
-    if edges.size < 2 or not np.all(np.diff(edges) > 0):
-        raise ValueError("bin_edges must be a strictly increasing array of at least 2 values")
-    return edges
-
-
-def _histogram(scores: np.ndarray, edges: np.ndarray) -> list[int]:
-    clipped = np.clip(scores, edges[0], edges[-1])  # out-of-range scores land in the end bins
-    return np.histogram(clipped, bins=edges)[0].astype(int).tolist()
-
-
-def membership_inference(
-    member_scores: Sequence[float] | np.ndarray,
-    nonmember_scores: Sequence[float] | np.ndarray,
-    *,
-    higher_is_member: bool = False,
-    bin_edges: np.ndarray | None = None,
-) -> dict:
-    """Threshold attack on per-sample scores (default: denoising loss, lower = member).
-
-    Returns ``auc``, ``tpr_at_1pct_fpr``, ``tpr_at_0_1pct_fpr``, ``advantage`` (max TPR - FPR),
-    ``fpr``/``tpr`` (ROC, <= 200 points, for plotting), ``n_members``, ``n_nonmembers``,
-    ``higher_is_member`` and, when ``bin_edges`` is given, ``bin_edges``, ``member_hist`` and
-    ``nonmember_hist`` (counts on those edges) so that :func:`merge_mia` can pool sites.
+    For the site's own diagnostics only (it is a function of every private score). Returns
+    ``auc`` (ties count one half), ``tpr_at_1pct_fpr`` and ``tpr_at_0_1pct_fpr`` (best TPR among
+    operating points with FPR <= the target; no interpolation, so never optimistic),
+    ``advantage`` (max TPR - FPR), the full ``fpr``/``tpr`` curve and the two set sizes. With
+    ``n`` non-members the smallest non-zero FPR is ``1/n``; at a target below that the value is
+    the TPR at FPR = 0.
     """
     members = _as_scores(member_scores, "member_scores")
     nonmembers = _as_scores(nonmember_scores, "nonmember_scores")
     y = np.r_[np.ones(members.size), np.zeros(nonmembers.size)]
-    s = np.r_[members, nonmembers]
-    s = s if higher_is_member else -s
-    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
-    out = _summary(fpr, tpr, roc_auc_score(y, s))
-    out.update(
-        {
-            "n_members": int(members.size),
-            "n_nonmembers": int(nonmembers.size),
-            "higher_is_member": bool(higher_is_member),
-        }
-    )
-    if bin_edges is not None:
-        edges = _check_edges(bin_edges)
-        out["bin_edges"] = edges.tolist()
-        out["member_hist"] = _histogram(members, edges)
-        out["nonmember_hist"] = _histogram(nonmembers, edges)
-    return out
+    fpr, tpr, _ = roc_curve(y, -np.r_[members, nonmembers], drop_intermediate=False)
 
+    def tpr_at(target: float) -> float:
+        ok = fpr <= target + 1e-12
+        return float(tpr[ok].max()) if ok.any() else 0.0
 
-def mia_from_histograms(
-    member_hist: Sequence[int] | np.ndarray,
-    nonmember_hist: Sequence[int] | np.ndarray,
-    *,
-    higher_is_member: bool = False,
-) -> dict:
-    """Attack metrics from score histograms on shared bins (ties within a bin count one half).
-
-    Thresholds sit on bin edges, so the ROC is exact at those points and AUC is exact up to
-    within-bin ties. Returns the same metric keys as :func:`membership_inference`.
-    """
-    m = np.asarray(member_hist, dtype=np.float64)
-    n = np.asarray(nonmember_hist, dtype=np.float64)
-    if m.shape != n.shape or m.ndim != 1:
-        raise ValueError(f"histograms must be 1-D and equal length, got {m.shape} and {n.shape}")
-    if m.sum() <= 0 or n.sum() <= 0:
-        raise ValueError("need at least one member and one non-member count to pool")
-    if higher_is_member:  # order bins most member-like first (low loss by default)
-        m, n = m[::-1], n[::-1]
-    total_m, total_n = m.sum(), n.sum()
-    n_after = total_n - np.cumsum(n)  # non-members in strictly less member-like bins
-    auc = float((m * (n_after + 0.5 * n)).sum() / (total_m * total_n))
-    tpr = np.r_[0.0, np.cumsum(m) / total_m]
-    fpr = np.r_[0.0, np.cumsum(n) / total_n]
-    out = _summary(fpr, tpr, auc)
-    out.update({"n_members": int(total_m), "n_nonmembers": int(total_n)})
-    return out
-
-
-def merge_mia(site_results: Sequence[dict]) -> dict:
-    """Pool per-site :func:`membership_inference` results into one attack summary.
-
-    If every site returned histograms on identical ``bin_edges``, the pooled metrics come from the
-    summed histograms (``method: "pooled_histograms"``; an attacker using one global threshold).
-    Otherwise ``auc`` and the TPRs are count-weighted means of the site values and the ROC is the
-    count-weighted mean TPR on a common FPR grid (``method: "weighted_mean"``, an approximation).
-    Always adds ``site_auc_weighted_mean``, ``sites`` ([{auc, tpr_at_1pct_fpr, n_members,
-    n_nonmembers}]), ``n_members``, ``n_nonmembers``, ``n_sites``.
-    """
-    if not site_results:
-        raise ValueError("site_results is empty: need at least one site's MIA result")
-    directions = {bool(r.get("higher_is_member", False)) for r in site_results}
-    if len(directions) != 1:
-        raise ValueError("sites disagree on higher_is_member; use the same score everywhere")
-    higher = directions.pop()
-    counts = np.array([r["n_members"] + r["n_nonmembers"] for r in site_results], np.float64)
-    w = counts / counts.sum()
-    site_auc_mean = float(np.dot(w, [r["auc"] for r in site_results]))
-    have_hist = all("member_hist" in r and "bin_edges" in r for r in site_results)
-    if have_hist:
-        edges0 = np.asarray(site_results[0]["bin_edges"])
-        if any(
-            len(r["bin_edges"]) != edges0.size or not np.allclose(r["bin_edges"], edges0)
-            for r in site_results
-        ):
-            raise ValueError("sites used different bin_edges; send every site the same edges")
-        member = np.sum([r["member_hist"] for r in site_results], axis=0)
-        nonmember = np.sum([r["nonmember_hist"] for r in site_results], axis=0)
-        out = mia_from_histograms(member, nonmember, higher_is_member=higher)
-        out["method"] = "pooled_histograms"
-    else:
-        grid = np.linspace(0.0, 1.0, MAX_ROC_POINTS)
-        tpr_grid = sum(
-            wi * np.interp(grid, r["fpr"], r["tpr"]) for wi, r in zip(w, site_results, strict=True)
-        )
-        out = {
-            "auc": site_auc_mean,
-            "tpr_at_1pct_fpr": float(np.dot(w, [r["tpr_at_1pct_fpr"] for r in site_results])),
-            "tpr_at_0_1pct_fpr": float(np.dot(w, [r["tpr_at_0_1pct_fpr"] for r in site_results])),
-            "advantage": float(np.dot(w, [r.get("advantage", 0.0) for r in site_results])),
-            "fpr": grid.tolist(),
-            "tpr": np.asarray(tpr_grid).tolist(),
-            "n_members": int(sum(r["n_members"] for r in site_results)),
-            "n_nonmembers": int(sum(r["n_nonmembers"] for r in site_results)),
-            "method": "weighted_mean",
-        }
-    out.update(
-        {
-            "higher_is_member": higher,
-            "site_auc_weighted_mean": site_auc_mean,
-            "n_sites": len(site_results),
-            "sites": [
-                {
-                    "auc": float(r["auc"]),
-                    "tpr_at_1pct_fpr": float(r["tpr_at_1pct_fpr"]),
-                    "n_members": int(r["n_members"]),
-                    "n_nonmembers": int(r["n_nonmembers"]),
-                }
-                for r in site_results
-            ],
-        }
-    )
-    return out
-
-
-def _check_feats(x: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(x, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty [N, D] feature array, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or inf")
-    return arr
-
-
-def _nearest(
-    query: np.ndarray, ref: np.ndarray, chunk: int = 1024
-) -> tuple[np.ndarray, np.ndarray]:
-    """Euclidean distance to, and index of, each query row's nearest ``ref`` row (chunked)."""
-    dist = np.empty(query.shape[0])
-    idx = np.empty(query.shape[0], dtype=np.int64)
-    for start in range(0, query.shape[0], chunk):
-        d = cdist(query[start : start + chunk], ref)
-        idx[start : start + chunk] = d.argmin(axis=1)
-        dist[start : start + chunk] = d.min(axis=1)
-    return dist, idx
-
-
-def nearest_neighbour_audit(
-    synth_feats: np.ndarray,
-    train_feats: np.ndarray,
-    holdout_feats: np.ndarray,
-    *,
-    quantile: float = 0.05,
-    bins: int = 30,
-    n_pairs: int = 8,
-) -> dict:
-    """Are synthetic samples closer to the training images than fresh real images are?
-
-    ``threshold`` is the ``quantile`` of holdout->nearest-train distances: a real image the model
-    never saw is that close to some train image only ``quantile`` of the time. A synthetic sample
-    closer than that counts as memorised, so a generator that samples the distribution without
-    copying yields ``memorized_fraction`` ~ ``quantile`` (returned as ``expected_fraction``) and
-    one that copies yields ~1. With few holdout images the threshold is noisy (use >= 100).
-
-    Returns ``memorized_fraction``, ``expected_fraction``, ``threshold``, ``memorized_indices``
-    (synthetic indices), ``closer_to_train_fraction`` (synthetic nearer to train than to holdout;
-    its chance level depends on the two split sizes), median distances, histogram counts on shared
-    ``bin_edges`` (``hist_synth_train``, ``hist_synth_holdout``, ``hist_holdout_train``),
-    ``closest_pairs`` ([{synthetic, train, distance}], closest first) and the three set sizes.
-    """
-    synth = _check_feats(synth_feats, "synth_feats")
-    train = _check_feats(train_feats, "train_feats")
-    holdout = _check_feats(holdout_feats, "holdout_feats")
-    if not synth.shape[1] == train.shape[1] == holdout.shape[1]:
-        raise ValueError(
-            "feature widths differ (synthetic, train, holdout = "
-            f"{synth.shape[1]}, {train.shape[1]}, {holdout.shape[1]}): use one extractor"
-        )
-    if not 0.0 < quantile < 1.0:
-        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
-    if bins < 1 or n_pairs < 0:
-        raise ValueError(f"bins must be >= 1 and n_pairs >= 0, got {bins}, {n_pairs}")
-    d_st, i_st = _nearest(synth, train)
-    d_sh, _ = _nearest(synth, holdout)
-    d_ht, _ = _nearest(holdout, train)
-    threshold = float(np.quantile(d_ht, quantile))
-    memorized = d_st < threshold
-    edges = np.histogram_bin_edges(np.r_[d_st, d_sh, d_ht], bins=bins)
-    order = np.argsort(d_st, kind="stable")[:n_pairs]
     return {
-        "memorized_fraction": float(memorized.mean()),
-        "expected_fraction": float(quantile),
-        "threshold": threshold,
-        "memorized_indices": np.flatnonzero(memorized).tolist(),
-        "closer_to_train_fraction": float((d_st < d_sh).mean()),
-        "median_synth_train": float(np.median(d_st)),
-        "median_synth_holdout": float(np.median(d_sh)),
-        "median_holdout_train": float(np.median(d_ht)),
-        "bin_edges": edges.tolist(),
-        "hist_synth_train": np.histogram(d_st, bins=edges)[0].astype(int).tolist(),
-        "hist_synth_holdout": np.histogram(d_sh, bins=edges)[0].astype(int).tolist(),
-        "hist_holdout_train": np.histogram(d_ht, bins=edges)[0].astype(int).tolist(),
-        "closest_pairs": [
-            {"synthetic": int(i), "train": int(i_st[i]), "distance": float(d_st[i])} for i in order
-        ],
-        "n_synthetic": int(synth.shape[0]),
-        "n_train": int(train.shape[0]),
-        "n_holdout": int(holdout.shape[0]),
+        "auc": auc_count(members, nonmembers) / (members.size * nonmembers.size),
+        "tpr_at_1pct_fpr": tpr_at(0.01),
+        "tpr_at_0_1pct_fpr": tpr_at(0.001),
+        "advantage": float(np.max(tpr - fpr)),
+        "fpr": fpr.tolist(),
+        "tpr": tpr.tolist(),
+        "n_members": int(members.size),
+        "n_nonmembers": int(nonmembers.size),
     }
 
 
-def merge_nn_audits(site_audits: Sequence[dict]) -> dict:
-    """Combine per-site audits of the same synthetic set.
+def auc_count(member_scores: Sequence[float] | np.ndarray,
+              nonmember_scores: Sequence[float] | np.ndarray) -> float:
+    """Mann-Whitney count: pairs (member, non-member) with the member scoring lower, ties 1/2.
 
-    A synthetic sample is memorised overall if it is memorised at any site, so the overall
-    fraction is the size of the union of ``memorized_indices``; its chance level is at most
-    ``1 - prod(1 - expected_fraction)`` over sites. Returns ``memorized_fraction``,
-    ``expected_fraction``, ``max_site_fraction``, ``sites`` ([{memorized_fraction, threshold,
-    n_train, n_holdout}]) and ``n_synthetic``.
+    Each member contributes at most ``len(nonmember_scores)`` and each non-member at most
+    ``len(member_scores)``: the basis of the release's sensitivity bound.
     """
-    if not site_audits:
-        raise ValueError("site_audits is empty: need at least one site's audit")
-    n_synth = {int(a["n_synthetic"]) for a in site_audits}
-    if len(n_synth) != 1:
-        raise ValueError(f"sites audited synthetic sets of different sizes {sorted(n_synth)}")
-    n = n_synth.pop()
-    union: set[int] = set()
-    for audit in site_audits:
-        union.update(int(i) for i in audit["memorized_indices"])
-    expected = 1.0 - float(np.prod([1.0 - a["expected_fraction"] for a in site_audits]))
+    members = _as_scores(member_scores, "member_scores", allow_empty=True)
+    nonmembers = np.sort(_as_scores(nonmember_scores, "nonmember_scores", allow_empty=True))
+    above = nonmembers.size - np.searchsorted(nonmembers, members, side="right")
+    ties = np.searchsorted(nonmembers, members, side="right") - np.searchsorted(
+        nonmembers, members, side="left")
+    return float(above.sum() + 0.5 * ties.sum())
+
+
+def sample_threshold(sample_scores: Sequence[float] | np.ndarray,
+                     quantile: float = THRESHOLD_QUANTILE) -> float:
+    """``tau``: the ``quantile`` of an attack's scores on the site's generated samples.
+
+    Data-independent by construction (the samples come from the public model and fresh
+    randomness), so using it costs no privacy and cannot be tuned on the private records.
+    """
+    scores = _as_scores(sample_scores, "sample_scores")
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    return float(np.quantile(scores, quantile))
+
+
+def near_copy_test(record_feats: np.ndarray, sample_feats: np.ndarray, *,
+                   ratio: float = NEAR_COPY_RATIO, chunk: int = 1024
+                   ) -> dict[str, np.ndarray]:
+    """Per record: is its nearest generated sample ``ratio`` times closer than the second?
+
+    A per-record 0/1 value that depends only on that record and the generated samples, so adding
+    or removing a record changes only its own flag. Returns ``flags`` (bool [N]), ``nearest``
+    (index of the nearest sample), ``d1`` and ``d2`` (nearest and second-nearest distances).
+    Known blind spot: a record the model reproduces *several* times has two near-identical
+    neighbours (d1/d2 ~ 1) and is not flagged; the loss attacks cover that case.
+    """
+    rec = np.asarray(record_feats, dtype=np.float64)
+    smp = np.asarray(sample_feats, dtype=np.float64)
+    if smp.ndim != 2 or smp.shape[0] < 2:
+        raise ValueError(f"need >= 2 generated samples as an [N, D] array, got {smp.shape}")
+    if rec.ndim != 2 or rec.shape[1] != smp.shape[1]:
+        raise ValueError(f"record features {rec.shape} and sample features {smp.shape} must be "
+                         "[N, D] arrays from the same extractor")
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    n = rec.shape[0]
+    d1, d2, idx = np.empty(n), np.empty(n), np.empty(n, dtype=np.int64)
+    for start in range(0, n, chunk):
+        d = cdist(rec[start:start + chunk], smp)
+        two = np.argpartition(d, 1, axis=1)[:, :2]
+        pair = np.take_along_axis(d, two, axis=1)
+        order = np.argsort(pair, axis=1)
+        sl = slice(start, start + chunk)
+        idx[sl] = np.take_along_axis(two, order, axis=1)[:, 0]
+        pair = np.take_along_axis(pair, order, axis=1)
+        d1[sl], d2[sl] = pair[:, 0], pair[:, 1]
+    flags = d1 < ratio * d2  # d2 == 0 (duplicate samples) never flags
+    return {"flags": flags, "nearest": idx, "d1": d1, "d2": d2}
+
+
+# ------------------------------------------------------------------------------ the DP release
+def audit_sensitivity(n_attacks: int = len(ATTACKS)) -> float:
+    """L2 sensitivity ``Delta`` of the count vector of :func:`audit_counts` (count units).
+
+    Derivation (``A = n_attacks``; ``M``/``H`` the member/non-member records scored, each at most
+    the public ``m``; every coordinate is a count, the AUC one is ``U_a / m`` with ``U_a`` the
+    Mann-Whitney count of attack ``a``). Neighbouring datasets differ by one record, which is
+    either a member or a non-member:
+
+    * one member added or removed: ``U_a`` changes by at most ``|H| <= m`` per attack, so
+      ``U_a / m`` by at most 1 (A coordinates); its own ``score <= tau_a`` flag changes the TPR
+      count by at most 1 (A coordinates; ``tau_a`` does not depend on the data); its own
+      near-copy flag by at most 1; ``|M|`` by 1. That is ``2A + 2`` coordinates moving by <= 1.
+      The FPR counts, the holdout near-copy count and ``|H|`` do not move;
+    * one non-member added or removed: symmetric, ``U_a / m`` (A), the FPR counts (A), its
+      holdout near-copy flag and ``|H|``: again ``2A + 2`` coordinates;
+    * subsampling (a split with more than ``m`` records is subsampled to ``m`` with fresh secret
+      randomness): couple the draw on the larger dataset with the draw on the smaller one so the
+      two subsets are equal or differ by replacing one record with another of the same split.
+      A replacement moves ``U_a / m`` by at most ``|H| / m <= 1`` (both records' contributions lie
+      in ``[0, |H|]``), each flag count by at most 1, and the set size not at all: ``2A + 1``
+      coordinates. The output distribution is a mixture over such coupled pairs, and Renyi
+      divergence is jointly quasi-convex, so the mixture is no worse than its worst pair.
+
+    Hence ``Delta = sqrt(2A + 2)`` (``sqrt(6)`` for the two shipped attacks). Adding
+    ``N(0, (sigma * Delta)^2)`` per coordinate is then exactly the Gaussian mechanism with noise
+    multiplier ``sigma``, i.e. one ``gaussian_mechanism_entry(sigma)`` in the ledger. Assumed, as
+    for DP-SGD on the train split: adding a record does not move other records between splits.
+    """
+    if n_attacks < 1:
+        raise ValueError(f"n_attacks must be >= 1, got {n_attacks}")
+    return math.sqrt(2 * n_attacks + 2)
+
+
+def audit_counts(
+    *,
+    records: int,
+    member_scores: Mapping[str, np.ndarray],
+    nonmember_scores: Mapping[str, np.ndarray],
+    thresholds: Mapping[str, float],
+    member_near_copy: np.ndarray,
+    nonmember_near_copy: np.ndarray,
+) -> np.ndarray:
+    """The un-noised vector (count units, order of :data:`AUDIT_NOISED_KEYS`) before noise.
+
+    ``records`` is the public ``m``; at most ``m`` members and ``m`` non-members may be passed
+    (the caller subsamples), otherwise the sensitivity bound of :func:`audit_sensitivity` fails.
+    """
+    if records < 1:
+        raise ValueError(f"records (the public m) must be >= 1, got {records}")
+    if set(member_scores) != set(ATTACKS) or set(nonmember_scores) != set(ATTACKS) \
+            or set(thresholds) != set(ATTACKS):
+        raise ValueError(f"need scores and thresholds for exactly the attacks {ATTACKS}")
+    mem_nc = np.asarray(member_near_copy, dtype=bool).reshape(-1)
+    non_nc = np.asarray(nonmember_near_copy, dtype=bool).reshape(-1)
+    n_mem, n_non = mem_nc.size, non_nc.size
+    if n_mem > records or n_non > records:
+        raise ValueError(f"{n_mem} members / {n_non} non-members exceed m={records}: subsample "
+                         "each split to at most m records before counting")
+    out: list[float] = []
+    for a in ATTACKS:
+        mem = _as_scores(member_scores[a], f"member_scores[{a}]", allow_empty=True)
+        non = _as_scores(nonmember_scores[a], f"nonmember_scores[{a}]", allow_empty=True)
+        if mem.size != n_mem or non.size != n_non:
+            raise ValueError(f"attack {a}: {mem.size}/{non.size} scores for {n_mem} members and "
+                             f"{n_non} non-members")
+        tau = float(thresholds[a])
+        out += [auc_count(mem, non) / records, float((mem <= tau).sum()),
+                float((non <= tau).sum())]
+    out += [float(mem_nc.sum()), float(non_nc.sum()), float(n_mem), float(n_non)]
+    return np.asarray(out, dtype=np.float64)
+
+
+def _gaussian(n: int, generator: torch.Generator) -> np.ndarray:
+    """N(0, 1) draws as Opacus' secure mode makes them: the sum of four normals, halved."""
+    draws = torch.randn((4, n), generator=generator, dtype=torch.float64)
+    return (draws.sum(dim=0) / 2.0).numpy()
+
+
+def dp_audit_release(counts: np.ndarray, *, records: int, noise_multiplier: float,
+                     generator: torch.Generator, epsilon: float) -> dict[str, float]:
+    """Gaussian mechanism on the count vector; returns the flat release (fractions of ``m``).
+
+    Adds ``N(0, (noise_multiplier * Delta)^2)`` to every count (``Delta`` from
+    :func:`audit_sensitivity`), then divides by ``m``; charge
+    ``gaussian_mechanism_entry(noise_multiplier)`` BEFORE calling. ``epsilon`` is the ledger's
+    value after that charge, passed through as a public value. Noisy values are not clipped
+    (clipping is post-processing the reader may do; unclipped values stay unbiased).
+    """
+    vec = np.asarray(counts, dtype=np.float64).reshape(-1)
+    if vec.size != len(AUDIT_NOISED_KEYS):
+        raise ValueError(f"counts has {vec.size} values, expected {len(AUDIT_NOISED_KEYS)}")
+    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier)
+            and noise_multiplier > 0):
+        raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}"
+                         " (privacy.audit_noise_multiplier)")
+    if not isinstance(generator, torch.Generator):
+        raise ValueError("generator must be a torch.Generator from the site's PrivacyRng")
+    std = float(noise_multiplier) * audit_sensitivity()
+    noisy = (vec + std * _gaussian(vec.size, generator)) / records
+    out = {k: float(v) for k, v in zip(AUDIT_NOISED_KEYS, noisy, strict=True)}
+    out.update({"records": float(records), "noise_std": std / records, "epsilon": float(epsilon)})
+    return out
+
+
+# ------------------------------------------------------------------------ coordinator's reading
+def audit_estimates(release: Mapping[str, float]) -> dict[str, object]:
+    """Turn one site's release into rates (post-processing: free in privacy).
+
+    The AUC statistic is ``U / m^2`` and the TPR/FPR/near-copy values are counts over ``m``; if a
+    split had fewer than ``m`` records they are renormalised by the noisy ``|M|/m`` and ``|H|/m``
+    (clipped to ``[1/m, 1]``, since the true values lie there). Rates are clipped to ``[0, 1]``.
+    Returns ``{attack: {auc, tpr, fpr}}`` under ``attacks``, ``best_attack`` (highest AUC: taking
+    the max of noisy values errs towards reporting more leakage), ``near_copy_fraction``,
+    ``near_copy_fraction_holdout``, ``noise_std``, ``records`` and ``epsilon``.
+    """
+    missing = [k for k in AUDIT_RELEASE_KEYS if k not in release]
+    if missing:
+        raise ValueError(f"audit release lacks {missing}; the site runs an older fedldm")
+    m = float(release["records"])
+    floor = 1.0 / m if m > 0 else 1.0
+    mf = min(1.0, max(floor, float(release["members_fraction"])))
+    nf = min(1.0, max(floor, float(release["nonmembers_fraction"])))
+
+    def rate(x: float, denom: float) -> float:
+        return float(min(1.0, max(0.0, x / denom)))
+
+    attacks = {a: {"auc": rate(float(release[f"{a}.auc"]), mf * nf),
+                   "tpr": rate(float(release[f"{a}.tpr"]), mf),
+                   "fpr": rate(float(release[f"{a}.fpr"]), nf)} for a in ATTACKS}
+    best = max(ATTACKS, key=lambda a: attacks[a]["auc"])
     return {
-        "memorized_fraction": len(union) / n,
-        "expected_fraction": expected,
-        "max_site_fraction": float(max(a["memorized_fraction"] for a in site_audits)),
-        "n_synthetic": n,
-        "sites": [
-            {
-                "memorized_fraction": float(a["memorized_fraction"]),
-                "threshold": float(a["threshold"]),
-                "n_train": int(a["n_train"]),
-                "n_holdout": int(a["n_holdout"]),
-            }
-            for a in site_audits
-        ],
+        "attacks": attacks,
+        "best_attack": best,
+        "near_copy_fraction": rate(float(release["near_copy_fraction"]), mf),
+        "near_copy_fraction_holdout": rate(float(release["near_copy_fraction_holdout"]), nf),
+        "noise_std": float(release["noise_std"]),
+        "records": int(round(m)),
+        "epsilon": float(release["epsilon"]),
     }

@@ -17,8 +17,8 @@ from server.report import (
     closest_pairs_figure,
     epsilon_figure,
     image_grid_figure,
-    nn_histogram_figure,
     roc_figure,
+    score_histogram_figure,
     training_curves_figure,
     utility_bars_figure,
     verdicts,
@@ -28,9 +28,32 @@ from server.report import (
 CHROMIUM = Path("/usr/bin/chromium")
 
 
+def _audit_site(auc: float, near_copy: float = 0.01) -> dict:
+    """One site's entry of privacy.audit_sites (server.evaluate.summarise_audits layout)."""
+    return {
+        "attacks": {"denoiser": {"auc": auc, "tpr": 0.012, "fpr": 0.011},
+                    "autoencoder": {"auc": 0.5, "tpr": 0.01, "fpr": 0.01}},
+        "best_attack": "denoiser",
+        "near_copy_fraction": near_copy,
+        "near_copy_fraction_holdout": 0.01,
+        "noise_std": 0.02,
+        "records": 256,
+        "epsilon": 0.3,
+    }
+
+
+def _site_diagnostics() -> dict:
+    """What the report reads from a site-local diagnostics file (client.audit)."""
+    fpr = np.r_[0.0, np.geomspace(1 / 300, 1, 60)]
+    roc = {"fpr": fpr.tolist(), "tpr": np.sqrt(fpr).tolist(), "auc": 0.55,
+           "tpr_at_1pct_fpr": 0.1, "n_nonmembers": 300}
+    hist = {"edges": np.linspace(0, 1, 11).tolist(), "members": [1] * 10,
+            "nonmembers": [2] * 10, "samples": [3] * 10}
+    return {a: {"roc": roc, "histogram": hist, "threshold": 0.1}
+            for a in ("denoiser", "autoencoder")}
+
+
 def _metrics(mia_auc: float = 0.52) -> dict:
-    rng = np.random.default_rng(0)
-    fpr = np.linspace(0, 1, 50)
     return {
         "run": {"name": "test-run", "preset": "quick", "sites": 2, "image_size": 32},
         "fidelity": {
@@ -83,28 +106,13 @@ def _metrics(mia_auc: float = 0.52) -> dict:
                 "site-b": {"epsilon": 7.9, "delta": 1e-5, "budget_epsilon": 8.0},
             },
             "disclosures": ["Latent scale factor: Gaussian mechanism, charged to the ledger."],
-        },
-        "mia": {
-            "auc": mia_auc,
-            "tpr_at_1pct_fpr": 0.012,
-            "tpr_at_0_1pct_fpr": 0.001,
-            "fpr": fpr.tolist(),
-            "tpr": np.sqrt(fpr).tolist(),
-            "n_members": 300,
-            "n_nonmembers": 300,
-            "method": "pooled_histograms",
-        },
-        "nn_audit": {
-            "memorized_fraction": 0.05,
-            "expected_fraction": 0.05,
-            "threshold": 1.1,
-            "n_synthetic": 400,
-            "n_train": 300,
-            "n_holdout": 300,
-            "bin_edges": np.linspace(0, 4, 31).tolist(),
-            "hist_synth_train": rng.integers(0, 30, 30).tolist(),
-            "hist_synth_holdout": rng.integers(0, 30, 30).tolist(),
-            "hist_holdout_train": rng.integers(0, 30, 30).tolist(),
+            "mia_auc": mia_auc,
+            "mia_tpr_at_1pct_fpr": 0.012,
+            "mia_fpr_at_threshold": 0.011,
+            "mia_noise_std": 0.02,
+            "memorized_fraction": 0.01,
+            "memorized_fraction_holdout": 0.01,
+            "audit_sites": {"site-a": _audit_site(mia_auc), "site-b": _audit_site(mia_auc)},
         },
     }
 
@@ -130,8 +138,8 @@ def _figures(metrics: dict) -> dict:
         "training_curves": training_curves_figure(training),
         "epsilon": epsilon_figure(eps_rounds, budget=8.0),
         "utility": utility_bars_figure(metrics["utility"]),
-        "roc": roc_figure(metrics["mia"]),
-        "nn_histogram": nn_histogram_figure(metrics["nn_audit"]),
+        "roc": roc_figure({"site-a": _site_diagnostics()}, note="site-local"),
+        "score_histograms": score_histogram_figure({"site-a": _site_diagnostics()}),
         "closest_pairs": closest_pairs_figure(pairs, distances=[0.1, 0.2, 0.3, 0.4]),
         "raw_array": rng.uniform(-1, 1, (32, 32)),
     }
@@ -204,22 +212,22 @@ def test_verdict_fail_on_strong_mia(tmp_path: Path) -> None:
     assert 'class="badge FAIL"' in text
 
 
+def _audit(**privacy: object) -> dict:
+    """A metrics change that overrides DP audit values in the privacy block."""
+    return {"privacy": {**_metrics()["privacy"], **privacy}}
+
+
 @pytest.mark.parametrize(
     "change,aspect,status",
     [
         ({"utility": {"ratio": 0.6, "tstr_auc": 0.55, "trtr_auc": 0.92}}, "Utility", "FAIL"),
         ({"utility": {"ratio": 0.8, "tstr_auc": 0.74, "trtr_auc": 0.92}}, "Utility", "WEAK"),
-        (
-            {
-                "nn_audit": {
-                    "memorized_fraction": 0.4,
-                    "expected_fraction": 0.05,
-                    "n_synthetic": 400,
-                }
-            },
-            "Memorisation",
-            "FAIL",
-        ),
+        (_audit(memorized_fraction=0.4), "Memorisation", "FAIL"),
+        (_audit(memorized_fraction=0.06), "Memorisation", "WEAK"),
+        (_audit(memorized_fraction=0.0, memorized_fraction_holdout=0.03), "Memorisation",
+         "PASS"),
+        # a near-copy excess inside the DP noise is not a finding
+        (_audit(memorized_fraction=0.2, mia_noise_std=0.5), "Memorisation", "PASS"),
         (
             {"privacy": {"sites": {"a": {"epsilon": 9.0, "budget_epsilon": 8.0}}}},
             "Formal privacy (DP)",
@@ -244,8 +252,11 @@ def test_verdict_fail_on_strong_mia(tmp_path: Path) -> None:
             "Formal privacy (DP)",
             "PASS",
         ),
-        ({"mia": {"auc": 0.65, "tpr_at_1pct_fpr": 0.02}}, "Membership inference", "WEAK"),
-        ({"mia": None}, "Membership inference", "FAIL"),
+        (_audit(mia_auc=0.65), "Membership inference", "WEAK"),
+        (_audit(mia_auc=0.75), "Membership inference", "FAIL"),
+        # a low AUC under enormous DP noise cannot pass
+        (_audit(mia_auc=0.5, mia_noise_std=0.5), "Membership inference", "WEAK"),
+        (_audit(mia_auc=None), "Membership inference", "FAIL"),
     ],
 )
 def test_verdict_thresholds(change: dict, aspect: str, status: str) -> None:
@@ -284,3 +295,61 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     assert shot.shape[0] >= 1000 and shot.std() > 5.0  # not blank
     if os.environ.get("FEDLDM_KEEP_SCREENSHOT"):  # for a human look at the rendering
         shutil.copy(out, os.environ["FEDLDM_KEEP_SCREENSHOT"])
+
+
+def test_audit_wording_states_noise_and_lower_bounds(report: Path) -> None:
+    text = report.read_text(encoding="utf-8").lower()
+    assert "lower bound" in text
+    assert "noise" in text and "0.02" in text  # the DP noise std of the released values
+    assert "low fidelity" in text  # near copies at chance are explained, not celebrated
+    assert "pooled" not in text and "0.1% fpr" not in text
+
+
+def test_roc_figure_uses_log_fpr_reaching_below_one_percent() -> None:
+    fig = roc_figure({"site-a": _site_diagnostics(), "site-b": _site_diagnostics()}, note="x")
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2
+    for ax in axes:
+        assert ax.get_xscale() == "log" and ax.get_xlim()[0] < 0.01
+
+
+def test_summarise_audits_means_best_attack_and_renormalises() -> None:
+    from ldm_core.evaluation import AUDIT_RELEASE_KEYS
+    from server.evaluate import summarise_audits
+
+    def release(site: str, den_auc: float, nc: float) -> dict:
+        r = dict.fromkeys(AUDIT_RELEASE_KEYS, 0.0)
+        r.update({"site": site, "denoiser.auc": den_auc, "denoiser.tpr": 0.3,
+                  "denoiser.fpr": 0.01, "autoencoder.auc": 0.5, "near_copy_fraction": nc,
+                  "near_copy_fraction_holdout": 0.02, "members_fraction": 1.0,
+                  "nonmembers_fraction": 1.0, "records": 256.0, "noise_std": 0.05,
+                  "epsilon": 0.4})
+        return r
+
+    out = summarise_audits([release("a", 0.9, 0.1), release("b", 0.7, 0.0)])
+    assert out["mia_auc"] == pytest.approx(0.8)
+    assert out["mia_tpr_at_1pct_fpr"] == pytest.approx(0.3)
+    assert out["mia_fpr_at_threshold"] == pytest.approx(0.01)
+    assert out["mia_noise_std"] == 0.05
+    assert out["memorized_fraction"] == pytest.approx(0.05)
+    assert set(out["audit_sites"]) == {"a", "b"}
+    assert out["audit_sites"]["a"]["attacks"]["denoiser"]["auc"] == pytest.approx(0.9)
+    for dropped in ("mia_tpr_at_0_1pct_fpr", "memorized_fraction_pixel"):
+        assert dropped not in out
+    bad = release("a", 0.5, 0.0)
+    del bad["site"]
+    with pytest.raises(ValueError, match="site"):
+        summarise_audits([bad])
+
+
+def test_datacard_states_audit_noise_and_limits(tmp_path: Path) -> None:
+    from ldm_core.config import build_config
+    from server.datacard import write_datacard
+
+    cfg = build_config(preset="tiny", image_size=16, class_names=("a", "b"), epsilon=8.0)
+    card = write_datacard(tmp_path / "DATACARD.md", _metrics(), cfg).read_text()
+    assert "lower bounds on leakage" in card
+    assert "std 0.020" in card
+    assert "low fidelity" in card  # 0.01 near copies = the holdout's 0.01
+    empty = write_datacard(tmp_path / "EMPTY.md", {"privacy": {}}, cfg).read_text()
+    assert "not measured" in empty
