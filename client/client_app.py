@@ -4,29 +4,44 @@ Nothing lives in module globals across messages (deployment starts a fresh proce
 the frozen autoencoder a site receives once is kept in `context.state`, and the privacy ledger on
 disk in the site's state directory.
 
-What leaves a site: DP-trained weights, DP-released scalars (loss, latent second moment), the
-epsilon spent, and error *kinds*. Exception details can name files (and file names can carry
-patient identifiers), so they go to the site's own log, not to the coordinator.
+What leaves a site is exactly what `common.protocol` declares: DP-trained weights, DP-released
+scalars (loss, latent second moment, opt-in audit aggregates), the epsilon spent, and a fixed
+reason per error kind. Exception details can name files (and file names can carry patient
+identifiers), so they go to the site's own log, not to the coordinator.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import tasks
 from client.ledger import BudgetExceededError
+from client.replies import ReplyStore
 from client.site_config import SiteConfig
+from common.protocol import (
+    ERR_BUDGET,
+    ERR_REFUSED,
+    ERR_SITE,
+    ERROR_REASONS,
+    AuditReply,
+    AuditRequest,
+    LatentStatsReply,
+    LatentStatsRequest,
+    RunRef,
+    TrainReply,
+    TrainRequest,
+    query_task,
+)
 from ldm_core.config import RunConfig
 from ldm_core.logs import file_logger
 
 SiteResolver = Callable[[Context], SiteConfig]
-ERR_BUDGET = 4001
-ERR_SITE = 4002
 AE_STATE_KEY = "fedldm-autoencoder"
 
 
@@ -35,90 +50,90 @@ def _log(site: SiteConfig) -> logging.Logger:
 
 
 def _error_reply(msg: Message, site: SiteConfig | None, exc: Exception) -> Message:
-    if isinstance(exc, BudgetExceededError):
-        return Message(Error(code=ERR_BUDGET, reason=f"site {site.site_id if site else '?'} "
-                             f"refused: {exc}"), reply_to=msg)
-    where = "site.log in the site's state directory"
+    """A fixed, data-independent reason per error kind; the details go to site.log only."""
+    code = (ERR_BUDGET if isinstance(exc, BudgetExceededError)
+            else ERR_REFUSED if isinstance(exc, PermissionError) else ERR_SITE)
     if site is not None:
-        _log(site).exception("message %s failed", msg.metadata.message_type)
-    return Message(Error(code=ERR_SITE, reason=f"site {site.site_id if site else '?'} failed "
-                         f"with {type(exc).__name__}; details are in {where} at the site"),
-                   reply_to=msg)
+        _log(site).error("message %s refused/failed: %s", msg.metadata.message_type, exc,
+                         exc_info=code == ERR_SITE)
+    name = site.site_id if site else "?"
+    return Message(Error(code=code, reason=f"site {name}: {ERROR_REASONS[code]}"), reply_to=msg)
 
 
-def _run_config(msg: Message) -> RunConfig:
-    import json
-
-    return RunConfig.from_dict(json.loads(str(msg.content["config"]["run-config"])))
+def _run_config(run: RunRef) -> RunConfig:
+    return RunConfig.from_dict(json.loads(run.run_config))
 
 
 def _guarded(msg: Message, context: Context, resolve_site: SiteResolver,
-             handle: Callable[[Message, Context, SiteConfig, RunConfig], Message]) -> Message:
-    """Resolve the site and the run config, run `handle`; every failure becomes an error reply."""
+             handle: Callable[[Message, Context, SiteConfig], Message]) -> Message:
+    """Resolve the site, run `handle`; every failure becomes an error reply."""
     site = None
     try:
         site = resolve_site(context)
-        return handle(msg, context, site, _run_config(msg))
+        return handle(msg, context, site)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
         return _error_reply(msg, site, exc)
 
 
-def _train(msg: Message, context: Context, site: SiteConfig, cfg: RunConfig) -> Message:
-    conf = msg.content["config"]
-    phase = str(conf["phase"])
-    if "autoencoder" in msg.content:
-        context.state[AE_STATE_KEY] = msg.content["autoencoder"]
+def _stored(msg: Message, site: SiteConfig, run: str, kind: str, rnd: int) -> Message | None:
+    """A retried request gets the reply already sent: no new training, release or charge."""
+    stored = ReplyStore(site.state_dir).load(run, kind, rnd)
+    if stored is None:
+        return None
+    _log(site).info("%s %s round %s: answering a retry with the stored reply", run, kind, rnd)
+    return Message(stored, reply_to=msg)
+
+
+def _send(msg: Message, site: SiteConfig, run: str, kind: str, rnd: int,
+          content: RecordDict) -> Message:
+    """Persist the reply durably, then send it (a crash in between re-sends the same reply)."""
+    ReplyStore(site.state_dir).save(run, kind, rnd, content)
+    return Message(content, reply_to=msg)
+
+
+def _train(msg: Message, context: Context, site: SiteConfig) -> Message:
+    req = TrainRequest.from_record(msg.content)
+    if req.autoencoder is not None:
+        context.state[AE_STATE_KEY] = req.autoencoder
+    again = _stored(msg, site, req.run.run_name, req.phase, req.server_round)
+    if again is not None:
+        return again
+    cfg = _run_config(req.run)
     ae_weights = None
-    if phase == "diffusion":
+    if req.phase == "diffusion":
         if AE_STATE_KEY not in context.state:
             raise RuntimeError("no autoencoder received for the diffusion phase")
         ae_weights = context.state[AE_STATE_KEY].to_torch_state_dict()
+    # The message seed drives only non-private randomness (timesteps, label dropout); the
+    # privacy randomness is the site's own (client.tasks.site_privacy_rng).
     result = tasks.train_round(
-        site, cfg, phase=phase, server_round=int(conf["server-round"]),
-        run_id=str(conf["run-name"]),
-        weights=msg.content["arrays"].to_torch_state_dict(),
-        ae_weights=ae_weights, scale_factor=float(conf.get("scale-factor", 1.0)),
-        seed=int(conf.get("seed", 0)) * 1000 + int(conf["server-round"]) * 7
-        + site.site_index,
+        site, cfg, phase=req.phase, server_round=req.server_round, run_id=req.run.run_name,
+        weights=req.weights.to_torch_state_dict(), ae_weights=ae_weights,
+        scale_factor=1.0 if req.scale_factor is None else req.scale_factor,
+        seed=req.run.seed * 1000 + req.server_round * 7 + site.site_index,
     )
-    # Sites are weighted equally and the sampling rate, step count and noise multiplier
-    # stay in the site's ledger: each of them would reveal the dataset size.
-    metrics = MetricRecord({
-        "num-examples": 1,
-        "loss": result.loss,
-        "epsilon": result.epsilon,
-        "budget-epsilon": result.budget_epsilon,
-        "delta": result.delta,
-        "has-autoencoder": int(AE_STATE_KEY in context.state),
-    })
-    _log(site).info("%s round %s: loss %.4f, epsilon %.3f / %.3f", phase,
-                    conf["server-round"], result.loss, result.epsilon,
-                    result.budget_epsilon)
-    return Message(RecordDict({
-        "arrays": ArrayRecord(result.weights),
-        "metrics": metrics,
-        "site": ConfigRecord({"site-id": site.site_id}),
-    }), reply_to=msg)
+    _log(site).info("%s round %s: loss %.4f, epsilon %.3f / %.3f", req.phase, req.server_round,
+                    result.loss, result.epsilon, result.budget_epsilon)
+    reply = TrainReply(site_id=site.site_id, weights=ArrayRecord(result.weights),
+                       loss=result.loss, epsilon=result.epsilon,
+                       budget_epsilon=result.budget_epsilon, delta=result.delta,
+                       has_autoencoder=AE_STATE_KEY in context.state)
+    return _send(msg, site, req.run.run_name, req.phase, req.server_round, reply.to_record())
 
 
-def _query(msg: Message, context: Context, site: SiteConfig, cfg: RunConfig) -> Message:
-    conf = msg.content["config"]
-    task = str(conf["task"])
-    if task == "latent-stats":
-        context.state[AE_STATE_KEY] = msg.content["autoencoder"]
-        stats = tasks.latent_stats(
-            site, cfg, run_id=str(conf["run-name"]),
-            ae_weights=msg.content["autoencoder"].to_torch_state_dict(),
-            seed=int(conf.get("seed", 0)) + site.site_index)
-        return Message(RecordDict({
-            "metrics": MetricRecord({"second-moment-sum": stats.second_moment_sum,
-                                     "count": stats.count, "epsilon": stats.epsilon,
-                                     "num-examples": 1}),
-            "site": ConfigRecord({"site-id": site.site_id}),
-        }), reply_to=msg)
-    if task == "audit":
-        return _audit_reply(msg, site, cfg)
-    raise ValueError(f"unknown query task {task!r}")
+def _query(msg: Message, context: Context, site: SiteConfig) -> Message:
+    if query_task(msg.content) == "latent-stats":
+        req = LatentStatsRequest.from_record(msg.content)
+        context.state[AE_STATE_KEY] = req.autoencoder
+        again = _stored(msg, site, req.run.run_name, "latent-scale", 0)
+        if again is not None:
+            return again
+        stats = tasks.latent_stats(site, _run_config(req.run), run_id=req.run.run_name,
+                                   ae_weights=req.autoencoder.to_torch_state_dict())
+        reply = LatentStatsReply(site.site_id, stats.second_moment_sum, stats.count,
+                                 stats.epsilon)
+        return _send(msg, site, req.run.run_name, "latent-scale", 0, reply.to_record())
+    return _audit_reply(msg, site)
 
 
 def make_client_app(resolve_site: SiteResolver) -> ClientApp:
@@ -136,27 +151,27 @@ def make_client_app(resolve_site: SiteResolver) -> ClientApp:
     return app
 
 
-def _audit_reply(msg: Message, site: SiteConfig, cfg: RunConfig) -> Message:
-    """Privacy audit of the final model at the site; only aggregates go back (client.audit)."""
-    import json
-
-    import torch
-
+def _audit_reply(msg: Message, site: SiteConfig) -> Message:
+    """Privacy audit of the final model at the site: samples drawn by the site itself, attacks
+    on its own records, a few aggregates released with DP and charged (client.audit)."""
     from client.audit import site_audit
     from ldm_core.models import make_autoencoder, make_denoiser
 
-    conf = msg.content["config"]
+    req = AuditRequest.from_record(msg.content)
+    if not site.allow_audit:
+        raise PermissionError(f"site {site.site_id} does not allow audits (allow-audit=false)")
+    again = _stored(msg, site, req.run.run_name, "audit", 0)
+    if again is not None:
+        return again
+    cfg = _run_config(req.run)
     ae, dm = make_autoencoder(cfg.model), make_denoiser(cfg.model)
-    ae.load_state_dict(msg.content["autoencoder"].to_torch_state_dict())
-    dm.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    pixels = msg.content["synthetic"]["images"].numpy()
-    synthetic = torch.from_numpy(pixels.astype("float32") / 127.5 - 1.0).unsqueeze(1)
-    result = site_audit(site, cfg, ae, dm, float(conf["scale-factor"]), synthetic,
-                        seed=int(conf.get("seed", 0)))
-    return Message(RecordDict({
-        "audit": ConfigRecord({"json": json.dumps(result)}),
-        "site": ConfigRecord({"site-id": site.site_id}),
-    }), reply_to=msg)
+    ae.load_state_dict(req.autoencoder.to_torch_state_dict())
+    dm.load_state_dict(req.denoiser.to_torch_state_dict())
+    values = site_audit(site, cfg, ae, dm, req.scale_factor, run_id=req.run.run_name,
+                        rng=tasks.site_privacy_rng(site, req.run.run_name, "audit", 0),
+                        seed=req.run.seed)
+    return _send(msg, site, req.run.run_name, "audit", 0,
+                 AuditReply(site.site_id, values).to_record())
 
 
 def _deployment_site(context: Context) -> SiteConfig:
@@ -167,16 +182,20 @@ class SimulationSites:
     """Maps a simulated SuperNode's partition-id to a SiteConfig (picklable for Ray actors)."""
 
     def __init__(self, *, data: str, n_sites: int, partition: str, state_root: Path,
-                 epsilon: float, delta: float, data_seed: int, device: str) -> None:
+                 epsilon: float, delta: float, data_seed: int, device: str,
+                 reproducible_seed: int | None = None, allow_audit: bool = True) -> None:
         self.data, self.n_sites, self.partition = data, n_sites, partition
         self.state_root, self.epsilon, self.delta = Path(state_root), epsilon, delta
         self.data_seed, self.device = data_seed, device
+        self.reproducible_seed, self.allow_audit = reproducible_seed, allow_audit
 
     def site(self, index: int) -> SiteConfig:
         return SiteConfig(site_id=f"site-{index}", data=self.data,
                           state_dir=self.state_root / f"site-{index}", epsilon=self.epsilon,
                           delta=self.delta, partition=self.partition, site_index=index,
-                          n_sites=self.n_sites, data_seed=self.data_seed, device=self.device)
+                          n_sites=self.n_sites, data_seed=self.data_seed, device=self.device,
+                          allow_audit=self.allow_audit,
+                          reproducible_seed=self.reproducible_seed)
 
     def __call__(self, context: Context) -> SiteConfig:
         return self.site(int(context.node_config["partition-id"]))

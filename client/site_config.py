@@ -33,7 +33,11 @@ class SiteConfig:
     holdout_fraction: float = 0.15
     test_fraction: float = 0.15
     show_progress: bool = False
-    allow_audit: bool = True
+    # Opt-in: an audit is a DP release charged to the ledger, and a site decides to spend on it.
+    allow_audit: bool = False
+    # Simulation and tests only: seed the site's privacy randomness so a run can be repeated.
+    # NOT private against anyone who knows the seed; deployed sites refuse it.
+    reproducible_seed: int | None = None
 
     def __post_init__(self) -> None:
         if not self.site_id:
@@ -58,6 +62,11 @@ class SiteConfig:
     @staticmethod
     def from_node_config(node_config: Mapping[str, Any]) -> SiteConfig:
         """Parse Flower node config (string/number values, kebab-case keys)."""
+
+        if "privacy-seed" in node_config:
+            raise SiteConfigError(
+                "node config sets 'privacy-seed': seeded privacy randomness is for simulations "
+                "only (it voids the DP guarantee against anyone who knows the seed); remove it")
 
         def get(key: str, default: Any = None) -> Any:
             if key in node_config:
@@ -88,5 +97,5 @@ class SiteConfig:
             data_seed=int(get("data-seed", 0)),
             device=str(get("device", "auto")),
             show_progress=str(get("progress", "false")).lower() == "true",
-            allow_audit=str(get("allow-audit", "true")).lower() == "true",
+            allow_audit=str(get("allow-audit", "false")).lower() == "true",
         )

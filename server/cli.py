@@ -53,10 +53,16 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--ae-rounds", type=int, help="override autoencoder rounds")
     p.add_argument("--dm-rounds", type=int, help="override diffusion rounds")
-    p.add_argument("--ae-epochs", type=int, help="override autoencoder local epochs")
-    p.add_argument("--dm-epochs", type=int, help="override diffusion local epochs")
-    p.add_argument("--demo-patients", type=int, default=3200,
-                   help="demo data size (4 slices per patient)")
+    p.add_argument("--ae-steps", type=int, help="override autoencoder DP steps per round")
+    p.add_argument("--dm-steps", type=int, help="override diffusion DP steps per round")
+    p.add_argument("--demo-patients", type=int, default=12800,
+                   help="demo data size (patients; --demo-slices images each)")
+    p.add_argument("--demo-slices", type=int, default=1,
+                   help="demo images per patient (the DP unit is the patient)")
+    p.add_argument("--reproducible", action="store_true",
+                   help="seed the sites' privacy randomness from --seed so a run repeats "
+                   "exactly. NOT private against anyone who knows the seed: tests and research "
+                   "only (run.json, the report and the data card say so)")
     p.add_argument("--no-evaluate", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set diffusion.noise_multiplicity=8")
@@ -67,15 +73,16 @@ def _simulate(args: argparse.Namespace) -> int:
 
     overrides = dict(args.set)
     for flag, key in (("ae_rounds", "autoencoder.rounds"), ("dm_rounds", "diffusion.rounds"),
-                      ("ae_epochs", "autoencoder.local_epochs"),
-                      ("dm_epochs", "diffusion.local_epochs")):
+                      ("ae_steps", "autoencoder.local_steps"),
+                      ("dm_steps", "diffusion.local_steps")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     opts = SimulationOptions(data=args.data, sites=args.sites, partition=args.partition,
                              epsilon=args.epsilon, delta=args.delta, preset=args.preset,
                              image_size=args.image_size, seed=args.seed, out=args.out,
                              device=args.device, overrides=overrides,
-                             demo_patients=args.demo_patients, evaluate=not args.no_evaluate)
+                             demo_patients=args.demo_patients, demo_slices=args.demo_slices,
+                             reproducible=args.reproducible, evaluate=not args.no_evaluate)
     metrics = run_simulation(opts)
     print("\n".join(["", "== fedldm simulate: done =="] + summary_lines(metrics, args.out)))
     return 0

@@ -17,16 +17,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from tqdm.auto import tqdm
 
-from client.tasks import scale_factor_from
+from common.protocol import (
+    AuditReply,
+    AuditRequest,
+    LatentStatsReply,
+    LatentStatsRequest,
+    ProtocolError,
+    RunRef,
+    TrainReply,
+    TrainRequest,
+)
 from ldm_core.checkpoint import load_checkpoint, save_checkpoint
 from ldm_core.config import RunConfig, to_dict
 from ldm_core.models import make_autoencoder, make_denoiser
+from ldm_core.privacy import pooled_scale_factor
 from server.run_folder import RunFolder
+from server.spend import SpendRegistry
 
 
 class FederationError(RuntimeError):
@@ -42,6 +53,9 @@ class ServerSettings:
     round_timeout_s: float = 3600.0
     show_progress: bool = True
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    # Where the coordinator remembers each site's highest reported epsilon (server.spend);
+    # default: the run folder. Deployments share one file across runs.
+    spend_registry: Path | None = None
 
 
 def _initial_models(cfg: RunConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -95,6 +109,7 @@ class Coordinator:
         self.ae, self.dm = _initial_models(cfg)
         self.folder.create()
         self.log = self.folder.logger()
+        self.spend = SpendRegistry(settings.spend_registry or self.folder.root / "site-spend.json")
         self.strategy = FedAvg(fraction_train=1.0, min_train_nodes=settings.min_sites,
                                min_available_nodes=settings.min_sites)
         self.state: dict[str, Any] = {"stage": "autoencoder", "round": 0, "scale_factor": None,
@@ -136,11 +151,8 @@ class Coordinator:
         self.folder.save_metrics(self.metrics)
 
     # ------------------------------------------------------------------ messaging
-    def _base_config(self, **extra: Any) -> ConfigRecord:
-        conf: dict[str, Any] = {"run-config": self.cfg.to_json(),
-                                "run-name": self.state["run_name"], "seed": self.cfg.seed}
-        conf.update(extra)
-        return ConfigRecord(conf)
+    def _run_ref(self) -> RunRef:
+        return RunRef(self.cfg.to_json(), self.state["run_name"], self.cfg.seed)
 
     def _send(self, nodes: Iterable[int], content_for: Any, message_type: str,
               group: str) -> list[Message]:
@@ -171,38 +183,44 @@ class Coordinator:
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
         arrays = ArrayRecord(model.state_dict())
         ae_arrays = ArrayRecord(self.ae.state_dict()) if phase == "diffusion" else None
-        conf = self._base_config(phase=phase, **{"server-round": rnd},
-                                 **({"scale-factor": float(self.state["scale_factor"])}
-                                    if phase == "diffusion" else {}))
+        scale = float(self.state["scale_factor"]) if phase == "diffusion" else None
+        run = self._run_ref()
 
         def content(node: int) -> RecordDict:
-            rec = {"arrays": arrays, "config": conf}
-            if ae_arrays is not None and node in send_ae:
-                rec["autoencoder"] = ae_arrays
-            return RecordDict(rec)
+            return TrainRequest(run, phase, rnd, arrays,
+                                ae_arrays if node in send_ae else None, scale).to_record()
 
         t0 = time.monotonic()
         replies = self._split_replies(self._send(nodes, content, MessageType.TRAIN,
                                                  f"{phase}-{rnd}"), f"{phase} round {rnd}")
-        good = []
+        good: list[Message] = []
+        losses: list[float] = []
         for r in replies:
-            why = check_update(reference, r.content["arrays"].to_torch_state_dict())
+            node = r.metadata.src_node_id
+            try:
+                reply = TrainReply.from_record(r.content)
+                why = check_update(reference, reply.weights.to_torch_state_dict())
+                if why is None:
+                    why = self._check_site(node, reply.site_id, reply.epsilon)
+            except ProtocolError as err:
+                why = str(err)
             if why:
-                self.log.warning("rejecting update from node %s: %s", r.metadata.src_node_id, why)
+                self.log.warning("rejecting update from node %s: %s", node, _bounded(why))
+                self.metrics.setdefault("errors", []).append(
+                    {"stage": f"{phase} round {rnd}", "node": node, "reason": _bounded(why)})
                 continue
-            good.append(r)
-            m = r.content["metrics"]
-            site = str(r.content["site"]["site-id"])
-            if phase == "diffusion" and int(m["has-autoencoder"]):
-                send_ae.discard(r.metadata.src_node_id)
-            self._record_site(site, phase, rnd, m)
+            # Sites are weighted equally: the aggregation sees only the declared weights.
+            good.append(_equal_weight(r, reply.weights))
+            losses.append(reply.loss)
+            if phase == "diffusion" and reply.has_autoencoder:
+                send_ae.discard(node)
+            self._record_site(reply.site_id, phase, rnd, reply)
         if len(good) < self.settings.min_sites:
             raise FederationError(f"{phase} round {rnd}: only {len(good)} usable update(s)")
         agg, _ = self.strategy.aggregate_train(rnd, good)
         if agg is None:
             raise FederationError(f"{phase} round {rnd}: aggregation produced nothing")
         model.load_state_dict(agg.to_torch_state_dict())
-        losses = [float(r.content["metrics"]["loss"]) for r in good]
         self.metrics["rounds"].append({
             "phase": phase, "round": rnd, "loss": sum(losses) / len(losses),
             "sites_ok": len(good), "sites_failed": len(nodes) - len(good),
@@ -210,34 +228,62 @@ class Coordinator:
         self.log.info("%s round %d: mean DP loss %.4f from %d site(s) in %.1fs", phase, rnd,
                       sum(losses) / len(losses), len(good), time.monotonic() - t0)
 
-    def _record_site(self, site: str, phase: str, rnd: int, m: Any) -> None:
-        eps = float(m["epsilon"])
-        entry = {"phase": phase, "round": rnd, "site": site, "loss": float(m["loss"]),
-                 "epsilon": eps}
+    def _check_site(self, node: int, site: str, epsilon: float) -> str | None:
+        """Bind a site name to the node that first used it, and refuse spend that went down.
+
+        A site's cumulative epsilon can only grow; a lower figure means its ledger was reset or
+        it lies, and either way its privacy accounting can no longer be trusted.
+        """
+        owners = self.state.setdefault("site_nodes", {})
+        owner = owners.setdefault(site, node)
+        if owner != node:
+            return f"claims to be {site!r}, which is node {owner}"
+        last = self.spend.get(site)
+        if last is not None and epsilon < last - 1e-9:
+            return (f"site {site!r} reports cumulative epsilon {epsilon:.6g}, below the "
+                    f"{last:.6g} it reported before: its ledger was reset or it is lying; "
+                    "refused (the site must restore its ledger from backup)")
+        self.spend.record(site, epsilon)
+        return None
+
+    def _record_site(self, site: str, phase: str, rnd: int, reply: TrainReply) -> None:
+        entry = {"phase": phase, "round": rnd, "site": site, "loss": reply.loss,
+                 "epsilon": reply.epsilon}
         self.metrics["training"].append(entry)
         self.metrics["privacy"]["rounds"].append(
-            {"site": site, "phase": phase, "round": rnd, "epsilon": eps})
+            {"site": site, "phase": phase, "round": rnd, "epsilon": reply.epsilon})
         s = self.metrics["privacy"]["sites"].setdefault(site, {})
-        s.update({"epsilon": eps, "delta": float(m["delta"]),
-                  "budget_epsilon": float(m["budget-epsilon"])})
+        s.update({"epsilon": reply.epsilon, "delta": reply.delta,
+                  "budget_epsilon": reply.budget_epsilon})
 
     def _latent_scale(self, nodes: list[int]) -> float:
-        conf = self._base_config(task="latent-stats")
-        ae_arrays = ArrayRecord(self.ae.state_dict())
+        request = LatentStatsRequest(self._run_ref(), ArrayRecord(self.ae.state_dict()))
         replies = self._split_replies(
-            self._send(nodes, lambda n: RecordDict({"autoencoder": ae_arrays, "config": conf}),
-                       MessageType.QUERY, "latent-stats"), "latent scale")
-        stats = [(float(r.content["metrics"]["second-moment-sum"]),
-                  float(r.content["metrics"]["count"])) for r in replies]
+            self._send(nodes, lambda n: request.to_record(), MessageType.QUERY, "latent-stats"),
+            "latent scale")
+        stats = []
         for r in replies:
-            site = str(r.content["site"]["site-id"])
-            s = self.metrics["privacy"]["sites"].setdefault(site, {})
-            s["epsilon"] = float(r.content["metrics"]["epsilon"])
-        scale = scale_factor_from(stats)
+            node = r.metadata.src_node_id
+            try:
+                reply = LatentStatsReply.from_record(r.content)
+                why = self._check_site(node, reply.site_id, reply.epsilon)
+            except ProtocolError as err:
+                why = str(err)
+            if why:
+                self.log.warning("latent scale: rejecting node %s: %s", node, _bounded(why))
+                continue
+            stats.append((reply.second_moment_sum, reply.count))
+            s = self.metrics["privacy"]["sites"].setdefault(reply.site_id, {})
+            s["epsilon"] = reply.epsilon
+        if len(stats) < self.settings.min_sites:
+            raise FederationError(f"latent scale: only {len(stats)} usable replies")
+        scale, note = pooled_scale_factor(stats, clip=self.cfg.privacy.scale_clip)
         self.metrics["latent_scale"] = {"scale_factor": scale, "released": "DP Gaussian "
-                                        "mechanism on clipped per-sample latent second moments, "
-                                        "charged to each site's ledger"}
-        self.log.info("latent scale factor %.4f from %d site(s)", scale, len(replies))
+                                        "mechanism on clipped per-patient latent second moments, "
+                                        "charged to each site's ledger", "note": note}
+        if note:
+            self.log.warning("latent scale: %s", note)
+        self.log.info("latent scale factor %.4f from %d site(s)", scale, len(stats))
         return scale
 
     # ------------------------------------------------------------------ main
@@ -260,30 +306,31 @@ class Coordinator:
         self.folder.save_metrics(self.metrics)
         return self.metrics
 
-    def audit(self, synthetic: torch.Tensor) -> list[dict[str, Any]]:
-        """Ask every site for its privacy audit of the final model; aggregates come back."""
-        import json
+    def audit(self) -> list[dict[str, Any]]:
+        """Ask every site for its privacy audit of the final model.
 
-        import numpy as np
-
+        Only the model goes out: each site draws its own samples, attacks its own records and
+        returns a few aggregates, released with DP and charged to its ledger (common.protocol).
+        """
         nodes = sorted(self.grid.get_node_ids())
-        pixels = ((synthetic.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
-        conf = self._base_config(task="audit",
-                                 **{"scale-factor": float(self.state["scale_factor"])})
-        content = RecordDict({
-            "arrays": ArrayRecord(self.dm.state_dict()),
-            "autoencoder": ArrayRecord(self.ae.state_dict()),
-            "synthetic": ArrayRecord({"images": Array.from_numpy_ndarray(
-                np.ascontiguousarray(pixels))}),
-            "config": conf})
-        replies = self._send(nodes, lambda n: content, MessageType.QUERY, "audit")
+        request = AuditRequest(self._run_ref(), ArrayRecord(self.dm.state_dict()),
+                               ArrayRecord(self.ae.state_dict()),
+                               float(self.state["scale_factor"]))
+        replies = self._send(nodes, lambda n: request.to_record(), MessageType.QUERY, "audit")
         out = []
         for r in replies:
             if r.has_error():
-                self.log.warning("audit: node %s: %s", r.metadata.src_node_id, r.error.reason)
-                tqdm.write(f"  ! audit: {r.error.reason}")
+                self.log.warning("audit: node %s: %s", r.metadata.src_node_id,
+                                 _bounded(r.error.reason))
+                tqdm.write(f"  ! audit: {_bounded(r.error.reason)}")
                 continue
-            out.append(json.loads(str(r.content["audit"]["json"])))
+            try:
+                reply = AuditReply.from_record(r.content)
+            except ProtocolError as err:
+                self.log.warning("audit: rejecting node %s: %s", r.metadata.src_node_id,
+                                 _bounded(str(err)))
+                continue
+            out.append({"site": reply.site_id, **reply.values})
         return out
 
     def _phase(self, phase: str, rounds: int, nodes: list[int], send_ae: set[int]) -> None:
@@ -297,6 +344,19 @@ class Coordinator:
             bar.set_postfix(loss=f"{last['loss']:.4f}", eps=_max_eps(self.metrics))
             self._checkpoint(f"{prefix}-round-{rnd:03d}", phase, rnd)
         bar.close()
+
+
+def _equal_weight(reply: Message, weights: ArrayRecord) -> Message:
+    """The reply as FedAvg sees it: the declared weights only, every site weighted 1 (a site's
+    self-reported size would let it take over the average, and would reveal its size)."""
+    return Message(RecordDict({"arrays": weights, "metrics": MetricRecord({"num-examples": 1})}),
+                   dst_node_id=reply.metadata.src_node_id, message_type=MessageType.TRAIN)
+
+
+def _bounded(text: str, limit: int = 300) -> str:
+    """One log line, bounded and escaped: a site must not be able to forge log lines."""
+    text = str(text).encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "...[truncated]"
 
 
 def _max_eps(metrics: dict[str, Any]) -> str:

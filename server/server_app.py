@@ -34,7 +34,10 @@ def config_from_run_config(rc: Mapping[str, Any]) -> tuple[RunConfig, ServerSett
                        epsilon=math.inf if eps == "inf" else float(eps),
                        delta=float(rc.get("delta", 1e-5)), seed=int(rc.get("seed", 0)),
                        device=str(rc.get("device", "auto")), overrides=overrides)
-    settings = ServerSettings(out=Path(str(rc.get("out", "runs/flwr-run"))),
+    out = Path(str(rc.get("out", "runs/flwr-run")))
+    # One registry beside the runs: a site's spend must never go down from one run to the next.
+    registry = Path(str(rc.get("spend-registry", out.parent / "site-spend.json")))
+    settings = ServerSettings(out=out, spend_registry=registry,
                               min_sites=int(rc.get("min-sites", 1)),
                               expected_sites=int(rc.get("num-sites", 0)) or None)
     return cfg, settings

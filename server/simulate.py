@@ -22,8 +22,10 @@ from typing import Any
 import torch
 
 from client.client_app import SimulationSites, make_client_app
+from client.ledger import PrivacyLedger
 from ldm_core.config import PRESET_IMAGE_SIZE, RunConfig, build_config, to_dict
 from ldm_core.data import scan
+from ldm_core.dp_random import NOT_PRIVATE_NOTE
 from ldm_core.phantoms import generate_demo
 from server.evaluate import EvalOptions
 from server.federation import Coordinator, ServerSettings
@@ -45,8 +47,12 @@ class SimulationOptions:
     out: Path = Path("runs/demo")
     device: str = "auto"
     overrides: Mapping[str, Any] | None = None
-    demo_patients: int = 3200
-    demo_slices: int = 4
+    # One slice per demo patient: the DP unit is the patient, and the demo should show what
+    # 12,800 privacy units buy (multi-slice patients are exercised by the tests).
+    demo_patients: int = 12800
+    demo_slices: int = 1
+    # Simulation only: seed the sites' privacy randomness (NOT private against the seed holder).
+    reproducible: bool = False
     evaluate: bool = True
     eval_options: EvalOptions | None = None
     show_progress: bool = True
@@ -94,11 +100,16 @@ def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
             "patient_note": None if index.has_patient_ids else
             "the dataset has no patient ids: each image was treated as its own patient, so "
             "splits may leak a patient across train/holdout/test (results are optimistic)"}
+    meta["privacy_randomness"] = NOT_PRIVATE_NOTE if opts.reproducible else (
+        "secure: each site draws Poisson sampling and DP noise from OS entropy (reseeded every "
+        "step); the run's seed drives only initialisation, timesteps and evaluation")
     write_json_atomic(out / "run.json", {"config": to_dict(cfg), **meta,
                                          "command": "fedldm simulate"})
     sites = SimulationSites(data=data, n_sites=opts.sites, partition=partition,
                             state_root=out / "sites", epsilon=eps, delta=opts.delta,
-                            data_seed=opts.seed, device=opts.device)
+                            data_seed=opts.seed, device=opts.device,
+                            reproducible_seed=opts.seed if opts.reproducible else None)
+    enroll_sites(sites, opts.sites, resuming=(out / "checkpoints" / "state.json").exists())
     settings = ServerSettings(out=out, min_sites=opts.sites, expected_sites=opts.sites,
                               show_progress=opts.show_progress, extra_meta=meta)
 
@@ -106,7 +117,8 @@ def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
         copy_ledgers(sites, opts.sites, out)
         add_ledger_details(out)
         finalize_run(out, sites=sites, n_sites=opts.sites, evaluate=opts.evaluate,
-                     audit=coord.audit, options=opts.eval_options,
+                     audit=coord.audit if sites.allow_audit else None,
+                     options=opts.eval_options,
                      show_progress=opts.show_progress)
 
     _quiet_flower()
@@ -126,6 +138,18 @@ def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
     metrics.setdefault("meta", {})["wall_seconds"] = round(time.monotonic() - t0, 1)
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def enroll_sites(sites: SimulationSites, n: int, *, resuming: bool) -> None:
+    """`fedldm site init` for each simulated site of a new run; a resumed run keeps its ledgers
+    (a missing one then stops the run: the site cannot train without its history)."""
+    for k in range(n):
+        site = sites.site(k)
+        if site.ledger_path.exists() or resuming:
+            continue
+        site.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        PrivacyLedger.create(site.ledger_path, budget_epsilon=site.epsilon, delta=site.delta,
+                             site_id=site.site_id)
 
 
 def copy_ledgers(sites: SimulationSites, n: int, out: Path) -> None:

@@ -10,9 +10,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client import tasks
-from client.client_app import ERR_BUDGET, ERR_SITE, make_client_app
+from client.client_app import make_client_app
 from client.ledger import PrivacyLedger
 from client.site_config import SiteConfig, SiteConfigError
+from common.protocol import ERR_BUDGET, ERR_SITE, ERROR_REASONS, TRAIN_REPLY_FIELDS
 from ldm_core.config import RunConfig
 from ldm_core.models import make_autoencoder, make_denoiser
 
@@ -25,9 +26,19 @@ def _flower_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
-def _site(tmp_path: Path, manifest: Path, epsilon: float = 8.0) -> SiteConfig:
-    return SiteConfig(site_id="site-0", data=str(manifest), state_dir=tmp_path / "state",
-                      epsilon=epsilon, delta=1e-5, partition="site", site_index=0, n_sites=2)
+def enroll(site: SiteConfig) -> SiteConfig:
+    """What `fedldm site init` does: create the site's ledger once."""
+    site.state_dir.mkdir(parents=True, exist_ok=True)
+    PrivacyLedger.create(site.ledger_path, budget_epsilon=site.epsilon, delta=site.delta,
+                         site_id=site.site_id)
+    return site
+
+
+def _site(tmp_path: Path, manifest: Path, epsilon: float = 8.0, index: int = 0,
+          name: str = "state") -> SiteConfig:
+    return enroll(SiteConfig(site_id="site-0", data=str(manifest), state_dir=tmp_path / name,
+                             epsilon=epsilon, delta=1e-5, partition="site", site_index=index,
+                             n_sites=2))
 
 
 def _context() -> Context:
@@ -54,7 +65,8 @@ def test_train_autoencoder_round_replies_weights_epsilon_and_charges_ledger(
     assert any(not torch.equal(weights[k], v) for k, v in ae.state_dict().items())
     m = reply.content["metrics"]
     assert 0 < m["epsilon"] <= 8.0 and m["budget-epsilon"] == 8.0
-    assert m["num-examples"] == 1  # sizes are not released
+    declared = {f.name for f in TRAIN_REPLY_FIELDS if f.record == "metrics"}
+    assert set(m.keys()) == declared  # nothing undeclared (no sizes, no num-examples)
     ledger = PrivacyLedger.open(site.ledger_path, budget_epsilon=8.0, delta=1e-5,
                                 site_id="site-0")
     entries = ledger.entries()
@@ -84,7 +96,8 @@ def test_round_beyond_the_plan_is_refused_with_a_budget_error(
     refused = [r for r in replies[1:] if r.has_error()]
     assert refused, "rounds beyond the plan must be refused"
     assert refused[0].error.code == ERR_BUDGET
-    assert "refused" in refused[0].error.reason
+    assert ERROR_REASONS[ERR_BUDGET] in refused[0].error.reason
+    assert not any(ch.isdigit() for ch in refused[0].error.reason.split(":", 1)[1])
     before = site.ledger_path.read_bytes()
     again = app(_msg(tiny_cfg, "train", {"arrays": ArrayRecord(dm.state_dict())},
                      phase="diffusion", **{"server-round": 9, "scale-factor": 1.0}), ctx)
@@ -96,8 +109,8 @@ def test_round_beyond_the_plan_is_refused_with_a_budget_error(
 
 def test_site_errors_do_not_leak_details(tmp_path: Path, demo_manifest: Path,
                                          tiny_cfg: RunConfig) -> None:
-    site = SiteConfig(site_id="site-0", data=str(tmp_path / "no-such-data"),
-                      state_dir=tmp_path / "state", epsilon=8.0, delta=1e-5)
+    site = enroll(SiteConfig(site_id="site-0", data=str(tmp_path / "no-such-data"),
+                             state_dir=tmp_path / "state", epsilon=8.0, delta=1e-5))
     app = make_client_app(lambda ctx: site)
     reply = app(_msg(tiny_cfg, "train", {"arrays": ArrayRecord(
         make_autoencoder(tiny_cfg.model).state_dict())}, phase="autoencoder",
@@ -155,3 +168,151 @@ def test_node_config_parsing_names_the_missing_key() -> None:
                                        "epsilon": "inf", "delta": "1e-5"})
     assert cfg.epsilon == float("inf") and cfg.effective_target(8.0) == 8.0
     assert json.dumps({"ok": True})
+
+
+def _ae_round(site: SiteConfig, cfg: RunConfig, seed: int = 0) -> tasks.RoundResult:
+    torch.manual_seed(0)
+    ae = make_autoencoder(cfg.model)
+    return tasks.train_round(site, cfg, phase="autoencoder", server_round=1, run_id="r",
+                             weights=ae.state_dict(), seed=seed)
+
+
+def test_ledger_is_charged_before_any_data_is_read(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    site = _site(tmp_path, demo_manifest)
+    real_load, real_train = tasks.load_data, tasks.dp_train
+    checked: list[str] = []
+
+    def charged() -> list[str]:
+        return [e["phase"] for e in PrivacyLedger.open(
+            site.ledger_path, budget_epsilon=8.0, delta=1e-5, site_id="site-0").entries()]
+
+    def load(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        assert "autoencoder" in charged(), "data read before the ledger was charged"
+        checked.append("load")
+        return real_load(*a, **k)
+
+    def train(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        assert "autoencoder" in charged(), "training started before the ledger was charged"
+        checked.append("train")
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(tasks, "load_data", load)
+    monkeypatch.setattr(tasks, "dp_train", train)
+    _ae_round(site, tiny_cfg)
+    assert checked == ["load", "train"]
+
+
+def test_a_refused_charge_reads_no_data(tmp_path: Path, demo_manifest: Path,
+                                        tiny_cfg: RunConfig,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from client.ledger import BudgetExceededError
+
+    site = _site(tmp_path, demo_manifest, epsilon=8.0)
+    real_plan = tasks.plan_noise
+    # A round that cannot fit: far too little noise for the budget.
+    monkeypatch.setattr(tasks, "plan_noise", lambda *a, **k: dataclasses.replace(
+        real_plan(*a, **k), ae=0.05))
+    monkeypatch.setattr(tasks, "load_data", lambda *a, **k: pytest.fail("data was read"))
+    with pytest.raises(BudgetExceededError):
+        _ae_round(site, tiny_cfg)
+
+
+def test_the_message_seed_does_not_determine_the_dp_weights(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig) -> None:
+    """Same site data, same message (seed included), fresh ledgers: the weights must differ,
+    or whoever chose the seed could subtract the noise."""
+    a = _ae_round(_site(tmp_path, demo_manifest, name="a"), tiny_cfg, seed=5)
+    b = _ae_round(_site(tmp_path, demo_manifest, name="b"), tiny_cfg, seed=5)
+    assert any(not torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+    assert a.loss != b.loss  # the loss release is noised from the site's source too
+
+
+def test_reproducible_mode_is_a_site_setting(tmp_path: Path, demo_manifest: Path,
+                                             tiny_cfg: RunConfig) -> None:
+    import dataclasses
+
+    sites = [dataclasses.replace(_site(tmp_path, demo_manifest, name=n), reproducible_seed=1)
+             for n in ("a", "b")]
+    a, b = (_ae_round(s, tiny_cfg, seed=5) for s in sites)
+    assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+    with pytest.raises(SiteConfigError, match="privacy-seed"):
+        SiteConfig.from_node_config({"site-id": "a", "data-path": "/d", "state-dir": "/s",
+                                     "epsilon": "8", "delta": "1e-5", "privacy-seed": "1"})
+
+
+def test_plan_and_epsilon_do_not_depend_on_the_dataset_size(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig) -> None:
+    import dataclasses
+
+    small = _site(tmp_path, demo_manifest, index=0, name="s0")
+    large = dataclasses.replace(_site(tmp_path, demo_manifest, name="s1"), partition="all",
+                                n_sites=1)
+    n = [tasks.load_data(s, tiny_cfg).train.images.shape[0] for s in (small, large)]
+    assert n[0] != n[1]
+    ra, rb = _ae_round(small, tiny_cfg), _ae_round(large, tiny_cfg)
+    assert ra.epsilon == rb.epsilon
+    ea, eb = (PrivacyLedger.open(s.ledger_path, budget_epsilon=8.0, delta=1e-5,
+                                 site_id="site-0").history for s in (small, large))
+    assert ea == eb
+
+
+def test_a_retried_round_gets_the_stored_reply_without_a_new_charge(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig) -> None:
+    site = _site(tmp_path, demo_manifest)
+    app = make_client_app(lambda ctx: site)
+    ae = make_autoencoder(tiny_cfg.model)
+    msg = _msg(tiny_cfg, "train", {"arrays": ArrayRecord(ae.state_dict())},
+               phase="autoencoder", **{"server-round": 1})
+    first = app(msg, _context())
+    ledger_after_first = site.ledger_path.read_bytes()
+    again = app(msg, _context())
+    assert not again.has_error()
+    assert site.ledger_path.read_bytes() == ledger_after_first  # no new charge
+    a, b = (r.content["arrays"].to_torch_state_dict() for r in (first, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same release, not a new one
+    assert first.content["metrics"]["loss"] == again.content["metrics"]["loss"]
+
+
+def test_a_run_killed_between_charge_and_reply_still_finishes_within_budget(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every round crashes once after its charge: the retry reserve absorbs one retry per phase
+    and the run still ends within the target."""
+    from client.replies import ReplyStore
+
+    site = _site(tmp_path, demo_manifest)
+    app = make_client_app(lambda ctx: site)
+    real_save = ReplyStore.save
+    crashed: set[tuple[str, int]] = set()
+
+    def crash_once(self, run, kind, rnd, reply):  # noqa: ANN001, ANN202
+        if (kind, rnd) not in crashed:
+            crashed.add((kind, rnd))
+            raise OSError("killed before the reply was stored")
+        return real_save(self, run, kind, rnd, reply)
+
+    monkeypatch.setattr(ReplyStore, "save", crash_once)
+    ctx = _context()
+    ae = make_autoencoder(tiny_cfg.model)
+    dm = make_denoiser(tiny_cfg.model)
+    messages = [
+        _msg(tiny_cfg, "train", {"arrays": ArrayRecord(ae.state_dict())}, phase="autoencoder",
+             **{"server-round": 1}),
+        _msg(tiny_cfg, "query", {"autoencoder": ArrayRecord(ae.state_dict())},
+             task="latent-stats"),
+        _msg(tiny_cfg, "train", {"arrays": ArrayRecord(dm.state_dict())}, phase="diffusion",
+             **{"server-round": 1, "scale-factor": 1.0}),
+    ]
+    for msg in messages:
+        assert app(msg, ctx).has_error()  # the crash
+        retry = app(msg, ctx)
+        assert not retry.has_error(), retry.error
+    ledger = PrivacyLedger.open(site.ledger_path, budget_epsilon=8.0, delta=1e-5,
+                                site_id="site-0")
+    phases = [e["phase"] for e in ledger.entries()]
+    assert phases.count("diffusion") == 4  # two charged attempts (training + loss each)
+    assert ledger.epsilon() <= 8.0

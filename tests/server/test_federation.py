@@ -77,3 +77,27 @@ def test_coordinator_starts_from_the_shipped_priors() -> None:
     _, fresh = _initial_models(random_cfg)
     assert not torch.equal(fresh.state_dict()["out.2.conv.weight"],
                            dm.state_dict()["out.2.conv.weight"])
+
+
+def test_spend_registry_remembers_the_highest_epsilon(tmp_path: Path) -> None:
+    from server.spend import SpendRegistry
+
+    reg = SpendRegistry(tmp_path / "spend.json")
+    reg.record("site-a", 2.0)
+    reg.record("site-a", 1.0)  # never lowered
+    assert SpendRegistry(tmp_path / "spend.json").get("site-a") == 2.0
+
+
+def test_coordinator_refuses_a_site_whose_spend_went_down_or_that_changes_node(
+        tmp_path: Path) -> None:
+    cfg = build_config(preset="tiny", image_size=16)
+    coord = Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path))
+    assert coord._check_site(1, "site-a", 3.0) is None
+    assert coord._check_site(1, "site-a", 3.5) is None
+    assert "ledger was reset" in coord._check_site(1, "site-a", 0.5)
+    assert "claims to be" in coord._check_site(2, "site-a", 4.0)
+    # A new coordinator (restart, or the next run) still remembers the spend.
+    again = Coordinator(_NoGrid(), build_config(preset="tiny", image_size=16, seed=5),
+                        ServerSettings(out=tmp_path / "next",
+                                       spend_registry=tmp_path / "site-spend.json"))
+    assert "ledger was reset" in again._check_site(7, "site-a", 0.0)

@@ -1,0 +1,1 @@
+"""Neutral code both sides import: the site-boundary protocol. Imports neither client nor server."""

@@ -1,0 +1,355 @@
+"""Every message that crosses the site boundary, declared once, with its record encoding.
+
+Why one module: "what leaves a site" is the privacy promise, so it must be written down in one
+place that both sides import, and nothing may be sent that is not declared here. Each reply field
+carries a `Kind` that says why it is safe to hand to a coordinator that may be malicious:
+
+- `DP`: a differentially private release, charged to the site's ledger before it was computed;
+- `MODEL`: weights after DP-SGD (charged per round like `DP`);
+- `PUBLIC`: fixed by the configuration or the site's own settings, independent of its records
+  (for example the budget, or epsilon spent, which depends only on the configured plan).
+
+`tests/common/test_protocol.py` records every reply of a whole simulation and fails on anything
+undeclared, on image-shaped arrays, and on any `PUBLIC` value that differs between two sites that
+differ only in how many images they hold. The README table "What leaves a site" is checked
+against `reply_fields()`.
+
+Decoding is strict (unknown or missing fields, wrong types, non-finite numbers raise
+`ProtocolError`) because the other side may be buggy or hostile.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from ldm_core.evaluation.attacks import AUDIT_RELEASE_KEYS
+
+PHASES = ("autoencoder", "diffusion")
+
+
+class ProtocolError(ValueError):
+    """A message does not match its declaration; the text says which field and why."""
+
+
+class Kind(enum.Enum):
+    DP = "DP release, charged to the site's ledger"
+    MODEL = "weights after DP-SGD, charged to the site's ledger"
+    PUBLIC = "fixed by configuration or site settings, independent of the site's records"
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    record: str
+    name: str
+    kind: Kind
+    doc: str
+
+
+# Reply error codes and their fixed, data-independent reasons. Details stay in site.log.
+ERR_BUDGET = 4001
+ERR_SITE = 4002
+ERR_REFUSED = 4003
+ERROR_REASONS = {
+    ERR_BUDGET: "privacy budget exhausted: this round would exceed the site's epsilon budget",
+    ERR_SITE: "the site failed; details are in site.log in the site's state directory",
+    ERR_REFUSED: "the site does not allow this request (its own settings)",
+}
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _finite(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"{where}: expected a number, got {type(value).__name__}")
+    x = float(value)
+    if math.isnan(x):
+        raise ProtocolError(f"{where}: NaN")
+    return x
+
+
+def _exact_keys(record: Any, expected: set[str], where: str) -> None:
+    keys = set(record.keys())
+    if keys != expected:
+        extra, missing = sorted(keys - expected), sorted(expected - keys)
+        raise ProtocolError(f"{where}: undeclared fields {extra}, missing fields {missing}")
+
+
+def _get(content: RecordDict, name: str, kind: type, where: str) -> Any:
+    if name not in content:
+        raise ProtocolError(f"{where}: record {name!r} is missing")
+    rec = content[name]
+    if not isinstance(rec, kind):
+        raise ProtocolError(f"{where}: record {name!r} is a {type(rec).__name__}, expected "
+                            f"{kind.__name__}")
+    return rec
+
+
+def _records(content: RecordDict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(content.keys()) - allowed)
+    if extra:
+        raise ProtocolError(f"{where}: undeclared records {extra}")
+
+
+# ------------------------------------------------------------------------------------ requests
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """What every request carries: the run's config (JSON), its name, and the seed.
+
+    The seed drives only what is not privacy-relevant (timesteps, initialisation, evaluation);
+    a site never derives privacy randomness from it (ldm_core.dp_random).
+    """
+
+    run_config: str
+    run_name: str
+    seed: int
+
+    def items(self) -> dict[str, Any]:
+        return {"run-config": self.run_config, "run-name": self.run_name, "seed": self.seed}
+
+    @staticmethod
+    def parse(conf: ConfigRecord, where: str) -> RunRef:
+        try:
+            json.loads(str(conf["run-config"]))
+            return RunRef(str(conf["run-config"]), str(conf["run-name"]), int(conf["seed"]))
+        except (KeyError, ValueError, TypeError) as err:
+            raise ProtocolError(f"{where}: bad run-config/run-name/seed ({err})") from err
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    run: RunRef
+    phase: str
+    server_round: int
+    weights: ArrayRecord
+    autoencoder: ArrayRecord | None = None
+    scale_factor: float | None = None
+
+    def to_record(self) -> RecordDict:
+        conf = {**self.run.items(), "phase": self.phase, "server-round": self.server_round}
+        if self.scale_factor is not None:
+            conf["scale-factor"] = float(self.scale_factor)
+        rec: dict[str, Any] = {"arrays": self.weights, "config": ConfigRecord(conf)}
+        if self.autoencoder is not None:
+            rec["autoencoder"] = self.autoencoder
+        return RecordDict(rec)
+
+    @staticmethod
+    def from_record(content: RecordDict) -> TrainRequest:
+        where = "train request"
+        _records(content, {"arrays", "config", "autoencoder"}, where)
+        conf = _get(content, "config", ConfigRecord, where)
+        phase = str(conf.get("phase", ""))
+        if phase not in PHASES:
+            raise ProtocolError(f"{where}: unknown phase {phase!r}")
+        scale = conf.get("scale-factor")
+        return TrainRequest(
+            run=RunRef.parse(conf, where), phase=phase, server_round=int(conf["server-round"]),
+            weights=_get(content, "arrays", ArrayRecord, where),
+            autoencoder=(_get(content, "autoencoder", ArrayRecord, where)
+                         if "autoencoder" in content else None),
+            scale_factor=None if scale is None else _finite(scale, f"{where}: scale-factor"))
+
+
+@dataclass(frozen=True)
+class LatentStatsRequest:
+    run: RunRef
+    autoencoder: ArrayRecord
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({"autoencoder": self.autoencoder, "config": ConfigRecord(
+            {**self.run.items(), "task": "latent-stats"})})
+
+    @staticmethod
+    def from_record(content: RecordDict) -> LatentStatsRequest:
+        where = "latent-stats request"
+        _records(content, {"autoencoder", "config"}, where)
+        conf = _get(content, "config", ConfigRecord, where)
+        return LatentStatsRequest(RunRef.parse(conf, where),
+                                  _get(content, "autoencoder", ArrayRecord, where))
+
+
+@dataclass(frozen=True)
+class AuditRequest:
+    """The final model only: the site draws its own samples; the coordinator sends no images."""
+
+    run: RunRef
+    denoiser: ArrayRecord
+    autoencoder: ArrayRecord
+    scale_factor: float
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({
+            "arrays": self.denoiser, "autoencoder": self.autoencoder,
+            "config": ConfigRecord({**self.run.items(), "task": "audit",
+                                    "scale-factor": float(self.scale_factor)})})
+
+    @staticmethod
+    def from_record(content: RecordDict) -> AuditRequest:
+        where = "audit request"
+        _records(content, {"arrays", "autoencoder", "config"}, where)
+        conf = _get(content, "config", ConfigRecord, where)
+        return AuditRequest(RunRef.parse(conf, where), _get(content, "arrays", ArrayRecord, where),
+                            _get(content, "autoencoder", ArrayRecord, where),
+                            _finite(conf.get("scale-factor"), f"{where}: scale-factor"))
+
+
+def query_task(content: RecordDict) -> str:
+    """Which query a QUERY message is ("latent-stats" or "audit")."""
+    conf = _get(content, "config", ConfigRecord, "query")
+    task = str(conf.get("task", ""))
+    if task not in ("latent-stats", "audit"):
+        raise ProtocolError(f"query: unknown task {task!r}")
+    return task
+
+
+# ------------------------------------------------------------------------------------ replies
+
+TRAIN_REPLY_FIELDS = (
+    FieldSpec("arrays", "*", Kind.MODEL, "the phase's weights after local DP-SGD"),
+    FieldSpec("metrics", "loss", Kind.DP,
+              "mean per-patient training loss (clipped), one Gaussian release per round"),
+    FieldSpec("metrics", "epsilon", Kind.PUBLIC,
+              "cumulative epsilon of the site's ledger; a function of the configured plans only"),
+    FieldSpec("metrics", "budget-epsilon", Kind.PUBLIC, "the site's own budget"),
+    FieldSpec("metrics", "delta", Kind.PUBLIC, "the site's delta"),
+    FieldSpec("metrics", "has-autoencoder", Kind.PUBLIC,
+              "1 once the site holds the frozen autoencoder (so it need not be re-sent)"),
+    FieldSpec("site", "site-id", Kind.PUBLIC, "the site's configured name"),
+)
+LATENT_REPLY_FIELDS = (
+    FieldSpec("metrics", "second-moment-sum", Kind.DP,
+              "noisy sum of clipped per-patient latent second moments"),
+    FieldSpec("metrics", "count", Kind.DP, "noisy patient count (same Gaussian release)"),
+    FieldSpec("metrics", "epsilon", Kind.PUBLIC, "cumulative epsilon after the release"),
+    FieldSpec("site", "site-id", Kind.PUBLIC, "the site's configured name"),
+)
+_AUDIT_DOCS = {
+    "auc": "attack AUC statistic over (member, non-member) pairs, normalised by the public m",
+    "tpr": "fraction of members scoring below a threshold set on the site's own samples",
+    "fpr": "fraction of non-members below that threshold",
+    "near_copy_fraction": "members with a near copy among the site's samples (ratio test), / m",
+    "near_copy_fraction_holdout": "the same for non-members: the chance reference",
+    "members_fraction": "members scored / m (to renormalise when a split is smaller than m)",
+    "nonmembers_fraction": "non-members scored / m",
+    "records": "m, the audit size from the run configuration",
+    "noise_std": "std of the noise on each fraction (from the noise multiplier and m)",
+    "epsilon": "cumulative epsilon after the audit's charge",
+}
+_AUDIT_PUBLIC = ("records", "noise_std", "epsilon")
+AUDIT_REPLY_FIELDS = tuple(
+    FieldSpec("audit", key, Kind.PUBLIC if key in _AUDIT_PUBLIC else Kind.DP,
+              _AUDIT_DOCS[key.rsplit(".", 1)[-1]]
+              + ("" if key in _AUDIT_PUBLIC else " (one Gaussian release for all)"))
+    for key in AUDIT_RELEASE_KEYS
+) + (FieldSpec("site", "site-id", Kind.PUBLIC, "the site's configured name"),)
+
+
+def reply_fields() -> dict[str, tuple[FieldSpec, ...]]:
+    """Every reply field by message, for docs and the protocol test."""
+    return {"train": TRAIN_REPLY_FIELDS, "latent-stats": LATENT_REPLY_FIELDS,
+            "audit": AUDIT_REPLY_FIELDS}
+
+
+def _names(fields: tuple[FieldSpec, ...], record: str) -> set[str]:
+    return {f.name for f in fields if f.record == record}
+
+
+def _site(content: RecordDict, where: str) -> str:
+    rec = _get(content, "site", ConfigRecord, where)
+    _exact_keys(rec, {"site-id"}, f"{where}: site")
+    site = str(rec["site-id"])
+    if not site or len(site) > 64 or not site.replace("-", "").replace("_", "").isalnum():
+        raise ProtocolError(f"{where}: site-id must be 1-64 letters, digits, '-' or '_'")
+    return site
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    site_id: str
+    weights: ArrayRecord
+    loss: float
+    epsilon: float
+    budget_epsilon: float
+    delta: float
+    has_autoencoder: bool
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({
+            "arrays": self.weights,
+            "metrics": MetricRecord({"loss": float(self.loss), "epsilon": float(self.epsilon),
+                                     "budget-epsilon": float(self.budget_epsilon),
+                                     "delta": float(self.delta),
+                                     "has-autoencoder": int(self.has_autoencoder)}),
+            "site": ConfigRecord({"site-id": self.site_id})})
+
+    @staticmethod
+    def from_record(content: RecordDict) -> TrainReply:
+        where = "train reply"
+        _records(content, {"arrays", "metrics", "site"}, where)
+        m = _get(content, "metrics", MetricRecord, where)
+        _exact_keys(m, _names(TRAIN_REPLY_FIELDS, "metrics"), f"{where}: metrics")
+        eps = _finite(m["epsilon"], f"{where}: epsilon")
+        delta = _finite(m["delta"], f"{where}: delta")
+        if eps < 0 or not 0 < delta < 1:
+            raise ProtocolError(f"{where}: epsilon {eps} or delta {delta} out of range")
+        flag = m["has-autoencoder"]
+        if flag not in (0, 1):
+            raise ProtocolError(f"{where}: has-autoencoder must be 0 or 1")
+        return TrainReply(site_id=_site(content, where),
+                          weights=_get(content, "arrays", ArrayRecord, where),
+                          loss=_finite(m["loss"], f"{where}: loss"), epsilon=eps,
+                          budget_epsilon=_finite(m["budget-epsilon"], f"{where}: budget-epsilon"),
+                          delta=delta, has_autoencoder=bool(flag))
+
+
+@dataclass(frozen=True)
+class LatentStatsReply:
+    site_id: str
+    second_moment_sum: float
+    count: float
+    epsilon: float
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({
+            "metrics": MetricRecord({"second-moment-sum": float(self.second_moment_sum),
+                                     "count": float(self.count), "epsilon": float(self.epsilon)}),
+            "site": ConfigRecord({"site-id": self.site_id})})
+
+    @staticmethod
+    def from_record(content: RecordDict) -> LatentStatsReply:
+        where = "latent-stats reply"
+        _records(content, {"metrics", "site"}, where)
+        m = _get(content, "metrics", MetricRecord, where)
+        _exact_keys(m, _names(LATENT_REPLY_FIELDS, "metrics"), f"{where}: metrics")
+        vals = {k: _finite(m[k], f"{where}: {k}") for k in m}
+        if any(math.isinf(v) for k, v in vals.items() if k != "epsilon"):
+            raise ProtocolError(f"{where}: infinite statistic")
+        return LatentStatsReply(_site(content, where), vals["second-moment-sum"], vals["count"],
+                                vals["epsilon"])
+
+
+@dataclass(frozen=True)
+class AuditReply:
+    site_id: str
+    values: dict[str, float]
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({"audit": MetricRecord({k: float(v) for k, v in self.values.items()}),
+                           "site": ConfigRecord({"site-id": self.site_id})})
+
+    @staticmethod
+    def from_record(content: RecordDict) -> AuditReply:
+        where = "audit reply"
+        _records(content, {"audit", "site"}, where)
+        m = _get(content, "audit", MetricRecord, where)
+        _exact_keys(m, set(AUDIT_RELEASE_KEYS), f"{where}: audit")
+        return AuditReply(_site(content, where),
+                          {k: _finite(m[k], f"{where}: {k}") for k in AUDIT_RELEASE_KEYS})

@@ -1,0 +1,147 @@
+"""Nothing undeclared leaves a site: a whole tiny federation's replies, checked field by field.
+
+Two sites that differ only in how many images they hold (and their names) train both phases,
+release the latent statistics and answer an audit through the real Coordinator and ClientApp.
+Every reply must decode strictly (no undeclared record or field), carry no image-shaped array,
+and agree on every PUBLIC field: a PUBLIC value that depended on the site's size would leak it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, Message
+
+from client.client_app import make_client_app
+from client.ledger import PrivacyLedger
+from client.site_config import SiteConfig
+from common.protocol import (
+    AuditReply,
+    Kind,
+    LatentStatsReply,
+    ProtocolError,
+    TrainReply,
+    reply_fields,
+)
+from ldm_core.config import RunConfig
+from server.federation import Coordinator, ServerSettings
+from tests.common.local_grid import LocalGrid
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _sites(tmp_path: Path, manifest: Path) -> list[SiteConfig]:
+    base = SiteConfig(site_id="site-a", data=str(manifest), state_dir=tmp_path / "a",
+                      epsilon=8.0, delta=1e-5, partition="site", site_index=0, n_sites=2,
+                      allow_audit=True)
+    big = dataclasses.replace(base, site_id="site-b", state_dir=tmp_path / "b",
+                              partition="all", n_sites=1)
+    for s in (base, big):
+        s.state_dir.mkdir(parents=True)
+        PrivacyLedger.create(s.ledger_path, budget_epsilon=8.0, delta=1e-5, site_id=s.site_id)
+    return [base, big]
+
+
+def _kind(request: Message) -> str:
+    if request.metadata.message_type == "train":
+        return "train"
+    return str(request.content["config"]["task"])
+
+
+DECODERS = {"train": TrainReply, "latent-stats": LatentStatsReply, "audit": AuditReply}
+
+
+def _public_values(kind: str, reply: Message) -> dict[str, object]:
+    out = {}
+    for f in reply_fields()[kind]:
+        if f.kind is Kind.PUBLIC and f.name != "site-id":
+            out[f"{f.record}.{f.name}"] = reply.content[f.record][f.name]
+    return out
+
+
+def _image_shaped(arrays: ArrayRecord, sizes: set[int]) -> list[str]:
+    bad = []
+    for name, arr in arrays.items():
+        shape = tuple(arr.shape)
+        # Spatial maps ([..., C, H, W]) at image or latent resolution; 2-D weight matrices
+        # (attention projections) are not pictures of anything.
+        if len(shape) >= 3 and shape[-1] == shape[-2] and shape[-1] in sizes:
+            bad.append(f"{name}{shape}")
+    return bad
+
+
+@pytest.mark.slow
+def test_a_whole_federation_sends_only_declared_fields(tmp_path: Path, demo_manifest: Path,
+                                                       tiny_cfg: RunConfig) -> None:
+    cfg = dataclasses.replace(tiny_cfg, privacy=dataclasses.replace(
+        tiny_cfg.privacy, audit_records=16, audit_samples=16))
+    sites = _sites(tmp_path, demo_manifest)
+    grid = LocalGrid(make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])]),
+                     n_sites=2)
+    coord = Coordinator(grid, cfg, ServerSettings(out=tmp_path / "run", min_sites=2,
+                                                  expected_sites=2, show_progress=False))
+    coord.run()
+    coord.audit()
+
+    sizes = {cfg.model.image_size, cfg.model.latent_size}
+    public: dict[tuple[str, str], dict[int, dict[str, object]]] = {}
+    kinds = set()
+    for node, request, reply in grid.exchanges:
+        assert not reply.has_error(), reply.error
+        kind = _kind(request)
+        kinds.add(kind)
+        DECODERS[kind].from_record(reply.content)  # strict: raises on anything undeclared
+        for name in reply.content.array_records:
+            bad = _image_shaped(reply.content[name], sizes)
+            assert not bad, f"{kind} reply carries image-shaped arrays {bad}"
+        key = (kind, str(request.metadata.group_id))
+        public.setdefault(key, {})[node] = _public_values(kind, reply)
+    assert kinds == {"train", "latent-stats", "audit"}
+    for key, by_node in public.items():
+        values = list(by_node.values())
+        assert len(values) == 2 and values[0] == values[1], (
+            f"{key}: public fields differ between sites of different sizes: {by_node}")
+
+
+def test_undeclared_or_missing_fields_are_refused() -> None:
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    good = TrainReply("site-a", ArrayRecord(), 0.5, 1.0, 8.0, 1e-5, False).to_record()
+    TrainReply.from_record(good)
+    extra = RecordDict({**dict(good.items()), "leak": ConfigRecord({"n": 3000})})
+    with pytest.raises(ProtocolError, match="undeclared"):
+        TrainReply.from_record(extra)
+    m = dict(good["metrics"].items())
+    with pytest.raises(ProtocolError, match="undeclared"):
+        TrainReply.from_record(RecordDict({**dict(good.items()), "metrics": MetricRecord(
+            {**m, "num-examples": 3000})}))
+    del m["loss"]
+    with pytest.raises(ProtocolError, match="missing"):
+        TrainReply.from_record(RecordDict({**dict(good.items()), "metrics": MetricRecord(m)}))
+    with pytest.raises(ProtocolError, match="NaN"):
+        TrainReply.from_record(TrainReply("site-a", ArrayRecord(), float("nan"), 1.0, 8.0,
+                                          1e-5, False).to_record())
+
+
+def protocol_table() -> str:
+    """The README's "What leaves a site" table, generated from the protocol."""
+    rows = ["| message | record.field | kind | what |", "|---|---|---|---|"]
+    for kind, fields in reply_fields().items():
+        seen = set()
+        for f in fields:
+            name = re.sub(r"^[a-z0-9_]+\.", "<attack>.", f.name) if "." in f.name else f.name
+            if (f.record, name) in seen:
+                continue
+            seen.add((f.record, name))
+            rows.append(f"| {kind} | `{f.record}.{name}` | {f.kind.name} | {f.doc} |")
+    return "\n".join(rows)
+
+
+def test_readme_lists_exactly_what_leaves_a_site() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert protocol_table() in readme, (
+        "README 'What leaves a site' is out of date; paste the output of "
+        "`python -c 'from tests.common.test_protocol import protocol_table as t; print(t())'`")

@@ -1,0 +1,90 @@
+"""Whole tiny federations through the real Coordinator and ClientApp on an in-process grid."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.client_app import SimulationSites, make_client_app
+from client.ledger import PrivacyLedger
+from ldm_core.config import RunConfig
+from server.federation import Coordinator, FederationError, ServerSettings
+from tests.common.local_grid import LocalGrid
+
+
+def _federation(tmp: Path, manifest: Path, cfg: RunConfig, *, reproducible: bool = False,
+                registry: Path | None = None, enroll: bool = True,
+                site_budget: float | None = None) -> Coordinator:
+    eps = cfg.privacy.epsilon if site_budget is None else site_budget
+    sites = SimulationSites(data=str(manifest), n_sites=2, partition="site",
+                            state_root=tmp / "sites", epsilon=eps, delta=1e-5, data_seed=0,
+                            device="cpu", reproducible_seed=0 if reproducible else None,
+                            allow_audit=False)
+    for k in range(2):
+        s = sites.site(k)
+        if enroll and not s.ledger_path.exists():
+            s.state_dir.mkdir(parents=True, exist_ok=True)
+            PrivacyLedger.create(s.ledger_path, budget_epsilon=eps, delta=1e-5,
+                                 site_id=s.site_id)
+    grid = LocalGrid(make_client_app(sites), n_sites=2)
+    return Coordinator(grid, cfg, ServerSettings(out=tmp / "run", min_sites=2, expected_sites=2,
+                                                 show_progress=False,
+                                                 spend_registry=registry))
+
+
+def _final(coord: Coordinator) -> dict[str, torch.Tensor]:
+    coord.run()
+    return {k: v.clone() for k, v in coord.dm.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_same_flags_and_seed_give_different_dp_weights(tmp_path: Path, demo_manifest: Path,
+                                                       tiny_cfg: RunConfig) -> None:
+    a = _final(_federation(tmp_path / "a", demo_manifest, tiny_cfg))
+    b = _final(_federation(tmp_path / "b", demo_manifest, tiny_cfg))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_non_private_reproducible_runs_repeat_exactly(tmp_path: Path, demo_manifest: Path,
+                                                      tiny_cfg: RunConfig) -> None:
+    cfg = dataclasses.replace(tiny_cfg, privacy=dataclasses.replace(tiny_cfg.privacy,
+                                                                    epsilon=math.inf))
+    a = _final(_federation(tmp_path / "a", demo_manifest, cfg, reproducible=True))
+    b = _final(_federation(tmp_path / "b", demo_manifest, cfg, reproducible=True))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_site_with_a_deleted_ledger_cannot_train_and_is_refused_after_reinit(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig) -> None:
+    registry = tmp_path / "site-spend.json"
+
+    def run_cfg(eps: float) -> RunConfig:  # a cumulative cap the coordinator requests
+        return dataclasses.replace(tiny_cfg, privacy=dataclasses.replace(tiny_cfg.privacy,
+                                                                        epsilon=eps))
+
+    _federation(tmp_path / "r1", demo_manifest, run_cfg(2.0), registry=registry,
+                site_budget=8.0).run()
+    # The operator wipes site-0's state folder; a second run with the same sites:
+    shutil.rmtree(tmp_path / "r1" / "sites" / "site-0")
+    run2 = tmp_path / "r2"
+    shutil.copytree(tmp_path / "r1" / "sites", run2 / "sites")
+    with pytest.raises(FederationError):
+        _federation(run2, demo_manifest, run_cfg(4.0), registry=registry, enroll=False,
+                    site_budget=8.0).run()
+    assert not (run2 / "sites" / "site-0" / "ledger.json").exists()  # nothing recreated
+    log = (run2 / "sites" / "site-0" / "site.log").read_text()
+    assert "site init" in log
+    # Someone runs `site init` on purpose: the site can charge again, but the coordinator
+    # remembers its earlier spend and refuses it loudly.
+    with pytest.raises(FederationError, match="usable"):
+        _federation(run2, demo_manifest, run_cfg(4.0), registry=registry,
+                    site_budget=8.0).run()
+    run_log = (run2 / "run" / "run.log").read_text()
+    assert "ledger was reset" in run_log
