@@ -100,7 +100,7 @@ def test_start_node_config_round_trips_through_flower(site_files: dict[str, Path
     assert site.state_dir == site_files["state"]
     assert Path(site.data) == site_files["data"]
     assert math.isinf(site.epsilon) and site.delta == 1e-6
-    assert site.partition == "all" and site.allow_audit
+    assert site.partition == "all" and not site.allow_audit  # audits are opt-in
 
 
 @pytest.mark.parametrize(("extra", "message"), [
