@@ -218,15 +218,18 @@ def test_noise_scale_matches_sigma_clip_sqrt2():
     assert counts.std().item() == pytest.approx(sigma * math.sqrt(2.0), rel=0.08)
 
 
-def gen5() -> torch.Generator:
-    return torch.Generator().manual_seed(5)
+def test_release_noise_comes_only_from_the_generator_passed_in():
+    """The primitive takes its randomness as an argument (the site passes its secret source,
+    ldm_core.dp_random); it must not fall back on torch's global RNG, which a seed could fix."""
+    from ldm_core.dp_random import PrivacyRng
 
-
-def test_release_is_seeded():
     x = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
-    a = dp_sum_and_count(x, clip=1.0, noise_multiplier=1.0, generator=gen5())
-    b = dp_sum_and_count(x, clip=1.0, noise_multiplier=1.0, generator=gen5())
-    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    kw = {"clip": 1.0, "noise_multiplier": 1.0}
+    torch.manual_seed(0)
+    a = dp_sum_and_count(x, generator=PrivacyRng.secure().generator(), **kw)
+    torch.manual_seed(0)
+    b = dp_sum_and_count(x, generator=PrivacyRng.secure().generator(), **kw)
+    assert not torch.equal(a[0], b[0])  # global seed fixed, secret generators differ
     assert a[0].dtype == x.dtype and a[0].shape == (3,)
 
 
