@@ -22,6 +22,7 @@ from client.ledger import PrivacyLedger
 from client.site_config import SiteConfig
 from client.tasks import plan_noise
 from ldm_core.config import build_config
+from ldm_core.phases import PHASES
 from ldm_core.privacy import epsilon_of, gaussian_mechanism_entry
 
 
@@ -40,11 +41,12 @@ def main() -> None:
         ledger = PrivacyLedger.create(site.ledger_path, budget_epsilon=args.epsilon,
                                       delta=args.delta, site_id="s")
         noise = plan_noise(site, cfg, ledger, "run")
-    history = [(noise.ae, noise.ae_plan.sample_rate, noise.ae_plan.steps * cfg.autoencoder.rounds),
-               gaussian_mechanism_entry(noise.scale),
-               (noise.dm, noise.dm_plan.sample_rate, noise.dm_plan.steps * cfg.diffusion.rounds)]
-    history += [gaussian_mechanism_entry(noise.metric)] * (cfg.autoencoder.rounds
-                                                           + cfg.diffusion.rounds)
+    # Composition is order-free: every phase's training, then the fixed releases.
+    rounds = {name: p.config(cfg).rounds for name, p in PHASES.items()}
+    history = [(noise.phase_sigma(name), noise.phase_plan(name).sample_rate,
+                noise.phase_plan(name).steps * r) for name, r in rounds.items()]
+    history.append(gaussian_mechanism_entry(noise.scale))
+    history += [gaussian_mechanism_entry(noise.metric)] * sum(rounds.values())
     if noise.audit:
         history.append(gaussian_mechanism_entry(noise.audit))
     rdp = epsilon_of(history, args.delta)
@@ -53,9 +55,10 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prv_eps = float(prv.get_epsilon(delta=args.delta, eps_error=0.01))
+    sigmas = {f"sigma_{p.prefix}": round(noise.phase_sigma(name), 4)
+              for name, p in PHASES.items()}
     print(json.dumps({"preset": args.preset, "target_epsilon": args.epsilon,
-                      "delta": args.delta, "sigma_ae": round(noise.ae, 4),
-                      "sigma_dm": round(noise.dm, 4), "rdp_epsilon": round(rdp, 4),
+                      "delta": args.delta, **sigmas, "rdp_epsilon": round(rdp, 4),
                       "prv_epsilon": round(prv_eps, 4),
                       "prv_below_rdp_pct": round(100 * (1 - prv_eps / rdp), 1)
                       if math.isfinite(rdp) else None}))

@@ -32,18 +32,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.tasks import dm_loss_fn, encode
+from cli.args import override
 from ldm_core.classifier import macro_auc, predict_proba, train_classifier
 from ldm_core.config import build_config
 from ldm_core.data import load_site
 from ldm_core.dp_random import PrivacyRng
-from ldm_core.models import make_autoencoder, make_denoiser
+from ldm_core.models import encode, make_autoencoder, make_denoiser
 from ldm_core.phantoms import CLASS_NAMES, generate_demo
+from ldm_core.phases import DIFFUSION
 from ldm_core.pretrain import load_pretrained, load_pretrained_denoiser
 from ldm_core.privacy import calibrate_noise
 from ldm_core.sampling import generate_images
 from ldm_core.training import dp_train, sampling_plan
-from server.cli import _override
 from server.samples import class_grid, save_grid_png
 
 RECIPE = {"epochs": 12, "batch_size": 32, "lr": 2e-3}  # the utility evaluation's recipe
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--patients", type=int, default=3200, help="demo patients (all sites)")
-    ap.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--set", type=override, action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=Path("runs/denoiser_ablation.jsonl"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -81,8 +81,9 @@ def main() -> None:
         dm.load_state_dict(load_pretrained_denoiser(m))
     t0 = time.time()
     losses = []
+    loss_fn = DIFFUSION.train_loss(cfg)
     for r in range(ph.rounds):
-        st = dp_train(dm, (z, y), dm_loss_fn(cfg, ph), phase=ph, plan=plan,
+        st = dp_train(dm, (z, y), loss_fn, phase=ph, plan=plan,
                       noise_multiplier=sigma, seed=r, device=torch.device("cpu"),
                       privacy_rng=PrivacyRng.secure(),
                       desc=f"{args.name} round {r + 1}/{ph.rounds}")

@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/dp_step_cost.py --preset quick
 
-Measures seconds per optimizer step of the autoencoder and the denoiser with Opacus (per-sample
-gradients + clipping + noise, noise multiplicity K from the preset) and without DP, on random
-tensors of the preset's shapes, after one warm-up step. Ratios are what to compare across
+Measures seconds per optimizer step of every phase's model (ldm_core.phases: the autoencoder,
+the denoiser) under the phase's own training loss, with Opacus (per-sample gradients + clipping +
+noise, noise multiplicity K from the preset) and without DP, on random tensors of the preset's
+shapes, after one warm-up step. Ratios are what to compare across
 machines; absolute times only within one run.
 """
 
@@ -18,8 +19,7 @@ import torch
 
 from ldm_core.config import build_config
 from ldm_core.dp_random import PrivacyRng
-from ldm_core.losses import autoencoder_loss, multiplicity_diffusion_loss
-from ldm_core.models import make_autoencoder, make_denoiser, make_train_scheduler
+from ldm_core.phases import PHASES
 from ldm_core.training import dp_train, sampling_plan
 
 
@@ -44,28 +44,18 @@ def main() -> None:
     x = torch.rand(n, 1, m.image_size, m.image_size) * 2 - 1
     z = torch.randn(n, m.latent_channels, m.latent_size, m.latent_size)
     y = torch.randint(0, m.n_classes, (n,))
-    sched = make_train_scheduler(m)
-
-    def ae_loss(model, b, g):  # noqa: ANN001, ANN202
-        noise = torch.randn(b[0].shape[0], m.latent_channels, m.latent_size, m.latent_size,
-                            generator=g)
-        return autoencoder_loss(model, b[0], kl_weight=cfg.dm.kl_weight, noise=noise)
-
-    def dm_loss(model, b, g):  # noqa: ANN001, ANN202
-        return multiplicity_diffusion_loss(model, sched, b[0], b[1],
-                                           k=cfg.diffusion.noise_multiplicity, generator=g)
+    # Random stand-ins of each phase's train_inputs (images; latents + labels).
+    inputs = {"autoencoder": (x,), "diffusion": (z, y)}
 
     rows = []
-    for name, make, tensors, loss, phase in (
-        ("autoencoder", make_autoencoder, (x,), ae_loss, cfg.autoencoder),
-        ("denoiser", make_denoiser, (z, y), dm_loss, cfg.diffusion),
-    ):
-        ph = dataclasses.replace(phase, batch_size=n, sample_rate=1.0, local_steps=1,
+    for name, spec in PHASES.items():
+        tensors, loss = inputs[name], spec.train_loss(cfg)
+        ph = dataclasses.replace(spec.config(cfg), batch_size=n, sample_rate=1.0, local_steps=1,
                                  physical_batch_size=n)
         plan = sampling_plan(ph)
         res = {}
         for sigma in (0.0, 1.0):
-            model = make(m)
+            model = spec.make_model(m)
             res[sigma] = _time(lambda model=model, sigma=sigma, ph=ph, plan=plan, tensors=tensors,
                                loss=loss: dp_train(model, tensors, loss, phase=ph, plan=plan,
                                                    noise_multiplier=sigma, seed=0,

@@ -15,22 +15,18 @@ The unit of privacy is the patient when the data has patient ids, else the image
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from client.ledger import PrivacyLedger
 from client.site_config import SiteConfig
-from ldm_core.config import PhaseConfig, RunConfig
+from ldm_core.config import RunConfig
 from ldm_core.data import ImageSet, SiteData, load_site
 from ldm_core.dp_random import PrivacyRng, privacy_rng_for
-from ldm_core.losses import autoencoder_loss, diffusion_loss, multiplicity_diffusion_loss
-from ldm_core.models import (
-    make_autoencoder,
-    make_denoiser,
-    make_train_scheduler,
-    resolve_device,
-)
+from ldm_core.models import encode, resolve_device
+from ldm_core.phases import AUTOENCODER, PHASES, get_phase
 from ldm_core.privacy import (
     History,
     calibrate_noise,
@@ -39,30 +35,31 @@ from ldm_core.privacy import (
 )
 from ldm_core.training import SamplingPlan, dp_train, sampling_plan
 
-PHASES = ("autoencoder", "diffusion")
 # Per-sample loss clip for the DP release of training-curve values (losses above are rare).
 LOSS_CLIP = 2.0
 
 
 @dataclass(frozen=True)
 class NoisePlan:
-    """Noise multipliers of every release this site makes in one run."""
+    """Noise multipliers of every release this site makes in one run.
+
+    Training noise and sampling plans are keyed by phase name (ldm_core.phases.PHASES), so a new
+    phase needs no new field here.
+    """
 
     target_epsilon: float
     delta: float
-    ae: float
-    dm: float
+    sigmas: Mapping[str, float]
+    plans: Mapping[str, SamplingPlan]
     metric: float
     scale: float
-    ae_plan: SamplingPlan
-    dm_plan: SamplingPlan
     audit: float = 0.0
 
     def phase_sigma(self, phase: str) -> float:
-        return self.ae if phase == "autoencoder" else self.dm
+        return self.sigmas[phase]
 
     def phase_plan(self, phase: str) -> SamplingPlan:
-        return self.ae_plan if phase == "autoencoder" else self.dm_plan
+        return self.plans[phase]
 
 
 def load_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
@@ -96,17 +93,18 @@ def prior_history(ledger: PrivacyLedger, run_id: str) -> History:
 
 def plan_noise(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: str
                ) -> NoisePlan:
-    """Calibrate all noise multipliers once for the whole run plan (both phases).
+    """Calibrate all noise multipliers once for the whole run plan (every phase).
 
     Inputs are the configuration, the site's budget and what earlier runs spent: never the data.
     Reserved releases (latent scale factor, one training-curve value per round, the audit when
-    the site allows audits) are fixed Gaussian mechanisms; the two training phases share the rest.
+    the site allows audits) are fixed Gaussian mechanisms; the training phases share the rest,
+    each by its `Phase.budget_share`.
     """
-    ae_plan = sampling_plan(cfg.autoencoder)
-    dm_plan = sampling_plan(cfg.diffusion)
+    phases = list(PHASES.values())
+    plans = {p.name: sampling_plan(p.config(cfg)) for p in phases}
     target = site.effective_target(cfg.privacy.epsilon)
     if math.isinf(target):
-        return NoisePlan(target, site.delta, 0.0, 0.0, 0.0, 0.0, ae_plan, dm_plan)
+        return NoisePlan(target, site.delta, {p.name: 0.0 for p in phases}, plans, 0.0, 0.0)
     metric = cfg.privacy.scale_noise_multiplier / 2
     scale = cfg.privacy.scale_noise_multiplier
     audit = cfg.privacy.audit_noise_multiplier
@@ -114,17 +112,15 @@ def plan_noise(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: 
     # again when retried; planning `retry` extra rounds per phase (and releases) means a killed
     # run can still finish within the target. Unused reserve is budget left unspent.
     retry = cfg.privacy.retry_reserve_rounds
-    ae_rounds, dm_rounds = (r + retry if r > 0 else 0 for r in
-                            (cfg.autoencoder.rounds, cfg.diffusion.rounds))
+    rounds = {p.name: (r + retry if (r := p.config(cfg).rounds) > 0 else 0) for p in phases}
     reserved = prior_history(ledger, run_id) + [gaussian_mechanism_entry(scale)] * (1 + retry) + \
-        [gaussian_mechanism_entry(metric)] * (ae_rounds + dm_rounds) + \
+        [gaussian_mechanism_entry(metric)] * sum(rounds.values()) + \
         ([gaussian_mechanism_entry(audit)] if site.allow_audit else [])
-    phases = [(p.sample_rate, p.steps * r) for p, r in ((ae_plan, ae_rounds), (dm_plan, dm_rounds))]
-    share = cfg.privacy.ae_share
-    sig_ae, sig_dm = calibrate_noise(phases, target_epsilon=target, delta=site.delta,
-                                     shares=[share, 1 - share], reserved=reserved)
-    return NoisePlan(target, site.delta, sig_ae, sig_dm, metric, scale, ae_plan, dm_plan,
-                     audit if site.allow_audit else 0.0)
+    planned = [(plans[p.name].sample_rate, plans[p.name].steps * rounds[p.name]) for p in phases]
+    sigmas = calibrate_noise(planned, target_epsilon=target, delta=site.delta,
+                             shares=[p.budget_share(cfg) for p in phases], reserved=reserved)
+    return NoisePlan(target, site.delta, dict(zip(rounds, sigmas, strict=True)), plans, metric,
+                     scale, audit if site.allow_audit else 0.0)
 
 
 def site_privacy_rng(site: SiteConfig, *salt: object) -> PrivacyRng:
@@ -182,11 +178,13 @@ def train_round(
 ) -> RoundResult:
     """One local round of DP-SGD on the site's train split; returns DP weights + DP loss.
 
+    `phase` names a registered phase (ldm_core.phases): it says which model trains on which
+    tensors with which loss; everything privacy-related below is the same for every phase.
     `seed` drives only what is not privacy-relevant; Poisson sampling, DP noise and the loss
     release draw from the site's privacy source.
     """
-    if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+    spec = get_phase(phase)
+    phase = spec.name
     ledger = open_ledger(site)
     noise = plan_noise(site, cfg, ledger, run_id)
     sigma, plan = noise.phase_sigma(phase), noise.phase_plan(phase)
@@ -199,22 +197,18 @@ def train_round(
     check_classes(site, cfg, data)
     groups = patient_groups(data, data.train)
     device = resolve_device(site.device)
-    phase_cfg = cfg.autoencoder if phase == "autoencoder" else cfg.diffusion
-    if phase == "autoencoder":
-        model = make_autoencoder(cfg.model)
-        model.load_state_dict(weights)
-        tensors: tuple[torch.Tensor, ...] = (data.train.images,)
-        loss_fn = ae_loss_fn(cfg)
-    else:
+    phase_cfg = spec.config(cfg)
+    ae: torch.nn.Module | None = None
+    if spec.needs_autoencoder:
         if ae_weights is None:
-            raise ValueError("diffusion round without autoencoder weights")
-        ae = make_autoencoder(cfg.model)
+            raise ValueError(f"{phase} round without autoencoder weights")
+        ae = AUTOENCODER.make_model(cfg.model)
         ae.load_state_dict(ae_weights)
-        latents = encode(ae, data.train.images, scale_factor, device)
-        model = make_denoiser(cfg.model)
-        model.load_state_dict(weights)
-        tensors = (latents, data.train.labels)
-        loss_fn = dm_loss_fn(cfg, phase_cfg)
+    tensors = spec.train_inputs(data.train, autoencoder=ae, scale_factor=scale_factor,
+                                device=device)
+    model = spec.make_model(cfg.model)
+    model.load_state_dict(weights)
+    loss_fn = spec.train_loss(cfg)
     stats = dp_train(model, tensors, loss_fn, phase=phase_cfg, plan=plan, noise_multiplier=sigma,
                      seed=seed, device=device, privacy_rng=rng, groups=groups,
                      images_per_step=cfg.privacy.patient_images_per_step,
@@ -227,7 +221,7 @@ def train_round(
                            f"{stats.max_grad_norm}, but the ledger was charged for noise {sigma} "
                            f"and clip {phase_cfg.max_grad_norm}: refusing to release the weights")
     with torch.no_grad():
-        per_sample = _eval_losses(model, tensors, phase, cfg, seed, device)
+        per_sample = spec.eval_losses(model, tensors, cfg, seed, device)
     loss = _dp_mean(per_patient_mean(per_sample, groups), clip=LOSS_CLIP, sigma=noise.metric,
                     rng=rng)
     return RoundResult(
@@ -236,66 +230,6 @@ def train_round(
         delta=ledger.delta, noise_multiplier=sigma, steps=stats.steps,
         sample_rate=plan.sample_rate,
     )
-
-
-def ae_loss_fn(cfg: RunConfig):  # noqa: ANN202 - a closure with the LossFn signature
-    m = cfg.model
-
-    def fn(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], gen: torch.Generator
-           ) -> torch.Tensor:
-        x = batch[0]
-        noise = torch.randn((x.shape[0], m.latent_channels, m.latent_size, m.latent_size),
-                            generator=gen).to(x.device)
-        return autoencoder_loss(model, x, kl_weight=cfg.dm.kl_weight, noise=noise)
-
-    return fn
-
-
-def dm_loss_fn(cfg: RunConfig, phase_cfg: PhaseConfig):  # noqa: ANN202
-    sched = make_train_scheduler(cfg.model)
-    null = cfg.model.n_classes
-
-    def fn(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], gen: torch.Generator
-           ) -> torch.Tensor:
-        z, y = batch
-        drop = torch.rand(y.shape[0], generator=gen).to(y.device) < cfg.dm.label_dropout
-        y = torch.where(drop, torch.full_like(y, null), y)
-        return multiplicity_diffusion_loss(model, sched, z, y, k=phase_cfg.noise_multiplicity,
-                                           generator=gen)
-
-    return fn
-
-
-def _eval_losses(model: torch.nn.Module, tensors: tuple[torch.Tensor, ...], phase: str,
-                 cfg: RunConfig, seed: int, device: torch.device) -> torch.Tensor:
-    """Per-sample loss of the trained model on the train split (input to a DP mean)."""
-    gen = torch.Generator().manual_seed(seed + 3)
-    model.eval().to(device)
-    out = []
-    m = cfg.model
-    sched = make_train_scheduler(m)
-    for i in range(0, tensors[0].shape[0], 256):
-        chunk = [t[i:i + 256].to(device) for t in tensors]
-        if phase == "autoencoder":
-            x = chunk[0]
-            noise = torch.randn((x.shape[0], m.latent_channels, m.latent_size, m.latent_size),
-                                generator=gen).to(device)
-            out.append(autoencoder_loss(model, x, kl_weight=cfg.dm.kl_weight, noise=noise).cpu())
-        else:
-            z, y = chunk
-            t = torch.randint(0, m.num_train_timesteps, (z.shape[0],), generator=gen).to(device)
-            n = torch.randn(z.shape, generator=gen).to(device)
-            out.append(diffusion_loss(model, sched, z, y, timesteps=t, noise=n).cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def encode(ae: torch.nn.Module, images: torch.Tensor, scale_factor: float,
-           device: torch.device) -> torch.Tensor:
-    """Posterior means, scaled: the denoiser trains on unit-variance latents."""
-    ae.eval().to(device)
-    out = [ae.encode(images[i:i + 256].to(device))[0].cpu() for i in range(0, len(images), 256)]
-    return torch.cat(out) * scale_factor
 
 
 @dataclass(frozen=True)
@@ -319,7 +253,7 @@ def latent_stats(site: SiteConfig, cfg: RunConfig, *, run_id: str,
                   [(0.0, 1.0, 1)], run_id=run_id, phase="latent-scale", round=0)
     data = load_data(site, cfg)
     check_classes(site, cfg, data)
-    ae = make_autoencoder(cfg.model)
+    ae = AUTOENCODER.make_model(cfg.model)
     ae.load_state_dict(ae_weights)
     z = encode(ae, data.train.images, 1.0, resolve_device(site.device))
     per_image = z.pow(2).flatten(1).mean(dim=1)

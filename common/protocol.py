@@ -29,8 +29,10 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ldm_core.evaluation.attacks import AUDIT_RELEASE_KEYS
+from ldm_core.phases import PHASES as _REGISTRY
 
-PHASES = ("autoencoder", "diffusion")
+# The phase names a train request may carry: exactly the registered phases (ldm_core.phases).
+PHASES: tuple[str, ...] = tuple(_REGISTRY)
 
 
 class ProtocolError(ValueError):

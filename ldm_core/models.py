@@ -1,6 +1,7 @@
 """MONAI network and scheduler factories.
 
-Networks come from MONAI (DESIGN.md: never hand-write a UNet or a scheduler). Everything here is
+Networks come from MONAI (a project decision: never hand-write a UNet or a scheduler).
+Everything here is
 GroupNorm-only, so Opacus can compute per-sample gradients and no BatchNorm statistics leak.
 The denoiser gets one extra class embedding (index ``n_classes``) as the "null" label used for
 classifier-free guidance.
@@ -48,6 +49,19 @@ def make_denoiser(cfg: ModelConfig) -> DiffusionModelUNet:
         num_head_channels=cfg.dm_head_channels,
         num_class_embeds=cfg.n_classes + 1,
     )
+
+
+@torch.no_grad()
+def encode(ae: torch.nn.Module, images: torch.Tensor, scale_factor: float,
+           device: torch.device, chunk: int = 256) -> torch.Tensor:
+    """Posterior means, scaled: the denoiser trains on unit-variance latents.
+
+    Chunked so a whole site's train split fits in memory; the result is back on the CPU.
+    """
+    ae.eval().to(device)
+    out = [ae.encode(images[i:i + chunk].to(device))[0].cpu()
+           for i in range(0, len(images), chunk)]
+    return torch.cat(out) * scale_factor
 
 
 def make_train_scheduler(cfg: ModelConfig) -> DDPMScheduler:

@@ -214,8 +214,11 @@ def test_a_refused_charge_reads_no_data(tmp_path: Path, demo_manifest: Path,
     site = _site(tmp_path, demo_manifest, epsilon=8.0)
     real_plan = tasks.plan_noise
     # A round that cannot fit: far too little noise for the budget.
-    monkeypatch.setattr(tasks, "plan_noise", lambda *a, **k: dataclasses.replace(
-        real_plan(*a, **k), ae=0.05))
+    def too_little_noise(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        plan = real_plan(*a, **k)
+        return dataclasses.replace(plan, sigmas={**plan.sigmas, "autoencoder": 0.05})
+
+    monkeypatch.setattr(tasks, "plan_noise", too_little_noise)
     monkeypatch.setattr(tasks, "load_data", lambda *a, **k: pytest.fail("data was read"))
     with pytest.raises(BudgetExceededError):
         _ae_round(site, tiny_cfg)

@@ -67,14 +67,16 @@ def test_waiting_for_sites_times_out_with_advice(tmp_path: Path) -> None:
 def test_coordinator_starts_from_the_shipped_priors() -> None:
     cfg = build_config(preset="quick", class_names=("a", "b", "c", "d"),
                        overrides={"dm_init": "public-healthy-phantoms"})
-    ae, dm = _initial_models(cfg)
+    models = _initial_models(cfg)
+    assert list(models) == ["autoencoder", "diffusion"]
+    ae, dm = models["autoencoder"], models["diffusion"]
     for k, v in load_pretrained(cfg.model).items():
         assert torch.equal(ae.state_dict()[k], v), k
     for k, v in load_pretrained_denoiser(cfg.model).items():
         assert torch.equal(dm.state_dict()[k], v), k
     random_cfg = build_config(preset="quick", class_names=("a", "b", "c", "d"))
     assert random_cfg.dm_init == "random"
-    _, fresh = _initial_models(random_cfg)
+    fresh = _initial_models(random_cfg)["diffusion"]
     assert not torch.equal(fresh.state_dict()["out.2.conv.weight"],
                            dm.state_dict()["out.2.conv.weight"])
 

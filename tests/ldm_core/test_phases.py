@@ -1,0 +1,103 @@
+"""The phase registry: order, the names run folders and ledgers use, per-sample losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm_core.config import RunConfig, build_config
+from ldm_core.data import ImageSet
+from ldm_core.models import encode
+from ldm_core.phases import AUTOENCODER, DIFFUSION, PHASES, get_phase
+
+CLASSES = ("healthy", "lesion", "cyst")
+N = 6
+
+
+@pytest.fixture(scope="module")
+def cfg() -> RunConfig:
+    return build_config(preset="tiny", image_size=16, class_names=CLASSES)
+
+
+@pytest.fixture(scope="module")
+def split(cfg: RunConfig) -> ImageSet:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand((N, 1, 16, 16), generator=g) * 2 - 1
+    labels = torch.randint(0, len(CLASSES), (N,), generator=g)
+    return ImageSet(images, labels, tuple(f"p{i // 2}" for i in range(N)))
+
+
+def _inputs(cfg: RunConfig, split: ImageSet, name: str) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    ae = AUTOENCODER.make_model(cfg.model)
+    return get_phase(name).train_inputs(split, autoencoder=ae, scale_factor=0.5,
+                                        device=torch.device("cpu"))
+
+
+def test_registry_is_in_training_order_with_stable_names() -> None:
+    # These names are in state.json, checkpoint folders, ledgers and messages: never rename.
+    assert list(PHASES) == ["autoencoder", "diffusion"]
+    assert [(p.name, p.prefix, p.checkpoint_key) for p in PHASES.values()] == [
+        ("autoencoder", "ae", "autoencoder"), ("diffusion", "dm", "denoiser")]
+    assert PHASES["autoencoder"] is AUTOENCODER and PHASES["diffusion"] is DIFFUSION
+    assert not AUTOENCODER.needs_autoencoder and DIFFUSION.needs_autoencoder
+    assert all(get_phase(name) is p for name, p in PHASES.items())
+
+
+def test_unknown_phase_names_the_registered_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown phase 'mask'.*autoencoder.*diffusion"):
+        get_phase("mask")
+
+
+def test_phase_config_and_budget_shares(cfg: RunConfig) -> None:
+    assert AUTOENCODER.config(cfg) is cfg.autoencoder
+    assert DIFFUSION.config(cfg) is cfg.diffusion
+    assert sum(p.budget_share(cfg) for p in PHASES.values()) == pytest.approx(1.0)
+    assert AUTOENCODER.budget_share(cfg) == cfg.privacy.ae_share
+
+
+def test_protocol_takes_its_phase_names_from_the_registry() -> None:
+    from common.protocol import PHASES as WIRE
+
+    assert tuple(PHASES) == WIRE
+
+
+def test_diffusion_needs_the_frozen_autoencoder(cfg: RunConfig, split: ImageSet) -> None:
+    with pytest.raises(ValueError, match="autoencoder weights"):
+        DIFFUSION.train_inputs(split, scale_factor=1.0)
+    (images,) = AUTOENCODER.train_inputs(split)
+    assert images is split.images
+
+
+def test_diffusion_inputs_are_scaled_latents_and_labels(cfg: RunConfig, split: ImageSet) -> None:
+    m = cfg.model
+    z, y = _inputs(cfg, split, "diffusion")
+    assert z.shape == (N, m.latent_channels, m.latent_size, m.latent_size)
+    assert torch.equal(y, split.labels)
+    torch.manual_seed(0)
+    ae = AUTOENCODER.make_model(m)
+    assert torch.allclose(z, encode(ae, split.images, 1.0, torch.device("cpu")) * 0.5)
+
+
+@pytest.mark.parametrize("name", list(PHASES))
+def test_models_and_losses_are_per_sample(cfg: RunConfig, split: ImageSet, name: str) -> None:
+    phase = get_phase(name)
+    tensors = _inputs(cfg, split, name)
+    assert all(t.shape[0] == N for t in tensors)
+    model = phase.make_model(cfg.model)
+    loss = phase.train_loss(cfg)(model, tensors, torch.Generator().manual_seed(1))
+    assert loss.shape == (N,) and loss.requires_grad and torch.isfinite(loss).all()
+    loss.sum().backward()  # the loss trains the phase's own model
+    assert any(p.grad is not None for p in model.parameters())
+    device = torch.device("cpu")
+    ev = phase.eval_losses(model, tensors, cfg, seed=4, device=device)
+    assert ev.shape == (N,) and not ev.requires_grad and torch.isfinite(ev).all()
+    # The evaluation noise follows the (non-private) message seed: same seed, same values.
+    assert torch.equal(ev, phase.eval_losses(model, tensors, cfg, seed=4, device=device))
+
+
+def test_phase_models_are_the_monai_factories(cfg: RunConfig) -> None:
+    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+    assert isinstance(AUTOENCODER.make_model(cfg.model), AutoencoderKL)
+    assert isinstance(DIFFUSION.make_model(cfg.model), DiffusionModelUNet)
