@@ -52,7 +52,6 @@ import json
 import math
 import os
 import shlex
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -60,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import files, jsonio
 from ldm_core.privacy import History, epsilon_of, validate_entry, validate_history
 
 FORMAT_VERSION = 2
@@ -105,18 +105,18 @@ class LedgerMissingError(LedgerError):
 
 
 def _enc(x: float) -> float | str:
-    return "inf" if math.isinf(x) else x
+    return jsonio.encode_float(x)
 
 
 def _dec_float(value: Any, *, path: Path, field: str) -> float:
-    if value == "inf":
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    number = jsonio.decode_float(value)
+    if (isinstance(number, bool) or not isinstance(number, (int, float)) or math.isnan(number)
+            or number == -math.inf):
         raise LedgerError(
             f"{path}: field {field!r} = {value!r} is not a number. The ledger is corrupt: restore "
             "it from a backup; do not delete it (that would reset the site's spent epsilon)."
         )
-    return float(value)
+    return float(number)
 
 
 # -- hash chain ---------------------------------------------------------------------------------
@@ -356,34 +356,9 @@ def _check_head(path: Path, state: _State) -> None:
 
 
 # -- durable writes -----------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder, flush, fsync, os.replace, fsync the folder.
-
-    Why each step: the temp file + rename means a crash leaves the old or the new file, never a
-    half-written one; the fsync before the rename makes sure the new content is on disk before
-    the name points at it; the folder fsync makes the rename itself durable.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    """common.files.write_text_atomic at 0o600: a crash leaves the old or the new ledger."""
+    files.write_text_atomic(path, text, mode=FILE_MODE)
 
 
 def _write_state(path: Path, state: _State, *, head: bool) -> None:

@@ -32,6 +32,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common import files
+
 META_FILE = "meta.json"
 SUFFIX = ".safetensors"
 MANIFEST_KEY = "__checkpoint__"
@@ -44,12 +46,7 @@ class CheckpointError(RuntimeError):
 
 
 def _fsync_path(path: Path) -> None:
-    flags = os.O_RDONLY
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    files.fsync_path(path)
 
 
 def _sha256(path: Path) -> str:
@@ -147,11 +144,7 @@ def save_checkpoint(
             _fsync_path(file)
             hashes[name] = _sha256(file)
         manifest = {"format": FORMAT_VERSION, "modules": sorted(hashes), "sha256": hashes}
-        meta_path = tmp / META_FILE
-        with open(meta_path, "w", encoding="utf-8") as f:
-            f.write(_meta_text(meta, manifest))
-            f.flush()
-            os.fsync(f.fileno())
+        files.write_text_atomic(tmp / META_FILE, _meta_text(meta, manifest))
         _fsync_path(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

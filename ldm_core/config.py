@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from common import jsonio
+
 PRESETS = ("tiny", "quick", "standard")
 AE_INITS = ("random", "public-phantoms")
 DM_INITS = ("random", "public-healthy-phantoms")
@@ -251,18 +253,9 @@ class RunConfig:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain JSON-able dict; inf is kept as the string "inf" so the JSON stays standard."""
-
-    def conv(v: Any) -> Any:
-        if isinstance(v, float) and math.isinf(v):
-            return "inf"
-        if isinstance(v, tuple):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return conv(dataclasses.asdict(cfg))
+    """Plain JSON-able dict; inf is kept as the string "inf" (common.jsonio) so the JSON stays
+    standard, and tuples become lists."""
+    return jsonio.encode(dataclasses.asdict(cfg))
 
 
 def _from_dict(cls: type, d: Mapping[str, Any]) -> Any:
@@ -276,10 +269,8 @@ def _from_dict(cls: type, d: Mapping[str, Any]) -> Any:
             kwargs[name] = _from_dict(sub, value)
         elif isinstance(value, list):
             kwargs[name] = tuple(value)
-        elif value == "inf":
-            kwargs[name] = math.inf
         else:
-            kwargs[name] = value
+            kwargs[name] = jsonio.decode_float(value)
     return cls(**kwargs)
 
 
@@ -300,7 +291,7 @@ def _preset_parts(preset: str, image_size: int) -> dict[str, Any]:
 
     `quick` is sized for the README's main job: 3 simulated sites on 2 CPU cores in minutes.
     Small denoisers and large logical batches are what make DP-SGD work for generators
-    (DESIGN.md), so even `standard` keeps the denoiser modest.
+    (docs/architecture.md), so even `standard` keeps the denoiser modest.
     """
     if preset == "tiny":
         return {

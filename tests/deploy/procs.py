@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 def fedldm_cmd() -> list[str]:
     """The installed console script when present (what users run), else the module."""
     script = Path(sys.executable).parent / "fedldm"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
 
 
 def child_env() -> dict[str, str]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server import cli
-from server.coordinator_cli import CONNECTION, Connection
+from cli import main as cli
+from cli.coordinator import CONNECTION, Connection
 from tests.deploy.keys import ca_cert, rsa_public_key, site_keypair
 from tests.deploy.procs import REPO, free_port
 
@@ -48,7 +48,7 @@ def test_start_runs_superlink_with_tls_auth_and_database(certs: Path, tmp_path: 
 
 def test_start_needs_certs_unless_loudly_insecure(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["coordinator", "start", "--state-dir", str(tmp_path), "--dry-run"]) == 1
+    assert cli.main(["coordinator", "start", "--state-dir", str(tmp_path), "--dry-run"]) == 2
     assert "--certs DIR is required" in capsys.readouterr().err
     assert cli.main(["coordinator", "start", "--state-dir", str(tmp_path), "--insecure",
                      "--dry-run"]) == 0
@@ -65,7 +65,7 @@ def test_start_refuses_a_certificate_from_another_ca(certs: Path, tmp_path: Path
     shutil.copytree(certs, mixed)
     ca_cert(mixed / "ca.crt")  # a different CA than the one that signed superlink.crt
     assert cli.main(["coordinator", "start", "--state-dir", str(tmp_path / "s"), "--certs",
-                     str(mixed), "--dry-run"]) == 1
+                     str(mixed), "--dry-run"]) == 2
     assert "was not signed by" in capsys.readouterr().err
 
 
@@ -79,7 +79,7 @@ def test_register_site_checks_the_key_first(tmp_path: Path, kind: str, message: 
            "garbage": tmp_path / "garbage.pub"}[kind]
     if kind == "garbage":
         key.write_text("hello\n")
-    assert cli.main(["coordinator", "register-site", str(key), "--insecure"]) == 1
+    assert cli.main(["coordinator", "register-site", str(key), "--insecure"]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -111,7 +111,7 @@ def test_run_rejects_bad_options_before_contacting_anyone(tmp_path: Path, extra:
     out = tmp_path / "run"
     argv = ["coordinator", "run", "--superlink", f"127.0.0.1:{free_port()}", "--insecure",
             "--out", str(out), *extra]
-    assert cli.main(argv) == 1
+    assert cli.main(argv) == 2  # bad config: exit 2, nothing submitted
     assert message in capsys.readouterr().err
     assert not out.exists()
 

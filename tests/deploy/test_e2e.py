@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from server import cli
+from cli import main as cli
 from tests.deploy.procs import REPO, Proc, fedldm_cmd, free_port, wait_for_port
 
 pytestmark = [

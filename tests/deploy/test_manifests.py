@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from server.cli import build_parser
+from cli.main import build_parser
 
 yaml = pytest.importorskip("yaml", reason="PyYAML (a Flower dependency) is needed to parse "
                            "deploy/compose.yml and deploy/k8s/*.yaml")

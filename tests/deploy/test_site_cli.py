@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli import main as cli
 from client.ledger import PrivacyLedger
 from client.site_config import SiteConfig
-from server import cli
 from tests.deploy.keys import ca_cert, site_keypair
 
 
@@ -26,7 +26,7 @@ def test_check_summarises_a_manifest(demo_manifest: Path,
     out = capsys.readouterr().out
     assert "manifest layout, 108 images" in out
     assert "patients  36" in out
-    assert "16x16 L" in out
+    assert "decoded 108: 16x16 L (108)" in out
     assert "ok " in out
 
 
@@ -45,7 +45,7 @@ def test_check_warns_about_file_names(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 @pytest.mark.parametrize("layout", ["empty", "one-class", "unreadable"])
-def test_check_exits_1_on_bad_data(tmp_path: Path, layout: str,
+def test_check_exits_2_on_bad_data(tmp_path: Path, layout: str,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     if layout == "one-class":
         for i in range(12):
@@ -55,8 +55,10 @@ def test_check_exits_1_on_bad_data(tmp_path: Path, layout: str,
             for i in range(6):
                 _png(tmp_path / cls / f"{i}.png")
         (tmp_path / "tumor" / "broken.png").write_bytes(b"not a png")
-    assert cli.main(["site", "check", "--data", str(tmp_path)]) == 1
-    assert "fedldm site check:" in capsys.readouterr().err
+    assert cli.main(["site", "check", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "fedldm site check:" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def _init(state: Path, site: str = "hospital-a", epsilon: str = "8",
@@ -154,9 +156,9 @@ def test_budget_shows_runs_and_phases_read_only(tmp_path: Path,
     assert path.read_bytes() == before
 
 
-def test_budget_without_ledger_exits_1(tmp_path: Path,
+def test_budget_without_ledger_exits_2(tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["site", "budget", "--state-dir", str(tmp_path)]) == 1
+    assert cli.main(["site", "budget", "--state-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no ledger" in err and "fedldm site init" in err
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -28,18 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.site_cli import (
-    SiteCliError,
+from cli import args as A
+from cli.errors import BadInput, RuntimeFailure
+from common import files, jsonio
+from common.procs import flower_env, flower_tool, run_supervised, warn
+from common.tls import (
+    check_auth_public_key,
     check_ca_file,
     check_readable,
-    flower_env,
-    flower_tool,
     insecure_warning,
     parse_address,
-    positive_float_or_inf,
-    run_supervised,
-    toml_value,
-    warn,
 )
 
 CONNECTION = "fedldm"
@@ -49,8 +46,13 @@ RUN_OUTPUTS = ("checkpoints/final", "metrics.json", "report.html")
 FLWR_CALL_TIMEOUT_S = 120.0
 
 
-class CoordinatorCliError(SiteCliError):
-    """Bad input or a failed step of a coordinator command; the message says what to do."""
+class CoordinatorCliError(BadInput):
+    """Bad input to a coordinator command (exit 2); the message says what to do."""
+
+
+class CoordinatorRunError(RuntimeFailure):
+    """A coordinator step failed at run time (exit 1): a SuperLink that does not answer, too
+    few sites online, a run that ended badly."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +100,7 @@ class Flwr:
         self.conn = conn
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
-        (home / "config.toml").write_text(conn.toml(), encoding="utf-8")
+        files.write_text_atomic(home / "config.toml", conn.toml(), mode=0o600)
         self.env = dict(os.environ, FLWR_HOME=str(home))
         self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
                                             self.env.get("PATH", "")])
@@ -112,7 +114,7 @@ class Flwr:
             proc = subprocess.run(self.cmd(*args, "--format", "json"), env=self.env,
                                   capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as e:
-            raise CoordinatorCliError(f"`flwr {' '.join(args)}` did not answer within "
+            raise CoordinatorRunError(f"`flwr {' '.join(args)}` did not answer within "
                                       f"{timeout:.0f}s; is the SuperLink at "
                                       f"{self.conn.address} up?") from e
         doc = _last_json(proc.stdout)
@@ -126,7 +128,7 @@ class Flwr:
         return doc
 
 
-class FlwrError(CoordinatorCliError):
+class FlwrError(CoordinatorRunError):
     """A `flwr` command failed; the message carries Flower's own explanation."""
 
 
@@ -167,6 +169,8 @@ def online_sites(flwr: Flwr) -> list[dict[str, Any]]:
 def _check_certs(certs: Path) -> tuple[Path, Path, Path]:
     """ca.crt, superlink.crt, superlink.key from --certs; the certificate must chain to the CA."""
     from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
 
     certs = certs.expanduser()
     paths = [check_readable(certs / name, "--certs", f"{name} from deploy/certs/generate.sh")
@@ -174,7 +178,17 @@ def _check_certs(certs: Path) -> tuple[Path, Path, Path]:
     ca_path, crt_path, key_path = paths
     check_ca_file(ca_path, "--certs")
     ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
-    crt = x509.load_pem_x509_certificate(crt_path.read_bytes())
+    try:
+        crt = x509.load_pem_x509_certificate(crt_path.read_bytes())
+    except ValueError as e:
+        raise CoordinatorCliError(f"--certs {crt_path}: not a PEM certificate ({e}); pass the "
+                                  "folder written by deploy/certs/generate.sh") from e
+    try:
+        serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise CoordinatorCliError(f"--certs {key_path}: not an unencrypted PEM private key "
+                                  f"({e}); pass the folder written by deploy/certs/generate.sh"
+                                  ) from e
     try:
         crt.verify_directly_issued_by(ca)
     except Exception as e:  # noqa: BLE001 - InvalidSignature, ValueError, TypeError
@@ -193,15 +207,13 @@ def _check_certs(certs: Path) -> tuple[Path, Path, Path]:
 
 
 def build_superlink_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    state = args.state_dir.expanduser().resolve()
-    try:
-        state.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=state, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise CoordinatorCliError(f"--state-dir {state}: not writable ({e})") from e
+    """Validate a `coordinator start` invocation (before creating anything); return the
+    flower-superlink command and its environment."""
     if not 0 < args.port < 65536:
         raise CoordinatorCliError(f"--port {args.port}: must be in 1..65535")
+    state = args.state_dir.expanduser().resolve()
+    if state.exists() and not state.is_dir():
+        raise CoordinatorCliError(f"--state-dir {state}: exists and is not a folder")
     cmd = [flower_tool("flower-superlink"), "--host", args.host, "--port", str(args.port),
            "--database", str(state / "superlink.db"),
            # Dependencies come from this installation: hospitals' networks are often offline.
@@ -219,6 +231,12 @@ def build_superlink_command(args: argparse.Namespace) -> tuple[list[str], dict[s
         ca, crt, key = _check_certs(args.certs)
         cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(crt),
                 "--ssl-keyfile", str(key), "--enable-supernode-auth"]
+    try:  # only now, when everything else was accepted
+        state.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=state, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise CoordinatorCliError(f"--state-dir {state}: not writable ({e})") from e
     return cmd, flower_env(state / "flwr-home")
 
 
@@ -243,29 +261,8 @@ def coordinator_start(args: argparse.Namespace) -> int:
 # site keys
 
 
-def _check_public_key(path: Path) -> Path:
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
-
-    path = check_readable(path, "PUBKEY", "a site's auth.key.pub")
-    raw = path.read_bytes()
-    if b"PRIVATE KEY" in raw:
-        raise CoordinatorCliError(f"{path} is a PRIVATE key. Ask the site for its .pub file "
-                                  "only; the private key must never leave the site (the site "
-                                  "should now make a new key pair)")
-    try:
-        key = load_ssh_public_key(raw)
-    except (ValueError, TypeError) as e:
-        raise CoordinatorCliError(f"{path}: not an OpenSSH public key ({e}); sites make theirs "
-                                  "with `deploy/certs/generate.sh site-key NAME`") from e
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise CoordinatorCliError(f"{path}: Flower needs an ECDSA (NIST P-256/384/521) key, "
-                                  f"got {type(key).__name__}")
-    return path
-
-
 def register_site(args: argparse.Namespace) -> int:
-    pub = _check_public_key(args.pubkey)
+    pub = check_auth_public_key(args.pubkey)
     extra = ["--name", args.name] if args.name else []
     with flwr_session(Connection.from_args(args)) as flwr:
         try:
@@ -320,7 +317,7 @@ def run_config_from_args(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             overrides[key] = getattr(args, flag)
     rc: dict[str, Any] = {
         "preset": args.preset, "image-size": args.image_size or 0, "seed": args.seed,
-        "epsilon": "inf" if math.isinf(args.epsilon) else repr(float(args.epsilon)),
+        "epsilon": str(jsonio.encode_float(float(args.epsilon))),
         "delta": float(args.delta), "class-names": args.class_names,
         "overrides": json.dumps(overrides), "min-sites": args.min_sites,
         "num-sites": args.num_sites or 0, "out": str(out),
@@ -341,7 +338,7 @@ def _wait_for_sites(flwr: Flwr, need: int, timeout: float) -> int:
         if n >= need:
             return n
         if time.monotonic() > deadline:
-            raise CoordinatorCliError(
+            raise CoordinatorRunError(
                 f"only {n} site(s) online at {flwr.conn.address} after {timeout:.0f}s, {need} "
                 "needed; nothing was submitted. Check `fedldm coordinator sites` and the sites' "
                 "`fedldm site start` output (an unregistered key, or a site trusting another "
@@ -364,14 +361,14 @@ def _follow(flwr: Flwr, run_id: str, timeout: float | None) -> dict[str, Any]:
                 stream.wait(timeout=5.0)
             except subprocess.TimeoutExpired:
                 if deadline is not None and time.monotonic() > deadline:
-                    raise CoordinatorCliError(f"run {run_id} still running after --timeout "
+                    raise CoordinatorRunError(f"run {run_id} still running after --timeout "
                                               f"{timeout:.0f}s") from None
                 continue
             row = _run_status(flwr, run_id)
             if str(row.get("status", "")).startswith("finished"):
                 return row
             if deadline is not None and time.monotonic() > deadline:
-                raise CoordinatorCliError(f"run {run_id} still running after --timeout "
+                raise CoordinatorRunError(f"run {run_id} still running after --timeout "
                                           f"{timeout:.0f}s")
             time.sleep(3.0)  # the log stream dropped: keep waiting on the status
             stream = subprocess.Popen(flwr.cmd("log", run_id, CONNECTION, "--stream"),
@@ -390,11 +387,11 @@ def _check_outputs(out: Path, row: dict[str, Any]) -> None:
     if not missing:
         return
     if not out.exists():
-        raise CoordinatorCliError(
+        raise CoordinatorRunError(
             f"run finished ({row.get('status')}) but {out} does not exist on this machine: the "
             "ServerApp writes the run folder on the SuperLink's host. Run `fedldm coordinator "
             "run` on that host (or give --out a folder both share)")
-    raise CoordinatorCliError(f"run finished but {out} lacks {', '.join(missing)}; see "
+    raise CoordinatorRunError(f"run finished but {out} lacks {', '.join(missing)}; see "
                               f"{out / 'run.log'}")
 
 
@@ -426,8 +423,8 @@ def coordinator_run(args: argparse.Namespace) -> int:
         n = _wait_for_sites(flwr, need, args.wait_for_sites)
         print(f"fedldm coordinator: {n} site(s) online; submitting {app} -> {out}", flush=True)
         rc_file = flwr.home / "run-config.toml"
-        rc_file.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in rc.items()),
-                           encoding="utf-8")
+        files.write_text_atomic(rc_file, "".join(f"{k} = {A.toml_value(v)}\n"
+                                                 for k, v in rc.items()))
         doc = flwr.json("run", str(app), CONNECTION, "--run-config", str(rc_file))
         run_id = str(doc["run-id"])
         print(f"fedldm coordinator: run {run_id} started (fab {doc.get('fab-hash', '?')})",
@@ -446,7 +443,7 @@ def coordinator_run(args: argparse.Namespace) -> int:
             return 130
     status = str(row.get("status", "?"))
     if status != "finished:completed":
-        raise CoordinatorCliError(f"run {run_id} ended as {status}: "
+        raise CoordinatorRunError(f"run {run_id} ended as {status}: "
                                   f"{row.get('status-details') or 'no details'}; see "
                                   f"{out / 'run.log'} (rerun the same command to resume)")
     _check_outputs(out, row)
@@ -460,22 +457,12 @@ def coordinator_run(args: argparse.Namespace) -> int:
 # argparse wiring
 
 
-def _override(s: str) -> tuple[str, object]:
-    key, sep, value = s.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--set {s!r}: use SECTION.FIELD=VALUE")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--superlink", default=DEFAULT_SUPERLINK, metavar="HOST:PORT",
                    help=f"the SuperLink (default {DEFAULT_SUPERLINK})")
-    p.add_argument("--root-certificates", type=Path, metavar="CA.pem",
+    p.add_argument("--root-certificates", type=A.path, metavar="CA.pem",
                    help="CA certificate that signed the SuperLink's (ca.crt)")
-    p.add_argument("--certs", type=Path, metavar="DIR", help="folder holding ca.crt")
+    p.add_argument("--certs", type=A.path, metavar="DIR", help="folder holding ca.crt")
     p.add_argument("--insecure", action="store_true", help="NO TLS: local trials only")
 
 
@@ -483,21 +470,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `fedldm coordinator {start,register-site,sites,unregister-site,run}`."""
     coord = subparsers.add_parser("coordinator", help="consortium side: SuperLink, site keys, "
                                   "training runs")
-    sub = coord.add_subparsers(dest="coordinator_command", required=True)
+    sub = coord.add_subparsers(dest="coordinator_command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("start", help="run the SuperLink (TLS + SuperNode authentication)")
     s.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
-    s.add_argument("--port", type=int, default=8000, help="the one port for all APIs")
-    s.add_argument("--state-dir", type=Path, required=True,
+    s.add_argument("--port", type=A.port, default=8000, help="the one port for all APIs")
+    s.add_argument("--state-dir", type=A.path, required=True,
                    help="SQLite state (registered sites, runs) and Flower's files")
-    s.add_argument("--certs", type=Path, metavar="DIR",
+    s.add_argument("--certs", type=A.path, metavar="DIR",
                    help="ca.crt, superlink.crt, superlink.key (deploy/certs/generate.sh)")
     s.add_argument("--insecure", action="store_true",
                    help="NO TLS and NO site authentication: local trials only")
     s.add_argument("--dry-run", action="store_true", help="validate, print the command, exit")
 
     r = sub.add_parser("register-site", help="allow a site's public key (auth.key.pub)")
-    r.add_argument("pubkey", type=Path, metavar="PUBKEY")
+    r.add_argument("pubkey", type=A.path, metavar="PUBKEY")
     r.add_argument("--name", help="a label for the site")
     _connection_args(r)
 
@@ -505,30 +492,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _connection_args(ls)
 
     u = sub.add_parser("unregister-site", help="revoke a site's key (by node id, see `sites`)")
-    u.add_argument("node_id", type=int, metavar="NODE_ID")
+    u.add_argument("node_id", type=A.nonneg_int, metavar="NODE_ID")
     _connection_args(u)
 
     run = sub.add_parser("run", help="submit a training run, follow it, check its outputs")
     _connection_args(run)
-    run.add_argument("--out", type=Path, required=True,
+    run.add_argument("--out", type=A.path, required=True,
                      help="run folder, written by the ServerApp on the SuperLink's host")
-    run.add_argument("--app", type=Path, help="the fedldm project folder (default: this one)")
+    run.add_argument("--app", type=A.path, help="the fedldm project folder (default: this one)")
     run.add_argument("--preset", default="quick", choices=("tiny", "quick", "standard"))
-    run.add_argument("--image-size", type=int, default=None)
+    run.add_argument("--image-size", type=A.positive_int, default=None)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--epsilon", type=positive_float_or_inf, default=8.0,
+    run.add_argument("--epsilon", type=A.epsilon, default=8.0,
                      help="the cumulative epsilon each site may reach by the end of this run "
                      "(earlier runs count); a site's own budget still caps it")
-    run.add_argument("--delta", type=float, default=1e-5)
+    run.add_argument("--delta", type=A.delta, default=1e-5)
     run.add_argument("--class-names", default="cyst,edema,normal,tumor",
                      help="comma-separated; must match the sites' class folders")
-    run.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
+    run.add_argument("--set", type=A.override, action="append", default=[], metavar="KEY=VALUE",
                      help="any config field, e.g. --set diffusion.rounds=8")
-    run.add_argument("--ae-rounds", type=int, help="shortcut for --set autoencoder.rounds=N")
-    run.add_argument("--dm-rounds", type=int, help="shortcut for --set diffusion.rounds=N")
-    run.add_argument("--min-sites", type=int, default=2,
+    run.add_argument("--ae-rounds", type=A.nonneg_int,
+                     help="shortcut for --set autoencoder.rounds=N")
+    run.add_argument("--dm-rounds", type=A.nonneg_int, help="shortcut for --set diffusion.rounds=N")
+    run.add_argument("--min-sites", type=A.positive_int, default=2,
                      help="sites that must answer every round (default 2)")
-    run.add_argument("--num-sites", type=int, default=0,
+    run.add_argument("--num-sites", type=A.nonneg_int, default=0,
                      help="wait for this many sites before starting (default: --min-sites)")
     run.add_argument("--wait-for-sites", type=float, default=300.0, metavar="SECONDS",
                      help="how long to wait for the sites to be online before giving up")
@@ -541,13 +529,10 @@ COMMANDS = {"start": coordinator_start, "register-site": register_site, "sites":
             "unregister-site": unregister_site, "run": coordinator_run}
 
 
-def main(args: argparse.Namespace) -> int:
-    """Dispatch `fedldm coordinator ...`; failures exit 1 (2 for bad input) with a message."""
-    try:
-        return COMMANDS[args.coordinator_command](args)
-    except CoordinatorCliError as e:
-        print(f"fedldm coordinator {args.coordinator_command}: {e}", file=sys.stderr)
-        return 1
-    except SiteCliError as e:
-        print(f"fedldm coordinator {args.coordinator_command}: {e}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    """Dispatch `fedldm coordinator ...` (errors are reported by cli.main)."""
+    return COMMANDS[args.coordinator_command](args)
+
+
+def command_name(args: argparse.Namespace) -> str:
+    return f"coordinator {args.coordinator_command}"

@@ -1,0 +1,294 @@
+"""One-machine commands: `simulate`, `evaluate`, `demo-data`, `pretrain-ae`, `pretrain-dm`.
+
+`simulate` checks everything it can before it creates or touches anything (the data's file list
+and every image, the partition among --sites, the configuration, and, for an existing run
+folder, that the run there has the same configuration), so bad input exits 2 and leaves the file
+system as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from cli import args as A
+from cli.errors import BadInput
+
+PRESETS = ("tiny", "quick", "standard")
+
+
+class LocalCliError(BadInput):
+    """Bad input to a one-machine command (exit 2); the message names the flag or file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# simulate
+
+
+def _overrides(args: argparse.Namespace, shortcuts: tuple[tuple[str, str], ...]
+               ) -> dict[str, Any]:
+    overrides = dict(args.set)
+    for flag, key in shortcuts:
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    return overrides
+
+
+def _check_out_folder(out: Path, flag: str = "--out") -> None:
+    if out.exists() and not out.is_dir():
+        raise LocalCliError(f"{flag} {out}: exists and is not a folder")
+
+
+def _check_images(paths: list[Path], where: str) -> None:
+    from cli.site import decode_images
+
+    bad = [i for i in decode_images(paths) if i.error is not None]
+    if bad:
+        raise LocalCliError(f"--data {where}: {len(bad)} image(s) cannot be decoded (first: "
+                            f"{bad[0].path}: {bad[0].error}); run `fedldm site check --data "
+                            f"{where}` for the full list")
+
+
+def check_resume(out: Path, config: dict[str, Any]) -> None:
+    """An existing run folder may only be resumed with the configuration it was started with."""
+    state = out / "checkpoints" / "state.json"
+    if not state.exists():
+        return
+    try:
+        saved = json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LocalCliError(f"--out {out}: {state} is unreadable ({e}); use a new --out folder"
+                            ) from e
+    if not isinstance(saved, dict) or saved.get("config") != config:
+        changed = _changed_keys(saved.get("config") if isinstance(saved, dict) else None, config)
+        raise LocalCliError(f"--out {out} holds a run with another configuration (differs in: "
+                            f"{changed}); use a new --out folder, or the same settings to "
+                            "resume that run (nothing was changed)")
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> str:
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return prefix.rstrip(".") or "everything"
+    keys = sorted(set(old) | set(new))
+    diff = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if a != b:
+            diff.append(_changed_keys(a, b, f"{prefix}{k}.") if isinstance(a, dict)
+                        and isinstance(b, dict) else f"{prefix}{k}")
+    return ", ".join(diff[:6]) + (", ..." if len(diff) > 6 else "")
+
+
+def build_config_from(args: argparse.Namespace, overrides: dict[str, Any], **kwargs: Any) -> Any:
+    """`build_config` with the command's flags; a refusal names the flags that made the config."""
+    from ldm_core.config import ConfigError, build_config
+
+    try:
+        return build_config(preset=args.preset, image_size=args.image_size,
+                            overrides=overrides, **kwargs)
+    except ConfigError as e:
+        flags = [f"--preset {args.preset}"]
+        if args.image_size is not None:
+            flags.append(f"--image-size {args.image_size}")
+        flags += [f"--set {k}={v}" for k, v in overrides.items()]
+        raise LocalCliError(f"configuration ({', '.join(flags)}) refused: {e}") from e
+
+
+def preflight_simulation(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """Everything `run_simulation` would refuse late, checked before anything is written."""
+    from ldm_core.config import to_dict
+    from ldm_core.data import partition, scan
+    from ldm_core.phantoms import CLASS_NAMES
+
+    out = Path(args.out)
+    _check_out_folder(out)
+    if args.data == "demo":
+        manifest = out / "demo-data" / "manifest.csv"
+        class_names = tuple(scan(manifest).class_names) if manifest.exists() else CLASS_NAMES
+        if not manifest.exists() and args.sites > args.demo_patients:
+            raise LocalCliError(f"--sites {args.sites}: more sites than --demo-patients "
+                                f"{args.demo_patients}")
+        scheme = "site" if args.partition == "auto" else args.partition
+        records = scan(manifest).records if manifest.exists() else None
+    else:
+        data = Path(args.data).expanduser()
+        if not data.exists():
+            raise LocalCliError(f"--data {data}: no such file or folder ('demo' for the "
+                                "built-in phantoms)")
+        index = scan(data)
+        class_names = tuple(index.class_names)
+        scheme = "iid" if args.partition == "auto" else args.partition
+        records = index.records
+    if records is not None:
+        try:
+            partition(records, args.sites, scheme, seed=args.seed)
+        except ValueError as e:  # DataError is a ValueError; bad schemes raise ValueError
+            raise LocalCliError(f"--partition {scheme!r} over --sites {args.sites}: {e}") from e
+    cfg = build_config_from(args, overrides, class_names=class_names, epsilon=args.epsilon,
+                            delta=args.delta, seed=args.seed, device=args.device)
+    check_resume(out, to_dict(cfg))
+    if args.data != "demo":
+        _check_images([r.path for r in records or ()], str(args.data))
+
+
+def simulate(args: argparse.Namespace) -> int:
+    overrides = _overrides(args, (("ae_rounds", "autoencoder.rounds"),
+                                  ("dm_rounds", "diffusion.rounds"),
+                                  ("ae_steps", "autoencoder.local_steps"),
+                                  ("dm_steps", "diffusion.local_steps")))
+    preflight_simulation(args, overrides)
+    from server.simulate import SimulationOptions, run_simulation, summary_lines
+
+    opts = SimulationOptions(data=args.data, sites=args.sites, partition=args.partition,
+                             epsilon=args.epsilon, delta=args.delta, preset=args.preset,
+                             image_size=args.image_size, seed=args.seed, out=args.out,
+                             device=args.device, overrides=overrides,
+                             demo_patients=args.demo_patients, demo_slices=args.demo_slices,
+                             reproducible=args.reproducible, evaluate=not args.no_evaluate)
+    metrics = run_simulation(opts)
+    print("\n".join(["", "== fedldm simulate: done =="] + summary_lines(metrics, args.out)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate, demo-data, pretrain
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    if not run.is_dir():
+        raise LocalCliError(f"RUN {run}: no such run folder")
+    if not (run / "checkpoints" / "final").exists():
+        raise LocalCliError(f"RUN {run}: no checkpoints/final: the run did not finish training "
+                            "(rerun `fedldm simulate` with the same --out to resume)")
+    if args.reference is not None and not args.reference.exists():
+        raise LocalCliError(f"--reference {args.reference}: no such file or folder")
+    from server.evaluate import EvalOptions
+    from server.offline import evaluate_existing_run
+
+    opts = EvalOptions(per_class=args.per_class, reference=args.reference,
+                       utility_epochs=args.utility_epochs,
+                       utility_seeds=tuple(range(args.utility_seeds)))
+    metrics = evaluate_existing_run(run, options=opts, audit=not args.no_audit)
+    u = metrics.get("utility") or {}
+    print(f"wrote {run / 'report.html'} and {run / 'metrics.json'}"
+          + (f" (TSTR/TRTR ratio {u['ratio']:.3f})" if "ratio" in u else ""))
+    return 0
+
+
+def demo_data(args: argparse.Namespace) -> int:
+    _check_out_folder(args.out)
+    if args.image_size < 16:
+        raise LocalCliError(f"--image-size {args.image_size}: must be >= 16")
+    if args.sites > args.patients:
+        raise LocalCliError(f"--sites {args.sites} exceeds --patients {args.patients}: every "
+                            "site needs at least one patient")
+    from ldm_core.phantoms import generate_demo
+
+    manifest = generate_demo(args.out, n_patients=args.patients, slices_per_patient=args.slices,
+                             n_sites=args.sites, image_size=args.image_size, seed=args.seed)
+    print(f"wrote {manifest}")
+    return 0
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    """`pretrain-ae` / `pretrain-dm`: remake a shipped public prior (no patient data)."""
+    from ldm_core import pretrain as pt
+
+    cfg = build_config_from(args, dict(args.set)).model
+    if args.out is not None:
+        _check_out_folder(args.out.parent, "--out")
+        if args.out.is_dir():
+            raise LocalCliError(f"--out {args.out}: is a folder; give a .safetensors file path")
+    meta: dict[str, object] = {"steps": args.steps, "seed": args.seed}
+    if args.command == "pretrain-ae":
+        state = pt.pretrain_autoencoder(cfg, steps=args.steps, seed=args.seed)
+        path = args.out or pt.pretrained_path(cfg)
+        meta.update(public_seed=pt.PUBLIC_SEED, data="procedural phantoms (ldm_core.phantoms)")
+    else:
+        state, scale = pt.pretrain_denoiser(cfg, pt.load_pretrained(cfg), steps=args.steps,
+                                            seed=args.seed)
+        path = args.out or pt.denoiser_pretrained_path(cfg)
+        meta.update(public_seed=pt.PUBLIC_SEED + 1, public_scale_factor=scale,
+                    labels="none (null class only)",
+                    data="healthy procedural phantoms (ldm_core.phantoms, class 'normal' only), "
+                         "encoded by the shipped public-phantom autoencoder")
+    pt.save_pretrained(path, cfg, state, meta, denoiser=args.command == "pretrain-dm")
+    print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse wiring
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `simulate`, `evaluate`, `demo-data`, `pretrain-ae`, `pretrain-dm`."""
+    p = sub.add_parser("simulate", help="run a simulated federation end to end")
+    p.add_argument("--data", default="demo",
+                   help="'demo' (built-in phantoms) or a class-folder tree / manifest.csv")
+    p.add_argument("--sites", type=A.positive_int, default=3)
+    p.add_argument("--partition", default="auto",
+                   help="iid | dirichlet:ALPHA | site (auto: 'site' for demo, else iid)")
+    p.add_argument("--epsilon", type=A.epsilon, default=8.0,
+                   help="per-site budget; 'inf' trains without DP (non-private baseline)")
+    p.add_argument("--delta", type=A.delta, default=1e-5)
+    p.add_argument("--preset", default="quick", choices=PRESETS)
+    p.add_argument("--image-size", type=A.positive_int, default=None,
+                   help="pixels per side (default: the preset's: tiny 16, quick 32, standard 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--out", type=A.path, default=Path("runs/demo"))
+    p.add_argument("--ae-rounds", type=A.nonneg_int, help="override autoencoder rounds")
+    p.add_argument("--dm-rounds", type=A.nonneg_int, help="override diffusion rounds")
+    p.add_argument("--ae-steps", type=A.positive_int,
+                   help="override autoencoder DP steps per round")
+    p.add_argument("--dm-steps", type=A.positive_int, help="override diffusion DP steps per round")
+    p.add_argument("--demo-patients", type=A.positive_int, default=12800,
+                   help="demo data size (patients; --demo-slices images each)")
+    p.add_argument("--demo-slices", type=A.positive_int, default=1,
+                   help="demo images per patient (the DP unit is the patient)")
+    p.add_argument("--reproducible", action="store_true",
+                   help="seed the sites' privacy randomness from --seed so a run repeats "
+                   "exactly. NOT private against anyone who knows the seed: tests and research "
+                   "only (run.json, the report and the data card say so)")
+    p.add_argument("--no-evaluate", action="store_true", help="skip the evaluation at the end")
+    p.add_argument("--set", type=A.override, action="append", default=[], metavar="KEY=VALUE",
+                   help="any config field, e.g. --set diffusion.noise_multiplicity=8")
+
+    d = sub.add_parser("demo-data", help="write the procedural demo phantoms")
+    d.add_argument("--out", type=A.path, required=True)
+    d.add_argument("--patients", type=A.positive_int, default=3200)
+    d.add_argument("--slices", type=A.positive_int, default=4)
+    d.add_argument("--sites", type=A.positive_int, default=3)
+    d.add_argument("--image-size", type=A.positive_int, default=64)
+    d.add_argument("--seed", type=int, default=0)
+
+    e = sub.add_parser("evaluate", help="(re-)evaluate a finished run folder")
+    e.add_argument("run", type=A.path, metavar="RUN")
+    e.add_argument("--reference", type=A.path, help="extra real reference set at the "
+                   "coordinator")
+    e.add_argument("--per-class", type=A.positive_int, help="synthetic images per class")
+    e.add_argument("--utility-epochs", type=A.positive_int, default=12)
+    e.add_argument("--utility-seeds", type=A.positive_int, default=3)
+    e.add_argument("--no-audit", action="store_true", help="skip the site privacy audits")
+
+    for name, steps, text in (
+        ("pretrain-ae", 2500, "pretrain the autoencoder on public phantoms"),
+        ("pretrain-dm", 3000, "pretrain the denoiser (no labels) on healthy public phantoms, "
+                              "in the latent space of the shipped autoencoder"),
+    ):
+        pp = sub.add_parser(name, help=text)
+        pp.add_argument("--preset", default="quick", choices=PRESETS)
+        pp.add_argument("--image-size", type=A.positive_int, default=None)
+        pp.add_argument("--steps", type=A.positive_int, default=steps)
+        pp.add_argument("--seed", type=int, default=0)
+        pp.add_argument("--out", type=A.path)
+        pp.add_argument("--set", type=A.override, action="append", default=[],
+                        metavar="KEY=VALUE")
+
+
+COMMANDS = {"simulate": simulate, "demo-data": demo_data, "evaluate": evaluate,
+            "pretrain-ae": pretrain, "pretrain-dm": pretrain}

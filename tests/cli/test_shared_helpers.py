@@ -1,0 +1,108 @@
+"""The helpers every command shares: argument types (cli.args), the inf codec (common.jsonio)
+and the atomic writer (common.files)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from cli import args as A
+from cli.main import main
+from common import files, jsonio
+
+
+@pytest.mark.parametrize(("text", "value"), [("inf", math.inf), ("INF", math.inf),
+                                             ("infinity", math.inf), ("8", 8.0), ("0.5", 0.5)])
+def test_epsilon_accepts_numbers_and_inf(text: str, value: float) -> None:
+    assert A.epsilon(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "nan", "abc", ""])
+def test_epsilon_refuses(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        A.epsilon(text)
+
+
+@pytest.mark.parametrize(("text", "pair"), [("diffusion.rounds=8", ("diffusion.rounds", 8)),
+                                            ("a.b=sgd", ("a.b", "sgd")),
+                                            ("a.b=[1, 2]", ("a.b", [1, 2])),
+                                            ("a.b=", ("a.b", ""))])
+def test_override_reads_json_values(text: str, pair: tuple[str, object]) -> None:
+    assert A.override(text) == pair
+
+
+@pytest.mark.parametrize("text", ["nokey", "=3", " =3"])
+def test_override_refuses(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="SECTION.FIELD=VALUE"):
+        A.override(text)
+
+
+def test_toml_value_writes_inf_as_a_string() -> None:
+    assert [A.toml_value(v) for v in (math.inf, 1e-5, 3, True, "a b")] == [
+        '"inf"', "1e-05", "3", "true", '"a b"']
+
+
+def test_jsonio_round_trips_non_finite_floats() -> None:
+    doc = {"eps": math.inf, "low": -math.inf, "x": (1.0, math.nan), 3: "inf-not"}
+    text = jsonio.dumps(doc, sort_keys=True)
+    assert "Infinity" not in text and "NaN" not in text
+    back = jsonio.loads(text)
+    assert back["eps"] == math.inf and back["low"] == -math.inf and math.isnan(back["x"][1])
+    assert back["3"] == "inf-not"
+
+
+def test_atomic_write_modes_and_leftovers(tmp_path: Path) -> None:
+    path = tmp_path / "secret.json"
+    files.write_json_atomic(path, {"eps": math.inf}, mode=0o600)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text()) == {"eps": "inf"}
+    os.chmod(path, 0o644)
+    files.write_text_atomic(path, "new", mode=0o600)  # also when the file existed
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == "new"
+    plain = files.write_bytes_atomic(tmp_path / "plain.bin", b"\x00\x01")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.bin", "secret.json"]
+
+
+def test_failed_write_leaves_the_old_file(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "f.json"
+    path.write_text("old")
+    with pytest.raises(TypeError):
+        files.write_json_atomic(path, {"bad": object()})
+
+    def crash(*_args: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(files.os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        files.write_text_atomic(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "exit codes:" in out and "2  bad input" in out and "1  runtime failure" in out
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from cli import local
+
+    def boom(_args: argparse.Namespace) -> int:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setitem(local.COMMANDS, "demo-data", boom)
+    assert main(["demo-data", "--out", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError: a bug" in err
+    assert err.strip().splitlines()[-1].startswith("fedldm demo-data: unexpected error")
