@@ -1,9 +1,11 @@
-"""The coordinator's two-phase federation over a Flower Grid, with checkpoint/resume.
+"""The coordinator's phased federation over a Flower Grid, with checkpoint/resume.
 
-Phase 1 averages the autoencoder, then the sites release a DP latent second moment (the scale
-factor), then phase 2 averages the denoiser with the autoencoder frozen. After every round the
-global weights go to an atomic checkpoint and `state.json` records where to resume; a run folder
-that already holds a finished stage is resumed from there (Flower itself has no resume).
+The phases come from the registry (ldm_core.phases.PHASES, in training order): phase 1 averages
+the autoencoder, then the sites release a DP latent second moment (the scale factor), then
+phase 2 averages the denoiser with the autoencoder frozen. After every round the global weights
+go to an atomic checkpoint and `state.json` records where to resume; a run folder that already
+holds a finished stage is resumed from there (Flower itself has no resume). Stage names are the
+phase names plus "latent-scale" and "done"; checkpoints are named by `Phase.prefix`.
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ from common.protocol import (
 )
 from ldm_core.checkpoint import load_checkpoint, save_checkpoint
 from ldm_core.config import RunConfig, to_dict
-from ldm_core.models import make_autoencoder, make_denoiser
+from ldm_core.phases import AUTOENCODER, DIFFUSION, PHASES, Phase
 from ldm_core.privacy import pooled_scale_factor
 from server.run_folder import RunFolder
 from server.spend import SpendRegistry
+
+LATENT_SCALE = "latent-scale"  # the stage between the autoencoder and the phases that need it
+DONE = "done"
 
 
 class FederationError(RuntimeError):
@@ -58,18 +63,19 @@ class ServerSettings:
     spend_registry: Path | None = None
 
 
-def _initial_models(cfg: RunConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _initial_models(cfg: RunConfig) -> dict[str, torch.nn.Module]:
+    """The global model of every phase by phase name: seeded init, or the phase's public prior.
+
+    All models are built (in phase order) before any prior is loaded, so the seeded random
+    initialisation of a phase does not depend on which priors are configured.
+    """
     torch.manual_seed(cfg.seed)
-    ae, dm = make_autoencoder(cfg.model), make_denoiser(cfg.model)
-    if cfg.ae_init == "public-phantoms":
-        from ldm_core.pretrain import load_pretrained
-
-        ae.load_state_dict(load_pretrained(cfg.model))
-    if cfg.dm_init == "public-healthy-phantoms":
-        from ldm_core.pretrain import load_pretrained_denoiser
-
-        dm.load_state_dict(load_pretrained_denoiser(cfg.model))
-    return ae, dm
+    models = {p.name: p.make_model(cfg.model) for p in PHASES.values()}
+    for p in PHASES.values():
+        prior = p.initial_weights(cfg)
+        if prior is not None:
+            models[p.name].load_state_dict(prior)
+    return models
 
 
 def _wait_for_nodes(grid: Grid, settings: ServerSettings) -> list[int]:
@@ -106,13 +112,14 @@ class Coordinator:
         self.grid, self.cfg, self.settings = grid, cfg, settings
         self.folder = RunFolder(settings.out)
         # Build the models before touching the disk: a bad config leaves no empty run folder.
-        self.ae, self.dm = _initial_models(cfg)
+        self.models = _initial_models(cfg)
         self.folder.create()
         self.log = self.folder.logger()
         self.spend = SpendRegistry(settings.spend_registry or self.folder.root / "site-spend.json")
         self.strategy = FedAvg(fraction_train=1.0, min_train_nodes=settings.min_sites,
                                min_available_nodes=settings.min_sites)
-        self.state: dict[str, Any] = {"stage": "autoencoder", "round": 0, "scale_factor": None,
+        self.state: dict[str, Any] = {"stage": next(iter(PHASES)), "round": 0,
+                                      "scale_factor": None,
                                       "run_name": f"run-{uuid.uuid4().hex[:12]}"}
         self.metrics: dict[str, Any] = {
             "config": to_dict(cfg), "training": [], "rounds": [],
@@ -133,18 +140,28 @@ class Coordinator:
         self.state = saved
         if saved.get("checkpoint"):
             tensors, _ = load_checkpoint(self.folder.checkpoints / saved["checkpoint"])
-            self.ae.load_state_dict(tensors["autoencoder"])
-            self.dm.load_state_dict(tensors["denoiser"])
+            for p in PHASES.values():
+                self.models[p.name].load_state_dict(tensors[p.checkpoint_key])
         self.metrics = self.folder.load_metrics() or self.metrics
         self.log.info("resuming %s at stage %s after round %s", saved["run_name"],
                       saved["stage"], saved["round"])
+
+    @property
+    def ae(self) -> torch.nn.Module:
+        """The global autoencoder (frozen for, and sent to, the phases that need it)."""
+        return self.models[AUTOENCODER.name]
+
+    @property
+    def dm(self) -> torch.nn.Module:
+        """The global denoiser: what the generator samples with, audits and samples use it."""
+        return self.models[DIFFUSION.name]
 
     def _checkpoint(self, name: str, stage: str, rnd: int) -> None:
         meta = {"config": to_dict(self.cfg), "stage": stage, "round": rnd,
                 "scale_factor": self.state.get("scale_factor"), "run_name": self.state["run_name"]}
         save_checkpoint(self.folder.checkpoints / name,
-                        {"autoencoder": self.ae.state_dict(), "denoiser": self.dm.state_dict()},
-                        meta)
+                        {p.checkpoint_key: self.models[p.name].state_dict()
+                         for p in PHASES.values()}, meta)
         self.state.update({"stage": stage, "round": rnd, "checkpoint": name,
                            "config": to_dict(self.cfg)})
         self.folder.save_state(self.state)
@@ -178,12 +195,13 @@ class Coordinator:
         return ok
 
     # ------------------------------------------------------------------ phases
-    def _train_round(self, phase: str, rnd: int, nodes: list[int], send_ae: set[int]) -> None:
-        model = self.ae if phase == "autoencoder" else self.dm
+    def _train_round(self, spec: Phase, rnd: int, nodes: list[int], send_ae: set[int]) -> None:
+        phase = spec.name
+        model = self.models[phase]
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
         arrays = ArrayRecord(model.state_dict())
-        ae_arrays = ArrayRecord(self.ae.state_dict()) if phase == "diffusion" else None
-        scale = float(self.state["scale_factor"]) if phase == "diffusion" else None
+        ae_arrays = ArrayRecord(self.ae.state_dict()) if spec.needs_autoencoder else None
+        scale = float(self.state["scale_factor"]) if spec.needs_autoencoder else None
         run = self._run_ref()
 
         def content(node: int) -> RecordDict:
@@ -212,7 +230,7 @@ class Coordinator:
             # Sites are weighted equally: the aggregation sees only the declared weights.
             good.append(_equal_weight(r, reply.weights))
             losses.append(reply.loss)
-            if phase == "diffusion" and reply.has_autoencoder:
+            if spec.needs_autoencoder and reply.has_autoencoder:
                 send_ae.discard(node)
             self._record_site(reply.site_id, phase, rnd, reply)
         if len(good) < self.settings.min_sites:
@@ -291,17 +309,24 @@ class Coordinator:
         nodes = _wait_for_nodes(self.grid, self.settings)
         self.metrics["meta"]["sites_connected"] = len(nodes)
         self.log.info("run %s with %d site(s)", self.state["run_name"], len(nodes))
-        cfg = self.cfg
-        if self.state["stage"] == "autoencoder":
-            self._phase("autoencoder", cfg.autoencoder.rounds, nodes, set())
-            self.state["scale_factor"] = None
-            self._checkpoint("ae-final", "latent-scale", 0)
-        if self.state["stage"] == "latent-scale":
-            self.state["scale_factor"] = self._latent_scale(nodes)
-            self._checkpoint("ae-final", "diffusion", 0)
-        if self.state["stage"] == "diffusion":
-            self._phase("diffusion", cfg.diffusion.rounds, nodes, set(nodes))
-            self._checkpoint("final", "done", cfg.diffusion.rounds)
+        # Stages in order: each phase, with the latent-scale release right after the autoencoder
+        # (a new autoencoder invalidates the scale factor), then "done".
+        phases = list(PHASES.values())
+        for i, spec in enumerate(phases):
+            after = phases[i + 1].name if i + 1 < len(phases) else DONE
+            if self.state["stage"] == spec.name:
+                rounds = spec.config(self.cfg).rounds
+                self._phase(spec, rounds, nodes, set(nodes) if spec.needs_autoencoder else set())
+                if spec is AUTOENCODER:
+                    self.state["scale_factor"] = None
+                    self._checkpoint(f"{spec.prefix}-final", LATENT_SCALE, 0)
+                elif after == DONE:
+                    self._checkpoint("final", DONE, rounds)
+                else:
+                    self._checkpoint(f"{spec.prefix}-final", after, 0)
+            if spec is AUTOENCODER and self.state["stage"] == LATENT_SCALE:
+                self.state["scale_factor"] = self._latent_scale(nodes)
+                self._checkpoint(f"{spec.prefix}-final", after, 0)
         self.metrics["privacy"]["summary"] = _privacy_summary(self.metrics["privacy"])
         self.folder.save_metrics(self.metrics)
         return self.metrics
@@ -333,16 +358,15 @@ class Coordinator:
             out.append({"site": reply.site_id, **reply.values})
         return out
 
-    def _phase(self, phase: str, rounds: int, nodes: list[int], send_ae: set[int]) -> None:
-        start = int(self.state["round"]) + 1 if self.state["stage"] == phase else 1
-        prefix = "ae" if phase == "autoencoder" else "dm"
-        bar = tqdm(range(start, rounds + 1), desc=f"{phase} rounds", initial=start - 1,
+    def _phase(self, spec: Phase, rounds: int, nodes: list[int], send_ae: set[int]) -> None:
+        start = int(self.state["round"]) + 1 if self.state["stage"] == spec.name else 1
+        bar = tqdm(range(start, rounds + 1), desc=f"{spec.name} rounds", initial=start - 1,
                    total=rounds, disable=not self.settings.show_progress)
         for rnd in bar:
-            self._train_round(phase, rnd, nodes, send_ae)
+            self._train_round(spec, rnd, nodes, send_ae)
             last = self.metrics["rounds"][-1]
             bar.set_postfix(loss=f"{last['loss']:.4f}", eps=_max_eps(self.metrics))
-            self._checkpoint(f"{prefix}-round-{rnd:03d}", phase, rnd)
+            self._checkpoint(f"{spec.prefix}-round-{rnd:03d}", spec.name, rnd)
         bar.close()
 
 
@@ -376,7 +400,7 @@ def load_final(run_dir: Path) -> tuple[RunConfig, torch.nn.Module, torch.nn.Modu
     """The final global generator of a finished run (for sampling and evaluation)."""
     tensors, meta = load_checkpoint(Path(run_dir) / "checkpoints" / "final")
     cfg = RunConfig.from_dict(meta["config"])
-    ae, dm = make_autoencoder(cfg.model), make_denoiser(cfg.model)
-    ae.load_state_dict(tensors["autoencoder"])
-    dm.load_state_dict(tensors["denoiser"])
+    ae, dm = (p.make_model(cfg.model) for p in (AUTOENCODER, DIFFUSION))
+    ae.load_state_dict(tensors[AUTOENCODER.checkpoint_key])
+    dm.load_state_dict(tensors[DIFFUSION.checkpoint_key])
     return cfg, ae.eval(), dm.eval(), float(meta["scale_factor"])
