@@ -23,7 +23,6 @@ quantised histograms. Now the coordinator sends only the model. The site
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -34,7 +33,9 @@ import torch
 
 from client import tasks
 from client.site_config import SiteConfig
+from common import files
 from ldm_core.config import RunConfig
+from ldm_core.data import SiteData
 from ldm_core.dp_random import PrivacyRng
 from ldm_core.evaluation.attacks import (
     ATTACKS,
@@ -75,8 +76,8 @@ def _check_run_id(run_id: str) -> None:
 
 
 def site_audit(site: SiteConfig, cfg: RunConfig, ae: torch.nn.Module, dm: torch.nn.Module,
-               scale_factor: float, *, run_id: str, rng: PrivacyRng, seed: int
-               ) -> dict[str, float]:
+               scale_factor: float, *, run_id: str, rng: PrivacyRng, seed: int,
+               data: SiteData | None = None) -> dict[str, float]:
     """Audit the final model at this site; return the DP release (keys ``AUDIT_RELEASE_KEYS``).
 
     ``rng`` supplies every privacy-relevant draw (which records are scored, the generated
@@ -107,7 +108,9 @@ def site_audit(site: SiteConfig, cfg: RunConfig, ae: torch.nn.Module, dm: torch.
     epsilon = ledger.charge([gaussian_mechanism_entry(sigma)], run_id=run_id, phase="audit",
                             round=0)
 
-    data = tasks.load_data(site, cfg)
+    # `data` lets a caller that already holds this site's splits (the simulation's evaluation)
+    # skip a second read; it is only touched after the charge either way.
+    data = tasks.load_data(site, cfg) if data is None else data
     tasks.check_classes(site, cfg, data)
     m = int(cfg.privacy.audit_records)
     device = resolve_device(site.device)
@@ -230,15 +233,4 @@ def _diagnostics(*, site: SiteConfig, run_id: str, rng: PrivacyRng, sigma: float
 def _write_private(path: Path, text: str) -> None:
     """Atomic write readable by the owner only (0600): a crash leaves the old file or none."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    files.write_text_atomic(path, text, mode=0o600)

@@ -7,6 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from ldm_core.config import RunConfig
+from server.run_metrics import (
+    ArmResult,
+    AuditSummary,
+    Fidelity,
+    PrivacyBlock,
+    SyntheticInfo,
+    Utility,
+)
 
 # Where the weights started (public pretraining is a prior, not a release of private data).
 INIT_NOTES = {
@@ -27,22 +35,24 @@ def _f(x: Any, nd: int = 3) -> str:
     return str(x) if x is not None else "not measured"
 
 
-def _ci(u: dict[str, Any], key: str) -> str:
-    ci = u.get(f"{key}_ci")
-    return f"{_f(u.get(key))} (95% CI {_f(ci[0])}-{_f(ci[1])})" if ci else _f(u.get(key))
+def _ci(arm: ArmResult | None) -> str:
+    if arm is None:
+        return _f(None)
+    ci = arm.auc_ci
+    return f"{_f(arm.auc)} (95% CI {_f(ci[0])}-{_f(ci[1])})" if ci else _f(arm.auc)
 
 
-def _audit_lines(priv: dict[str, Any]) -> list[str]:
+def _audit_lines(audit: AuditSummary) -> list[str]:
     """The empirical audit, stated as what it is: noisy DP releases and lower bounds on leakage."""
-    if not isinstance(priv.get("mia_auc"), (int, float)):
+    if audit.mia_auc is None:
         return ["- Empirical privacy audit: not measured (no site was audited)."]
-    noise = _f(priv.get("mia_noise_std"))
-    frac, chance = priv.get("memorized_fraction"), priv.get("memorized_fraction_holdout")
+    noise = _f(audit.mia_noise_std)
+    frac, chance = audit.memorized_fraction, audit.memorized_fraction_holdout
     lines = [
         f"- Membership inference (best of the denoiser-loss and autoencoder-reconstruction "
-        f"attacks, mean over sites): AUC {_f(priv.get('mia_auc'))} (0.5 = chance); at a "
-        f"threshold that flags {_f(priv.get('mia_fpr_at_threshold'))} of unseen images it flags "
-        f"{_f(priv.get('mia_tpr_at_1pct_fpr'))} of training images (chance: the same fraction).",
+        f"attacks, mean over sites): AUC {_f(audit.mia_auc)} (0.5 = chance); at a "
+        f"threshold that flags {_f(audit.mia_fpr_at_threshold)} of unseen images it flags "
+        f"{_f(audit.mia_tpr_at_1pct_fpr)} of training images (chance: the same fraction).",
         f"- Near copies (a generated sample three times closer than the next, per record): "
         f"{_f(frac)} of audited training images vs {_f(chance)} of unseen images (chance).",
         f"- Every audit figure is a differentially private release by the site (Gaussian noise, "
@@ -51,7 +61,7 @@ def _audit_lines(priv: dict[str, Any]) -> list[str]:
         "- Attack results are lower bounds on leakage: they show what these attacks found, "
         "never that no attack can succeed. The DP epsilon above is the guarantee.",
     ]
-    if isinstance(frac, (int, float)) and isinstance(chance, (int, float)) and frac <= chance:
+    if frac is not None and chance is not None and frac <= chance:
         lines.append("- A near-copy fraction at or below chance means this test found no "
                      "copies; it reflects low fidelity as much as privacy (samples that "
                      "resemble no real image copy none).")
@@ -59,18 +69,20 @@ def _audit_lines(priv: dict[str, Any]) -> list[str]:
 
 
 def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
-    priv = metrics.get("privacy", {})
-    u = metrics.get("utility") or {}
-    fid = metrics.get("fidelity") or {}
-    syn = metrics.get("synthetic") or {}
+    """Write the synthetic set's DATACARD.md from metrics.json's typed blocks."""
+    priv = PrivacyBlock.from_json(metrics.get("privacy"))
+    u = Utility.from_json(metrics.get("utility")) or Utility({})
+    fid = Fidelity.from_json(metrics.get("fidelity"))
+    headline = fid.headline if fid is not None else {}
+    syn = SyntheticInfo.from_json(metrics.get("synthetic"))
     lines = [
         "# Synthetic dataset data card", "",
         "## What generated it",
         f"- A latent diffusion model (MONAI AutoencoderKL + DiffusionModelUNet, preset "
         f"`{cfg.preset}`, {cfg.model.image_size}x{cfg.model.image_size} px) trained with "
         "federated learning (Flower) across the sites below; no image left a site.",
-        f"- Sampling: DDIM, {syn.get('ddim_steps')} steps, classifier-free guidance "
-        f"{syn.get('guidance_scale')}; {syn.get('n')} images, {syn.get('per_class')} per class "
+        f"- Sampling: DDIM, {syn.ddim_steps} steps, classifier-free guidance "
+        f"{syn.guidance_scale}; {syn.n} images, {syn.per_class} per class "
         f"({', '.join(cfg.class_names)}), class-balanced by design.",
         f"- Starting weights: autoencoder {INIT_NOTES[cfg.ae_init]}; denoiser "
         f"{INIT_NOTES[cfg.dm_init]}.",
@@ -80,26 +92,25 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
     if not cfg.privacy.private:
         lines.append("- **NOT PRIVATE**: trained with epsilon = inf (no differential privacy). "
                      "Do not share outside the institutions that own the data.")
-    if str(priv.get("randomness", "")).startswith("SEEDED"):
+    if str(priv.randomness or "").startswith("SEEDED"):
         lines.append("- **NOT PRIVATE against anyone who knows the seed**: the sites' privacy "
                      "randomness was seeded (reproducible mode, tests and research only).")
-    lines.append(f"- Unit of privacy: {priv.get('unit', 'see the disclosures below')}.")
+    lines.append(f"- Unit of privacy: {priv.unit or 'see the disclosures below'}.")
     lines.append("| site | epsilon spent | budget | delta |")
     lines.append("|---|---|---|---|")
-    for site, s in sorted(priv.get("sites", {}).items()):
-        lines.append(f"| {site} | {_f(s.get('epsilon'))} | {_f(s.get('budget_epsilon'))} | "
-                     f"{s.get('delta')} |")
-    lines += ["", *_audit_lines(priv)]
+    for site, s in sorted((priv.sites or {}).items()):
+        lines.append(f"| {site} | {_f(s.epsilon)} | {_f(s.budget_epsilon)} | {s.delta} |")
+    lines += ["", *_audit_lines(priv.audit)]
     lines += [
         "", "### What else left the sites",
-    ] + [f"- {d}" for d in priv.get("disclosures", [])] + [
+    ] + [f"- {d}" for d in priv.disclosures or []] + [
         "", "## Quality",
         f"- Utility (classifier trained on synthetic, tested on real patients): TSTR AUC "
-        f"{_ci(u, 'tstr_auc')} vs TRTR {_ci(u, 'trtr_auc')}; ratio {_f(u.get('ratio'))}; "
-        f"real + synthetic (TRS) {_ci(u, 'trs_auc')}.",
-        f"- Fidelity (random-CNN feature space): FID {_f(fid.get('fid'), 2)}, precision "
-        f"{_f(fid.get('precision'))}, recall {_f(fid.get('recall'))}, density "
-        f"{_f(fid.get('density'))}, coverage {_f(fid.get('coverage'))}.",
+        f"{_ci(u.arms.get('tstr'))} vs TRTR {_ci(u.arms.get('trtr'))}; ratio {_f(u.ratio)}; "
+        f"real + synthetic (TRS) {_ci(u.arms.get('trs'))}.",
+        f"- Fidelity (random-CNN feature space): FID {_f(headline.get('fid'), 2)}, precision "
+        f"{_f(headline.get('precision'))}, recall {_f(headline.get('recall'))}, density "
+        f"{_f(headline.get('density'))}, coverage {_f(headline.get('coverage'))}.",
         "", "## Intended use and limits",
         "- Intended: method development, augmentation experiments, teaching, sharing a "
         "faithful-looking stand-in where real images cannot travel.",

@@ -4,65 +4,75 @@ For a simulated run the sites are rebuilt from run.json and audited by calling t
 their ClientApp `query` handler calls (client.audit.site_audit): each audit is a DP release
 charged to that site's ledger under run id "evaluate-<run folder name>", with secure privacy
 randomness. For a deployed run only a `--reference` set at the coordinator can be used.
+
+The final model is loaded once (Run.load_final) and handed to samples, evaluation and audits.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from client.client_app import SimulationSites
+from server.eval_audit import AuditFn
 from server.evaluate import EvalOptions, evaluate_run
-from server.federation import load_final
 from server.finalize import write_samples
+from server.real_data import SimulatedSites
+from server.run_folder import FinalModel, Run
 
 
-def simulated_sites(run: Path) -> tuple[SimulationSites, int] | None:
-    info_path = run / "run.json"
-    if not info_path.exists():
+def simulated_sites(run: Run | Path) -> SimulatedSites | None:
+    """The sites of a simulated run, rebuilt from run.json (None for a deployed run)."""
+    run = run if isinstance(run, Run) else Run(run)
+    info = run.load_info()
+    if info is None or not info.is_simulation:
         return None
-    info = json.loads(info_path.read_text())
-    if info.get("mode") != "simulation":
-        return None
-    priv = info["config"]["privacy"]
-    eps = float("inf") if priv["epsilon"] == "inf" else float(priv["epsilon"])
-    sites = SimulationSites(data=info["data"], n_sites=int(info["sites"]),
-                            partition=info["partition"], state_root=run / "sites", epsilon=eps,
-                            delta=float(priv["delta"]), data_seed=int(info["config"]["seed"]),
-                            device=info["config"]["device"])
-    return sites, int(info["sites"])
+    sites = SimulationSites(data=info.data, n_sites=info.sites, partition=info.partition,
+                            state_root=run.sites, epsilon=info.epsilon, delta=info.delta,
+                            data_seed=info.seed, device=info.device)
+    return SimulatedSites(sites, info.sites)
 
 
-def evaluate_existing_run(run: Path, *, options: EvalOptions, audit: bool = True
-                          ) -> dict[str, Any]:
-    if not (run / "checkpoints" / "final").exists():
-        raise FileNotFoundError(f"{run} has no checkpoints/final: the run did not finish "
+def evaluate_existing_run(run: Path | Run, *, options: EvalOptions, audit: bool = True,
+                          show_progress: bool = True) -> dict[str, Any]:
+    run = run if isinstance(run, Run) else Run(run)
+    if not run.has_final():
+        raise FileNotFoundError(f"{run.root} has no checkpoints/final: the run did not finish "
                                 "training (rerun `fedldm simulate` with the same --out to resume)")
-    found = simulated_sites(run)
-    write_samples(run)
-    if found is None:
-        return evaluate_run(run, options=options)
-    sites, n = found
+    sites = simulated_sites(run)
+    final = run.load_final()
+    write_samples(run, final)
+    if sites is None:
+        return evaluate_run(run, final=final, options=options, show_progress=show_progress)
+    run_id = audit_run_id(run.root)
+    return evaluate_run(run, final=final, sites=sites,
+                        audit=direct_audit(sites, final, run_id, show_progress) if audit
+                        else None,
+                        options=options, show_progress=show_progress, audit_run_id=run_id)
 
-    run_id = audit_run_id(run)
 
-    def direct_audit() -> list[dict[str, Any]]:
+def direct_audit(sites: SimulatedSites, final: FinalModel, run_id: str,
+                 show_progress: bool = True) -> AuditFn:
+    """The sites' audits by a direct call of the ClientApp's audit function (no Flower)."""
+
+    def audit() -> list[dict[str, Any]]:
         from client.audit import site_audit
         from ldm_core.dp_random import privacy_rng_for
 
-        cfg, ae, dm, scale = load_final(run)
         out = []
-        for k in range(n):
+        for k in range(sites.n_sites):
             site = sites.site(k)
-            release = site_audit(site, cfg, ae, dm, scale, run_id=run_id,
-                                 rng=privacy_rng_for(None), seed=cfg.seed)
+            if show_progress:
+                print(f"[evaluate] audit at {site.site_id} ({k + 1}/{sites.n_sites})",
+                      flush=True)
+            release = site_audit(site, final.cfg, final.ae, final.dm, final.scale_factor,
+                                 run_id=run_id, rng=privacy_rng_for(None), seed=final.cfg.seed,
+                                 data=sites.site_data(k, final.cfg))
             out.append({"site": site.site_id, **release})
         return out
 
-    return evaluate_run(run, sites=sites, n_sites=n, audit=direct_audit if audit else None,
-                        options=options, audit_run_id=run_id)
+    return audit
 
 
 def audit_run_id(run: Path) -> str:

@@ -9,18 +9,19 @@ This module is the public entry point and assembles the page; the parts live by 
 :mod:`server.report_figures` (figure builders, PNG embedding), :mod:`server.report_verdicts`
 (thresholds and PASS/WEAK/FAIL verdicts) and :mod:`server.report_sections` (HTML per section).
 
-``metrics`` layout read by the report (every block optional; a missing block reads "not measured"
-and its verdict is FAIL, because a run that cannot show all three properties is not finished):
+``metrics`` layout read by the report (typed in :mod:`server.run_metrics`; every block optional;
+a missing block reads "not measured" and its verdict is FAIL, because a run that cannot show all
+three properties is not finished):
 
 * ``run``: flat ``{name: value}`` shown as the run table (preset, sites, rounds, image size ...);
 * ``fidelity``: ``ldm_core.evaluation.fidelity_report`` output;
 * ``utility``: ``ldm_core.evaluation.evaluate_utility`` output;
-* ``privacy``: ``{"sites": {site: {"epsilon", "delta", "budget_epsilon"}}}`` or
-  ``{"rounds": [{site, phase, round, epsilon}], "budget_epsilon": float, "delta": float}``,
-  plus ``"disclosures": [str]`` - every other value computed from private data and released
-  (latent scale factor, class counts ...) and how it is accounted for (ledger or fixed by design),
-  plus the DP audit summary of ``server.evaluate.summarise_audits``: ``mia_auc``,
-  ``mia_tpr_at_1pct_fpr``, ``mia_fpr_at_threshold``, ``mia_noise_std``, ``memorized_fraction``,
+* ``privacy``: ``{"sites": {site: {"epsilon", "delta", "budget_epsilon"}}, "rounds": [{site,
+  phase, round, epsilon}]}``, plus ``"disclosures": [str]`` - every other value computed from
+  private data and released (latent scale factor, class counts ...) and how it is accounted
+  for (ledger or fixed by design), plus the DP audit summary of
+  ``server.evaluate.summarise_audits``: ``mia_auc``, ``mia_tpr_at_1pct_fpr``,
+  ``mia_fpr_at_threshold``, ``mia_noise_std``, ``memorized_fraction``,
   ``memorized_fraction_holdout`` and ``audit_sites`` (``{site: {attacks: {attack: {auc, tpr,
   fpr}}, best_attack, near_copy_fraction, near_copy_fraction_holdout, noise_std, records,
   epsilon}}``).
@@ -34,13 +35,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common import files
 from server.report_figures import (
     closest_pairs_figure,
     epsilon_figure,
@@ -170,7 +171,5 @@ def write_report(
         f"{sections}</main></body></html>"
     )
     path = run_dir / "report.html"
-    tmp = run_dir / ".report.html.tmp"
-    tmp.write_text(doc, encoding="utf-8")
-    os.replace(tmp, path)
+    files.write_text_atomic(path, doc)
     return path

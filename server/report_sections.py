@@ -18,6 +18,7 @@ import numpy as np
 
 from server.report_figures import UTILITY_ARMS, png_bytes
 from server.report_verdicts import THRESHOLDS, final_epsilons, verdicts
+from server.run_metrics import AuditSummary, PrivacyBlock
 
 __all__ = [
     "NOT_MEASURED",
@@ -181,44 +182,43 @@ def utility_html(m: Mapping[str, Any]) -> str:
 def privacy_html(m: Mapping[str, Any]) -> str:
     out = "<h3>Formal guarantee (differential privacy)</h3>"
     priv = m.get("privacy") or {}
-    if str(priv.get("randomness", "")).startswith("SEEDED"):
+    block = PrivacyBlock.from_json(priv)
+    if str(block.randomness or "").startswith("SEEDED"):
         out += ('<p class="badge FAIL">NOT private against anyone who knows the seed: the '
                 "sites' privacy randomness was seeded (reproducible mode).</p>")
-    if priv.get("unit"):
-        out += f"<p>Unit of privacy: {html.escape(str(priv['unit']))}.</p>"
-    sites = final_epsilons(m.get("privacy") or {})
+    if block.unit:
+        out += f"<p>Unit of privacy: {html.escape(str(block.unit))}.</p>"
+    sites = final_epsilons(priv)
     if sites:
         out += _table(
             ["site", "epsilon spent", "delta", "epsilon budget"],
-            [
-                (
-                    s,
-                    v.get("epsilon", float("nan")),
-                    v.get("delta", float("nan")),
-                    v.get("budget_epsilon", float("nan")),
-                )
-                for s, v in sites.items()
-            ],
+            [(s, _nan(v.epsilon), _nan(v.delta), _nan(v.budget_epsilon))
+             for s, v in sites.items()],
         )
     else:
         out += NOT_MEASURED
-    disclosures = (m.get("privacy") or {}).get("disclosures")
+    disclosures = block.disclosures
     out += "<h3>Other values released from private data</h3>"
     if disclosures:
         out += "<ul>" + "".join(f"<li>{html.escape(str(d))}</li>" for d in disclosures) + "</ul>"
     else:
         out += '<p class="muted">None declared.</p>'
-    out += _audit_html(m.get("privacy") or {})
+    out += _audit_html(block.audit)
     return out
 
 
-def _audit_html(priv: Mapping[str, Any]) -> str:
+def _nan(x: float | None) -> float:
+    """A value the run did not report shows as n/a."""
+    return float("nan") if x is None else x
+
+
+def _audit_html(audit: AuditSummary) -> str:
     """The DP audit tables: one row per site and attack, every value with its noise std."""
-    sites = priv.get("audit_sites") or {}
+    sites = audit.audit_sites
     out = "<h3>Membership inference (DP release from each site)</h3>"
     if not sites:
         return out + NOT_MEASURED + "<h3>Near copies of training images</h3>" + NOT_MEASURED
-    noise = priv.get("mia_noise_std", float("nan"))
+    noise = _nan(audit.mia_noise_std)
     out += (
         "<p>Each site attacked the final model on its own records (training images = members, "
         "holdout images = non-members) and released a few counts once, with Gaussian noise "
@@ -232,18 +232,17 @@ def _audit_html(priv: Mapping[str, Any]) -> str:
     )
     rows = []
     for site, s in sites.items():
-        for attack, v in (s.get("attacks") or {}).items():
-            rows.append((site, attack + (" (best)" if attack == s.get("best_attack") else ""),
+        for attack, v in s.attacks.items():
+            rows.append((site, attack + (" (best)" if attack == s.best_attack else ""),
                          v.get("auc", float("nan")), v.get("tpr", float("nan")),
-                         v.get("fpr", float("nan")), s.get("noise_std", float("nan")),
-                         s.get("records", "")))
+                         v.get("fpr", float("nan")), s.noise_std,
+                         s.records if s.records is not None else ""))
     out += _table(["site", "attack", "AUC (DP)", "TPR at threshold (DP)",
                    "FPR at threshold (DP)", "noise std", "records per split (m)"], rows)
     out += _table(
         ["mean over sites", "AUC (best attack)", "TPR", "FPR", "noise std per site"],
-        [("all sites", priv.get("mia_auc", float("nan")),
-          priv.get("mia_tpr_at_1pct_fpr", float("nan")),
-          priv.get("mia_fpr_at_threshold", float("nan")), noise)],
+        [("all sites", _nan(audit.mia_auc), _nan(audit.mia_tpr_at_1pct_fpr),
+          _nan(audit.mia_fpr_at_threshold), noise)],
     )
     out += "<h3>Near copies of training images</h3>"
     out += (
@@ -256,8 +255,7 @@ def _audit_html(priv: Mapping[str, Any]) -> str:
     )
     out += _table(
         ["site", "training images (DP)", "holdout images, chance (DP)", "noise std"],
-        [(site, s.get("near_copy_fraction", float("nan")),
-          s.get("near_copy_fraction_holdout", float("nan")), s.get("noise_std", float("nan")))
+        [(site, s.near_copy_fraction, s.near_copy_fraction_holdout, s.noise_std)
          for site, s in sites.items()],
     )
     return out

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from server.run_metrics import AuditSummary, Fidelity, PrivacyBlock, SitePrivacy, Utility
+
 __all__ = ["THRESHOLDS", "fidelity_space", "final_epsilons", "verdicts"]
 
 # Verdict thresholds. Heuristics chosen to be explainable, not statistical tests.
@@ -46,35 +48,24 @@ THRESHOLDS: dict[str, float] = {
 _STATUS_RANK = {"PASS": 0, "WEAK": 1, "FAIL": 2}
 
 
-def final_epsilons(privacy: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """``{site: {epsilon, delta, budget_epsilon}}`` from either privacy layout (server.report)."""
-    if "sites" in privacy:
-        return {str(k): dict(v) for k, v in privacy["sites"].items()}
-    out: dict[str, dict[str, float]] = {}
-    for e in privacy.get("rounds", []):
-        site = out.setdefault(str(e["site"]), {"epsilon": 0.0})
-        site["epsilon"] = max(site["epsilon"], float(e["epsilon"]))
-        if "budget_epsilon" in privacy:
-            site["budget_epsilon"] = float(privacy["budget_epsilon"])
-        if "delta" in privacy:
-            site["delta"] = float(privacy["delta"])
-    return out
+def final_epsilons(privacy: Mapping[str, Any]) -> dict[str, SitePrivacy]:
+    """``{site: SitePrivacy}`` from the ``privacy.sites`` table (the only layout producers write:
+    the coordinator keeps it current after every round)."""
+    return dict(PrivacyBlock.from_json(privacy).sites or {})
 
 
 def fidelity_space(fidelity: Mapping[str, Any]) -> str | None:
     """The feature space verdicts read: ``classifier`` when measured, else the first one."""
-    spaces = [k for k, v in fidelity.items() if k != "diversity" and isinstance(v, Mapping)]
-    if not spaces:
-        return None
-    return "classifier" if "classifier" in spaces else spaces[0]
+    block = Fidelity.from_json(fidelity)
+    return block.verdict_space() if block is not None else None
 
 
 def _verdict_utility(m: Mapping[str, Any]) -> tuple[str, str]:
-    u = m.get("utility")
-    if not u or "ratio" not in u:
+    u = Utility.from_json(m.get("utility"))
+    if u is None or u.ratio is None:
         return "FAIL", "Utility was not measured, so usefulness of the synthetic data is unknown."
     t = THRESHOLDS
-    ratio = float(u["ratio"])
+    ratio = float(u.ratio)
     status = (
         "PASS"
         if ratio >= t["utility_ratio_pass"]
@@ -82,23 +73,24 @@ def _verdict_utility(m: Mapping[str, Any]) -> tuple[str, str]:
         if ratio < t["utility_ratio_fail"]
         else "WEAK"
     )
-    ci = u.get("tstr_auc_ci") or [float("nan")] * 2
+    tstr, trtr = u.arm("tstr"), u.arm("trtr")
+    ci = tstr.auc_ci or [float("nan")] * 2
     return status, (
-        f"A classifier trained only on synthetic images reaches AUC {u['tstr_auc']:.3f} "
-        f"(95% CI {ci[0]:.3f}-{ci[1]:.3f}) on real test patients, against {u['trtr_auc']:.3f} "
+        f"A classifier trained only on synthetic images reaches AUC {tstr.auc:.3f} "
+        f"(95% CI {ci[0]:.3f}-{ci[1]:.3f}) on real test patients, against {trtr.auc:.3f} "
         f"when trained on real images: {ratio:.0%} of real-data performance."
     )
 
 
 def _verdict_fidelity(m: Mapping[str, Any]) -> tuple[str, str]:
-    fid_block = m.get("fidelity") or {}
-    space = fidelity_space(fid_block)
-    if space is None:
+    fid_block = Fidelity.from_json(m.get("fidelity"))
+    space = fid_block.verdict_space() if fid_block is not None else None
+    if fid_block is None or space is None:
         return "FAIL", "Fidelity was not measured, so we cannot say the images look real."
-    f = fid_block[space]
+    f = fid_block.spaces[space]
     t = THRESHOLDS
-    p, r = float(f["precision"]), float(f["recall"])
-    ref = f.get("real_split")
+    p, r = f.precision, f.recall
+    ref = f.real_split
     if ref and ref.get("precision", 0) > 0 and ref.get("recall", 0) > 0:
         pv, rv, kind = p / ref["precision"], r / ref["recall"], "rel"
         ref_txt = (
@@ -140,24 +132,28 @@ def _verdict_diversity(m: Mapping[str, Any]) -> tuple[str, str] | None:
     )
 
 
-def _audit_sites(m: Mapping[str, Any]) -> int:
-    return max(1, len((m.get("privacy") or {}).get("audit_sites") or {}))
+def _audit(m: Mapping[str, Any]) -> AuditSummary:
+    return AuditSummary.from_json(m.get("privacy") or {})
 
 
-def _mean_noise(m: Mapping[str, Any]) -> float:
+def _mean_noise(audit: AuditSummary) -> float:
     """Std of the DP noise on a mean over sites of one released fraction."""
-    noise = float((m.get("privacy") or {}).get("mia_noise_std", float("nan")))
-    return noise / math.sqrt(_audit_sites(m))
+    noise = audit.mia_noise_std if audit.mia_noise_std is not None else float("nan")
+    return noise / math.sqrt(max(1, len(audit.audit_sites)))
+
+
+def _or_nan(x: float | None) -> float:
+    return float("nan") if x is None else x
 
 
 def _verdict_mia(m: Mapping[str, Any]) -> tuple[str, str]:
-    priv = m.get("privacy") or {}
-    if not isinstance(priv.get("mia_auc"), (int, float)):
+    audit = _audit(m)
+    if audit.mia_auc is None:
         return "FAIL", "No membership-inference attack was run, so empirical leakage is unknown."
-    auc = float(priv["mia_auc"])
-    tpr = float(priv.get("mia_tpr_at_1pct_fpr", float("nan")))
-    fpr = float(priv.get("mia_fpr_at_threshold", float("nan")))
-    noise = _mean_noise(m)
+    auc = audit.mia_auc
+    tpr = _or_nan(audit.mia_tpr_at_1pct_fpr)
+    fpr = _or_nan(audit.mia_fpr_at_threshold)
+    noise = _mean_noise(audit)
     t = THRESHOLDS
     status = "PASS" if auc <= t["mia_auc_pass"] else "FAIL" if auc > t["mia_auc_fail"] else "WEAK"
     sentence = (
@@ -174,16 +170,16 @@ def _verdict_mia(m: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def _verdict_memorisation(m: Mapping[str, Any]) -> tuple[str, str]:
-    priv = m.get("privacy") or {}
-    if not isinstance(priv.get("memorized_fraction"), (int, float)):
+    audit = _audit(m)
+    if audit.memorized_fraction is None:
         return (
             "FAIL",
             "No near-copy audit was run, so copying of training images is unchecked.",
         )
-    frac = float(priv["memorized_fraction"])
-    chance = float(priv.get("memorized_fraction_holdout", 0.0))
+    frac = audit.memorized_fraction
+    chance = audit.memorized_fraction_holdout or 0.0
     # difference of two means over sites, each with the per-site noise
-    se = _mean_noise(m) * math.sqrt(2.0)
+    se = _mean_noise(audit) * math.sqrt(2.0)
     se = se if math.isfinite(se) else 0.0
     excess = frac - chance
     t = THRESHOLDS
@@ -199,8 +195,10 @@ def _verdict_memorisation(m: Mapping[str, Any]) -> tuple[str, str]:
         f"std about {se:.3f} on the difference)."
     )
     if status == "PASS":
+        where = ("At or below chance" if excess <= 0
+                 else "Above chance only within the DP noise")
         return status, head + (
-            " At or below chance, this test found no copies; that reflects low fidelity as much "
+            f" {where}, this test found no copies; that reflects low fidelity as much "
             "as privacy (a generator whose samples resemble no real image copies none), and it "
             "is a lower bound on leakage, not proof of its absence."
         )
@@ -211,15 +209,17 @@ def _verdict_epsilon(m: Mapping[str, Any]) -> tuple[str, str]:
     sites = final_epsilons(m.get("privacy") or {})
     if not sites:
         return "FAIL", "No privacy accounting was reported, so there is no formal DP guarantee."
-    eps = {s: float(v.get("epsilon", float("inf"))) for s, v in sites.items()}
+    inf = float("inf")
+    eps = {s: v.epsilon if v.epsilon is not None else inf for s, v in sites.items()}
     worst = max(eps, key=lambda s: eps[s])
     if not math.isfinite(eps[worst]):
         return "FAIL", f"Site {worst} trained without differential privacy (epsilon = infinity)."
     over = [
-        s for s, v in sites.items() if eps[s] > float(v.get("budget_epsilon", float("inf"))) + 1e-9
+        s for s, v in sites.items()
+        if eps[s] > (v.budget_epsilon if v.budget_epsilon is not None else inf) + 1e-9
     ]
-    budgets = [float(v["budget_epsilon"]) for v in sites.values() if "budget_epsilon" in v]
-    delta = sites[worst].get("delta")
+    budgets = [v.budget_epsilon for v in sites.values() if v.budget_epsilon is not None]
+    delta = sites[worst].delta
     delta_txt = f"delta {float(delta):.0e}" if delta is not None else "delta not reported"
     if over:
         return "FAIL", f"Sites {', '.join(over)} spent more privacy budget than they allowed."
@@ -231,7 +231,7 @@ def _verdict_epsilon(m: Mapping[str, Any]) -> tuple[str, str]:
     return "PASS", (
         f"Every site stayed within its privacy budget; the largest spent epsilon is "
         f"{eps[worst]:.2f} at site {worst} ({delta_txt}, "
-        f"budget {float(sites[worst]['budget_epsilon']):g})."
+        f"budget {float(sites[worst].budget_epsilon or inf):g})."
     )
 
 

@@ -7,9 +7,9 @@ trusted, so the coordinator refuses its replies, loudly, instead of believing th
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+from common import jsonio
 from server.run_folder import read_json, write_json_atomic
 
 
@@ -24,7 +24,7 @@ class SpendRegistry:
             if not isinstance(doc, dict):
                 raise RuntimeError(f"{self.path}: not a site-spend registry; restore it from a "
                                    "backup")
-            self._spend = {str(k): math.inf if v == "inf" else float(v) for k, v in doc.items()}
+            self._spend = {str(k): float(jsonio.decode_float(v)) for k, v in doc.items()}
 
     def get(self, site: str) -> float | None:
         return self._spend.get(site)

@@ -25,23 +25,33 @@ twice.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ldm_core.classifier import SmallCNN, macro_auc, predict_proba, train_classifier
 
-__all__ = ["ARMS", "evaluate_utility", "train_reference_classifier", "weighted_ovr_auc"]
+__all__ = [
+    "ARMS",
+    "ArmPredictions",
+    "evaluate_utility",
+    "summarise_arms",
+    "train_arms",
+    "train_reference_classifier",
+    "validate_utility_inputs",
+    "weighted_ovr_auc",
+]
 
 ARMS = ("trtr", "tstr", "trs")
-
-
 
 # The same recipe for every arm. Batch 32 / lr 2e-3: with the classifier's defaults (64 / 1e-3)
 # a ~1000-image training set underfits (measured AUC 0.64-0.70 vs 0.93-0.95 on the demo data,
 # benchmarks/demo_difficulty.py), which would make TSTR/TRTR ratios meaningless.
 CLASSIFIER_RECIPE: dict[str, float | int] = {"batch_size": 32, "lr": 2e-3}
+
 
 def _check_split(images: Tensor, labels: Tensor, n_classes: int, name: str) -> None:
     if not isinstance(images, Tensor) or images.ndim != 4:
@@ -155,13 +165,18 @@ def evaluate_utility(
     reference_model: SmallCNN | None = None,
     n_boot: int = 1000,
     boot_seed: int = 0,
+    show_progress: bool = False,
 ) -> dict:
     """Train TRTR / TSTR / TRS classifiers per seed and score them on the real test patients.
 
     ``test`` is ``(images, labels, patient_ids)``; the test set must contain every class.
     ``reference_model``, if given, is used as the TRTR model of ``seeds[0]`` instead of training
     it again (it must come from :func:`train_reference_classifier` with the same seed and epochs).
-    ``progress`` receives one human-readable line per trained model.
+    ``progress`` receives one human-readable line per trained model; ``show_progress`` draws a
+    bar over seeds x arms (training them is minutes on a CPU, and silent otherwise).
+
+    Three steps: :func:`validate_utility_inputs`, :func:`train_arms` (the slow one),
+    :func:`summarise_arms` (ensemble values and the patient-level bootstrap).
 
     Returns a JSON-ready dict: for each arm ``a`` in ``trtr, tstr, trs``: ``a_auc`` (AUC of the
     seed ensemble), ``a_auc_seed_mean`` and ``a_auc_std`` (over the per-seed models),
@@ -170,15 +185,42 @@ def evaluate_utility(
     class, seed-averaged probabilities]}; ``per_seed`` {arm: [{seed, auc, acc}]}; ``n_train``,
     ``n_synthetic``, ``n_test``, ``n_test_patients``, ``n_boot_valid``, ``seeds``, ``epochs``.
     """
-    train_x, train_y = real_train
-    syn_x, syn_y = synthetic
+    validate_utility_inputs(real_train, synthetic, test, n_classes=n_classes, seeds=seeds,
+                            n_boot=n_boot)
+    arms = train_arms(real_train, synthetic, test[0], test[1], n_classes=n_classes, seeds=seeds,
+                      epochs=epochs, device=device, progress=progress,
+                      reference_model=reference_model, show_progress=show_progress)
+    result = summarise_arms(arms, test[1], test[2], n_classes=n_classes, n_boot=n_boot,
+                            boot_seed=boot_seed)
+    result.update(
+        {
+            "n_train": int(real_train[0].shape[0]),
+            "n_synthetic": int(synthetic[0].shape[0]),
+            "n_test": int(test[0].shape[0]),
+            "seeds": [int(s) for s in seeds],
+            "epochs": int(epochs),
+        }
+    )
+    return result
+
+
+def validate_utility_inputs(
+    real_train: tuple[Tensor, Tensor],
+    synthetic: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor, Sequence[str]],
+    *,
+    n_classes: int,
+    seeds: Sequence[int],
+    n_boot: int,
+) -> None:
+    """Refuse inputs that would make a utility number meaningless, before minutes of training."""
     if len(test) != 3:
         raise ValueError("test must be (images, labels, patient_ids)")
     test_x, test_y, test_pid = test
     if n_classes < 2:
         raise ValueError(f"n_classes must be >= 2, got {n_classes}")
-    _check_split(train_x, train_y, n_classes, "real_train")
-    _check_split(syn_x, syn_y, n_classes, "synthetic")
+    _check_split(*real_train, n_classes, "real_train")
+    _check_split(*synthetic, n_classes, "synthetic")
     _check_split(test_x, test_y, n_classes, "test")
     if len(test_pid) != test_x.shape[0]:
         raise ValueError(
@@ -190,20 +232,47 @@ def evaluate_utility(
         raise ValueError(f"seeds must be distinct, got {list(seeds)}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    y_test = test_y.cpu().numpy().astype(np.int64)
-    missing = sorted(set(range(n_classes)) - set(y_test.tolist()))
+    missing = sorted(set(range(n_classes)) - set(test_y.cpu().numpy().astype(np.int64).tolist()))
     if missing:
         raise ValueError(
             f"test set lacks classes {missing}: their AUC is undefined; use a test split that "
             "contains every class"
         )
 
+
+@dataclass(frozen=True)
+class ArmPredictions:
+    """Per arm: each seed's test-set probabilities and its {seed, auc, acc} record."""
+
+    probas: dict[str, list[np.ndarray]]
+    per_seed: dict[str, list[dict]]
+
+
+def train_arms(
+    real_train: tuple[Tensor, Tensor],
+    synthetic: tuple[Tensor, Tensor],
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    n_classes: int,
+    seeds: Sequence[int],
+    epochs: int,
+    device: str | torch.device = "cpu",
+    progress: Callable[[str], None] | None = None,
+    reference_model: SmallCNN | None = None,
+    show_progress: bool = False,
+) -> ArmPredictions:
+    """Train every arm once per seed (the slow step) and predict the test set."""
+    train_x, train_y = real_train
+    syn_x, syn_y = synthetic
+    y_test = test_y.cpu().numpy().astype(np.int64)
     real_y_np = train_y.cpu().numpy()
     syn_y_np = syn_y.cpu().numpy()
     probas: dict[str, list[np.ndarray]] = {arm: [] for arm in ARMS}
     per_seed: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     total = len(seeds) * len(ARMS)
     done = 0
+    bar = tqdm(total=total, desc="utility classifiers", disable=not show_progress)
     for seed in seeds:
         rng = np.random.default_rng(seed)
         pick = torch.as_tensor(_match_real_counts(syn_y_np, real_y_np, n_classes, rng))
@@ -213,6 +282,7 @@ def evaluate_utility(
             "trs": (torch.cat([train_x, syn_x[pick]]), torch.cat([train_y, syn_y[pick]])),
         }
         for arm in ARMS:
+            bar.set_postfix_str(f"{arm.upper()} seed {seed}")
             if arm == "trtr" and seed == seeds[0] and reference_model is not None:
                 model = reference_model
             else:
@@ -225,9 +295,25 @@ def evaluate_utility(
             probas[arm].append(proba)
             per_seed[arm].append({"seed": int(seed), "auc": float(auc), "acc": acc})
             done += 1
+            bar.update(1)
             if progress is not None:
                 progress(f"utility {arm.upper()} seed {seed}: AUC {auc:.3f} ({done}/{total})")
+    bar.close()
+    return ArmPredictions(probas, per_seed)
 
+
+def summarise_arms(
+    arms: ArmPredictions,
+    test_y: Tensor,
+    test_pid: Sequence[str],
+    *,
+    n_classes: int,
+    n_boot: int = 1000,
+    boot_seed: int = 0,
+) -> dict:
+    """Seed-ensemble values per arm with a bootstrap over TEST PATIENTS (slices of a patient
+    move together), and the TSTR/TRTR ratio with a paired bootstrap CI."""
+    y_test = test_y.cpu().numpy().astype(np.int64)
     # patient-level bootstrap weights: multiplicity of each test image in each resample
     pid_codes = np.unique(np.asarray([str(p) for p in test_pid]), return_inverse=True)[1]
     n_pat = int(pid_codes.max()) + 1
@@ -240,9 +326,9 @@ def evaluate_utility(
     per_class: dict[str, list[float]] = {}
     ones = np.ones((1, y_test.size))
     for arm in ARMS:
-        aucs = np.array([r["auc"] for r in per_seed[arm]])
-        accs = np.array([r["acc"] for r in per_seed[arm]])
-        mean_p = np.mean(probas[arm], axis=0)
+        aucs = np.array([r["auc"] for r in arms.per_seed[arm]])
+        accs = np.array([r["acc"] for r in arms.per_seed[arm]])
+        mean_p = np.mean(arms.probas[arm], axis=0)
         boot_auc[arm] = _macro_auc_weighted(y_test, mean_p, weights)
         correct = (mean_p.argmax(1) == y_test).astype(np.float64)
         boot_acc = (weights @ correct) / weights.sum(axis=1)
@@ -266,14 +352,9 @@ def evaluate_utility(
     result.update(
         {
             "per_class": per_class,
-            "per_seed": per_seed,
-            "n_train": int(train_x.shape[0]),
-            "n_synthetic": int(syn_x.shape[0]),
-            "n_test": int(test_x.shape[0]),
+            "per_seed": arms.per_seed,
             "n_test_patients": n_pat,
             "n_boot_valid": int(np.isfinite(boot_auc["trtr"]).sum()),
-            "seeds": [int(s) for s in seeds],
-            "epochs": int(epochs),
         }
     )
     return result

@@ -242,6 +242,7 @@ def _audit(**privacy: object) -> dict:
             "Formal privacy (DP)",
             "FAIL",
         ),
+        # rounds without a sites table: no producer writes that, it is "not reported"
         (
             {
                 "privacy": {
@@ -249,6 +250,17 @@ def _audit(**privacy: object) -> dict:
                     "budget_epsilon": 8.0,
                 }
             },
+            "Formal privacy (DP)",
+            "FAIL",
+        ),
+        (
+            {"privacy": {"sites": {"a": {"epsilon": 2.0, "delta": 1e-5, "budget_epsilon": 8.0}}}},
+            "Formal privacy (DP)",
+            "PASS",
+        ),
+        # a budget written as "inf" by the JSON writer still reads as a number
+        (
+            {"privacy": {"sites": {"a": {"epsilon": 2.0, "budget_epsilon": "inf"}}}},
             "Formal privacy (DP)",
             "PASS",
         ),

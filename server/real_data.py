@@ -1,0 +1,111 @@
+"""Real images the coordinator's evaluation may see: a :class:`RealSource` and its two kinds.
+
+- :class:`SimulatedSites`: in a simulation every site's data is on this machine, so the
+  coordinator may read it (utility, fidelity, and the site-local closest-pairs figure). Each
+  site's split is loaded ONCE and kept, because the steps of one evaluation all need it and
+  loading means decoding every image again.
+- :class:`ReferenceSet`: in a deployment only a `--reference` set held by the coordinator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from client.client_app import SimulationSites
+from client.site_config import SiteConfig
+from ldm_core.config import RunConfig
+from ldm_core.data import SiteData, load_images, scan, split_by_patient
+
+__all__ = ["RealSets", "RealSource", "ReferenceSet", "SimulatedSites", "subsample"]
+
+
+@dataclass(frozen=True)
+class RealSets:
+    """Real images visible to the coordinator's evaluation (train = what the generator saw)."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]
+    source: str
+
+
+@runtime_checkable
+class RealSource(Protocol):
+    """Where the evaluation's real train/test images come from."""
+
+    def load(self, cfg: RunConfig) -> RealSets:
+        """The real train and test sets, at the run's image size and class order."""
+        ...
+
+
+class SimulatedSites:
+    """The simulated sites of a run, with each site's data loaded at most once."""
+
+    def __init__(self, sites: SimulationSites, n_sites: int) -> None:
+        self.sites, self.n_sites = sites, n_sites
+        self._data: dict[int, SiteData] = {}
+
+    @property
+    def allow_audit(self) -> bool:
+        return bool(self.sites.allow_audit)
+
+    def site(self, index: int) -> SiteConfig:
+        return self.sites.site(index)
+
+    def site_data(self, index: int, cfg: RunConfig) -> SiteData:
+        """Site `index`'s splits, read from disk on the first call only."""
+        if index not in self._data:
+            from client.tasks import load_data
+
+            self._data[index] = load_data(self.sites.site(index), cfg)
+        return self._data[index]
+
+    def load(self, cfg: RunConfig) -> RealSets:
+        parts = [self.site_data(k, cfg) for k in range(self.n_sites)]
+        train = (torch.cat([p.train.images for p in parts]),
+                 torch.cat([p.train.labels for p in parts]))
+        test = (torch.cat([p.test.images for p in parts]),
+                torch.cat([p.test.labels for p in parts]),
+                tuple(f"{p.site_id}/{q}" for p in parts for q in p.test.patients))
+        return RealSets(train, test, "union of the simulated sites' train and test splits")
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    """A labelled image set held by the coordinator (`fedldm evaluate --reference PATH`)."""
+
+    path: Path
+
+    def load(self, cfg: RunConfig) -> RealSets:
+        index = scan(self.path)
+        if tuple(index.class_names) != tuple(cfg.class_names):
+            raise ValueError(f"reference set {self.path} has classes "
+                             f"{list(index.class_names)}, the run has {list(cfg.class_names)}")
+        splits = split_by_patient(index.records, holdout_fraction=0.0, test_fraction=0.3,
+                                  seed=0) \
+            if not any(r.split for r in index.records) else \
+            split_by_patient(index.records, holdout_fraction=0.0, seed=0)
+        tr = load_images(splits["train"], cfg.model.image_size)
+        te = load_images(splits["test"], cfg.model.image_size)
+        patients = tuple(str(r.patient or r.path) for r in splits["test"])
+        return RealSets(tr, (te[0], te[1], patients), f"coordinator reference set {self.path}")
+
+
+def subsample(real: RealSets, cap: int, *, seed: int) -> RealSets:
+    """At most `cap` training images, same class proportions, chosen with a fixed seed."""
+    x, y = real.train
+    if x.shape[0] <= cap:
+        return real
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c)[:, 0]
+        k = max(1, round(cap * idx.numel() / y.numel()))
+        keep.append(idx[torch.randperm(idx.numel(), generator=gen)[:k]])
+    sel = torch.sort(torch.cat(keep)).values
+    return RealSets((x[sel], y[sel]), real.test,
+                    f"{real.source} (a class-stratified subsample of {sel.numel()} of "
+                    f"{x.shape[0]} training images)")

@@ -1,0 +1,125 @@
+"""`fedldm evaluate RUN` end to end on a tiny simulated run: what it writes, and that it reads
+the final checkpoint once and each site's data once at the coordinator."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import client.tasks
+import server.real_data
+import server.run_folder
+from server.evaluate import EvalOptions
+from server.offline import evaluate_existing_run
+from server.run_folder import Run, RunInfo
+from server.simulate import SimulationOptions, run_simulation
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, demo_manifest: Path) -> Path:
+    """A finished tiny simulation, not evaluated (the evaluation is what these tests run)."""
+    out = tmp_path_factory.mktemp("evaluate") / "run"
+    run_simulation(SimulationOptions(
+        data=str(demo_manifest), sites=2, partition="site", epsilon=8.0, preset="tiny",
+        image_size=16, out=out, device="cpu", show_progress=False, evaluate=False))
+    return out
+
+
+@pytest.mark.slow
+def test_evaluate_existing_run_loads_once_and_writes_everything(
+        trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint_loads: list[Path] = []
+    real_load_checkpoint = server.run_folder.load_checkpoint
+
+    def counting_load_checkpoint(path: Path, *args: Any, **kwargs: Any) -> Any:
+        checkpoint_loads.append(Path(path))
+        return real_load_checkpoint(path, *args, **kwargs)
+
+    data_loads: Counter[str] = Counter()
+    real_load_data = client.tasks.load_data
+
+    def counting_load_data(site: Any, cfg: Any) -> Any:
+        data_loads[site.site_id] += 1
+        return real_load_data(site, cfg)
+
+    monkeypatch.setattr(server.run_folder, "load_checkpoint", counting_load_checkpoint)
+    monkeypatch.setattr(client.tasks, "load_data", counting_load_data)
+
+    metrics = evaluate_existing_run(
+        trained_run, audit=False, show_progress=False,
+        options=EvalOptions(per_class=12, utility_seeds=(0,), utility_epochs=1))
+
+    assert checkpoint_loads == [trained_run / "checkpoints" / "final"]
+    assert data_loads == {"site-0": 1, "site-1": 1}
+    run = Run(trained_run)
+    assert json.loads(run.metrics_path.read_text()) == json.loads(json.dumps(metrics))
+    for key in ("tstr_auc", "trtr_auc", "trs_auc", "ratio", "real_source"):
+        assert key in metrics["utility"], key
+    for key in ("fid", "precision", "recall", "primary_space", "random_cnn"):
+        assert key in metrics["fidelity"], key
+    assert metrics["synthetic"]["n"] == 12 * len(metrics["run"]["classes"].split(", "))
+    assert run.samples_png.stat().st_size > 0
+    assert "Unit of privacy" in run.report_html.read_text()
+    assert "Empirical privacy audit: not measured" in run.datacard.read_text()
+    assert (run.synthetic / "manifest.csv").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_with_audit_reads_checkpoint_once(trained_run: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sites' DP audits get the already loaded model and, in a simulation, the already
+    loaded site data (touched only after the audit's charge): one read of each, in all."""
+    checkpoint_loads: list[Path] = []
+    real_load_checkpoint = server.run_folder.load_checkpoint
+    monkeypatch.setattr(server.run_folder, "load_checkpoint",
+                        lambda p, *a, **k: checkpoint_loads.append(Path(p))
+                        or real_load_checkpoint(p, *a, **k))
+    coordinator_loads: Counter[str] = Counter()
+    real_site_data = server.real_data.SimulatedSites.site_data
+
+    def counting_site_data(self: Any, index: int, cfg: Any) -> Any:
+        if index not in self._data:
+            coordinator_loads[f"site-{index}"] += 1
+        return real_site_data(self, index, cfg)
+
+    monkeypatch.setattr(server.real_data.SimulatedSites, "site_data", counting_site_data)
+    all_loads: Counter[str] = Counter()
+    real_load_data = client.tasks.load_data
+
+    def counting_load_data(site: Any, cfg: Any) -> Any:
+        all_loads[site.site_id] += 1
+        return real_load_data(site, cfg)
+
+    monkeypatch.setattr(client.tasks, "load_data", counting_load_data)
+
+    metrics = evaluate_existing_run(
+        trained_run, audit=True, show_progress=False,
+        options=EvalOptions(per_class=12, utility_seeds=(0,), utility_epochs=1))
+
+    assert len(checkpoint_loads) == 1
+    assert coordinator_loads == {"site-0": 1, "site-1": 1}
+    assert all_loads == {"site-0": 1, "site-1": 1}
+    priv = metrics["privacy"]
+    for key in ("mia_auc", "mia_noise_std", "memorized_fraction", "audit_sites", "unit",
+                "randomness", "disclosures"):
+        assert key in priv, key
+    assert all(s.get("epsilon_includes_audit") for s in priv["sites"].values())
+    assert "lower bounds on leakage" in Run(trained_run).datacard.read_text()
+
+
+def test_run_info_round_trips_run_json(tmp_path: Path) -> None:
+    info = RunInfo(config={"privacy": {"epsilon": float("inf"), "delta": 1e-5}, "seed": 3,
+                           "device": "cpu"},
+                   data="d.csv", partition="site", sites=2, mode="simulation",
+                   privacy_randomness="secure")
+    run = Run(tmp_path)
+    run.save_info(info)
+    assert json.loads(run.info_path.read_text())["config"]["privacy"]["epsilon"] == "inf"
+    back = run.load_info()
+    assert back is not None and back.epsilon == float("inf") and back.sites == 2
+    assert back.to_json().keys() == info.to_json().keys()
+    assert Run(tmp_path / "none").load_info() is None
