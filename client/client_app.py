@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -39,7 +41,9 @@ from common.protocol import (
     query_task,
 )
 from ldm_core.config import RunConfig
+from ldm_core.data import simulation_source
 from ldm_core.logs import file_logger
+from ldm_core.phases import get_phase
 
 SiteResolver = Callable[[Context], SiteConfig]
 AE_STATE_KEY = "fedldm-autoencoder"
@@ -100,9 +104,9 @@ def _train(msg: Message, context: Context, site: SiteConfig) -> Message:
         return again
     cfg = _run_config(req.run)
     ae_weights = None
-    if req.phase == "diffusion":
+    if get_phase(req.phase).needs_autoencoder:
         if AE_STATE_KEY not in context.state:
-            raise RuntimeError("no autoencoder received for the diffusion phase")
+            raise RuntimeError(f"no autoencoder received for the {req.phase} phase")
         ae_weights = context.state[AE_STATE_KEY].to_torch_state_dict()
     # The message seed drives only non-private randomness (timesteps, label dropout); the
     # privacy randomness is the site's own (client.tasks.site_privacy_rng).
@@ -175,7 +179,16 @@ def _audit_reply(msg: Message, site: SiteConfig) -> Message:
 
 
 def _deployment_site(context: Context) -> SiteConfig:
-    return SiteConfig.from_node_config(context.node_config)
+    """A real site's settings come from its own node config (`fedldm site start` writes it).
+
+    Only a node of Flower's simulation runtime (a `partition-id`, no `site-id`) is a simulated
+    site whose settings come from the run config: that is `flwr run` of a simulation, where one
+    operator runs every site on one machine.
+    """
+    nc = context.node_config
+    if "site-id" not in nc and "partition-id" in nc and str(context.run_config.get("data", "")):
+        return SimulationSites.from_run_config(context.run_config)(context)
+    return SiteConfig.from_node_config(nc)
 
 
 class SimulationSites:
@@ -199,6 +212,21 @@ class SimulationSites:
 
     def __call__(self, context: Context) -> SiteConfig:
         return self.site(int(context.node_config["partition-id"]))
+
+    @staticmethod
+    def from_run_config(rc: Mapping[str, Any]) -> SimulationSites:
+        """The simulated sites of a `flwr run` simulation (same rules as `fedldm simulate`)."""
+        out = Path(str(rc.get("out", "runs/flwr-run")))
+        data, partition = simulation_source(str(rc["data"]), out, str(rc.get("partition", "auto")))
+        eps = str(rc.get("epsilon", "8"))
+        seed = int(rc.get("seed", 0))
+        return SimulationSites(data=data, n_sites=int(rc.get("num-sites", 0) or 2),
+                               partition=partition, state_root=out / "sites",
+                               epsilon=math.inf if eps == "inf" else float(eps),
+                               delta=float(rc.get("delta", 1e-5)), data_seed=seed,
+                               device=str(rc.get("device", "auto")),
+                               reproducible_seed=seed if bool(rc.get("reproducible", False))
+                               else None)
 
 
 app = make_client_app(_deployment_site)

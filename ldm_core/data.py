@@ -801,3 +801,21 @@ def load_all_sites(
         )
         for i, share in enumerate(shares)
     ]
+
+
+DEMO_DATA = "demo"
+
+
+def simulation_source(data: str, out: str | os.PathLike[str], partition: str = "auto"
+                      ) -> tuple[str, str]:
+    """Where a simulated run's images are and how they are shared among its sites.
+
+    "demo" means the phantoms a simulation writes to ``OUT/demo-data/manifest.csv`` (shared by
+    site: each phantom site differs in acquisition); any other path is split "iid" unless a
+    scheme is given. One rule for the coordinator and the simulated sites, which resolve it in
+    different processes.
+    """
+    if data == DEMO_DATA:
+        return (str(Path(out) / "demo-data" / "manifest.csv"),
+                "site" if partition == "auto" else partition)
+    return data, "iid" if partition == "auto" else partition

@@ -53,6 +53,9 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if cfg is None and str(context.run_config.get("data", "")):
+            _simulated_main(grid, context.run_config)
+            return
         run_cfg, run_settings = (cfg, settings) if cfg is not None and settings is not None \
             else config_from_run_config(context.run_config)
         coordinator = Coordinator(grid, run_cfg, run_settings)
@@ -61,6 +64,30 @@ def make_server_app(
             after(coordinator)
 
     return app
+
+
+def _simulated_main(grid: Grid, rc: Mapping[str, Any]) -> None:
+    """`flwr run` of a simulation (run config `data` set): the same plan as `fedldm simulate`
+    (demo data, run.json, enrolled sites, evaluation with the simulated sites' data), driven by
+    Flower's own runtime instead of the in-process one."""
+    from server.simulate import SimulationOptions, plan_simulation
+
+    eps = str(rc.get("epsilon", "8"))
+    opts = SimulationOptions(
+        data=str(rc["data"]), sites=int(rc.get("num-sites", 0) or 2),
+        partition=str(rc.get("partition", "auto")),
+        epsilon=math.inf if eps == "inf" else float(eps), delta=float(rc.get("delta", 1e-5)),
+        preset=str(rc.get("preset", "quick")), image_size=int(rc.get("image-size", 0)) or None,
+        seed=int(rc.get("seed", 0)), out=Path(str(rc.get("out", "runs/flwr-run"))),
+        device=str(rc.get("device", "auto")),
+        overrides=json.loads(str(rc.get("overrides", "{}")) or "{}"),
+        demo_patients=int(rc.get("demo-patients", 12800)),
+        demo_slices=int(rc.get("demo-slices", 1)),
+        reproducible=bool(rc.get("reproducible", False)), show_progress=False)
+    plan = plan_simulation(opts)
+    coordinator = Coordinator(grid, plan.cfg, plan.settings)
+    coordinator.run()
+    plan.after(coordinator)
 
 
 def _deployment_after(coord: Coordinator) -> None:

@@ -14,8 +14,8 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,14 @@ import torch
 from client.client_app import SimulationSites, make_client_app
 from client.ledger import PrivacyLedger
 from ldm_core.config import PRESET_IMAGE_SIZE, RunConfig, build_config, to_dict
-from ldm_core.data import scan
+from ldm_core.data import DEMO_DATA, scan, simulation_source
 from ldm_core.dp_random import NOT_PRIVATE_NOTE
 from ldm_core.phantoms import generate_demo
 from server.evaluate import EvalOptions
 from server.federation import Coordinator, ServerSettings
 from server.finalize import finalize_run
-from server.run_folder import write_json_atomic
+from server.run_folder import Run, RunInfo
+from server.run_metrics import PrivacyBlock, RoundRecord, SitePrivacy
 from server.server_app import make_server_app
 
 
@@ -60,19 +61,12 @@ class SimulationOptions:
 
 def prepare_data(opts: SimulationOptions, out: Path) -> tuple[str, str]:
     """Resolve --data (generating the demo set if asked) and the partition scheme."""
-    if opts.data == "demo":
-        demo_dir = out / "demo-data"
-        manifest = demo_dir / "manifest.csv"
-        if not manifest.exists():
-            generate_demo(demo_dir, n_patients=opts.demo_patients,
-                          slices_per_patient=opts.demo_slices, n_sites=opts.sites,
-                          image_size=max(32, opts.image_size or PRESET_IMAGE_SIZE[opts.preset]),
-                          seed=opts.seed)
-        data = str(manifest)
-        partition = "site" if opts.partition == "auto" else opts.partition
-    else:
-        data = opts.data
-        partition = "iid" if opts.partition == "auto" else opts.partition
+    data, partition = simulation_source(opts.data, out, opts.partition)
+    if opts.data == DEMO_DATA and not Path(data).exists():
+        generate_demo(Path(data).parent, n_patients=opts.demo_patients,
+                      slices_per_patient=opts.demo_slices, n_sites=opts.sites,
+                      image_size=max(32, opts.image_size or PRESET_IMAGE_SIZE[opts.preset]),
+                      seed=opts.seed)
     return data, partition
 
 
@@ -83,44 +77,67 @@ def _gpu_fraction(sites: int, device: str) -> float:
     return min(1.0, torch.cuda.device_count() / sites)
 
 
-def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
-    from flwr.simulation import run_simulation as flwr_run_simulation
+@dataclass
+class SimulationPlan:
+    """Everything a simulated run needs before a Flower runtime drives it: the validated config,
+    the run folder (run.json written), the enrolled sites, and what to do after training."""
 
+    run: Run
+    cfg: RunConfig
+    sites: SimulationSites
+    settings: ServerSettings
+    after: Callable[[Coordinator], None]
+
+
+def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
+    """Data, config, run.json and enrolled sites; shared by `fedldm simulate` and `flwr run`."""
     out = Path(opts.out)
+    run = Run(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
     data, partition = prepare_data(opts, out)
     index = scan(data)
     eps = opts.epsilon
     cfg = build_config(preset=opts.preset, image_size=opts.image_size,
                        class_names=tuple(index.class_names), epsilon=eps, delta=opts.delta,
                        seed=opts.seed, device=opts.device, overrides=opts.overrides)
-    meta = {"data": data, "partition": partition, "sites": opts.sites,
-            "has_patient_ids": index.has_patient_ids, "mode": "simulation",
-            "patient_note": None if index.has_patient_ids else
-            "the dataset has no patient ids: each image was treated as its own patient, so "
-            "splits may leak a patient across train/holdout/test (results are optimistic)"}
-    meta["privacy_randomness"] = NOT_PRIVATE_NOTE if opts.reproducible else (
-        "secure: each site draws Poisson sampling and DP noise from OS entropy (reseeded every "
-        "step); the run's seed drives only initialisation, timesteps and evaluation")
-    write_json_atomic(out / "run.json", {"config": to_dict(cfg), **meta,
-                                         "command": "fedldm simulate"})
+    info = RunInfo(
+        config=to_dict(cfg), data=data, partition=partition, sites=opts.sites,
+        mode="simulation", has_patient_ids=index.has_patient_ids,
+        patient_note=None if index.has_patient_ids else
+        "the dataset has no patient ids: each image was treated as its own patient, so "
+        "splits may leak a patient across train/holdout/test (results are optimistic)",
+        privacy_randomness=NOT_PRIVATE_NOTE if opts.reproducible else (
+            "secure: each site draws Poisson sampling and DP noise from OS entropy (reseeded "
+            "every step); the run's seed drives only initialisation, timesteps and evaluation"))
+    run.save_info(info)
+    meta = info.meta()
     sites = SimulationSites(data=data, n_sites=opts.sites, partition=partition,
-                            state_root=out / "sites", epsilon=eps, delta=opts.delta,
+                            state_root=run.sites, epsilon=eps, delta=opts.delta,
                             data_seed=opts.seed, device=opts.device,
                             reproducible_seed=opts.seed if opts.reproducible else None)
-    enroll_sites(sites, opts.sites, resuming=(out / "checkpoints" / "state.json").exists())
+    enroll_sites(sites, opts.sites, resuming=run.state_path.exists())
     settings = ServerSettings(out=out, min_sites=opts.sites, expected_sites=opts.sites,
                               show_progress=opts.show_progress, extra_meta=meta)
 
     def after(coord: Coordinator) -> None:
-        copy_ledgers(sites, opts.sites, out)
-        add_ledger_details(out)
-        finalize_run(out, sites=sites, n_sites=opts.sites, evaluate=opts.evaluate,
+        copy_ledgers(sites, opts.sites, run)
+        add_ledger_details(run)
+        finalize_run(run, sites=sites, n_sites=opts.sites, evaluate=opts.evaluate,
                      audit=coord.audit if sites.allow_audit else None,
                      options=opts.eval_options,
                      show_progress=opts.show_progress)
+        copy_ledgers(sites, opts.sites, run)  # again: the audit charged the ledgers
 
+    return SimulationPlan(run, cfg, sites, settings, after)
+
+
+def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
+    """`fedldm simulate`: plan the run, then drive it with Flower's in-process simulation."""
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    t0 = time.monotonic()
+    plan = plan_simulation(opts)
+    run, cfg, sites, settings, after = plan.run, plan.cfg, plan.sites, plan.settings, plan.after
     _quiet_flower()
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": _gpu_fraction(opts.sites,
                                                                             opts.device)},
@@ -131,12 +148,12 @@ def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
         flwr_run_simulation(server_app=make_server_app(cfg, settings, after),
                             client_app=make_client_app(sites), num_supernodes=opts.sites,
                             backend_config=backend)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = run.load_metrics()
     if metrics.get("config") is None or "privacy" not in metrics:
-        raise RuntimeError(f"the simulation ended without a complete {out}/metrics.json; "
-                           f"see {out}/run.log")
+        raise RuntimeError(f"the simulation ended without a complete {run.metrics_path}; "
+                           f"see {run.log_path}")
     metrics.setdefault("meta", {})["wall_seconds"] = round(time.monotonic() - t0, 1)
-    write_json_atomic(out / "metrics.json", metrics)
+    run.save_metrics(metrics)
     return metrics
 
 
@@ -152,26 +169,25 @@ def enroll_sites(sites: SimulationSites, n: int, *, resuming: bool) -> None:
                              site_id=site.site_id)
 
 
-def copy_ledgers(sites: SimulationSites, n: int, out: Path) -> None:
+def copy_ledgers(sites: SimulationSites, n: int, run: Run) -> None:
     """RUN/ledgers/site-K.json: the simulated sites' ledgers, for the report and audits."""
-    (out / "ledgers").mkdir(parents=True, exist_ok=True)
+    run.ledgers.mkdir(parents=True, exist_ok=True)
     for k in range(n):
         src = sites.site(k).ledger_path
         if src.exists():
-            shutil.copyfile(src, out / "ledgers" / f"site-{k}.json")
+            shutil.copyfile(src, run.ledger_copy(k))
 
 
-def add_ledger_details(out: Path) -> None:
+def add_ledger_details(run: Run) -> None:
     """Noise multipliers and steps per phase, read from the simulated sites' ledgers.
 
     In a real federation these stay at the sites (they reveal dataset sizes); in a simulation
     the ledgers are on this machine anyway, and the report should show them.
     """
-    from server.run_folder import RunFolder
-
-    folder = RunFolder(out)
-    metrics = folder.load_metrics()
-    for path in sorted((out / "ledgers").glob("site-*.json")):
+    metrics = run.load_metrics()
+    privacy = PrivacyBlock.from_json(metrics.get("privacy"))
+    sites = privacy.sites if privacy.sites is not None else {}
+    for path in sorted(run.ledgers.glob("site-*.json")):
         doc = json.loads(path.read_text())
         phases: dict[str, dict[str, Any]] = {}
         for e in doc.get("entries", []):
@@ -182,10 +198,11 @@ def add_ledger_details(out: Path) -> None:
             p = phases.setdefault(key, {"noise_multiplier": e["noise_multiplier"],
                                         "sample_rate": e["sample_rate"], "steps": 0})
             p["steps"] += int(e["steps"])
-        site = metrics.setdefault("privacy", {}).setdefault("sites", {}).setdefault(
-            doc.get("site_id", path.stem), {})
-        site["ledger"] = phases
-    folder.save_metrics(metrics)
+        name = str(doc.get("site_id", path.stem))
+        sites[name] = replace(sites.get(name, SitePrivacy()), ledger=phases)
+    privacy.sites = sites
+    metrics["privacy"] = privacy.to_json()
+    run.save_metrics(metrics)
 
 
 def _quiet_flower() -> None:
@@ -201,19 +218,19 @@ def summary_lines(metrics: Mapping[str, Any], out: Path) -> list[str]:
     lines = [f"run folder      {out}",
              f"preset          {cfg.preset}, {cfg.model.image_size}px, classes "
              f"{', '.join(cfg.class_names)}"]
-    rounds = metrics.get("rounds", [])
+    rounds = [RoundRecord.from_json(r) for r in metrics.get("rounds", [])]
     for phase in ("autoencoder", "diffusion"):
-        rs = [r for r in rounds if r["phase"] == phase]
+        rs = [r for r in rounds if r.phase == phase]
         if rs:
-            lines.append(f"{phase:<15} {len(rs)} rounds, DP loss {rs[0]['loss']:.4f} -> "
-                         f"{rs[-1]['loss']:.4f}")
-    priv = metrics["privacy"]
-    if not priv.get("private", True):
+            lines.append(f"{phase:<15} {len(rs)} rounds, DP loss {rs[0].loss:.4f} -> "
+                         f"{rs[-1].loss:.4f}")
+    priv = PrivacyBlock.from_json(metrics["privacy"])
+    if priv.private is False:
         lines.append("privacy         NOT PRIVATE: epsilon=inf (non-DP baseline)")
-    for site, s in sorted(priv["sites"].items()):
-        eps = s.get("epsilon", 0.0)
-        lines.append(f"{site:<15} epsilon {_fmt(eps)} of {_fmt(s.get('budget_epsilon'))} "
-                     f"(delta {s.get('delta')})")
+    for site, s in sorted((priv.sites or {}).items()):
+        eps = s.epsilon if s.epsilon is not None else 0.0
+        lines.append(f"{site:<15} epsilon {_fmt(eps)} of {_fmt(s.budget_epsilon)} "
+                     f"(delta {s.delta})")
     if "wall_seconds" in metrics.get("meta", {}):
         lines.append(f"wall time       {metrics['meta']['wall_seconds']:.0f}s")
     for name in ("samples.png", "report.html", "metrics.json", "run.log"):

@@ -28,7 +28,7 @@ def test_tiny_federation_end_to_end_and_resume(tmp_path: Path, demo_manifest: Pa
     for k in (0, 1):
         ledger = json.loads((out / "ledgers" / f"site-{k}.json").read_text())
         phases = {e["phase"] for e in ledger["entries"]}
-        assert phases == {"autoencoder", "latent-scale", "diffusion"}
+        assert phases == {"autoencoder", "latent-scale", "diffusion", "audit"}
     sites = metrics["privacy"]["sites"]
     assert set(sites) == {"site-0", "site-1"}
     for s in sites.values():
