@@ -63,7 +63,8 @@ def multiplicity_diffusion_loss(
     Under Opacus' hooks mode the K forward calls followed by ONE backward accumulate into a single
     per-sample gradient, which is then clipped once: a sample's influence stays bounded by the
     clip norm. Replicating samples as K extra batch rows would instead clip each row on its own
-    and multiply the sample's true sensitivity by K, unseen by the accountant (DESIGN.md).
+    and multiply the sample's true sensitivity by K, unseen by the accountant
+    (docs/architecture.md, "Privacy accounting").
     """
     b = latents.shape[0]
     total = torch.zeros(b, device=latents.device)

@@ -1,6 +1,7 @@
 """Public pretraining on procedural phantoms (no patient data at all).
 
-DESIGN.md lists "public pretraining, then DP fine-tuning" among what makes DP generators work.
+Public pretraining, then DP fine-tuning, is among what makes DP generators work
+(docs/architecture.md).
 Two priors are shipped with the package (`ldm_core/pretrained/`), both made from phantoms
 rendered from a fixed public seed, and both only *starting points* that the sites then fine-tune
 under DP:
