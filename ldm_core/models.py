@@ -94,10 +94,6 @@ def null_label(cfg: ModelConfig) -> int:
     return cfg.n_classes
 
 
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 def resolve_device(name: str) -> torch.device:
     """`auto` takes a GPU when there is one: hospitals train on GPUs, CI on CPUs."""
     if name == "auto":

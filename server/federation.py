@@ -395,12 +395,3 @@ def _privacy_summary(privacy: dict[str, Any]) -> dict[str, Any]:
             "all_within_budget": all(s.get("epsilon", 0) <= s.get("budget_epsilon", math.inf)
                                      + 1e-9 for s in sites.values())}
 
-
-def load_final(run_dir: Path) -> tuple[RunConfig, torch.nn.Module, torch.nn.Module, float]:
-    """The final global generator of a finished run (for sampling and evaluation)."""
-    tensors, meta = load_checkpoint(Path(run_dir) / "checkpoints" / "final")
-    cfg = RunConfig.from_dict(meta["config"])
-    ae, dm = (p.make_model(cfg.model) for p in (AUTOENCODER, DIFFUSION))
-    ae.load_state_dict(tensors[AUTOENCODER.checkpoint_key])
-    dm.load_state_dict(tensors[DIFFUSION.checkpoint_key])
-    return cfg, ae.eval(), dm.eval(), float(meta["scale_factor"])
