@@ -703,6 +703,35 @@ def _image_set(
     return ImageSet(images=x, labels=y, patients=tuple(patients))
 
 
+def _site_splits(share: Sequence[Record], site_index: int, *, seed: int,
+                 holdout_fraction: float, test_fraction: float) -> dict[str, list[Record]]:
+    """One site's patient-level split; the seed mixes in the site so sites split differently."""
+    return split_by_patient(
+        share,
+        holdout_fraction=holdout_fraction,
+        test_fraction=test_fraction,
+        seed=int(np.random.SeedSequence([seed, site_index]).generate_state(1)[0]),
+    )
+
+
+def missing_test_classes(path: str | os.PathLike[str], *, n_sites: int, scheme: str,
+                         seed: int = 0, holdout_fraction: float = 0.15,
+                         test_fraction: float = 0.15) -> list[str]:
+    """Classes with no image in any site's test split (read from the file list, no pixels).
+
+    Why: the evaluation tests on the union of the test splits; finding out after hours of
+    training that a class is missing there wastes the run (and its privacy budget).
+    """
+    index = scan(path)
+    shares = partition(index.records, n_sites, scheme, seed=seed)
+    present: set[int] = set()
+    for k, share in enumerate(shares):
+        splits = _site_splits(share, k, seed=seed, holdout_fraction=holdout_fraction,
+                              test_fraction=test_fraction)
+        present.update(r.label for r in splits["test"])
+    return [name for i, name in enumerate(index.class_names) if i not in present]
+
+
 def _site_data(
     index: DatasetIndex,
     share: Sequence[Record],
@@ -715,12 +744,8 @@ def _site_data(
     test_fraction: float,
     progress: bool | None = None,
 ) -> SiteData:
-    splits = split_by_patient(
-        share,
-        holdout_fraction=holdout_fraction,
-        test_fraction=test_fraction,
-        seed=int(np.random.SeedSequence([seed, site_index]).generate_state(1)[0]),
-    )
+    splits = _site_splits(share, site_index, seed=seed, holdout_fraction=holdout_fraction,
+                          test_fraction=test_fraction)
     if not splits["train"]:
         raise DataError(
             f"{index.root}: site {site_index} has no training images after the split; use "

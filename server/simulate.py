@@ -24,11 +24,11 @@ import torch
 from client.client_app import SimulationSites, make_client_app
 from client.ledger import PrivacyLedger
 from ldm_core.config import PRESET_IMAGE_SIZE, RunConfig, build_config, to_dict
-from ldm_core.data import DEMO_DATA, scan, simulation_source
+from ldm_core.data import DEMO_DATA, DataError, missing_test_classes, scan, simulation_source
 from ldm_core.dp_random import NOT_PRIVATE_NOTE
 from ldm_core.phantoms import generate_demo
 from server.evaluate import EvalOptions
-from server.federation import Coordinator, ServerSettings
+from server.federation import Coordinator, FederationError, ServerSettings
 from server.finalize import finalize_run
 from server.run_folder import Run, RunInfo
 from server.run_metrics import PrivacyBlock, RoundRecord, SitePrivacy
@@ -93,13 +93,13 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
     """Data, config, run.json and enrolled sites; shared by `fedldm simulate` and `flwr run`."""
     out = Path(opts.out)
     run = Run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    data, partition = prepare_data(opts, out)
+    data, partition = prepare_data(opts, out)  # creates OUT only for the demo data
     index = scan(data)
     eps = opts.epsilon
     cfg = build_config(preset=opts.preset, image_size=opts.image_size,
                        class_names=tuple(index.class_names), epsilon=eps, delta=opts.delta,
                        seed=opts.seed, device=opts.device, overrides=opts.overrides)
+    _check_before_writing(run, cfg, data, partition, opts)
     info = RunInfo(
         config=to_dict(cfg), data=data, partition=partition, sites=opts.sites,
         mode="simulation", has_patient_ids=index.has_patient_ids,
@@ -129,6 +129,23 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
         copy_ledgers(sites, opts.sites, run)  # again: the audit charged the ledgers
 
     return SimulationPlan(run, cfg, sites, settings, after)
+
+
+def _check_before_writing(run: Run, cfg: RunConfig, data: str, partition: str,
+                          opts: SimulationOptions) -> None:
+    """Refuse, before run.json is touched, a run folder of another configuration and a
+    federation whose test splits would miss a class (found only after training otherwise)."""
+    saved = run.load_state() if run.state_path.exists() else None
+    if saved is not None and saved.get("config") != to_dict(cfg):
+        raise FederationError(
+            f"{run.state_path} belongs to a run with another configuration; use a new --out "
+            "folder, or the same settings to resume this one")
+    missing = missing_test_classes(data, n_sites=opts.sites, scheme=partition, seed=opts.seed)
+    if missing:
+        raise DataError(
+            f"{data}: no site's test split holds an image of class {', '.join(missing)}, so "
+            "the evaluation could not test it; use more data, fewer sites (--sites) or "
+            "another partition (--partition)")
 
 
 def run_simulation(opts: SimulationOptions) -> dict[str, Any]:

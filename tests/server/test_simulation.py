@@ -52,3 +52,32 @@ def test_tiny_federation_end_to_end_and_resume(tmp_path: Path, demo_manifest: Pa
     again = run_simulation(SimulationOptions(**{**opts.__dict__, "evaluate": False}))
     assert (out / "sites" / "site-0" / "ledger.json").read_bytes() == ledger_before
     assert len(again["rounds"]) == 2
+
+
+def _manifest(root: Path, counts: dict[str, int]) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rows = ["path,label,patient"]
+    rng = np.random.default_rng(0)
+    for label, n in counts.items():
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(
+                root / label / f"{i}.png")
+            rows.append(f"{label}/{i}.png,{label},{label}-{i}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root / "manifest.csv"
+
+
+def test_a_test_split_without_a_class_is_refused_before_anything_is_written(
+        tmp_path: Path) -> None:
+    from ldm_core.data import DataError
+
+    manifest = _manifest(tmp_path / "data", {"common": 30, "rare": 1})
+    out = tmp_path / "run"
+    opts = SimulationOptions(data=str(manifest), sites=2, preset="tiny", image_size=16, out=out,
+                             device="cpu", show_progress=False)
+    with pytest.raises(DataError, match="rare"):
+        run_simulation(opts)
+    assert not out.exists()
