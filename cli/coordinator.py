@@ -1,9 +1,13 @@
 """`fedldm coordinator ...`: the consortium side of a real deployment.
 
 - `start` runs Flower's SuperLink with TLS, SuperNode authentication and a SQLite state
-  database (registered sites and runs survive a restart).
+  database (registered sites and runs survive a restart), bound to 127.0.0.1 only, and in front
+  of it the Fleet-only proxy (common/proxy.py) on the public `--host/--port`: the sites reach the
+  Fleet API and nothing else; the Control API (register/unregister keys, submit runs) and the
+  ServerApp runtime API stay on the loopback `--local-port`. Both run supervised together.
 - `register-site` / `sites` / `unregister-site` manage which site public keys may connect
-  (Flower 1.42: `flwr supernode register|ls|unregister` against the SuperLink's Control API).
+  (Flower 1.42: `flwr supernode register|ls|unregister` against the SuperLink's Control API),
+  on the coordinator machine, through the loopback port (default --superlink 127.0.0.1:8001).
 - `run` submits the fedldm app (`flwr run`) with the run options as run config, streams the
   coordinator's log, waits for the end and checks that the run folder is complete.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +35,7 @@ from typing import Any
 from cli import args as A
 from cli.errors import BadInput, RuntimeFailure
 from common import files, jsonio
-from common.procs import flower_env, flower_tool, run_supervised, warn
+from common.procs import Child, flower_env, flower_tool, run_supervised_group, warn
 from common.tls import (
     check_auth_public_key,
     check_ca_file,
@@ -40,7 +45,15 @@ from common.tls import (
 )
 
 CONNECTION = "fedldm"
-DEFAULT_SUPERLINK = "127.0.0.1:8000"
+DEFAULT_PUBLIC_PORT = 8000  # the proxy: what the sites connect to
+DEFAULT_LOCAL_PORT = 8001  # the SuperLink itself, on 127.0.0.1 only
+DEFAULT_SUPERLINK = f"127.0.0.1:{DEFAULT_LOCAL_PORT}"
+DEFAULT_MAX_REQUEST_MIB = 64
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Environment variables that make flower-superlink open extra legacy gRPC servers on 0.0.0.0
+# (flwr/superlink/cli/flower_superlink.py, SuperLinkLifespan.startup): never passed on.
+LEGACY_GRPC_ENV = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
+CHILD_UMASK = 0o077  # the SuperLink's database, logs and app files: this user only
 CERT_FILES = ("ca.crt", "superlink.crt", "superlink.key")
 RUN_OUTPUTS = ("checkpoints/final", "metrics.json", "report.html")
 FLWR_CALL_TIMEOUT_S = 120.0
@@ -123,6 +136,11 @@ class Flwr:
             if "unavailable" in why.lower():
                 why += (" (if the SuperLink is up: the CA given must be the one that signed its "
                         "certificate, and the host must be in that certificate)")
+            if "403" in why or "forbidden" in why.lower():
+                why += (" (the coordinator's public port serves only the sites' Fleet API; run "
+                        "this on the coordinator machine against its loopback port, "
+                        f"--superlink {DEFAULT_SUPERLINK} unless `coordinator start` was given "
+                        "another --local-port)")
             raise FlwrError(f"`flwr {' '.join(args)}` against {self.conn.address} failed: "
                             f"{why}")
         return doc
@@ -206,55 +224,130 @@ def _check_certs(certs: Path) -> tuple[Path, Path, Path]:
     return ca_path, crt_path, key_path
 
 
-def build_superlink_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+@dataclass(frozen=True)
+class StartPlan:
+    """What `coordinator start` runs: the SuperLink on 127.0.0.1:local_port and the Fleet-only
+    proxy on host:port, both with this environment."""
+
+    superlink: list[str]
+    proxy: list[str]
+    env: dict[str, str]
+    state: Path
+
+
+def _private_dir(path: Path) -> None:
+    """Create `path` (and parents) and make it 0700."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.chmod(path, 0o700)
+    except OSError as e:
+        warn(f"cannot make {path} private (chmod 700): {e}")
+
+
+def build_start_plan(args: argparse.Namespace) -> StartPlan:
     """Validate a `coordinator start` invocation (before creating anything); return the
-    flower-superlink command and its environment."""
-    if not 0 < args.port < 65536:
-        raise CoordinatorCliError(f"--port {args.port}: must be in 1..65535")
+    flower-superlink and proxy commands and their environment."""
+    for flag, port in (("--port", args.port), ("--local-port", args.local_port)):
+        if not 0 < port < 65536:
+            raise CoordinatorCliError(f"{flag} {port}: must be in 1..65535")
+    if args.local_port == args.port:
+        raise CoordinatorCliError(f"--local-port {args.local_port} is also --port: the "
+                                  "SuperLink's loopback port and the public port must differ")
+    if args.max_request_mib < 1:
+        raise CoordinatorCliError(f"--max-request-mib {args.max_request_mib}: must be >= 1")
     state = args.state_dir.expanduser().resolve()
     if state.exists() and not state.is_dir():
         raise CoordinatorCliError(f"--state-dir {state}: exists and is not a folder")
-    cmd = [flower_tool("flower-superlink"), "--host", args.host, "--port", str(args.port),
-           "--database", str(state / "superlink.db"),
-           # Dependencies come from this installation: hospitals' networks are often offline.
-           "--disable-runtime-dependency-installation"]
+    superlink = [flower_tool("flower-superlink"), "--host", "127.0.0.1",
+                 "--port", str(args.local_port), "--database", str(state / "superlink.db"),
+                 # Dependencies come from this installation: hospitals' networks are often
+                 # offline.
+                 "--disable-runtime-dependency-installation"]
+    proxy = [sys.executable, "-m", "common.proxy", "--host", args.host, "--port", str(args.port),
+             "--upstream-port", str(args.local_port),
+             "--max-body-bytes", str(args.max_request_mib * 1024 * 1024)]
     if args.insecure:
         if args.certs is not None:
             raise CoordinatorCliError("--insecure turns TLS off: drop --certs or --insecure")
         insecure_warning("COORDINATOR")
-        cmd.append("--insecure")
+        superlink.append("--insecure")
+        # Without node authentication SuperNodes register themselves through the Fleet API.
+        proxy += ["--insecure", "--allow-self-registration"]
     else:
         if args.certs is None:
             raise CoordinatorCliError("--certs DIR is required (ca.crt, superlink.crt, "
                                       "superlink.key from deploy/certs/generate.sh); --insecure "
                                       "is for local trials only")
         ca, crt, key = _check_certs(args.certs)
-        cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(crt),
-                "--ssl-keyfile", str(key), "--enable-supernode-auth"]
+        superlink += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(crt),
+                      "--ssl-keyfile", str(key), "--enable-supernode-auth"]
+        proxy += ["--certfile", str(crt), "--keyfile", str(key), "--ca-certfile", str(ca)]
     try:  # only now, when everything else was accepted
-        state.mkdir(parents=True, exist_ok=True)
+        _private_dir(state)
         with tempfile.NamedTemporaryFile(dir=state, prefix=".write-test-"):
             pass
+        _private_dir(state / "flwr-home")
+        for f in state.glob("superlink.db*"):  # written by an earlier, laxer version
+            if f.is_file() and f.stat().st_mode & 0o077:
+                f.chmod(0o600)
     except OSError as e:
         raise CoordinatorCliError(f"--state-dir {state}: not writable ({e})") from e
-    return cmd, flower_env(state / "flwr-home")
+    env = flower_env(state / "flwr-home")
+    for name in LEGACY_GRPC_ENV:
+        env.pop(name, None)
+    # `python -m common.proxy` must find this very package, installed or not.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return StartPlan(superlink, proxy, env, state)
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def coordinator_start(args: argparse.Namespace) -> int:
-    cmd, env = build_superlink_command(args)
-    print(f"fedldm coordinator: SuperLink on {args.host}:{args.port}, state in "
-          f"{args.state_dir.expanduser().resolve()}", flush=True)
-    if not args.insecure:
-        print("  sites connect with --superlink THIS_HOST:PORT --root-certificates ca.crt; "
-              "register each site's auth.key.pub with `fedldm coordinator register-site`",
-              flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print("  note: Flower serves its Fleet, Control and Runtime APIs on this one port; "
-              "expose only /v1/fleet/ to the sites (deploy/DEPLOY.md, 'Network')", flush=True)
+    plan = build_start_plan(args)
+    scheme = "HTTP" if args.insecure else "HTTPS"
+    print(f"fedldm coordinator: state in {plan.state} (0700)\n"
+          f"  public      {args.host}:{args.port}  {scheme}, Fleet API only (the sites); "
+          "anything else is answered 403\n"
+          f"  local only  127.0.0.1:{args.local_port}  the SuperLink itself (Control and "
+          "runtime APIs): for `fedldm coordinator register-site|sites|unregister-site|run` on "
+          f"this machine, --superlink 127.0.0.1:{args.local_port}", flush=True)
+    if args.host in LOOPBACK_HOSTS:
+        print("  the public port is on loopback too: sites on other machines cannot reach it; "
+              "expose it with --host 0.0.0.0 (or one interface's address)", flush=True)
+    elif not args.insecure:
+        print(f"  sites connect with --superlink THIS_HOST:{args.port} --root-certificates "
+              "ca.crt; register each site's auth.key.pub with `fedldm coordinator "
+              "register-site`", flush=True)
     if args.dry_run:
-        print(" ".join(cmd))
+        print(" ".join(plan.superlink))
+        print(" ".join(plan.proxy))
         return 0
-    return run_supervised(cmd, env)
+    for host, port, flag in (("127.0.0.1", args.local_port, "--local-port"),
+                             (args.host, args.port, "--port")):
+        if not _port_free(host, port):
+            raise CoordinatorRunError(f"{host}:{port} is already in use (another coordinator?); "
+                                      f"stop it or choose another {flag}")
+    return run_supervised_group([
+        Child("the SuperLink", plan.superlink, plan.env,
+              ready=lambda: _accepts(args.local_port), umask=CHILD_UMASK),
+        Child("the Fleet proxy", plan.proxy, plan.env, umask=CHILD_UMASK),
+    ])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +552,8 @@ def coordinator_run(args: argparse.Namespace) -> int:
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--superlink", default=DEFAULT_SUPERLINK, metavar="HOST:PORT",
-                   help=f"the SuperLink (default {DEFAULT_SUPERLINK})")
+                   help="the SuperLink's loopback port on the coordinator machine (default "
+                   f"{DEFAULT_SUPERLINK}; the public port refuses these calls)")
     p.add_argument("--root-certificates", type=A.path, metavar="CA.pem",
                    help="CA certificate that signed the SuperLink's (ca.crt)")
     p.add_argument("--certs", type=A.path, metavar="DIR", help="folder holding ca.crt")
@@ -472,9 +566,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                   "training runs")
     sub = coord.add_subparsers(dest="coordinator_command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("start", help="run the SuperLink (TLS + SuperNode authentication)")
-    s.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
-    s.add_argument("--port", type=A.port, default=8000, help="the one port for all APIs")
+    s = sub.add_parser("start", help="run the SuperLink (TLS + SuperNode authentication) "
+                       "behind the Fleet-only proxy")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="public listen address of the Fleet-only proxy (default 127.0.0.1; "
+                   "--host 0.0.0.0 exposes it to the sites)")
+    s.add_argument("--port", type=A.port, default=DEFAULT_PUBLIC_PORT,
+                   help=f"public port: the sites' Fleet API (default {DEFAULT_PUBLIC_PORT})")
+    s.add_argument("--local-port", type=A.port, default=DEFAULT_LOCAL_PORT,
+                   help="the SuperLink's own port, bound to 127.0.0.1 only: Control and runtime "
+                   f"APIs for this machine's operator commands (default {DEFAULT_LOCAL_PORT})")
+    s.add_argument("--max-request-mib", type=A.positive_int, default=DEFAULT_MAX_REQUEST_MIB,
+                   help="largest request body the proxy accepts from a site, in MiB "
+                   f"(default {DEFAULT_MAX_REQUEST_MIB}; Flower sends arrays in 5 MB chunks)")
     s.add_argument("--state-dir", type=A.path, required=True,
                    help="SQLite state (registered sites, runs) and Flower's files")
     s.add_argument("--certs", type=A.path, metavar="DIR",

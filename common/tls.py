@@ -27,7 +27,8 @@ def insecure_warning(role: str) -> None:
     bar = "!" * 78
     print(f"{bar}\n!! INSECURE {role}: TLS is OFF (and with it SuperNode authentication).\n"
           "!! Model weights travel unencrypted and any machine that can reach the port can\n"
-          "!! join or control the federation. Use this only for local trials on 127.0.0.1.\n"
+          "!! join the federation as a site (the control API stays on loopback). Use this\n"
+          "!! only for local trials on 127.0.0.1.\n"
           f"{bar}", file=sys.stderr, flush=True)
 
 

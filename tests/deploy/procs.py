@@ -9,6 +9,7 @@ fedldm wrappers forward it) and SIGKILL whatever of that tree is still alive aft
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import socket
@@ -46,6 +47,21 @@ def _start_time(pid: int) -> str | None:
     except (OSError, IndexError):
         return None
     return None if fields[0] == "Z" else fields[19]
+
+
+def fedldm_inprocess(*argv: str) -> tuple[int, str, str]:
+    """`fedldm ARGV` in this process (short commands: no interpreter start-up to pay)."""
+    from cli import main as cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def descendants(root: int) -> list[int]:
+    """Pids of every live process below `root`."""
+    return list(_descendants(root))
 
 
 def _descendants(root: int) -> dict[int, str | None]:

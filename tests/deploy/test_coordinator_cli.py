@@ -27,23 +27,72 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_start_runs_superlink_with_tls_auth_and_database(certs: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]
-                                                         ) -> None:
+def _dry_run_commands(out: str) -> tuple[list[str], list[str]]:
+    """The SuperLink's and the proxy's command lines printed by `coordinator start --dry-run`."""
+    lines = [ln.split() for ln in out.strip().splitlines()]
+    (link,) = [c for c in lines if c and c[0].endswith("flower-superlink")]
+    (proxy,) = [c for c in lines if c[1:3] == ["-m", "common.proxy"]]
+    return link, proxy
+
+
+def _flag(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
+
+
+def test_start_runs_superlink_on_loopback_behind_the_fleet_proxy(
+        certs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = tmp_path / "state"
     assert cli.main(["coordinator", "start", "--state-dir", str(state), "--certs", str(certs),
                      "--port", "8443", "--dry-run"]) == 0
-    cmd = capsys.readouterr().out.strip().splitlines()[-1].split()
-    assert cmd[0].endswith("flower-superlink")
-    for flag, value in (("--port", "8443"), ("--host", "0.0.0.0"),
+    out = capsys.readouterr().out
+    link, proxy = _dry_run_commands(out)
+    # The SuperLink (Fleet + Control + runtime APIs on one port) only ever on loopback.
+    for flag, value in (("--port", "8001"), ("--host", "127.0.0.1"),
                         ("--database", str(state / "superlink.db")),
                         ("--ssl-ca-certfile", str(certs / "ca.crt")),
                         ("--ssl-certfile", str(certs / "superlink.crt")),
                         ("--ssl-keyfile", str(certs / "superlink.key"))):
-        assert cmd[cmd.index(flag) + 1] == value
-    assert "--enable-supernode-auth" in cmd
-    assert "--disable-runtime-dependency-installation" in cmd
-    assert "--insecure" not in cmd
+        assert _flag(link, flag) == value, flag
+    assert "--enable-supernode-auth" in link
+    assert "--disable-runtime-dependency-installation" in link
+    assert "--insecure" not in link
+    # The public side: the proxy, with the SuperLink's certificate, on 127.0.0.1 by default.
+    for flag, value in (("--host", "127.0.0.1"), ("--port", "8443"), ("--upstream-port", "8001"),
+                        ("--certfile", str(certs / "superlink.crt")),
+                        ("--keyfile", str(certs / "superlink.key")),
+                        ("--ca-certfile", str(certs / "ca.crt")),
+                        ("--max-body-bytes", str(64 * 1024 * 1024))):
+        assert _flag(proxy, flag) == value, flag
+    assert "--insecure" not in proxy and "--allow-self-registration" not in proxy
+    assert "public      127.0.0.1:8443" in out and "local only  127.0.0.1:8001" in out
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert (state / "flwr-home").stat().st_mode & 0o777 == 0o700
+
+
+def test_start_exposes_only_the_proxy_when_asked(certs: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    (state / "superlink.db").write_bytes(b"")
+    (state / "superlink.db").chmod(0o644)
+    assert cli.main(["coordinator", "start", "--state-dir", str(state), "--certs", str(certs),
+                     "--host", "0.0.0.0", "--local-port", "9999", "--max-request-mib", "8",
+                     "--dry-run"]) == 0
+    link, proxy = _dry_run_commands(capsys.readouterr().out)
+    assert (_flag(link, "--host"), _flag(link, "--port")) == ("127.0.0.1", "9999")
+    assert (_flag(proxy, "--host"), _flag(proxy, "--port")) == ("0.0.0.0", "8000")
+    assert _flag(proxy, "--upstream-port") == "9999"
+    assert _flag(proxy, "--max-body-bytes") == str(8 * 1024 * 1024)
+    # An older, world-readable state folder is made private.
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert (state / "superlink.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_start_refuses_one_port_for_both(certs: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["coordinator", "start", "--state-dir", str(tmp_path), "--certs", str(certs),
+                     "--port", "8001", "--dry-run"]) == 2
+    assert "must differ" in capsys.readouterr().err
 
 
 def test_start_needs_certs_unless_loudly_insecure(tmp_path: Path,
@@ -54,8 +103,19 @@ def test_start_needs_certs_unless_loudly_insecure(tmp_path: Path,
                      "--dry-run"]) == 0
     captured = capsys.readouterr()
     assert "INSECURE COORDINATOR" in captured.err
-    cmd = captured.out.strip().splitlines()[-1].split()
-    assert "--insecure" in cmd and "--enable-supernode-auth" not in cmd
+    link, proxy = _dry_run_commands(captured.out)
+    assert "--insecure" in link and "--enable-supernode-auth" not in link
+    assert _flag(link, "--host") == "127.0.0.1"
+    # Without node auth SuperNodes register themselves: the proxy lets that through, only then.
+    assert "--insecure" in proxy and "--allow-self-registration" in proxy
+
+
+def test_operator_commands_default_to_the_loopback_port() -> None:
+    from cli.main import build_parser
+
+    for cmd in (["sites"], ["unregister-site", "3"], ["run", "--out", "x"]):
+        args = build_parser().parse_args(["coordinator", *cmd])
+        assert args.superlink == "127.0.0.1:8001"
 
 
 @needs_openssl

@@ -1,5 +1,8 @@
 """A real deployment on 127.0.0.1: SuperLink + SuperNodes as processes, TLS + node auth.
 
+The sites reach the coordinator only through its public port, the Fleet-only proxy
+(common/proxy.py); the operator's commands use the SuperLink's loopback port.
+
 Certificates come from deploy/certs/generate.sh; sites get their data from `fedldm demo-data`;
 the run goes through the `fedldm coordinator run` console script. Besides the two good sites,
 two bad ones try to join: one whose key was never registered and one that trusts another CA.
@@ -11,8 +14,6 @@ refusal checks happen while it trains (the refused sites cannot disturb it: that
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from cli import main as cli
-from tests.deploy.procs import REPO, Proc, fedldm_cmd, free_port, wait_for_port
+from tests.deploy.procs import REPO, Proc, fedldm_cmd, fedldm_inprocess, free_port, wait_for_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -42,14 +43,15 @@ RUN_TIMEOUT_S = 420
 @dataclass
 class Deployment:
     root: Path
-    port: int
+    port: int  # public: the Fleet-only proxy, what the sites use
+    local_port: int  # the SuperLink on 127.0.0.1: the operator's commands
     certs: Path
     procs: dict[str, Proc] = field(default_factory=dict)
     node_ids: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
     def connection(self) -> list[str]:
-        return ["--superlink", f"127.0.0.1:{self.port}", "--certs", str(self.certs)]
+        return ["--superlink", f"127.0.0.1:{self.local_port}", "--certs", str(self.certs)]
 
     def state(self, site: str) -> Path:
         return self.root / "state" / site
@@ -57,14 +59,6 @@ class Deployment:
     @property
     def run_dir(self) -> Path:
         return self.root / "runs" / "tiny"
-
-
-def fedldm_inprocess(*argv: str) -> tuple[int, str, str]:
-    """`fedldm ARGV` in this process (short commands: no interpreter start-up to pay)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 def _site(dep: Deployment, name: str, *, key: str, ca: Path, data: Path,
@@ -96,11 +90,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         data[site] = root / "data" / site
         assert cli.main(["demo-data", "--out", str(data[site]), "--patients", "24", "--slices",
                          "3", "--sites", "2", "--image-size", "16", "--seed", str(i + 1)]) == 0
-    dep = Deployment(root=root, port=free_port(), certs=certs)
+    dep = Deployment(root=root, port=free_port(), local_port=free_port(), certs=certs)
     try:
         link = Proc("superlink", [*fedldm_cmd(), "coordinator", "start", "--host", "127.0.0.1",
-                                  "--port", str(dep.port), "--state-dir", str(root / "link"),
-                                  "--certs", str(certs)], root / "logs")
+                                  "--port", str(dep.port), "--local-port", str(dep.local_port),
+                                  "--state-dir", str(root / "link"), "--certs", str(certs)],
+                    root / "logs")
         dep.procs["superlink"] = link
         wait_for_port(dep.port, link, timeout=90)
         for site in (*GOOD, "site-c"):  # "rogue" is never registered

@@ -130,11 +130,15 @@ def test_compose_commands_paths_and_ports(compose: dict[str, Any]) -> None:
     coord = parse_fedldm([_interpolate(a) for a in services["coordinator"]["command"]],
                          "compose coordinator")
     assert coord.coordinator_command == "start" and not coord.insecure
-    assert any(p.endswith(f":{coord.port}") for p in services["coordinator"]["ports"])
+    assert coord.host == "0.0.0.0", "the proxy must be reachable from the site containers"
+    # Only the Fleet-only proxy is published; the SuperLink's own port never is.
+    published = services["coordinator"]["ports"]
+    assert published and all(_interpolate(p).endswith(f":{coord.port}") for p in published)
+    assert not any(f":{coord.local_port}" in _interpolate(p) for p in published)
     health = services["coordinator"]["healthcheck"]["test"]
     assert health[:2] == ["CMD", "fedldm"]
     h = parse_fedldm(health[2:], "compose healthcheck")
-    assert h.superlink == f"127.0.0.1:{coord.port}"
+    assert h.superlink == f"127.0.0.1:{coord.local_port}"  # runs inside the coordinator
     san_hosts = services["certs"]["command"][services["certs"]["command"].index("--hosts") + 1]
 
     entry = services["certs"]["entrypoint"]
@@ -167,7 +171,12 @@ def test_compose_commands_paths_and_ports(compose: dict[str, Any]) -> None:
     loop = re.search(r"for s in ([\w\s-]+?); do", register).group(1).split()
     assert sorted(loop) == sorted(site_ids)
     assert {f"sites/{s}/auth.key.pub" for s in loop} <= certs_out
-    assert f"--superlink coordinator:{coord.port}" in register
+    # The Control API is only on the coordinator's loopback: register from its network namespace.
+    assert services["register"]["network_mode"] == "service:coordinator"
+    assert f"--superlink 127.0.0.1:{coord.local_port}" in register
+    for name, svc in services.items():
+        if name != "register" and "command" in svc:
+            assert f":{coord.local_port}" not in " ".join(map(str, svc["command"])), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +262,8 @@ def _check_coordinator(args: argparse.Namespace, container: dict[str, Any],
                        docs: list[dict[str, Any]]) -> None:
     assert args.coordinator_command == "start" and not args.insecure
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports["superlink"] == args.port
+    # The one container port is the Fleet-only proxy; the SuperLink's port stays on loopback.
+    assert ports == {"fleet": args.port} and args.local_port != args.port
     assert container["readinessProbe"]["tcpSocket"]["port"] in ports
     (svc,) = _by_kind(docs, "Service")
     svc_ports = {p["name"]: p for p in svc["spec"]["ports"]}
