@@ -23,6 +23,7 @@ PRESETS = ("tiny", "quick", "standard")
 AE_INITS = ("random", "public-phantoms")
 DM_INITS = ("random", "public-healthy-phantoms")
 OPTIMIZERS = ("adam", "sgd")
+AGGREGATION_METHODS = ("auto", "mean", "trimmed-mean", "median")
 
 
 class ConfigError(ValueError):
@@ -209,6 +210,31 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class AggregationConfig:
+    """How the coordinator combines the sites' updates (server.aggregate).
+
+    "mean" is equal-weight FedAvg; "trimmed-mean" drops the `trim_fraction` largest and smallest
+    values of every coordinate (at least one each side once there are 3 sites); "median" is the
+    coordinate-wise median; "auto" is trimmed-mean with 3 or more usable updates, else mean.
+    An update further from the global model (L2) than `norm_bound` times the median distance of
+    the other sites' updates is rejected (inf turns that check off).
+    """
+
+    method: str = "auto"
+    trim_fraction: float = 0.2
+    norm_bound: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check(self.method in AGGREGATION_METHODS,
+               f"aggregation.method must be one of {AGGREGATION_METHODS}, got {self.method!r}")
+        _check(isinstance(self.trim_fraction, (int, float)) and 0 <= self.trim_fraction < 0.5,
+               f"aggregation.trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
+        _check(isinstance(self.norm_bound, (int, float)) and self.norm_bound > 1,
+               f"aggregation.norm_bound must be > 1 (inf turns the check off), got "
+               f"{self.norm_bound!r}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; saved as JSON in every checkpoint."""
 
@@ -220,6 +246,8 @@ class RunConfig:
     diffusion: PhaseConfig = field(default_factory=PhaseConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     dm: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # Robust aggregation of the sites' updates; absent from configs saved before it existed.
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     class_names: tuple[str, ...] = ("class-0", "class-1")
     # "public-phantoms": start phase 1 from the shipped autoencoder pretrained on public
     # procedural phantoms (ldm_core.pretrain); "random": from scratch.
@@ -280,6 +308,7 @@ _SUBCONFIGS: dict[tuple[str, str], type] = {
     ("RunConfig", "diffusion"): PhaseConfig,
     ("RunConfig", "privacy"): PrivacyConfig,
     ("RunConfig", "dm"): DiffusionConfig,
+    ("RunConfig", "aggregation"): AggregationConfig,
 }
 
 
@@ -384,6 +413,7 @@ def build_config(
     parts["model"] = dataclasses.replace(parts["model"], n_classes=len(class_names))
     parts["privacy"] = PrivacyConfig(epsilon=epsilon, delta=delta, **parts.get("privacy", {}))
     parts.setdefault("dm", DiffusionConfig())
+    parts.setdefault("aggregation", AggregationConfig())
     inits = {"ae_init": parts.pop("ae_init", "random"), "dm_init": parts.pop("dm_init", "random")}
     for key, value in (overrides or {}).items():
         if key in inits:

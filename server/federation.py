@@ -11,6 +11,7 @@ phase names plus "latent-scale" and "done"; checkpoints are named by `Phase.pref
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import uuid
 from collections.abc import Iterable
@@ -19,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from tqdm.auto import tqdm
 
 from common.protocol import (
@@ -35,9 +35,15 @@ from common.protocol import (
     TrainRequest,
 )
 from ldm_core.checkpoint import load_checkpoint, save_checkpoint
-from ldm_core.config import RunConfig, to_dict
+from ldm_core.config import ConfigError, RunConfig, to_dict
 from ldm_core.phases import AUTOENCODER, DIFFUSION, PHASES, Phase
-from ldm_core.privacy import pooled_scale_factor
+from server.aggregate import (
+    aggregate,
+    check_update,
+    latent_stats_problem,
+    norm_outliers,
+    robust_scale_factor,
+)
 from server.run_folder import RunFolder
 from server.spend import SpendRegistry
 
@@ -92,17 +98,11 @@ def _wait_for_nodes(grid: Grid, settings: ServerSettings) -> list[int]:
         time.sleep(1.0)
 
 
-def check_update(reference: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> str | None:
-    """Why an update is unusable (None if fine): wrong keys, shapes or non-finite values."""
-    if set(reference) != set(update):
-        return "parameter names differ from the global model"
-    for k, ref in reference.items():
-        u = update[k]
-        if tuple(u.shape) != tuple(ref.shape):
-            return f"{k} has shape {tuple(u.shape)}, expected {tuple(ref.shape)}"
-        if u.is_floating_point() and not torch.isfinite(u).all():
-            return f"{k} has non-finite values"
-    return None
+__all__ = ["Coordinator", "FederationError", "ServerSettings", "check_update"]
+
+# Slack on "epsilon <= budget": ledgers refuse any charge beyond the budget, so only float
+# round-off may show.
+_EPS_TOLERANCE = 1e-9
 
 
 class Coordinator:
@@ -116,8 +116,6 @@ class Coordinator:
         self.folder.create()
         self.log = self.folder.logger()
         self.spend = SpendRegistry(settings.spend_registry or self.folder.root / "site-spend.json")
-        self.strategy = FedAvg(fraction_train=1.0, min_train_nodes=settings.min_sites,
-                               min_available_nodes=settings.min_sites)
         self.state: dict[str, Any] = {"stage": next(iter(PHASES)), "round": 0,
                                       "scale_factor": None,
                                       "run_name": f"run-{uuid.uuid4().hex[:12]}"}
@@ -133,7 +131,7 @@ class Coordinator:
         saved = self.folder.load_state()
         if saved is None:
             return
-        if saved.get("config") != to_dict(self.cfg):
+        if _normalised(saved.get("config")) != to_dict(self.cfg):
             raise FederationError(
                 f"{self.folder.state_path} belongs to a run with another configuration; use a "
                 "new --out folder, or the same settings to resume this one")
@@ -177,15 +175,27 @@ class Coordinator:
                         group_id=group) for n in nodes]
         return list(self.grid.send_and_receive(msgs, timeout=self.settings.round_timeout_s))
 
-    def _split_replies(self, replies: list[Message], what: str) -> list[Message]:
-        ok = [r for r in replies if not r.has_error()]
+    def _split_replies(self, replies: list[Message], what: str,
+                       nodes: Iterable[int] | None = None) -> list[Message]:
+        """The replies without an error, at most one per node asked (sites are untrusted: an
+        error reason is bounded and escaped before it reaches run.log or metrics.json)."""
+        asked = None if nodes is None else set(nodes)
+        ok, seen = [], set()
         for r in replies:
+            node = r.metadata.src_node_id
+            if node in seen or (asked is not None and node not in asked):
+                self.log.warning("%s: ignoring an unexpected extra reply from node %s", what,
+                                 node)
+                continue
+            seen.add(node)
             if r.has_error():
-                self.log.warning("%s: node %s replied with an error: %s", what,
-                                 r.metadata.src_node_id, r.error.reason)
-                tqdm.write(f"  ! {what}: {r.error.reason}")
+                reason = _bounded(r.error.reason)
+                self.log.warning("%s: node %s replied with an error: %s", what, node, reason)
+                tqdm.write(f"  ! {what}: node {node}: {reason}")
                 self.metrics.setdefault("errors", []).append(
-                    {"stage": what, "node": r.metadata.src_node_id, "reason": r.error.reason})
+                    {"stage": what, "node": node, "reason": reason})
+            else:
+                ok.append(r)
         if len(ok) < self.settings.min_sites:
             self.folder.save_metrics(self.metrics)
             raise FederationError(f"{what}: only {len(ok)} site(s) replied successfully, "
@@ -193,6 +203,114 @@ class Coordinator:
                                   "run.log (the last good checkpoint is kept: rerun the same "
                                   "command to resume)")
         return ok
+
+    # ------------------------------------------------------------------ vetting
+    def _reject(self, stage: str, node: int, why: str, flag_site: str | None = None) -> None:
+        """One bounded, escaped log line and one metrics entry per rejected reply; a privacy
+        violation is also listed under the site's privacy entry (the report shows it)."""
+        reason = _bounded(why)
+        self.log.warning("%s: rejecting node %s: %s", stage, node, reason)
+        self.metrics.setdefault("errors", []).append(
+            {"stage": stage, "node": node, "reason": reason})
+        if flag_site is not None:
+            entry = self.metrics["privacy"]["sites"].setdefault(flag_site, {})
+            entry.setdefault("flags", []).append(f"{stage}: {reason}")
+
+    def _claim(self, node: int, site: str) -> str | None:
+        """Bind a site name to the first node that uses it, and each node to one name."""
+        owners = self.state.setdefault("site_nodes", {})
+        owner = owners.get(site, node)
+        if owner != node:
+            return f"claims to be {site!r}, which is node {owner}"
+        names = [s for s, n in owners.items() if n == node and s != site]
+        if names:
+            return f"claims to be {site!r}, but it is {names[0]!r}"
+        owners[site] = node
+        return None
+
+    def _privacy_problem(self, site: str, epsilon: float, budget: float | None = None,
+                         delta: float | None = None) -> str | None:
+        """Why a site's privacy figures cannot be believed (None if they can): spend negative,
+        above the site's budget, or below what it reported before; budget or delta other than
+        in its earlier replies of this run. Nothing is recorded here."""
+        if math.isnan(epsilon) or epsilon < 0:
+            return f"site {site!r} reports epsilon {epsilon!r}: not a cumulative spend"
+        known = self.state.get("site_privacy", {}).get(site)
+        if budget is not None:
+            if math.isnan(budget) or budget <= 0:
+                return f"site {site!r} reports budget epsilon {budget!r}"
+            if known is not None and _decode(known["budget_epsilon"]) != budget:
+                return (f"site {site!r} reports budget epsilon {budget:.6g}, but "
+                        f"{_decode(known['budget_epsilon']):.6g} earlier in this run")
+        if delta is not None:
+            if not 0 < delta < 1:
+                return f"site {site!r} reports delta {delta!r}"
+            if known is not None and known["delta"] != delta:
+                return (f"site {site!r} reports delta {delta:.6g}, but {known['delta']:.6g} "
+                        "earlier in this run")
+        limit = budget if budget is not None else (
+            _decode(known["budget_epsilon"]) if known is not None else None)
+        if limit is not None and epsilon > limit * (1 + _EPS_TOLERANCE) + _EPS_TOLERANCE:
+            return (f"site {site!r} reports cumulative epsilon {epsilon:.6g}, above its budget "
+                    f"{limit:.6g}")
+        last = self.spend.get(site)
+        if last is not None and epsilon < last - 1e-9:
+            return (f"site {site!r} reports cumulative epsilon {epsilon:.6g}, below the "
+                    f"{last:.6g} it reported before: its ledger was reset or it is lying; "
+                    "refused (the site must restore its ledger from backup)")
+        return None
+
+    def _believe(self, site: str, epsilon: float, budget: float | None = None,
+                 delta: float | None = None) -> None:
+        """Record the privacy figures of an accepted reply (the only ones ever believed)."""
+        self.spend.record(site, epsilon)
+        if budget is not None and delta is not None:
+            self.state.setdefault("site_privacy", {}).setdefault(
+                site, {"budget_epsilon": _encode(budget), "delta": delta})
+
+    def _check_site(self, node: int, site: str, epsilon: float) -> str | None:
+        """Bind a site name to the node that first used it, and refuse spend that went down.
+
+        A site's cumulative epsilon can only grow; a lower figure means its ledger was reset or
+        it lies, and either way its privacy accounting can no longer be trusted. Records the
+        figure when it is believed.
+        """
+        why = self._claim(node, site) or self._privacy_problem(site, epsilon)
+        if why is None:
+            self._believe(site, epsilon)
+        return why
+
+    def _vet_identity(self, node: int, content: RecordDict) -> tuple[str | None, str | None]:
+        """(the site name the node may speak for, or None; why the reply is refused, or None)."""
+        site = _claimed_site(content)
+        if site is None:
+            return None, None  # the strict decoding says what is wrong
+        return site, self._claim(node, site)
+
+    def _vet_train(self, node: int, content: RecordDict, reference: dict[str, torch.Tensor]
+                   ) -> tuple[TrainReply | None, dict[str, torch.Tensor] | None, str | None,
+                              str | None]:
+        """(reply, update, why refused, site to flag) for one train reply, checked alone."""
+        site, why = self._vet_identity(node, content)
+        if why:
+            return None, None, why, None
+        figures = _claimed_figures(content, ("epsilon", "budget-epsilon", "delta"))
+        if site is not None and figures is not None:
+            why = self._privacy_problem(site, *figures)
+            if why:
+                return None, None, why, site
+        try:
+            reply = TrainReply.from_record(content)
+        except ProtocolError as err:
+            return None, None, str(err), None
+        if not math.isfinite(reply.loss):
+            return None, None, f"loss {reply.loss!r} is not finite", None
+        try:
+            update = reply.weights.to_torch_state_dict()
+        except Exception as err:  # noqa: BLE001 - whatever a hostile array does, refuse it
+            return None, None, f"weights cannot be read ({type(err).__name__}: {err})", None
+        why = check_update(reference, update)
+        return (None, None, why, None) if why else (reply, update, None, None)
 
     # ------------------------------------------------------------------ phases
     def _train_round(self, spec: Phase, rnd: int, nodes: list[int], send_ae: set[int]) -> None:
@@ -203,6 +321,7 @@ class Coordinator:
         ae_arrays = ArrayRecord(self.ae.state_dict()) if spec.needs_autoencoder else None
         scale = float(self.state["scale_factor"]) if spec.needs_autoencoder else None
         run = self._run_ref()
+        stage = f"{phase} round {rnd}"
 
         def content(node: int) -> RecordDict:
             return TrainRequest(run, phase, rnd, arrays,
@@ -210,59 +329,48 @@ class Coordinator:
 
         t0 = time.monotonic()
         replies = self._split_replies(self._send(nodes, content, MessageType.TRAIN,
-                                                 f"{phase}-{rnd}"), f"{phase} round {rnd}")
-        good: list[Message] = []
-        losses: list[float] = []
+                                                 f"{phase}-{rnd}"), stage, nodes)
+        # Each reply alone: identity, privacy figures, protocol, loss, weights.
+        vetted: dict[int, tuple[TrainReply, dict[str, torch.Tensor]]] = {}
         for r in replies:
             node = r.metadata.src_node_id
-            try:
-                reply = TrainReply.from_record(r.content)
-                why = check_update(reference, reply.weights.to_torch_state_dict())
-                if why is None:
-                    why = self._check_site(node, reply.site_id, reply.epsilon)
-            except ProtocolError as err:
-                why = str(err)
-            if why:
-                self.log.warning("rejecting update from node %s: %s", node, _bounded(why))
-                self.metrics.setdefault("errors", []).append(
-                    {"stage": f"{phase} round {rnd}", "node": node, "reason": _bounded(why)})
+            reply, update, why, flag = self._vet_train(node, r.content, reference)
+            if why or reply is None or update is None:
+                self._reject(stage, node, why or "unusable reply", flag)
                 continue
-            # Sites are weighted equally: the aggregation sees only the declared weights.
-            good.append(_equal_weight(r, reply.weights))
+            vetted[node] = (reply, update)
+        # Then against each other: an update far from its peers' is refused.
+        far = norm_outliers(reference, {n: u for n, (_, u) in vetted.items()},
+                            self.cfg.aggregation.norm_bound)
+        for node, why in far.items():
+            self._reject(stage, node, why)
+            del vetted[node]
+        if len(vetted) < self.settings.min_sites:
+            self.folder.save_metrics(self.metrics)
+            raise FederationError(f"{stage}: only {len(vetted)} usable update(s), "
+                                  f"{self.settings.min_sites} needed; see {self.folder.root}/"
+                                  "run.log (the last good checkpoint is kept: rerun the same "
+                                  "command to resume)")
+        losses = []
+        for node, (reply, _) in vetted.items():
+            self._believe(reply.site_id, reply.epsilon, reply.budget_epsilon, reply.delta)
             losses.append(reply.loss)
             if spec.needs_autoencoder and reply.has_autoencoder:
                 send_ae.discard(node)
             self._record_site(reply.site_id, phase, rnd, reply)
-        if len(good) < self.settings.min_sites:
-            raise FederationError(f"{phase} round {rnd}: only {len(good)} usable update(s)")
-        agg, _ = self.strategy.aggregate_train(rnd, good)
-        if agg is None:
-            raise FederationError(f"{phase} round {rnd}: aggregation produced nothing")
-        model.load_state_dict(agg.to_torch_state_dict())
+        try:
+            agg, how = aggregate(reference, {n: u for n, (_, u) in vetted.items()},
+                                 self.cfg.aggregation, rnd)
+        except Exception as err:  # noqa: BLE001 - Flower's AggregationError, ValueError...
+            raise FederationError(f"{stage}: aggregation failed: {err}") from err
+        model.load_state_dict(agg)
+        loss = statistics.median(losses) if len(losses) >= 3 else sum(losses) / len(losses)
         self.metrics["rounds"].append({
-            "phase": phase, "round": rnd, "loss": sum(losses) / len(losses),
-            "sites_ok": len(good), "sites_failed": len(nodes) - len(good),
-            "seconds": round(time.monotonic() - t0, 2)})
-        self.log.info("%s round %d: mean DP loss %.4f from %d site(s) in %.1fs", phase, rnd,
-                      sum(losses) / len(losses), len(good), time.monotonic() - t0)
-
-    def _check_site(self, node: int, site: str, epsilon: float) -> str | None:
-        """Bind a site name to the node that first used it, and refuse spend that went down.
-
-        A site's cumulative epsilon can only grow; a lower figure means its ledger was reset or
-        it lies, and either way its privacy accounting can no longer be trusted.
-        """
-        owners = self.state.setdefault("site_nodes", {})
-        owner = owners.setdefault(site, node)
-        if owner != node:
-            return f"claims to be {site!r}, which is node {owner}"
-        last = self.spend.get(site)
-        if last is not None and epsilon < last - 1e-9:
-            return (f"site {site!r} reports cumulative epsilon {epsilon:.6g}, below the "
-                    f"{last:.6g} it reported before: its ledger was reset or it is lying; "
-                    "refused (the site must restore its ledger from backup)")
-        self.spend.record(site, epsilon)
-        return None
+            "phase": phase, "round": rnd, "loss": loss,
+            "sites_ok": len(vetted), "sites_failed": len(nodes) - len(vetted),
+            "aggregation": how, "seconds": round(time.monotonic() - t0, 2)})
+        self.log.info("%s: DP loss %.4f (%s) from %d site(s) in %.1fs", stage, loss, how,
+                      len(vetted), time.monotonic() - t0)
 
     def _record_site(self, site: str, phase: str, rnd: int, reply: TrainReply) -> None:
         entry = {"phase": phase, "round": rnd, "site": site, "loss": reply.loss,
@@ -276,32 +384,50 @@ class Coordinator:
 
     def _latent_scale(self, nodes: list[int]) -> float:
         request = LatentStatsRequest(self._run_ref(), ArrayRecord(self.ae.state_dict()))
+        stage = "latent scale"
         replies = self._split_replies(
             self._send(nodes, lambda n: request.to_record(), MessageType.QUERY, "latent-stats"),
-            "latent scale")
-        stats = []
+            stage, nodes)
+        priv = self.cfg.privacy
+        accepted: list[LatentStatsReply] = []
         for r in replies:
             node = r.metadata.src_node_id
-            try:
-                reply = LatentStatsReply.from_record(r.content)
-                why = self._check_site(node, reply.site_id, reply.epsilon)
-            except ProtocolError as err:
-                why = str(err)
+            site, why = self._vet_identity(node, r.content)
+            flag = None
+            if not why:
+                figures = _claimed_figures(r.content, ("epsilon",))
+                if site is not None and figures is not None:
+                    why = self._privacy_problem(site, *figures)
+                    flag = site if why else None
+            if not why:
+                try:
+                    reply = LatentStatsReply.from_record(r.content)
+                    why = latent_stats_problem(reply.second_moment_sum, reply.count,
+                                               clip=priv.scale_clip,
+                                               noise_multiplier=priv.scale_noise_multiplier)
+                except ProtocolError as err:
+                    why = str(err)
             if why:
-                self.log.warning("latent scale: rejecting node %s: %s", node, _bounded(why))
+                self._reject(stage, node, why, flag)
                 continue
-            stats.append((reply.second_moment_sum, reply.count))
+            accepted.append(reply)
+        if len(accepted) < self.settings.min_sites:
+            self.folder.save_metrics(self.metrics)
+            raise FederationError(f"latent scale: only {len(accepted)} usable replies, "
+                                  f"{self.settings.min_sites} needed")
+        for reply in accepted:
+            self._believe(reply.site_id, reply.epsilon)
             s = self.metrics["privacy"]["sites"].setdefault(reply.site_id, {})
             s["epsilon"] = reply.epsilon
-        if len(stats) < self.settings.min_sites:
-            raise FederationError(f"latent scale: only {len(stats)} usable replies")
-        scale, note = pooled_scale_factor(stats, clip=self.cfg.privacy.scale_clip)
+        scale, note = robust_scale_factor([(a.second_moment_sum, a.count) for a in accepted],
+                                          clip=priv.scale_clip,
+                                          method=self.cfg.aggregation.method)
         self.metrics["latent_scale"] = {"scale_factor": scale, "released": "DP Gaussian "
                                         "mechanism on clipped per-patient latent second moments, "
                                         "charged to each site's ledger", "note": note}
         if note:
             self.log.warning("latent scale: %s", note)
-        self.log.info("latent scale factor %.4f from %d site(s)", scale, len(stats))
+        self.log.info("latent scale factor %.4f from %d site(s)", scale, len(accepted))
         return scale
 
     # ------------------------------------------------------------------ main
@@ -370,11 +496,50 @@ class Coordinator:
         bar.close()
 
 
-def _equal_weight(reply: Message, weights: ArrayRecord) -> Message:
-    """The reply as FedAvg sees it: the declared weights only, every site weighted 1 (a site's
-    self-reported size would let it take over the average, and would reveal its size)."""
-    return Message(RecordDict({"arrays": weights, "metrics": MetricRecord({"num-examples": 1})}),
-                   dst_node_id=reply.metadata.src_node_id, message_type=MessageType.TRAIN)
+def _claimed_site(content: RecordDict) -> str | None:
+    """The site name a reply claims, if its site record is well formed (else None)."""
+    try:
+        rec = content.get("site")
+        if not isinstance(rec, ConfigRecord) or set(rec.keys()) != {"site-id"}:
+            return None
+        site = rec["site-id"]
+    except Exception:  # noqa: BLE001 - a hostile record: the strict decoding reports it
+        return None
+    if not isinstance(site, str) or not site or len(site) > 64 or \
+            not site.replace("-", "").replace("_", "").isalnum():
+        return None
+    return site
+
+
+def _claimed_figures(content: RecordDict, keys: tuple[str, ...]) -> tuple[float, ...] | None:
+    """The privacy figures a reply claims, read leniently so that a lie is flagged on the site
+    even when the reply is malformed otherwise; None if any is missing or not a number."""
+    try:
+        rec = content.get("metrics")
+        if not isinstance(rec, MetricRecord):
+            return None
+        values = [rec.get(k) for k in keys]
+    except Exception:  # noqa: BLE001
+        return None
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        return None
+    return tuple(float(v) for v in values)
+
+
+def _normalised(config: Any) -> Any:
+    """A saved config as this version writes it (keys added since then get their defaults)."""
+    try:
+        return to_dict(RunConfig.from_dict(config))
+    except (ConfigError, TypeError, AttributeError, ValueError):
+        return config
+
+
+def _encode(x: float) -> Any:
+    return "inf" if math.isinf(x) and x > 0 else x
+
+
+def _decode(x: Any) -> float:
+    return math.inf if x == "inf" else float(x)
 
 
 def _bounded(text: str, limit: int = 300) -> str:

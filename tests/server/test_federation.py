@@ -103,3 +103,90 @@ def test_coordinator_refuses_a_site_whose_spend_went_down_or_that_changes_node(
                         ServerSettings(out=tmp_path / "next",
                                        spend_registry=tmp_path / "site-spend.json"))
     assert "ledger was reset" in again._check_site(7, "site-a", 0.0)
+
+
+def test_check_update_rejects_integer_weights_for_a_floating_model() -> None:
+    ref = {"w": torch.zeros(2, 3)}
+    assert "dtype" in check_update(ref, {"w": torch.ones(2, 3, dtype=torch.int64)})
+    assert check_update(ref, {"w": torch.ones(2, 3, dtype=torch.float64)}) is None
+
+
+def test_robust_aggregation_bounds_one_site() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from ldm_core.config import AggregationConfig
+    from server.aggregate import aggregate, norm_outliers, trim_count
+
+    # Flower Messages need the task identity its runtime sets in a ServerApp.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+    ref = {"w": torch.zeros(4)}
+    ups = {1: {"w": torch.full((4,), 1.0)}, 2: {"w": torch.full((4,), 2.0)},
+           3: {"w": torch.full((4,), 1000.0)}}
+    assert trim_count(3, 0.2) == 1 and trim_count(2, 0.2) == 0 and trim_count(10, 0.2) == 2
+    assert trim_count(49, 1 / 49) == 1
+    for method, want in (("auto", 2.0), ("trimmed-mean", 2.0), ("median", 2.0),
+                         ("mean", 1003 / 3)):
+        out, how = aggregate(ref, ups, AggregationConfig(method=method))
+        assert torch.allclose(out["w"], torch.full((4,), want)), (method, how)
+    two = {k: ups[k] for k in (1, 2)}
+    assert aggregate(ref, two, AggregationConfig())[1].startswith("mean")
+    assert set(norm_outliers(ref, ups, 5.0)) == {3}
+    assert norm_outliers(ref, ups, float("inf")) == {}
+
+
+def test_robust_scale_factor_and_latent_checks() -> None:
+    from server.aggregate import latent_stats_problem, robust_scale_factor
+
+    honest = [(40.0, 100.0), (45.0, 110.0), (1e12, 100.0)]
+    scale, _ = robust_scale_factor(honest, clip=10.0, method="auto")
+    assert 1.4 < scale < 1.7  # the median site's mean ~0.4, not the liar's
+    assert latent_stats_problem(1e12, 100.0, clip=10.0, noise_multiplier=20.0)
+    assert latent_stats_problem(40.0, -1e6, clip=10.0, noise_multiplier=20.0)
+    assert latent_stats_problem(40.0, 100.0, clip=10.0, noise_multiplier=20.0) is None
+    assert latent_stats_problem(-300.0, -200.0, clip=10.0, noise_multiplier=20.0) is None
+
+
+def test_privacy_figures_are_checked_and_only_believed_when_accepted(tmp_path: Path) -> None:
+    cfg = build_config(preset="tiny", image_size=16)
+    coord = Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path))
+    assert coord._privacy_problem("s", 9.0, 8.0, 1e-5)  # above the budget
+    assert coord._privacy_problem("s", -1.0, 8.0, 1e-5)
+    assert coord._privacy_problem("s", 2.0, 8.0, 1e-5) is None
+    assert coord.spend.get("s") is None  # nothing believed before acceptance
+    coord._believe("s", 2.0, 8.0, 1e-5)
+    assert "delta" in coord._privacy_problem("s", 3.0, 8.0, 1e-3)
+    assert "budget" in coord._privacy_problem("s", 3.0, 9.0, 1e-5)
+    assert "ledger was reset" in coord._privacy_problem("s", 1.0, 8.0, 1e-5)
+    assert "above its budget" in coord._privacy_problem("s", 8.5)  # latent: known budget
+
+
+def test_aggregation_config_round_trips_and_old_configs_load() -> None:
+    import json
+
+    from ldm_core.config import ConfigError, RunConfig
+
+    cfg = build_config(preset="tiny", image_size=16, overrides={"aggregation.method": "median",
+                                                                "aggregation.norm_bound": 1e9})
+    assert cfg.aggregation.method == "median"
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    old = json.loads(build_config(preset="tiny", image_size=16).to_json())
+    del old["aggregation"]
+    assert RunConfig.from_dict(old).aggregation.method == "auto"
+    for bad in ({"aggregation.method": "krum"}, {"aggregation.trim_fraction": 0.5},
+                {"aggregation.norm_bound": 1.0}):
+        with pytest.raises(ConfigError):
+            build_config(preset="tiny", image_size=16, overrides=bad)
+
+
+def test_resume_accepts_a_folder_saved_before_the_aggregation_section(tmp_path: Path) -> None:
+    import json
+
+    cfg = build_config(preset="tiny", image_size=16)
+    coord = Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path))
+    coord._checkpoint("ae-final", "latent-scale", 0)
+    state = json.loads(coord.folder.state_path.read_text())
+    del state["config"]["aggregation"]
+    coord.folder.state_path.write_text(json.dumps(state))
+    assert Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path)).state["stage"] == \
+        "latent-scale"

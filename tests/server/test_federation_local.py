@@ -10,31 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.client_app import SimulationSites, make_client_app
-from client.ledger import PrivacyLedger
 from ldm_core.config import RunConfig
-from server.federation import Coordinator, FederationError, ServerSettings
-from tests.common.local_grid import LocalGrid
+from server.federation import Coordinator, FederationError
+from tests.common.federation import make_federation
 
 
 def _federation(tmp: Path, manifest: Path, cfg: RunConfig, *, reproducible: bool = False,
                 registry: Path | None = None, enroll: bool = True,
                 site_budget: float | None = None) -> Coordinator:
-    eps = cfg.privacy.epsilon if site_budget is None else site_budget
-    sites = SimulationSites(data=str(manifest), n_sites=2, partition="site",
-                            state_root=tmp / "sites", epsilon=eps, delta=1e-5, data_seed=0,
-                            device="cpu", reproducible_seed=0 if reproducible else None,
-                            allow_audit=False)
-    for k in range(2):
-        s = sites.site(k)
-        if enroll and not s.ledger_path.exists():
-            s.state_dir.mkdir(parents=True, exist_ok=True)
-            PrivacyLedger.create(s.ledger_path, budget_epsilon=eps, delta=1e-5,
-                                 site_id=s.site_id)
-    grid = LocalGrid(make_client_app(sites), n_sites=2)
-    return Coordinator(grid, cfg, ServerSettings(out=tmp / "run", min_sites=2, expected_sites=2,
-                                                 show_progress=False,
-                                                 spend_registry=registry))
+    return make_federation(tmp, manifest, cfg, reproducible=reproducible, registry=registry,
+                           enroll=enroll, site_budget=site_budget)
 
 
 def _final(coord: Coordinator) -> dict[str, torch.Tensor]:

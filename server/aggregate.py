@@ -1,0 +1,171 @@
+"""Robust aggregation of the sites' weight updates, and the checks that bound one site's pull.
+
+Threat model: any one site may be buggy or hostile. Each update is first checked on its own
+(names, shapes, dtypes, finiteness: `check_update`), then against the others (`norm_outliers`:
+an update far further from the global model than its peers' is refused), and what is left is
+combined by Flower's own strategies (`flwr.serverapp.strategy`): FedAvg ("mean", every site
+weighted 1), FedTrimmedAvg ("trimmed-mean", coordinate-wise) or FedMedian ("median",
+coordinate-wise). With 3 sites a trimmed mean drops the largest and the smallest value of every
+coordinate, so one site alone cannot move any weight outside the other two sites' values.
+
+The latent statistics (the scale factor) get the same treatment in `robust_scale_factor`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Hashable, Mapping, Sequence
+
+import torch
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+
+from ldm_core.config import AggregationConfig
+from ldm_core.privacy import pooled_scale_factor
+
+StateDict = dict[str, torch.Tensor]
+
+
+def resolve_method(method: str, n_updates: int) -> str:
+    """The method actually used for `n_updates` usable updates ("auto": trimmed-mean from 3)."""
+    if method == "auto":
+        return "trimmed-mean" if n_updates >= 3 else "mean"
+    return method
+
+
+def trim_count(n_updates: int, trim_fraction: float) -> int:
+    """Values dropped at each end of every coordinate: floor(fraction * n), at least 1 from 3
+    updates (fraction > 0), and always leaving at least one value."""
+    if n_updates < 3 or trim_fraction <= 0:
+        return 0
+    return min(max(1, math.floor(trim_fraction * n_updates)), (n_updates - 1) // 2)
+
+
+def check_update(reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]
+                 ) -> str | None:
+    """Why an update is unusable (None if fine): wrong names, shapes or dtypes, or non-finite
+    values. A floating parameter must come back floating (int64 weights would be truncated and
+    then averaged); a non-floating one (a counter buffer) in exactly its own dtype."""
+    if set(reference) != set(update):
+        missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
+        return (f"parameter names differ from the global model (missing {missing[:3]}, "
+                f"unexpected {extra[:3]})")
+    for k, ref in reference.items():
+        u = update[k]
+        if tuple(u.shape) != tuple(ref.shape):
+            return f"{k} has shape {tuple(u.shape)}, expected {tuple(ref.shape)}"
+        if ref.is_floating_point() != u.is_floating_point() or (
+                not ref.is_floating_point() and u.dtype != ref.dtype):
+            return f"{k} has dtype {u.dtype}, expected {ref.dtype}"
+        if u.is_floating_point() and not torch.isfinite(u).all():
+            return f"{k} has non-finite values"
+    return None
+
+
+def distance(reference: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor]) -> float:
+    """L2 distance between an update and the global model over the floating parameters."""
+    total = 0.0
+    for k, ref in reference.items():
+        if ref.is_floating_point():
+            total += float((update[k].double() - ref.double()).pow(2).sum())
+    return math.sqrt(total)
+
+
+def norm_outliers(reference: Mapping[str, torch.Tensor],
+                  updates: Mapping[Hashable, Mapping[str, torch.Tensor]],
+                  bound: float) -> dict[Hashable, str]:
+    """Updates further from the global model than `bound` x the median distance of the OTHER
+    updates, with the reason. A lone update, or one whose peers did not move, is not judged."""
+    if not math.isfinite(bound) or len(updates) < 2:
+        return {}
+    dist = {key: distance(reference, u) for key, u in updates.items()}
+    out: dict[Hashable, str] = {}
+    for key, d in dist.items():
+        med = statistics.median(v for k, v in dist.items() if k != key)
+        if med > 0 and d > bound * med:
+            out[key] = (f"update is {d:.4g} from the global model (L2), more than {bound:g} x "
+                        f"the median {med:.4g} of the other sites' updates")
+    return out
+
+
+def _as_reply(node: int, update: Mapping[str, torch.Tensor]) -> Message:
+    """An update as a Flower strategy sees it: the weights only, every site weighted 1 (a
+    site's self-reported size would let it take over the average, and would reveal its size)."""
+    return Message(RecordDict({"arrays": ArrayRecord(dict(update)),
+                               "metrics": MetricRecord({"num-examples": 1})}),
+                   dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def aggregate(reference: Mapping[str, torch.Tensor], updates: Mapping[int, StateDict],
+              cfg: AggregationConfig, server_round: int = 1) -> tuple[StateDict, str]:
+    """Combine the checked updates (node -> weights) with Flower's strategy for the configured
+    method; returns the new weights (in the reference's dtypes) and a short description."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    n = len(updates)
+    method = resolve_method(cfg.method, n)
+    if method == "trimmed-mean":
+        k = trim_count(n, cfg.trim_fraction)
+        # Flower trims int(beta * n) from each end and needs beta < 0.5; (k + 0.5) / n lands
+        # safely inside [k, k + 1) without float round-off (k / n * n can be k - 1e-16).
+        strategy = FedTrimmedAvg(beta=min((k + 0.5) / n, math.nextafter(0.5, 0.0)),
+                                 min_train_nodes=1, min_available_nodes=1)
+        how = f"trimmed-mean (dropping {k} of {n} per end)"
+    elif method == "median":
+        strategy, how = FedMedian(min_train_nodes=1, min_available_nodes=1), f"median of {n}"
+    else:
+        strategy, how = FedAvg(min_train_nodes=1, min_available_nodes=1), f"mean of {n}"
+    replies = [_as_reply(node, {k: v.to(reference[k].dtype) for k, v in u.items()})
+               for node, u in sorted(updates.items())]
+    arrays, _ = strategy.aggregate_train(server_round, replies)
+    if arrays is None:
+        raise ValueError(f"{how}: the aggregation produced nothing")
+    out = arrays.to_torch_state_dict()
+    return {k: out[k].to(ref.dtype) for k, ref in reference.items()}, how
+
+
+# ------------------------------------------------------------------------------ latent scale
+
+
+def latent_stats_problem(second_moment_sum: float, count: float, *, clip: float,
+                         noise_multiplier: float, tolerance_sigmas: float = 10.0) -> str | None:
+    """Why a site's DP (sum, count) release cannot come from the mechanism (None if it can).
+
+    Each patient adds a value in [0, clip] to the sum and 1 to the count, then the pair gets
+    N(0, (noise_multiplier * clip * sqrt 2)^2) noise per coordinate (ldm_core.privacy.
+    dp_sum_and_count; the site's noise multiplier is the run's public `scale_noise_multiplier`).
+    So sum >= 0, count >= 0 and sum <= clip * count hold up to a few noise standard deviations;
+    anything beyond `tolerance_sigmas` of them is a bug or a lie, not noise.
+    """
+    if not (math.isfinite(second_moment_sum) and math.isfinite(count)):
+        return f"latent statistics are not finite (sum {second_moment_sum!r}, count {count!r})"
+    sigma = noise_multiplier * clip * math.sqrt(2.0)
+    slack = tolerance_sigmas * sigma + 1e-6 * (1.0 + abs(count) * clip)
+    if count < -slack:
+        return f"latent count {count:.6g} is negative beyond the DP noise"
+    if second_moment_sum < -slack:
+        return f"latent second-moment sum {second_moment_sum:.6g} is negative beyond the DP noise"
+    if second_moment_sum > clip * max(count, 0.0) + slack * math.sqrt(1.0 + clip * clip):
+        return (f"latent second-moment sum {second_moment_sum:.6g} exceeds {clip:g} (the clip) x "
+                f"the count {count:.6g} beyond the DP noise")
+    return None
+
+
+def robust_scale_factor(stats: Sequence[tuple[float, float]], *, clip: float, method: str
+                        ) -> tuple[float, str | None]:
+    """The latent scale factor 1 / sqrt(E[z^2]) from the sites' checked (sum, count) releases.
+
+    "mean" (and "auto" under 3 sites) pools the sums and counts (ldm_core.privacy.
+    pooled_scale_factor); otherwise it is the median of the per-site means (each clamped to
+    [1e-2, clip] like the pooled one), so one site cannot move it outside the others' range.
+    A site whose noisy count is <= 0 has no usable mean and is left out of the median.
+    Post-processing of DP releases: free in privacy.
+    """
+    if resolve_method(method, len(stats)) == "mean":
+        return pooled_scale_factor(stats, clip=clip)
+    means = [min(max(s / c, 1e-2), clip) for s, c in stats if c > 0]
+    if not means:
+        return 1.0, ("the DP latent statistics were swamped by noise (no site has a positive "
+                     "count); used the default scale factor 1.0")
+    return 1.0 / math.sqrt(statistics.median(means)), None
