@@ -226,7 +226,12 @@ class FleetProxy:
                 await asyncio.wait_for(writer.wait_closed(), 2.0)
 
     def _check(self, req: h11.Request) -> int:
-        """The request's Content-Length, or _Refused (403 not allowlisted, 411, 413)."""
+        """The request's Content-Length, or _Refused (431 head too large, 403 not allowlisted,
+        411, 413)."""
+        # h11 bounds only a head still arriving; one that came in a single read is whole here.
+        head = len(req.method) + len(req.target) + sum(len(k) + len(v) + 4 for k, v in req.headers)
+        if head > self.limits.max_header_bytes:
+            raise _Refused(431, "request head too large")
         if (req.method, req.target) not in self.routes:
             raise _Refused(403, "not a Fleet API call")
         lengths = [v for k, v in req.headers if k == b"content-length"]
