@@ -196,13 +196,17 @@ class Coordinator:
                     {"stage": what, "node": node, "reason": reason})
             else:
                 ok.append(r)
-        if len(ok) < self.settings.min_sites:
-            self.folder.save_metrics(self.metrics)
-            raise FederationError(f"{what}: only {len(ok)} site(s) replied successfully, "
-                                  f"{self.settings.min_sites} needed; see {self.folder.root}/"
-                                  "run.log (the last good checkpoint is kept: rerun the same "
-                                  "command to resume)")
+        self._require_quorum(len(ok), what, "site(s) replied successfully")
         return ok
+
+    def _require_quorum(self, count: int, what: str, noun: str) -> None:
+        """Stop the run (metrics saved, last checkpoint kept) when fewer than min_sites remain."""
+        if count >= self.settings.min_sites:
+            return
+        self.folder.save_metrics(self.metrics)
+        raise FederationError(f"{what}: only {count} {noun}, {self.settings.min_sites} needed; "
+                              f"see {self.folder.root}/run.log (the last good checkpoint is kept: "
+                              "rerun the same command to resume)")
 
     # ------------------------------------------------------------------ vetting
     def _reject(self, stage: str, node: int, why: str, flag_site: str | None = None) -> None:
@@ -345,12 +349,7 @@ class Coordinator:
         for node, why in far.items():
             self._reject(stage, node, why)
             del vetted[node]
-        if len(vetted) < self.settings.min_sites:
-            self.folder.save_metrics(self.metrics)
-            raise FederationError(f"{stage}: only {len(vetted)} usable update(s), "
-                                  f"{self.settings.min_sites} needed; see {self.folder.root}/"
-                                  "run.log (the last good checkpoint is kept: rerun the same "
-                                  "command to resume)")
+        self._require_quorum(len(vetted), stage, "usable update(s)")
         losses = []
         for node, (reply, _) in vetted.items():
             self._believe(reply.site_id, reply.epsilon, reply.budget_epsilon, reply.delta)
@@ -411,10 +410,7 @@ class Coordinator:
                 self._reject(stage, node, why, flag)
                 continue
             accepted.append(reply)
-        if len(accepted) < self.settings.min_sites:
-            self.folder.save_metrics(self.metrics)
-            raise FederationError(f"latent scale: only {len(accepted)} usable replies, "
-                                  f"{self.settings.min_sites} needed")
+        self._require_quorum(len(accepted), "latent scale", "usable replies")
         for reply in accepted:
             self._believe(reply.site_id, reply.epsilon)
             s = self.metrics["privacy"]["sites"].setdefault(reply.site_id, {})
