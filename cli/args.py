@@ -89,6 +89,17 @@ def nonneg_int(text: str) -> int:
     return v
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0, e.g. seconds."""
+    try:
+        v = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from e
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
 def port(text: str) -> int:
     v = _int(text)
     if not 0 < v < 65536:

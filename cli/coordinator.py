@@ -414,6 +414,7 @@ def run_config_from_args(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "delta": float(args.delta), "class-names": args.class_names,
         "overrides": json.dumps(overrides), "min-sites": args.min_sites,
         "num-sites": args.num_sites or 0, "out": str(out),
+        "round-timeout": float(args.round_timeout), "round-retries": args.round_retries,
     }
     from server.server_app import config_from_run_config
 
@@ -622,6 +623,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="sites that must answer every round (default 2)")
     run.add_argument("--num-sites", type=A.nonneg_int, default=0,
                      help="wait for this many sites before starting (default: --min-sites)")
+    run.add_argument("--round-timeout", type=A.positive_float, default=3600.0,
+                     metavar="SECONDS",
+                     help="wait this long for a round's replies, then ask the silent sites again "
+                     "(a site that crashed and restarted never answers the lost request)")
+    run.add_argument("--round-retries", type=A.nonneg_int, default=2,
+                     help="how often a round is re-sent to silent sites (default 2)")
     run.add_argument("--wait-for-sites", type=float, default=300.0, metavar="SECONDS",
                      help="how long to wait for the sites to be online before giving up")
     run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",

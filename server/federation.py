@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
@@ -62,6 +63,12 @@ class ServerSettings:
     expected_sites: int | None = None
     wait_for_sites_s: float = 300.0
     round_timeout_s: float = 3600.0
+    # A site whose SuperNode died mid-round and came back never answers the lost message (and
+    # Flower reports a node as unavailable only while it stays offline). After the timeout the
+    # round is sent again to the silent sites: a site that stored its reply answers from the
+    # store, one that crashed before storing it trains again under a new charge (the retry
+    # reserve pays for it).
+    round_retries: int = 2
     show_progress: bool = True
     extra_meta: dict[str, Any] = field(default_factory=dict)
     # Where the coordinator remembers each site's highest reported epsilon (server.spend);
@@ -124,13 +131,18 @@ class Coordinator:
             "privacy": {"sites": {}, "rounds": [], "private": cfg.privacy.private},
             "meta": dict(settings.extra_meta),
         }
-        self._resume()
+        if not self._resume():
+            # The run's name is durable before any site hears of it: a coordinator killed
+            # before its first checkpoint resumes the same run, so the sites' stored replies
+            # answer the retried round instead of a new run charging them all over again.
+            self.state["config"] = to_dict(cfg)
+            self.folder.save_state(self.state)
 
     # ------------------------------------------------------------------ resume
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
         saved = self.folder.load_state()
         if saved is None:
-            return
+            return False
         if _normalised(saved.get("config")) != to_dict(self.cfg):
             raise FederationError(
                 f"{self.folder.state_path} belongs to a run with another configuration; use a "
@@ -143,6 +155,7 @@ class Coordinator:
         self.metrics = self.folder.load_metrics() or self.metrics
         self.log.info("resuming %s at stage %s after round %s", saved["run_name"],
                       saved["stage"], saved["round"])
+        return True
 
     @property
     def ae(self) -> torch.nn.Module:
@@ -171,9 +184,33 @@ class Coordinator:
 
     def _send(self, nodes: Iterable[int], content_for: Any, message_type: str,
               group: str) -> list[Message]:
-        msgs = [Message(content_for(n), dst_node_id=n, message_type=message_type,
-                        group_id=group) for n in nodes]
-        return list(self.grid.send_and_receive(msgs, timeout=self.settings.round_timeout_s))
+        nodes = list(nodes)
+        replies: list[Message] = []
+        for attempt in range(1 + self.settings.round_retries):
+            msgs = [Message(content_for(n), dst_node_id=n, message_type=message_type,
+                            group_id=group) for n in nodes]
+            got = list(self.grid.send_and_receive(msgs, timeout=self.settings.round_timeout_s))
+            last = attempt == self.settings.round_retries
+            lost = set() if last else {r.metadata.src_node_id for r in got if r.has_error()
+                                       and r.error.code == ErrorCode.NODE_UNAVAILABLE}
+            replies += [r for r in got if r.metadata.src_node_id not in lost]
+            answered = {r.metadata.src_node_id for r in replies}
+            nodes = [n for n in nodes if n not in answered]
+            if not nodes:
+                break
+            if last:
+                for n in nodes:
+                    why = (f"no reply within {self.settings.round_timeout_s:.0f}s, "
+                           f"{self.settings.round_retries + 1} times")
+                    self.log.warning("%s: node %s: %s", group, n, why)
+                    self.metrics.setdefault("errors", []).append(
+                        {"stage": group, "node": n, "reason": why})
+                break
+            self.log.warning("%s: no reply from node(s) %s within %.0fs: asking again (%d of "
+                             "%d)", group, ", ".join(map(str, nodes)),
+                             self.settings.round_timeout_s, attempt + 1,
+                             self.settings.round_retries)
+        return replies
 
     def _split_replies(self, replies: list[Message], what: str,
                        nodes: Iterable[int] | None = None) -> list[Message]:

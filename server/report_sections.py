@@ -90,9 +90,25 @@ def verdict_html(m: Mapping[str, Any]) -> str:
 
 def run_html(m: Mapping[str, Any]) -> str:
     run = m.get("run")
-    if not run:
-        return NOT_MEASURED
-    return _table(["setting", "value"], [(k, v) for k, v in run.items()])
+    out = _table(["setting", "value"], [(k, v) for k, v in run.items()]) if run else NOT_MEASURED
+    return out + _rejections_html(m.get("errors"))
+
+
+MAX_LISTED = 50  # rows of rejected replies or flags shown; the rest are counted
+
+
+def _rejections_html(errors: Any) -> str:
+    """Replies the coordinator refused (malformed, out of range, a claimed identity, a poisoned
+    update): one row each, so a hostile or broken site is visible to whoever reads the report."""
+    if not isinstance(errors, list) or not errors:
+        return ""
+    rows = [(e.get("stage", "?"), e.get("node", "?"), e.get("reason", "?"))
+            for e in errors[:MAX_LISTED] if isinstance(e, dict)]
+    more = (f'<p class="muted">... and {len(errors) - MAX_LISTED} more (metrics.json '
+            '"errors").</p>') if len(errors) > MAX_LISTED else ""
+    return (f'<h3>Replies the coordinator rejected ({len(errors)})</h3>'
+            '<p>Each was left out of its round; see run.log for when it happened.</p>'
+            + _table(["stage", "node", "reason"], rows) + more)
 
 
 def fidelity_html(m: Mapping[str, Any]) -> str:
@@ -197,6 +213,11 @@ def privacy_html(m: Mapping[str, Any]) -> str:
         )
     else:
         out += NOT_MEASURED
+    flagged = [(s, f) for s, v in sites.items() for f in v.flags]
+    if flagged:
+        out += ('<p class="badge FAIL">Privacy figures refused as impossible (not believed, not '
+                "used for the table above):</p>"
+                + _table(["site", "why"], flagged[:MAX_LISTED]))
     disclosures = block.disclosures
     out += "<h3>Other values released from private data</h3>"
     if disclosures:

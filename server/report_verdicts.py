@@ -223,6 +223,10 @@ def _verdict_epsilon(m: Mapping[str, Any]) -> tuple[str, str]:
     delta_txt = f"delta {float(delta):.0e}" if delta is not None else "delta not reported"
     if over:
         return "FAIL", f"Sites {', '.join(over)} spent more privacy budget than they allowed."
+    flagged = [s for s, v in sites.items() if v.flags]
+    if flagged:
+        return "FAIL", (f"Privacy figures from {', '.join(flagged)} were refused as impossible "
+                        "(see the privacy section): their spend cannot be vouched for.")
     if len(budgets) < len(sites):
         return "WEAK", (
             f"Largest spent epsilon is {eps[worst]:.2f} at site {worst} ({delta_txt}), but not "
@@ -252,7 +256,8 @@ def _shortfall(aspect: str, m: Mapping[str, Any]) -> str:
         if aspect == "Diversity":
             return "images within a class are more alike than real ones (mode collapse or copies)"
         if aspect == "Formal privacy (DP)":
-            return "the formal privacy guarantee is missing or a site exceeded its budget"
+            return ("the formal privacy guarantee is missing, a site exceeded its budget or a "
+                    "site reported figures the coordinator could not believe")
         if aspect == "Membership inference":
             auc = float(m["privacy"]["mia_auc"])
             if auc <= THRESHOLDS["mia_auc_pass"]:

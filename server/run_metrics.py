@@ -88,18 +88,23 @@ class SitePrivacy:
     budget_epsilon: float | None = None
     epsilon_includes_audit: bool | None = None
     ledger: dict[str, Any] | None = None
+    # Figures the coordinator refused to believe (over budget, spend going down, a changed
+    # budget or delta): the report shows them and the DP verdict fails while any is listed.
+    flags: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SitePrivacy:
+        flags = d.get("flags")
         return cls(num(d.get("epsilon"), None), num(d.get("delta"), None),
                    num(d.get("budget_epsilon"), None), d.get("epsilon_includes_audit"),
-                   d.get("ledger"))
+                   d.get("ledger"),
+                   tuple(str(f) for f in flags) if isinstance(flags, list) else ())
 
     def to_json(self) -> dict[str, Any]:
         return _drop_none({"epsilon": self.epsilon, "delta": self.delta,
                            "budget_epsilon": self.budget_epsilon,
                            "epsilon_includes_audit": self.epsilon_includes_audit,
-                           "ledger": self.ledger})
+                           "ledger": self.ledger, "flags": list(self.flags) or None})
 
 
 @dataclass(frozen=True)

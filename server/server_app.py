@@ -15,7 +15,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ldm_core.config import RunConfig, build_config
+from ldm_core.config import ConfigError, RunConfig, build_config
 from server.federation import Coordinator, ServerSettings
 
 AfterTraining = Callable[[Coordinator], None]
@@ -37,9 +37,14 @@ def config_from_run_config(rc: Mapping[str, Any]) -> tuple[RunConfig, ServerSett
     out = Path(str(rc.get("out", "runs/flwr-run")))
     # One registry beside the runs: a site's spend must never go down from one run to the next.
     registry = Path(str(rc.get("spend-registry", out.parent / "site-spend.json")))
+    timeout, retries = float(rc.get("round-timeout", 3600)), int(rc.get("round-retries", 2))
+    if not (timeout > 0 and math.isfinite(timeout)) or retries < 0:
+        raise ConfigError(f"round-timeout must be a positive number of seconds (got {timeout}) "
+                          f"and round-retries >= 0 (got {retries})")
     settings = ServerSettings(out=out, spend_registry=registry,
                               min_sites=int(rc.get("min-sites", 1)),
-                              expected_sites=int(rc.get("num-sites", 0)) or None)
+                              expected_sites=int(rc.get("num-sites", 0)) or None,
+                              round_timeout_s=timeout, round_retries=retries)
     return cfg, settings
 
 

@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -149,8 +148,16 @@ def _check_before_writing(run: Run, cfg: RunConfig, data: str, partition: str,
 
 
 def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
-    """`fedldm simulate`: plan the run, then drive it with Flower's in-process simulation."""
-    from flwr.simulation import run_simulation as flwr_run_simulation
+    """`fedldm simulate`: plan the run, then drive it with Flower's in-process simulation.
+
+    Flower 1.42 deprecates the public `run_simulation` wrapper in favour of `flwr run`, whose
+    `flwr-simulation` process calls the simulation engine `_run_simulation` itself. We call that
+    same engine in-process (flwr is pinned to 1.42.x; `tests/server/test_simulation.py` fails if
+    it moves) so a run needs no SuperLink process and no app folder; `flwr run .` drives the same
+    apps through Flower's runtime (`tests/server/test_flwr_run.py`).
+    """
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
 
     t0 = time.monotonic()
     plan = plan_simulation(opts)
@@ -160,11 +167,10 @@ def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
                                                                             opts.device)},
                "init_args": {"num_cpus": max(1, min(opts.sites, os.cpu_count() or 1)),
                              "include_dashboard": False}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        flwr_run_simulation(server_app=make_server_app(cfg, settings, after),
-                            client_app=make_client_app(sites), num_supernodes=opts.sites,
-                            backend_config=backend)
+    _run_simulation(num_supernodes=opts.sites, server_app=make_server_app(cfg, settings, after),
+                    client_app=make_client_app(sites), backend_name="ray",
+                    backend_config=backend,  # type: ignore[arg-type]
+                    exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)
     metrics = run.load_metrics()
     if metrics.get("config") is None or "privacy" not in metrics:
         raise RuntimeError(f"the simulation ended without a complete {run.metrics_path}; "

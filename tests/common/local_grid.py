@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-Tamper = Callable[[int, Message], Message]
+Tamper = Callable[[int, Message], Message | None]
 
 
 class LocalGrid:
@@ -40,6 +40,8 @@ class LocalGrid:
             reply.metadata.__dict__["_src_node_id"] = node  # what the runtime stamps
             if self.tamper is not None:
                 reply = self.tamper(node, reply)
+                if reply is None:  # lost on the way, as when a SuperNode dies mid-round
+                    continue
             self.exchanges.append((node, msg, reply))
             out.append(reply)
         return out

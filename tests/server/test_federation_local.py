@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 from pathlib import Path
@@ -73,3 +74,40 @@ def test_a_site_with_a_deleted_ledger_cannot_train_and_is_refused_after_reinit(
                     site_budget=8.0).run()
     run_log = (run2 / "run" / "run.log").read_text()
     assert "ledger was reset" in run_log
+
+
+def test_the_run_name_is_durable_before_any_site_hears_of_it(tmp_path: Path,
+                                                              demo_manifest: Path,
+                                                              tiny_cfg: RunConfig) -> None:
+    """A coordinator killed before its first checkpoint resumes the same run: otherwise the
+    sites would see a new run and pay for the interrupted round again instead of answering it
+    from their stored replies."""
+    first = _federation(tmp_path, demo_manifest, tiny_cfg)
+    assert first.grid.exchanges == []  # type: ignore[attr-defined]  # nothing sent yet
+    again = _federation(tmp_path, demo_manifest, tiny_cfg)
+    assert again.state["run_name"] == first.state["run_name"]
+
+
+def test_a_lost_reply_is_asked_again_and_answered_from_the_site_store(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig) -> None:
+    """A SuperNode that died after storing its reply never answers the lost message: after the
+    round timeout the coordinator asks again, and the site answers from its store (no second
+    training, no second charge)."""
+    from flwr.app import Message
+
+    lost: list[int] = []
+
+    def lose_first(node: int, reply: Message) -> Message | None:
+        if node == 102 and not lost:
+            lost.append(node)
+            return None
+        return reply
+
+    coord = make_federation(tmp_path, demo_manifest, tiny_cfg, tamper=lose_first)
+    coord.run()
+    assert lost == [102] and coord.state["stage"] == "done"
+    assert all(r["sites_ok"] == 2 for r in coord.metrics["rounds"])
+    assert "asking again" in (tmp_path / "run" / "run.log").read_text()
+    entries = json.loads((tmp_path / "sites" / "site-1" / "ledger.json").read_text())["entries"]
+    first = [e for e in entries if e["phase"] == "autoencoder" and e["round"] == 1]
+    assert len([e for e in first if e["sample_rate"] < 1.0]) == 1  # charged once

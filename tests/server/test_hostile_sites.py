@@ -8,6 +8,7 @@ rejected with exactly one bounded, escaped line in run.log.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections import defaultdict
@@ -30,6 +31,8 @@ from flwr.app import (
 from common.protocol import LatentStatsReply, TrainReply
 from ldm_core.config import RunConfig
 from ldm_core.privacy import pooled_scale_factor
+from server.report_sections import privacy_html, run_html
+from server.report_verdicts import verdicts
 from tests.common.federation import fast_accounting, make_federation
 
 HOSTILE = 103  # node of site-2
@@ -246,6 +249,15 @@ def test_one_hostile_site_of_three(case: Case, tmp_path: Path, demo_manifest: Pa
     errors = saved.get("errors", [])
     assert [e["node"] for e in errors] == [HOSTILE] * len(hostile.tampered)
     assert all(len(e["reason"]) < 400 for e in errors)
+
+    # The report shows every rejection and every refused figure; a refused figure fails the
+    # DP verdict instead of being believed.
+    shown = run_html(saved) + privacy_html(saved)
+    assert ("Replies the coordinator rejected" in shown) == bool(errors)
+    assert all(html.escape(e["reason"]) in shown for e in errors)
+    assert all(html.escape(f) in shown for f in flags)
+    dp = dict((a, st) for a, st, _ in verdicts(saved))["Formal privacy (DP)"]
+    assert (dp == "FAIL") == case.privacy_flag, dp
 
     rounds = {(r["phase"], r["round"]): r for r in saved["rounds"]}
     for (phase, rnd), r in rounds.items():
