@@ -15,7 +15,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,15 @@ from server.aggregate import (
     robust_scale_factor,
 )
 from server.run_folder import RunFolder
+from server.run_metrics import (
+    FederationMetrics,
+    LatentScale,
+    PrivacyBlock,
+    PrivacyRound,
+    Rejection,
+    RoundRecord,
+    SiteRound,
+)
 from server.spend import SpendRegistry
 
 LATENT_SCALE = "latent-scale"  # the stage between the autoencoder and the phases that need it
@@ -126,11 +135,10 @@ class Coordinator:
         self.state: dict[str, Any] = {"stage": next(iter(PHASES)), "round": 0,
                                       "scale_factor": None,
                                       "run_name": f"run-{uuid.uuid4().hex[:12]}"}
-        self.metrics: dict[str, Any] = {
-            "config": to_dict(cfg), "training": [], "rounds": [],
-            "privacy": {"sites": {}, "rounds": [], "private": cfg.privacy.private},
-            "meta": dict(settings.extra_meta),
-        }
+        self.metrics = FederationMetrics(
+            config=to_dict(cfg), privacy=PrivacyBlock(sites={}, rounds=[],
+                                                      private=cfg.privacy.private),
+            meta=dict(settings.extra_meta))
         if not self._resume():
             # The run's name is durable before any site hears of it: a coordinator killed
             # before its first checkpoint resumes the same run, so the sites' stored replies
@@ -152,7 +160,11 @@ class Coordinator:
             tensors, _ = load_checkpoint(self.folder.checkpoints / saved["checkpoint"])
             for p in PHASES.values():
                 self.models[p.name].load_state_dict(tensors[p.checkpoint_key])
-        self.metrics = self.folder.load_metrics() or self.metrics
+        saved_metrics = self.folder.load_metrics()
+        if saved_metrics:
+            self.metrics = FederationMetrics.from_json(saved_metrics)
+            if self.metrics.privacy.rounds is None:
+                self.metrics.privacy.rounds = []
         self.log.info("resuming %s at stage %s after round %s", saved["run_name"],
                       saved["stage"], saved["round"])
         return True
@@ -176,7 +188,7 @@ class Coordinator:
         self.state.update({"stage": stage, "round": rnd, "checkpoint": name,
                            "config": to_dict(self.cfg)})
         self.folder.save_state(self.state)
-        self.folder.save_metrics(self.metrics)
+        self.folder.save_metrics(self.metrics.to_json())
 
     # ------------------------------------------------------------------ messaging
     def _run_ref(self) -> RunRef:
@@ -203,8 +215,7 @@ class Coordinator:
                     why = (f"no reply within {self.settings.round_timeout_s:.0f}s, "
                            f"{self.settings.round_retries + 1} times")
                     self.log.warning("%s: node %s: %s", group, n, why)
-                    self.metrics.setdefault("errors", []).append(
-                        {"stage": group, "node": n, "reason": why})
+                    self.metrics.errors.append(Rejection(group, n, why))
                 break
             self.log.warning("%s: no reply from node(s) %s within %.0fs: asking again (%d of "
                              "%d)", group, ", ".join(map(str, nodes)),
@@ -229,8 +240,7 @@ class Coordinator:
                 reason = _bounded(r.error.reason)
                 self.log.warning("%s: node %s replied with an error: %s", what, node, reason)
                 tqdm.write(f"  ! {what}: node {node}: {reason}")
-                self.metrics.setdefault("errors", []).append(
-                    {"stage": what, "node": node, "reason": reason})
+                self.metrics.errors.append(Rejection(what, node, reason))
             else:
                 ok.append(r)
         self._require_quorum(len(ok), what, "site(s) replied successfully")
@@ -240,7 +250,7 @@ class Coordinator:
         """Stop the run (metrics saved, last checkpoint kept) when fewer than min_sites remain."""
         if count >= self.settings.min_sites:
             return
-        self.folder.save_metrics(self.metrics)
+        self.folder.save_metrics(self.metrics.to_json())
         raise FederationError(f"{what}: only {count} {noun}, {self.settings.min_sites} needed; "
                               f"see {self.folder.root}/run.log (the last good checkpoint is kept: "
                               "rerun the same command to resume)")
@@ -251,11 +261,11 @@ class Coordinator:
         violation is also listed under the site's privacy entry (the report shows it)."""
         reason = _bounded(why)
         self.log.warning("%s: rejecting node %s: %s", stage, node, reason)
-        self.metrics.setdefault("errors", []).append(
-            {"stage": stage, "node": node, "reason": reason})
+        self.metrics.errors.append(Rejection(stage, node, reason))
         if flag_site is not None:
-            entry = self.metrics["privacy"]["sites"].setdefault(flag_site, {})
-            entry.setdefault("flags", []).append(f"{stage}: {reason}")
+            entry = self.metrics.site(flag_site)
+            self.metrics.set_site(flag_site, replace(entry,
+                                                     flags=(*entry.flags, f"{stage}: {reason}")))
 
     def _claim(self, node: int, site: str) -> str | None:
         """Bind a site name to the first node that uses it, and each node to one name."""
@@ -401,22 +411,21 @@ class Coordinator:
             raise FederationError(f"{stage}: aggregation failed: {err}") from err
         model.load_state_dict(agg)
         loss = statistics.median(losses) if len(losses) >= 3 else sum(losses) / len(losses)
-        self.metrics["rounds"].append({
-            "phase": phase, "round": rnd, "loss": loss,
-            "sites_ok": len(vetted), "sites_failed": len(nodes) - len(vetted),
-            "aggregation": how, "seconds": round(time.monotonic() - t0, 2)})
+        self.metrics.rounds.append(RoundRecord(
+            phase=phase, round=rnd, loss=loss, sites_ok=len(vetted),
+            sites_failed=len(nodes) - len(vetted), aggregation=how,
+            seconds=round(time.monotonic() - t0, 2)))
         self.log.info("%s: DP loss %.4f (%s) from %d site(s) in %.1fs", stage, loss, how,
                       len(vetted), time.monotonic() - t0)
 
     def _record_site(self, site: str, phase: str, rnd: int, reply: TrainReply) -> None:
-        entry = {"phase": phase, "round": rnd, "site": site, "loss": reply.loss,
-                 "epsilon": reply.epsilon}
-        self.metrics["training"].append(entry)
-        self.metrics["privacy"]["rounds"].append(
-            {"site": site, "phase": phase, "round": rnd, "epsilon": reply.epsilon})
-        s = self.metrics["privacy"]["sites"].setdefault(site, {})
-        s.update({"epsilon": reply.epsilon, "delta": reply.delta,
-                  "budget_epsilon": reply.budget_epsilon})
+        self.metrics.training.append(SiteRound(phase, rnd, site, reply.loss, reply.epsilon))
+        assert self.metrics.privacy.rounds is not None
+        self.metrics.privacy.rounds.append(
+            PrivacyRound(site, phase, rnd, reply.epsilon).to_json())
+        self.metrics.set_site(site, replace(self.metrics.site(site), epsilon=reply.epsilon,
+                                            delta=reply.delta,
+                                            budget_epsilon=reply.budget_epsilon))
 
     def _latent_scale(self, nodes: list[int]) -> float:
         request = LatentStatsRequest(self._run_ref(), ArrayRecord(self.ae.state_dict()))
@@ -450,14 +459,14 @@ class Coordinator:
         self._require_quorum(len(accepted), "latent scale", "usable replies")
         for reply in accepted:
             self._believe(reply.site_id, reply.epsilon)
-            s = self.metrics["privacy"]["sites"].setdefault(reply.site_id, {})
-            s["epsilon"] = reply.epsilon
+            self.metrics.set_site(reply.site_id, replace(self.metrics.site(reply.site_id),
+                                                         epsilon=reply.epsilon))
         scale, note = robust_scale_factor([(a.second_moment_sum, a.count) for a in accepted],
                                           clip=priv.scale_clip,
                                           method=self.cfg.aggregation.method)
-        self.metrics["latent_scale"] = {"scale_factor": scale, "released": "DP Gaussian "
-                                        "mechanism on clipped per-patient latent second moments, "
-                                        "charged to each site's ledger", "note": note}
+        self.metrics.latent_scale = LatentScale(
+            scale, "DP Gaussian mechanism on clipped per-patient latent second moments, charged "
+            "to each site's ledger", note)
         if note:
             self.log.warning("latent scale: %s", note)
         self.log.info("latent scale factor %.4f from %d site(s)", scale, len(accepted))
@@ -466,7 +475,7 @@ class Coordinator:
     # ------------------------------------------------------------------ main
     def run(self) -> dict[str, Any]:
         nodes = _wait_for_nodes(self.grid, self.settings)
-        self.metrics["meta"]["sites_connected"] = len(nodes)
+        self.metrics.meta["sites_connected"] = len(nodes)
         self.log.info("run %s with %d site(s)", self.state["run_name"], len(nodes))
         # Stages in order: each phase, with the latent-scale release right after the autoencoder
         # (a new autoencoder invalidates the scale factor), then "done".
@@ -486,9 +495,10 @@ class Coordinator:
             if spec is AUTOENCODER and self.state["stage"] == LATENT_SCALE:
                 self.state["scale_factor"] = self._latent_scale(nodes)
                 self._checkpoint(f"{spec.prefix}-final", after, 0)
-        self.metrics["privacy"]["summary"] = _privacy_summary(self.metrics["privacy"])
-        self.folder.save_metrics(self.metrics)
-        return self.metrics
+        self.metrics.summarise_privacy()
+        metrics = self.metrics.to_json()
+        self.folder.save_metrics(metrics)
+        return metrics
 
     def audit(self) -> list[dict[str, Any]]:
         """Ask every site for its privacy audit of the final model.
@@ -523,8 +533,9 @@ class Coordinator:
                    total=rounds, disable=not self.settings.show_progress)
         for rnd in bar:
             self._train_round(spec, rnd, nodes, send_ae)
-            last = self.metrics["rounds"][-1]
-            bar.set_postfix(loss=f"{last['loss']:.4f}", eps=_max_eps(self.metrics))
+            eps = self.metrics.max_epsilon()
+            bar.set_postfix(loss=f"{self.metrics.rounds[-1].loss:.4f}",
+                            eps="-" if eps is None else f"{eps:.2f}")
             self._checkpoint(f"{spec.prefix}-round-{rnd:03d}", spec.name, rnd)
         bar.close()
 
@@ -579,17 +590,3 @@ def _bounded(text: str, limit: int = 300) -> str:
     """One log line, bounded and escaped: a site must not be able to forge log lines."""
     text = str(text).encode("unicode_escape").decode("ascii")
     return text if len(text) <= limit else text[:limit] + "...[truncated]"
-
-
-def _max_eps(metrics: dict[str, Any]) -> str:
-    eps = [s.get("epsilon", 0.0) for s in metrics["privacy"]["sites"].values()]
-    return f"{max(eps):.2f}" if eps else "-"
-
-
-def _privacy_summary(privacy: dict[str, Any]) -> dict[str, Any]:
-    sites = privacy["sites"]
-    eps = [s.get("epsilon", 0.0) for s in sites.values()]
-    return {"max_epsilon": max(eps) if eps else 0.0,
-            "all_within_budget": all(s.get("epsilon", 0) <= s.get("budget_epsilon", math.inf)
-                                     + 1e-9 for s in sites.values())}
-

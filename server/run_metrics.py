@@ -17,11 +17,16 @@ from typing import Any
 __all__ = [
     "ArmResult",
     "AuditSummary",
+    "FederationMetrics",
     "FeatureSpaceScores",
     "Fidelity",
     "FIDELITY_HEADLINE",
+    "LatentScale",
     "PrivacyBlock",
+    "PrivacyRound",
+    "Rejection",
     "RoundRecord",
+    "SiteRound",
     "SiteAudit",
     "SitePrivacy",
     "SyntheticInfo",
@@ -63,19 +68,90 @@ class RoundRecord:
     round: int
     loss: float
     sites_ok: int = 0
+    sites_ok: int = 0
     sites_failed: int = 0
     seconds: float = 0.0
+    aggregation: str | None = None  # e.g. "trimmed-mean (...)": how the updates were combined
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RoundRecord:
         return cls(str(d["phase"]), int(d["round"]), float(num(d.get("loss"))),
                    int(d.get("sites_ok", 0)), int(d.get("sites_failed", 0)),
-                   float(num(d.get("seconds"), 0.0)))
+                   float(num(d.get("seconds"), 0.0)), d.get("aggregation"))
 
     def to_json(self) -> dict[str, Any]:
-        return {"phase": self.phase, "round": self.round, "loss": self.loss,
-                "sites_ok": self.sites_ok, "sites_failed": self.sites_failed,
-                "seconds": self.seconds}
+        return _drop_none({"phase": self.phase, "round": self.round, "loss": self.loss,
+                           "sites_ok": self.sites_ok, "sites_failed": self.sites_failed,
+                           "aggregation": self.aggregation, "seconds": self.seconds})
+
+
+@dataclass(frozen=True)
+class SiteRound:
+    """One site's accepted reply in one round (metrics.json `training`): its DP loss release
+    and the cumulative epsilon it reported, for the training curves."""
+
+    phase: str
+    round: int
+    site: str
+    loss: float
+    epsilon: float
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SiteRound:
+        return cls(str(d["phase"]), int(d["round"]), str(d["site"]), float(num(d.get("loss"))),
+                   float(num(d.get("epsilon"))))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"phase": self.phase, "round": self.round, "site": self.site, "loss": self.loss,
+                "epsilon": self.epsilon}
+
+
+@dataclass(frozen=True)
+class PrivacyRound:
+    """A site's cumulative epsilon after a round (`privacy.rounds`, the epsilon figure)."""
+
+    site: str
+    phase: str
+    round: int
+    epsilon: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"site": self.site, "phase": self.phase, "round": self.round,
+                "epsilon": self.epsilon}
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A reply the coordinator refused, or a site that never answered (`errors`)."""
+
+    stage: str
+    node: int
+    reason: str
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Rejection:
+        return cls(str(d.get("stage", "?")), int(d.get("node", -1)), str(d.get("reason", "?")))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "node": self.node, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class LatentScale:
+    """The pooled latent scale factor and how it was released (`latent_scale`)."""
+
+    scale_factor: float
+    released: str
+    note: str | None = None
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> LatentScale | None:
+        if not d or "scale_factor" not in d:
+            return None
+        return cls(float(num(d["scale_factor"])), str(d.get("released", "")), d.get("note"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scale_factor": self.scale_factor, "released": self.released, "note": self.note}
 
 
 @dataclass(frozen=True)
@@ -374,3 +450,66 @@ class SyntheticInfo:
     def to_json(self) -> dict[str, Any]:
         return {"n": self.n, "per_class": self.per_class, "ddim_steps": self.ddim_steps,
                 "guidance_scale": self.guidance_scale}
+
+
+@dataclass
+class FederationMetrics:
+    """What the coordinator writes to metrics.json while it trains: typed, filled round by
+    round, and written at the run-folder boundary. Blocks the evaluation adds later (utility,
+    fidelity, ...) and keys this version does not know ride along in `extra`, unchanged."""
+
+    config: dict[str, Any]
+    rounds: list[RoundRecord] = field(default_factory=list)
+    training: list[SiteRound] = field(default_factory=list)
+    privacy: PrivacyBlock = field(default_factory=PrivacyBlock)
+    errors: list[Rejection] = field(default_factory=list)
+    latent_scale: LatentScale | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _OWN = ("config", "rounds", "training", "privacy", "errors", "latent_scale", "meta")
+
+    def site(self, name: str) -> SitePrivacy:
+        return (self.privacy.sites or {}).get(name, SitePrivacy())
+
+    def set_site(self, name: str, entry: SitePrivacy) -> None:
+        if self.privacy.sites is None:
+            self.privacy.sites = {}
+        self.privacy.sites[name] = entry
+
+    def max_epsilon(self) -> float | None:
+        eps = [s.epsilon for s in (self.privacy.sites or {}).values() if s.epsilon is not None]
+        return max(eps) if eps else None
+
+    def summarise_privacy(self) -> None:
+        """`privacy.summary`: the largest spend and whether every site stayed in budget."""
+        sites = (self.privacy.sites or {}).values()
+        self.privacy.summary = {
+            "max_epsilon": self.max_epsilon() or 0.0,
+            "all_within_budget": all(
+                (s.epsilon or 0.0) <= (math.inf if s.budget_epsilon is None
+                                       else s.budget_epsilon) + 1e-9 for s in sites)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> FederationMetrics:
+        return cls(config=dict(d.get("config") or {}),
+                   rounds=[RoundRecord.from_json(r) for r in d.get("rounds") or []],
+                   training=[SiteRound.from_json(r) for r in d.get("training") or []],
+                   privacy=PrivacyBlock.from_json(d.get("privacy")),
+                   errors=[Rejection.from_json(e) for e in d.get("errors") or []
+                           if isinstance(e, Mapping)],
+                   latent_scale=LatentScale.from_json(d.get("latent_scale")),
+                   meta=dict(d.get("meta") or {}),
+                   extra={k: v for k, v in d.items() if k not in cls._OWN})
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"config": self.config,
+                               "training": [t.to_json() for t in self.training],
+                               "rounds": [r.to_json() for r in self.rounds],
+                               "privacy": self.privacy.to_json(), "meta": self.meta}
+        if self.errors:
+            out["errors"] = [e.to_json() for e in self.errors]
+        if self.latent_scale is not None:
+            out["latent_scale"] = self.latent_scale.to_json()
+        out.update(self.extra)
+        return out

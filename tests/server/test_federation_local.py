@@ -106,7 +106,7 @@ def test_a_lost_reply_is_asked_again_and_answered_from_the_site_store(
     coord = make_federation(tmp_path, demo_manifest, tiny_cfg, tamper=lose_first)
     coord.run()
     assert lost == [102] and coord.state["stage"] == "done"
-    assert all(r["sites_ok"] == 2 for r in coord.metrics["rounds"])
+    assert all(r.sites_ok == 2 for r in coord.metrics.rounds)
     assert "asking again" in (tmp_path / "run" / "run.log").read_text()
     entries = json.loads((tmp_path / "sites" / "site-1" / "ledger.json").read_text())["entries"]
     first = [e for e in entries if e["phase"] == "autoencoder" and e["round"] == 1]

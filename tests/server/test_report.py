@@ -365,3 +365,28 @@ def test_datacard_states_audit_noise_and_limits(tmp_path: Path) -> None:
     assert "low fidelity" in card  # 0.01 near copies = the holdout's 0.01
     empty = write_datacard(tmp_path / "EMPTY.md", {"privacy": {}}, cfg).read_text()
     assert "not measured" in empty
+
+
+def test_federation_metrics_round_trip_keeps_every_key() -> None:
+    """The coordinator's typed metrics write exactly what they read, unknown blocks included
+    (a resumed run must not drop the evaluation's blocks or a newer version's keys)."""
+    from server.run_metrics import FederationMetrics
+
+    doc = {
+        "config": {"preset": "tiny"},
+        "training": [{"phase": "autoencoder", "round": 1, "site": "site-0", "loss": 0.5,
+                      "epsilon": 1.5}],
+        "rounds": [{"phase": "autoencoder", "round": 1, "loss": 0.5, "sites_ok": 2,
+                    "sites_failed": 1, "aggregation": "mean", "seconds": 1.25}],
+        "privacy": {"sites": {"site-0": {"epsilon": 1.5, "delta": 1e-5, "budget_epsilon": 8.0,
+                                         "flags": ["latent scale: over budget"]}},
+                    "rounds": [{"site": "site-0", "phase": "autoencoder", "round": 1,
+                                "epsilon": 1.5}],
+                    "private": True, "summary": {"max_epsilon": 1.5,
+                                                 "all_within_budget": True}},
+        "meta": {"sites_connected": 3},
+        "errors": [{"stage": "autoencoder round 1", "node": 103, "reason": "NaN weights"}],
+        "latent_scale": {"scale_factor": 0.6, "released": "DP Gaussian", "note": None},
+        "utility": {"ratio": 0.8}, "a-newer-key": [1, 2],
+    }
+    assert FederationMetrics.from_json(doc).to_json() == doc
