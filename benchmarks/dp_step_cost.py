@@ -1,19 +1,29 @@
 """Cost of DP-SGD relative to plain SGD, per preset, on this machine, in one run (a ratio).
 
-    .venv/bin/python benchmarks/dp_step_cost.py --preset quick
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dp_step_cost.py --preset quick
 
-Measures seconds per optimizer step of every phase's model (ldm_core.phases: the autoencoder,
-the denoiser) under the phase's own training loss, with Opacus (per-sample gradients + clipping +
-noise, noise multiplicity K from the preset) and without DP, on random tensors of the preset's
-shapes, after one warm-up step. Ratios are what to compare across
-machines; absolute times only within one run.
+Measures every phase's model (ldm_core.phases: the autoencoder, the denoiser) under the phase's
+own training loss, through `dp_train` itself: with Opacus (per-sample gradients, clipping, the
+preset's noise multiplicity K, secure noise) and without DP, on random tensors of the preset's
+shapes, one logical batch per step.
+
+A step's cost is the slope of wall time over local steps (`dp_train` with 1 and with 1 + S
+steps): the per-call set-up (Opacus' wrapping, the optimizer, the EMA copy) is reported
+separately, because a round pays it once, not per step. Peak memory is the resident-set growth
+of a fresh process per (phase, mode). Ratios are what to compare across machines; absolute
+times only within one run. Target: DP / non-DP <= 1.5 per step for both models.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,51 +32,72 @@ from ldm_core.dp_random import PrivacyRng
 from ldm_core.phases import PHASES
 from ldm_core.training import dp_train, sampling_plan
 
+TARGET = 1.5
 
-def _time(fn, reps: int) -> float:  # noqa: ANN001
-    fn()  # warm-up
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t) / reps
+
+def measure(preset: str, phase: str, sigma: float, batch: int, steps: int) -> dict[str, float]:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = build_config(preset=preset, class_names=("a", "b", "c", "d"))
+    m = cfg.model
+    x = torch.rand(batch, 1, m.image_size, m.image_size) * 2 - 1
+    z = torch.randn(batch, m.latent_channels, m.latent_size, m.latent_size)
+    y = torch.randint(0, m.n_classes, (batch,))
+    # Random stand-ins of each phase's train_inputs (images; latents + labels).
+    tensors = {"autoencoder": (x,), "diffusion": (z, y)}[phase]
+    spec = PHASES[phase]
+    loss = spec.train_loss(cfg)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def call(k: int) -> float:
+        ph = dataclasses.replace(spec.config(cfg), batch_size=batch, sample_rate=1.0,
+                                 local_steps=k, physical_batch_size=batch)
+        model = spec.make_model(m)
+        t = time.perf_counter()
+        dp_train(model, tensors, loss, phase=ph, plan=sampling_plan(ph), noise_multiplier=sigma,
+                 seed=0, privacy_rng=PrivacyRng.secure(), device=torch.device("cpu"),
+                 show_progress=False)
+        return time.perf_counter() - t
+
+    call(1)  # warm-up
+    one, many = call(1), call(1 + steps)
+    per_step = (many - one) / steps
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    return {"phase": phase, "dp": sigma > 0, "s_per_step": per_step,
+            "s_per_sample": per_step / batch, "setup_s": max(0.0, one - per_step),
+            "peak_rss_mb": round(peak, 1)}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="extra steps timed for the slope")
+    ap.add_argument("--one", nargs=2, metavar=("PHASE", "SIGMA"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    cfg = build_config(preset=args.preset, class_names=("a", "b", "c", "d"))
-    m = cfg.model
-    n = args.batch
-    x = torch.rand(n, 1, m.image_size, m.image_size) * 2 - 1
-    z = torch.randn(n, m.latent_channels, m.latent_size, m.latent_size)
-    y = torch.randint(0, m.n_classes, (n,))
-    # Random stand-ins of each phase's train_inputs (images; latents + labels).
-    inputs = {"autoencoder": (x,), "diffusion": (z, y)}
-
-    rows = []
-    for name, spec in PHASES.items():
-        tensors, loss = inputs[name], spec.train_loss(cfg)
-        ph = dataclasses.replace(spec.config(cfg), batch_size=n, sample_rate=1.0, local_steps=1,
-                                 physical_batch_size=n)
-        plan = sampling_plan(ph)
-        res = {}
+    if args.one:
+        print(json.dumps(measure(args.preset, args.one[0], float(args.one[1]), args.batch,
+                                 args.steps)))
+        return
+    res: dict[tuple[str, bool], dict[str, float]] = {}
+    for name in PHASES:
         for sigma in (0.0, 1.0):
-            model = spec.make_model(m)
-            res[sigma] = _time(lambda model=model, sigma=sigma, ph=ph, plan=plan, tensors=tensors,
-                               loss=loss: dp_train(model, tensors, loss, phase=ph, plan=plan,
-                                                   noise_multiplier=sigma, seed=0,
-                                                   privacy_rng=PrivacyRng.secure(),
-                                                   device=torch.device("cpu"),
-                                                   show_progress=False), args.reps)
-        rows.append((name, res[0.0], res[1.0], res[1.0] / res[0.0]))
-    print(f"preset {args.preset}, batch {n}, 1 thread")
-    print("| model | non-DP s/step | DP s/step | DP / non-DP |\n|---|---|---|---|")
-    for name, a, b, r in rows:
-        print(f"| {name} | {a:.3f} | {b:.3f} | {r:.2f}x |")
+            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--preset",
+                                  args.preset, "--batch", str(args.batch), "--steps",
+                                  str(args.steps), "--one", name, str(sigma)],
+                                 capture_output=True, text=True, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            print(json.dumps(row), flush=True)
+            res[(name, sigma > 0)] = row
+    print(f"\npreset {args.preset}, batch {args.batch}, 1 thread, slope over {args.steps} steps")
+    print("| model | non-DP s/step | DP s/step | DP / non-DP per step | set-up non-DP / DP s | "
+          "peak MB non-DP / DP | target |\n|---|---|---|---|---|---|---|")
+    for name in PHASES:
+        a, b = res[(name, False)], res[(name, True)]
+        print(f"| {name} | {a['s_per_step']:.3f} | {b['s_per_step']:.3f} | "
+              f"{b['s_per_step'] / a['s_per_step']:.2f}x | {a['setup_s']:.2f} / "
+              f"{b['setup_s']:.2f} | {a['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} | "
+              f"<= {TARGET}x |")
 
 
 if __name__ == "__main__":

@@ -245,13 +245,26 @@ def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
     source: RealSource | None = ReferenceSet(opts.reference) if opts.reference is not None \
         else sites
 
+    # Where the evaluation's time goes (benchmarks/run_profile.py reads it with the rounds').
+    steps: dict[str, float] = {}
+    lap = [time.monotonic()]
+
+    def done(name: str) -> None:
+        now = time.monotonic()
+        steps[name] = round(now - lap[0], 1)
+        lap[0] = now
+
     real = load_real(ev, source)
+    done("load real data")
     syn = step_generate(ev, real)
+    done("generate")
     blocks: dict[str, Any] = {"synthetic": syn.info.to_json()}
     if real is not None:
         utility, ref_clf = step_utility(ev, real, syn)
+        done("utility")
         blocks["utility"] = utility.to_json()
         blocks["fidelity"] = step_fidelity(ev, real, syn, ref_clf).to_json()
+        done("fidelity")
     else:
         ev.figures["samples"] = report.image_grid_figure(
             _by_class(syn.images, syn.labels, ev.cfg.class_names), "synthetic")
@@ -262,6 +275,7 @@ def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
     clear_stale_audit(metrics, privacy)
     if audit is not None:
         step_audit(ev, audit, sites, audit_run_id, privacy)
+        done("audit")
     meta = metrics.get("meta", {})
     privacy.disclosures = disclosures(ev.cfg, audited=audit is not None, meta=meta)
     privacy.unit = privacy_unit(meta)
@@ -269,6 +283,7 @@ def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
     metrics.update(blocks)
     metrics["evaluation_seconds"] = round(time.monotonic() - t0, 1)
     metrics["run"] = run_table(metrics, ev.cfg, run.root)
+    metrics["evaluation_steps_seconds"] = steps
     step_report(ev, metrics, privacy)
     ev.say(f"evaluation done in {metrics['evaluation_seconds']:.0f}s")
     return metrics

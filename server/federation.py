@@ -195,18 +195,26 @@ class Coordinator:
         return RunRef(self.cfg.to_json(), self.state["run_name"], self.cfg.seed)
 
     def _send(self, nodes: Iterable[int], content_for: Any, message_type: str,
-              group: str) -> list[Message]:
+              group: str) -> list[tuple[int, Message]]:
+        """Send one message per node and collect (node, reply) pairs, asking silent or
+        unavailable nodes again (`round_retries`). A site's own reply is attributed to its
+        authenticated node; an error the SuperLink generated for a node (unavailable: Flower
+        sends it from the SuperLink's id) to the node the message was addressed to."""
         nodes = list(nodes)
-        replies: list[Message] = []
+        replies: list[tuple[int, Message]] = []
         for attempt in range(1 + self.settings.round_retries):
             msgs = [Message(content_for(n), dst_node_id=n, message_type=message_type,
                             group_id=group) for n in nodes]
+            started = time.monotonic()
             got = list(self.grid.send_and_receive(msgs, timeout=self.settings.round_timeout_s))
+            addressed = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs
+                         if m.metadata.message_id}
+            pairs = [(_origin(r, addressed), r) for r in got]
             last = attempt == self.settings.round_retries
-            lost = set() if last else {r.metadata.src_node_id for r in got if r.has_error()
+            lost = set() if last else {n for n, r in pairs if r.has_error()
                                        and r.error.code == ErrorCode.NODE_UNAVAILABLE}
-            replies += [r for r in got if r.metadata.src_node_id not in lost]
-            answered = {r.metadata.src_node_id for r in replies}
+            replies += [(n, r) for n, r in pairs if n not in lost]
+            answered = {n for n, _ in replies}
             nodes = [n for n in nodes if n not in answered]
             if not nodes:
                 break
@@ -217,20 +225,30 @@ class Coordinator:
                     self.log.warning("%s: node %s: %s", group, n, why)
                     self.metrics.errors.append(Rejection(group, n, why))
                 break
-            self.log.warning("%s: no reply from node(s) %s within %.0fs: asking again (%d of "
-                             "%d)", group, ", ".join(map(str, nodes)),
-                             self.settings.round_timeout_s, attempt + 1,
-                             self.settings.round_retries)
+            self.log.warning("%s: no reply from node(s) %s (%s): asking again (%d of %d)",
+                             group, ", ".join(map(str, nodes)),
+                             "unavailable" if lost else
+                             f"nothing within {self.settings.round_timeout_s:.0f}s",
+                             attempt + 1, self.settings.round_retries)
+            if lost:
+                self._wait_for_return(lost, until=started + self.settings.round_timeout_s)
         return replies
 
-    def _split_replies(self, replies: list[Message], what: str,
+    def _wait_for_return(self, nodes: set[int], *, until: float) -> None:
+        """A crashed site's SuperNode is let back in only once the SuperLink has marked it
+        offline; re-sending before it is online again only earns another 'unavailable'."""
+        while time.monotonic() < until:
+            if nodes <= set(self.grid.get_node_ids()):
+                return
+            time.sleep(min(2.0, max(0.0, until - time.monotonic())))
+
+    def _split_replies(self, replies: list[tuple[int, Message]], what: str,
                        nodes: Iterable[int] | None = None) -> list[Message]:
         """The replies without an error, at most one per node asked (sites are untrusted: an
         error reason is bounded and escaped before it reaches run.log or metrics.json)."""
         asked = None if nodes is None else set(nodes)
         ok, seen = [], set()
-        for r in replies:
-            node = r.metadata.src_node_id
+        for node, r in replies:
             if node in seen or (asked is not None and node not in asked):
                 self.log.warning("%s: ignoring an unexpected extra reply from node %s", what,
                                  node)
@@ -512,17 +530,15 @@ class Coordinator:
                                float(self.state["scale_factor"]))
         replies = self._send(nodes, lambda n: request.to_record(), MessageType.QUERY, "audit")
         out = []
-        for r in replies:
+        for node, r in replies:
             if r.has_error():
-                self.log.warning("audit: node %s: %s", r.metadata.src_node_id,
-                                 _bounded(r.error.reason))
+                self.log.warning("audit: node %s: %s", node, _bounded(r.error.reason))
                 tqdm.write(f"  ! audit: {_bounded(r.error.reason)}")
                 continue
             try:
                 reply = AuditReply.from_record(r.content)
             except ProtocolError as err:
-                self.log.warning("audit: rejecting node %s: %s", r.metadata.src_node_id,
-                                 _bounded(str(err)))
+                self.log.warning("audit: rejecting node %s: %s", node, _bounded(str(err)))
                 continue
             out.append({"site": reply.site_id, **reply.values})
         return out
@@ -538,6 +554,18 @@ class Coordinator:
                             eps="-" if eps is None else f"{eps:.2f}")
             self._checkpoint(f"{spec.prefix}-round-{rnd:03d}", spec.name, rnd)
         bar.close()
+
+
+def _origin(reply: Message, addressed: dict[str, int]) -> int:
+    """The node a reply speaks for: its authenticated source, except for an error reply the
+    SuperLink made up for a message it could not deliver (then: where that message went)."""
+    src = reply.metadata.src_node_id
+    if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE and \
+            reply.metadata.reply_to_message_id in addressed and src not in addressed.values():
+        # Only a sender that is none of the sites asked (the SuperLink) speaks for another
+        # node: a site cannot make its own error count against someone else.
+        return addressed[reply.metadata.reply_to_message_id]
+    return src
 
 
 def _claimed_site(content: RecordDict) -> str | None:

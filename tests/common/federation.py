@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from flwr.app import Message
 
 from client.client_app import SimulationSites, make_client_app
 from client.ledger import PrivacyLedger
@@ -24,7 +26,8 @@ def make_federation(tmp: Path, manifest: Path, cfg: RunConfig, *, n_sites: int =
                     partition: str = "site", reproducible: bool = False,
                     registry: Path | None = None, enroll: bool = True,
                     site_budget: float | None = None, min_sites: int | None = None,
-                    tamper: Tamper | None = None) -> Coordinator:
+                    tamper: Tamper | None = None,
+                    unavailable: Callable[[int, Message], bool] | None = None) -> Coordinator:
     eps = cfg.privacy.epsilon if site_budget is None else site_budget
     sites = SimulationSites(data=str(manifest), n_sites=n_sites, partition=partition,
                             state_root=tmp / "sites", epsilon=eps, delta=1e-5, data_seed=0,
@@ -36,7 +39,8 @@ def make_federation(tmp: Path, manifest: Path, cfg: RunConfig, *, n_sites: int =
             s.state_dir.mkdir(parents=True, exist_ok=True)
             PrivacyLedger.create(s.ledger_path, budget_epsilon=eps, delta=1e-5,
                                  site_id=s.site_id)
-    grid = LocalGrid(make_client_app(sites), n_sites=n_sites, tamper=tamper)
+    grid = LocalGrid(make_client_app(sites), n_sites=n_sites, tamper=tamper,
+                     unavailable=unavailable)
     return Coordinator(grid, cfg, ServerSettings(
         out=tmp / "run", min_sites=n_sites if min_sites is None else min_sites,
         expected_sites=n_sites, show_progress=False, spend_registry=registry))

@@ -141,3 +141,60 @@ def wait_for_port(port: int, proc: Proc, timeout: float) -> None:
         time.sleep(0.3)
     raise RuntimeError(f"{proc.name} did not listen on 127.0.0.1:{port} in {timeout}s:\n"
                        f"{proc.tail()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# crash injection (tests/deploy/test_kills_deploy.py)
+
+
+def cmdline(pid: int) -> list[str]:
+    """The argv of a live process ([] if it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def find_below(root: int, needle: str) -> list[int]:
+    """Pids below `root` whose command line has an argument ending with `needle` (a console
+    script such as `flwr-serverapp`, whatever interpreter runs it)."""
+    return [pid for pid in descendants(root)
+            if any(Path(a).name == needle for a in cmdline(pid)[:2])]
+
+
+def kill_tree(root: int) -> list[int]:
+    """SIGKILL `root` and every process below it, as a crash would: no signal handler runs,
+    nothing is flushed. The tree is frozen first (SIGSTOP, repeated until no new child shows
+    up) so that no process can start another between the scan and the kill. Returns the pids
+    killed."""
+    frozen: dict[int, str | None] = {}
+    todo: dict[int, str | None] = {root: _start_time(root)}
+    while todo:
+        for pid, started in todo.items():
+            if started is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+        frozen.update(todo)
+        todo = {}
+        for pid in list(frozen):
+            for child, started in _descendants(pid).items():
+                if child not in frozen:
+                    todo[child] = started
+    killed = []
+    for pid, started in frozen.items():
+        if started is not None and _start_time(pid) == started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
+def wait_gone(pids: Sequence[int], timeout: float = 10.0) -> list[int]:
+    """Pids of `pids` still alive (not zombies) after up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in pids if _start_time(p) is not None]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if _start_time(p) is not None]
+    return alive

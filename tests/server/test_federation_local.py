@@ -111,3 +111,48 @@ def test_a_lost_reply_is_asked_again_and_answered_from_the_site_store(
     entries = json.loads((tmp_path / "sites" / "site-1" / "ledger.json").read_text())["entries"]
     first = [e for e in entries if e["phase"] == "autoencoder" and e["round"] == 1]
     assert len([e for e in first if e["sample_rate"] < 1.0]) == 1  # charged once
+
+
+def test_a_crashed_site_reported_unavailable_is_asked_again_once_back(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig) -> None:
+    """Flower answers a message to a node that went offline with an error from the SuperLink's
+    own id: it counts against the node the message was for, and that node is asked again."""
+    from flwr.app import Message
+
+    down: list[str] = []
+
+    def crashed_once(node: int, msg: Message) -> bool:
+        if node == 102 and not down:
+            down.append(msg.metadata.message_id)
+            return True
+        return False
+
+    coord = make_federation(tmp_path, demo_manifest, tiny_cfg, unavailable=crashed_once)
+    coord.run()
+    assert len(down) == 1 and coord.state["stage"] == "done"
+    assert all(r.sites_ok == 2 for r in coord.metrics.rounds)
+    assert coord.metrics.errors == []
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "no reply from node(s) 102 (unavailable): asking again" in log
+    assert "node 1:" not in log and "from node 1\n" not in log
+
+
+def test_only_the_superlink_can_report_another_node_unavailable() -> None:
+    """A site's own error never counts against another site (it could knock it out)."""
+    from flwr.app import Message, RecordDict
+    from flwr.server.superlink.linkstate.utils import (
+        create_message_error_unavailable_res_message,
+    )
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.federation import _origin
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    to_102 = Message(RecordDict(), dst_node_id=102, message_type="train")
+    to_102.metadata.__dict__["_message_id"] = "m-102"
+    addressed = {"m-101": 101, "m-102": 102}
+    from_link = create_message_error_unavailable_res_message(to_102.metadata, "node_unavail")
+    assert _origin(from_link, addressed) == 102
+    forged = create_message_error_unavailable_res_message(to_102.metadata, "node_unavail")
+    forged.metadata.__dict__["_src_node_id"] = 101
+    assert _origin(forged, addressed) == 101

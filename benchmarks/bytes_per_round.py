@@ -1,0 +1,79 @@
+"""Bytes a site sends and receives per training round, against the trained sub-model's size.
+
+    .venv/bin/python benchmarks/bytes_per_round.py [--preset quick]
+
+The messages are the protocol's own (common.protocol TrainRequest / TrainReply), serialised the
+way Flower puts them on the wire (`flwr.common.serde.message_to_proto`), for each phase of the
+preset: the reply carries the phase's model (its state dict: parameters and buffers) and the
+DP scalars; the request carries the global model and, in the first round a site sees of a phase
+that needs it, the frozen autoencoder. "Trained sub-model" is the float32 size of the phase's
+trainable parameters. Target: uplink bytes per round <= 1.05x the trained sub-model.
+Deterministic (no timing); prints JSON lines and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flwr.app import ArrayRecord, Message
+from flwr.common.serde import message_to_proto
+
+from common.protocol import RunRef, TrainReply, TrainRequest
+from ldm_core.config import build_config
+from ldm_core.phases import AUTOENCODER, PHASES
+
+TARGET = 1.05
+
+
+def _wire_bytes(content: object, *, reply_to: Message | None = None) -> int:
+    msg = (Message(content, reply_to=reply_to) if reply_to is not None
+           else Message(content, dst_node_id=1, message_type="train"))
+    return int(message_to_proto(msg).ByteSize())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="quick")
+    args = ap.parse_args()
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as a runtime
+    cfg = build_config(preset=args.preset, class_names=("cyst", "edema", "normal", "tumor"))
+    run = RunRef(cfg.to_json(), "run-0123456789ab", 0)
+    ae = AUTOENCODER.make_model(cfg.model)
+    rows = []
+    for name, spec in PHASES.items():
+        model = spec.make_model(cfg.model)
+        trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+        weights = ArrayRecord(model.state_dict())
+        first = TrainRequest(run, name, 1, weights,
+                             autoencoder=ArrayRecord(ae.state_dict())
+                             if spec.needs_autoencoder else None, scale_factor=1.0)
+        later = TrainRequest(run, name, 2, weights, scale_factor=1.0)
+        request = Message(first.to_record(), dst_node_id=1, message_type="train")
+        reply = TrainReply(site_id="site-0", weights=ArrayRecord(
+            {k: v.detach().clone() for k, v in model.state_dict().items()}), loss=0.1,
+            epsilon=1.0, budget_epsilon=8.0, delta=1e-5, has_autoencoder=True)
+        up = _wire_bytes(reply.to_record(), reply_to=request)
+        row = {"phase": name, "trained_params": sum(
+            p.numel() for p in model.parameters() if p.requires_grad),
+            "trained_bytes": trained, "uplink_bytes": up,
+            "downlink_first_round_bytes": _wire_bytes(first.to_record()),
+            "downlink_later_round_bytes": _wire_bytes(later.to_record()),
+            "uplink_over_trained": up / trained,
+            "buffers_bytes": sum(b.numel() * b.element_size() for b in model.buffers())}
+        print(json.dumps(row))
+        rows.append(row)
+    print(f"\npreset {args.preset}; bytes as Flower serialises the messages")
+    print("| phase | trained sub-model | uplink per round (x trained) | downlink first / later "
+          "round | target uplink |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['phase']} | {r['trained_bytes'] / 1e6:.2f} MB | "
+              f"{r['uplink_bytes'] / 1e6:.2f} MB ({r['uplink_over_trained']:.3f}x) | "
+              f"{r['downlink_first_round_bytes'] / 1e6:.2f} / "
+              f"{r['downlink_later_round_bytes'] / 1e6:.2f} MB | <= {TARGET}x |")
+
+
+if __name__ == "__main__":
+    main()
