@@ -139,6 +139,8 @@ def _check_before_writing(run: Run, cfg: RunConfig, data: str, partition: str,
         raise FederationError(
             f"{run.state_path} belongs to a run with another configuration; use a new --out "
             "folder, or the same settings to resume this one")
+    if not opts.evaluate:  # nothing will be tested: a test split without a class is fine
+        return
     missing = missing_test_classes(data, n_sites=opts.sites, scheme=partition, seed=opts.seed)
     if missing:
         raise DataError(

@@ -100,3 +100,30 @@ def test_a_test_split_without_a_class_is_refused_before_anything_is_written(
     with pytest.raises(DataError, match="rare"):
         run_simulation(opts)
     assert not out.exists()
+
+
+def test_a_class_missing_from_every_test_split_is_refused_only_when_evaluating(
+        tmp_path: Path, demo_manifest: Path) -> None:
+    """Refused before anything is written (the evaluation would fail after all training); a
+    training-only run (--no-evaluate) tests nothing, so it may go ahead."""
+    from ldm_core.data import DataError, scan
+    from server.simulate import plan_simulation
+
+    lines = demo_manifest.read_text().splitlines()
+    cyst = sorted({ln.split(",")[2] for ln in lines[1:] if ln.split(",")[1] == "cyst"})
+    kept = [lines[0]] + [ln for ln in lines[1:] if ln.split(",")[1] != "cyst"
+                         or ln.split(",")[2] == cyst[0]]  # one cyst patient: train only
+    manifest = demo_manifest.parent / "one-cyst.csv"
+    manifest.write_text("\n".join(kept) + "\n")
+    assert "cyst" in scan(manifest).class_names
+
+    def opts(out: Path, evaluate: bool) -> SimulationOptions:
+        return SimulationOptions(data=str(manifest), sites=2, partition="iid", epsilon=8.0,
+                                 preset="tiny", image_size=16, out=out, device="cpu",
+                                 show_progress=False, evaluate=evaluate)
+
+    with pytest.raises(DataError, match="class cyst"):
+        plan_simulation(opts(tmp_path / "refused", True))
+    assert not (tmp_path / "refused").exists()
+    plan_simulation(opts(tmp_path / "training-only", False))
+    assert (tmp_path / "training-only" / "run.json").exists()
