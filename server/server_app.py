@@ -75,7 +75,10 @@ def _simulated_main(grid: Grid, rc: Mapping[str, Any]) -> None:
     """`flwr run` of a simulation (run config `data` set): the same plan as `fedldm simulate`
     (demo data, run.json, enrolled sites, evaluation with the simulated sites' data), driven by
     Flower's own runtime instead of the in-process one."""
-    from server.simulate import SimulationOptions, plan_simulation
+    from common.app_imports import APP_IMPORT_LOCK
+
+    with APP_IMPORT_LOCK:  # Flower may be importing the ClientApp in another thread right now
+        from server.simulate import SimulationOptions, plan_simulation
 
     eps = str(rc.get("epsilon", "8"))
     opts = SimulationOptions(

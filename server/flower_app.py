@@ -1,0 +1,13 @@
+"""The ServerApp as Flower loads it (`[tool.flwr.app.components] serverapp`).
+
+Imported under common.app_imports.APP_IMPORT_LOCK: see that module for why.
+"""
+
+from __future__ import annotations
+
+from common.app_imports import APP_IMPORT_LOCK
+
+with APP_IMPORT_LOCK:
+    from server.server_app import app
+
+__all__ = ["app"]
