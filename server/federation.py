@@ -162,9 +162,8 @@ class Coordinator:
                 self.models[p.name].load_state_dict(tensors[p.checkpoint_key])
         saved_metrics = self.folder.load_metrics()
         if saved_metrics:
-            self.metrics = FederationMetrics.from_json(saved_metrics)
-            if self.metrics.privacy.rounds is None:
-                self.metrics.privacy.rounds = []
+            self.metrics = _committed(FederationMetrics.from_json(saved_metrics),
+                                      str(saved["stage"]), int(saved["round"]))
         self.log.info("resuming %s at stage %s after round %s", saved["run_name"],
                       saved["stage"], saved["round"])
         return True
@@ -185,10 +184,13 @@ class Coordinator:
         save_checkpoint(self.folder.checkpoints / name,
                         {p.checkpoint_key: self.models[p.name].state_dict()
                          for p in PHASES.values()}, meta)
+        # metrics.json first, state.json last: the state is the commit point. A kill between
+        # the two leaves metrics one round ahead, which the resume trims (`_committed`); the
+        # other order lost a finished round's record for good.
+        self.folder.save_metrics(self.metrics.to_json())
         self.state.update({"stage": stage, "round": rnd, "checkpoint": name,
                            "config": to_dict(self.cfg)})
         self.folder.save_state(self.state)
-        self.folder.save_metrics(self.metrics.to_json())
 
     # ------------------------------------------------------------------ messaging
     def _run_ref(self) -> RunRef:
@@ -554,6 +556,28 @@ class Coordinator:
                             eps="-" if eps is None else f"{eps:.2f}")
             self._checkpoint(f"{spec.prefix}-round-{rnd:03d}", spec.name, rnd)
         bar.close()
+
+
+def _committed(metrics: FederationMetrics, stage: str, rnd: int) -> FederationMetrics:
+    """The metrics of the rounds a checkpoint holds: records of a round aggregated after the
+    last state.json (it will be trained again) are dropped, so no round is counted twice."""
+    order = list(PHASES)
+
+    def done(phase: str, r: int) -> bool:
+        if stage == DONE or phase not in order:
+            return True
+        if stage == LATENT_SCALE:
+            return order.index(phase) <= order.index(AUTOENCODER.name)
+        if stage not in order:
+            return True
+        here = order.index(stage)
+        return order.index(phase) < here or (order.index(phase) == here and r <= rnd)
+
+    metrics.rounds = [r for r in metrics.rounds if done(r.phase, r.round)]
+    metrics.training = [t for t in metrics.training if done(t.phase, t.round)]
+    metrics.privacy.rounds = [p for p in metrics.privacy.rounds or []
+                              if done(str(p.get("phase")), int(p.get("round", 0)))]
+    return metrics
 
 
 def _origin(reply: Message, addressed: dict[str, int]) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from ldm_core.config import RunConfig
 from server.federation import Coordinator, FederationError
-from tests.common.federation import make_federation
+from tests.common.federation import fast_accounting, make_federation
 
 
 def _federation(tmp: Path, manifest: Path, cfg: RunConfig, *, reproducible: bool = False,
@@ -86,6 +86,45 @@ def test_the_run_name_is_durable_before_any_site_hears_of_it(tmp_path: Path,
     assert first.grid.exchanges == []  # type: ignore[attr-defined]  # nothing sent yet
     again = _federation(tmp_path, demo_manifest, tiny_cfg)
     assert again.state["run_name"] == first.state["run_name"]
+
+
+class _Killed(BaseException):
+    """A SIGKILL stand-in that no `except Exception` in the coordinator can swallow."""
+
+
+def test_a_kill_between_the_checkpoint_writes_loses_and_doubles_no_round(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round's checkpoint writes metrics.json and state.json; killed between the two (the
+    first round's), the resumed run must record every round exactly once: neither lost (state
+    written first) nor doubled (metrics written first and not trimmed on resume)."""
+    from server.run_folder import RunFolder
+
+    first = _federation(tmp_path, demo_manifest, tiny_cfg)
+    writes: list[str] = []
+    for name in ("save_state", "save_metrics"):
+        original = getattr(RunFolder, name)
+
+        def write(self: RunFolder, data: dict, _orig=original, _name=name) -> None:
+            writes.append(_name)
+            if len(writes) == 2:
+                raise _Killed
+            _orig(self, data)
+
+        monkeypatch.setattr(RunFolder, name, write)
+    with fast_accounting(), pytest.raises(_Killed):
+        first.run()
+    monkeypatch.undo()
+    with fast_accounting():
+        _federation(tmp_path, demo_manifest, tiny_cfg).run()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    expected = sorted((p, k) for p, n in (("autoencoder", tiny_cfg.autoencoder.rounds),
+                                          ("diffusion", tiny_cfg.diffusion.rounds))
+                      for k in range(1, n + 1))
+    assert sorted((r["phase"], r["round"]) for r in metrics["rounds"]) == expected
+    per_site = sorted((t["phase"], t["round"]) for t in metrics["training"]
+                      if t["site"] == "site-0")
+    assert per_site == expected
 
 
 def test_a_lost_reply_is_asked_again_and_answered_from_the_site_store(
