@@ -135,7 +135,8 @@ def _query(msg: Message, context: Context, site: SiteConfig) -> Message:
         stats = tasks.latent_stats(site, _run_config(req.run), run_id=req.run.run_name,
                                    ae_weights=req.autoencoder.to_torch_state_dict())
         reply = LatentStatsReply(site.site_id, stats.second_moment_sum, stats.count,
-                                 stats.epsilon)
+                                 stats.epsilon, stats.recon_psnr_sum, stats.recon_ssim_sum,
+                                 stats.recon_count)
         return _send(msg, site, req.run.run_name, "latent-scale", 0, reply.to_record())
     return _audit_reply(msg, site)
 

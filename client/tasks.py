@@ -25,6 +25,7 @@ from client.site_config import SiteConfig
 from ldm_core.config import RunConfig
 from ldm_core.data import ImageSet, SiteData, load_site
 from ldm_core.dp_random import PrivacyRng, privacy_rng_for
+from ldm_core.evaluation.fidelity import PSNR_CAP_DB, reconstruction_quality
 from ldm_core.models import encode, resolve_device
 from ldm_core.phases import AUTOENCODER, PHASES, get_phase
 from ldm_core.privacy import (
@@ -37,6 +38,9 @@ from ldm_core.training import SamplingPlan, dp_train, sampling_plan
 
 # Per-sample loss clip for the DP release of training-curve values (losses above are rare).
 LOSS_CLIP = 2.0
+# Gaussian releases charged by the latent-stats query: the latent second moment and the
+# autoencoder's reconstruction quality (`latent_stats`).
+LATENT_RELEASES = 2
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,8 @@ def plan_noise(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: 
     # run can still finish within the target. Unused reserve is budget left unspent.
     retry = cfg.privacy.retry_reserve_rounds
     rounds = {p.name: (r + retry if (r := p.config(cfg).rounds) > 0 else 0) for p in phases}
-    reserved = prior_history(ledger, run_id) + [gaussian_mechanism_entry(scale)] * (1 + retry) + \
+    reserved = prior_history(ledger, run_id) + \
+        [gaussian_mechanism_entry(scale)] * (LATENT_RELEASES * (1 + retry)) + \
         [gaussian_mechanism_entry(metric)] * sum(rounds.values()) + \
         ([gaussian_mechanism_entry(audit)] if site.allow_audit else [])
     planned = [(plans[p.name].sample_rate, plans[p.name].steps * rounds[p.name]) for p in phases]
@@ -237,20 +242,31 @@ class LatentStats:
     second_moment_sum: float
     count: float
     epsilon: float
+    # The autoencoder's reconstruction quality on the holdout patients: noisy sums of clipped
+    # per-patient [PSNR / PSNR_CAP_DB, SSIM] and the noisy patient count (one Gaussian release).
+    recon_psnr_sum: float = 0.0
+    recon_ssim_sum: float = 0.0
+    recon_count: float = 0.0
 
 
 def latent_stats(site: SiteConfig, cfg: RunConfig, *, run_id: str,
                  ae_weights: dict[str, torch.Tensor]) -> LatentStats:
-    """DP release of the mean squared latent (for the scale factor 1/std), charged first.
+    """DP releases after the autoencoder phase, both charged first, before any data is read.
 
-    Each patient contributes the mean squared latent value of its images, clipped to
-    `scale_clip`; the sum and the count go out through one Gaussian mechanism
-    (ldm_core.privacy.dp_sum_and_count) whose noise comes from the site's privacy source.
+    1. The mean squared latent (for the scale factor 1/std): each train patient contributes the
+       mean squared latent value of its images, clipped to `scale_clip`.
+    2. The autoencoder's reconstruction quality on the holdout patients: each contributes its
+       mean [PSNR / PSNR_CAP_DB, SSIM], clipped to [0, 1] each (row norm <= sqrt 2).
+
+    Each goes out through one Gaussian mechanism (ldm_core.privacy.dp_sum_and_count) with the
+    `scale_noise_multiplier` and noise from the site's privacy source. The two releases read
+    disjoint patients, but the split is stratified on the data, so no parallel composition is
+    claimed: each is charged as its own mechanism.
     """
     ledger = open_ledger(site)
     noise = plan_noise(site, cfg, ledger, run_id)
-    ledger.charge([gaussian_mechanism_entry(noise.scale)] if noise.scale > 0 else
-                  [(0.0, 1.0, 1)], run_id=run_id, phase="latent-scale", round=0)
+    ledger.charge([gaussian_mechanism_entry(noise.scale)] * LATENT_RELEASES if noise.scale > 0
+                  else [(0.0, 1.0, 1)], run_id=run_id, phase="latent-scale", round=0)
     data = load_data(site, cfg)
     check_classes(site, cfg, data)
     ae = AUTOENCODER.make_model(cfg.model)
@@ -259,11 +275,23 @@ def latent_stats(site: SiteConfig, cfg: RunConfig, *, run_id: str,
     per_image = z.pow(2).flatten(1).mean(dim=1)
     per_sample = per_patient_mean(per_image, patient_groups(data, data.train)).clamp(
         0, cfg.privacy.scale_clip)
-    if noise.scale == 0.0:
-        total, count = float(per_sample.sum()), float(per_sample.shape[0])
-    else:
-        rng = site_privacy_rng(site, run_id, "latent-scale", 0)
-        s, count = dp_sum_and_count(per_sample.unsqueeze(1), clip=cfg.privacy.scale_clip,
-                                    noise_multiplier=noise.scale, generator=rng.generator())
-        total = float(s[0])
-    return LatentStats(second_moment_sum=total, count=float(count), epsilon=ledger.epsilon())
+    rng = site_privacy_rng(site, run_id, "latent-scale", 0) if noise.scale > 0 else None
+    sums, count = _dp_rows(per_sample.unsqueeze(1), clip=cfg.privacy.scale_clip,
+                           sigma=noise.scale, rng=rng)
+    psnr, ssim = reconstruction_quality(ae, data.holdout.images, resolve_device(site.device))
+    groups = patient_groups(data, data.holdout)
+    rows = torch.zeros(0, 2) if len(psnr) == 0 else torch.stack(
+        [per_patient_mean(psnr / PSNR_CAP_DB, groups).clamp(0.0, 1.0),
+         per_patient_mean(ssim, groups).clamp(0.0, 1.0)], dim=1)
+    rec, rec_count = _dp_rows(rows, clip=math.sqrt(2.0), sigma=noise.scale, rng=rng)
+    return LatentStats(second_moment_sum=float(sums[0]), count=count, epsilon=ledger.epsilon(),
+                       recon_psnr_sum=float(rec[0]), recon_ssim_sum=float(rec[1]),
+                       recon_count=rec_count)
+
+
+def _dp_rows(rows: torch.Tensor, *, clip: float, sigma: float, rng: PrivacyRng | None
+             ) -> tuple[torch.Tensor, float]:
+    """Sum and count of per-patient rows: a Gaussian release, or exact when DP is off."""
+    if rng is None or sigma == 0.0:
+        return rows.double().sum(dim=0), float(rows.shape[0])
+    return dp_sum_and_count(rows, clip=clip, noise_multiplier=sigma, generator=rng.generator())

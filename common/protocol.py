@@ -230,7 +230,14 @@ LATENT_REPLY_FIELDS = (
     FieldSpec("metrics", "second-moment-sum", Kind.DP,
               "noisy sum of clipped per-patient latent second moments"),
     FieldSpec("metrics", "count", Kind.DP, "noisy patient count (same Gaussian release)"),
-    FieldSpec("metrics", "epsilon", Kind.PUBLIC, "cumulative epsilon after the release"),
+    FieldSpec("metrics", "recon-psnr-sum", Kind.DP,
+              "noisy sum of holdout patients' clipped autoencoder reconstruction PSNR / 50 dB "
+              "(a second Gaussian release, charged on its own)"),
+    FieldSpec("metrics", "recon-ssim-sum", Kind.DP,
+              "noisy sum of holdout patients' clipped reconstruction SSIM (same release)"),
+    FieldSpec("metrics", "recon-count", Kind.DP,
+              "noisy holdout patient count (same release as the reconstruction sums)"),
+    FieldSpec("metrics", "epsilon", Kind.PUBLIC, "cumulative epsilon after the releases"),
     FieldSpec("site", "site-id", Kind.PUBLIC, "the site's configured name"),
 )
 _AUDIT_DOCS = {
@@ -318,11 +325,17 @@ class LatentStatsReply:
     second_moment_sum: float
     count: float
     epsilon: float
+    recon_psnr_sum: float
+    recon_ssim_sum: float
+    recon_count: float
 
     def to_record(self) -> RecordDict:
         return RecordDict({
             "metrics": MetricRecord({"second-moment-sum": float(self.second_moment_sum),
-                                     "count": float(self.count), "epsilon": float(self.epsilon)}),
+                                     "count": float(self.count), "epsilon": float(self.epsilon),
+                                     "recon-psnr-sum": float(self.recon_psnr_sum),
+                                     "recon-ssim-sum": float(self.recon_ssim_sum),
+                                     "recon-count": float(self.recon_count)}),
             "site": ConfigRecord({"site-id": self.site_id})})
 
     @staticmethod
@@ -335,7 +348,8 @@ class LatentStatsReply:
         if any(math.isinf(v) for k, v in vals.items() if k != "epsilon"):
             raise ProtocolError(f"{where}: infinite statistic")
         return LatentStatsReply(_site(content, where), vals["second-moment-sum"], vals["count"],
-                                vals["epsilon"])
+                                vals["epsilon"], vals["recon-psnr-sum"], vals["recon-ssim-sum"],
+                                vals["recon-count"])
 
 
 @dataclass(frozen=True)

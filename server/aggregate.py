@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from ldm_core.config import AggregationConfig
+from ldm_core.evaluation.fidelity import PSNR_CAP_DB
 from ldm_core.privacy import pooled_scale_factor
 
 StateDict = dict[str, torch.Tensor]
@@ -150,6 +151,52 @@ def latent_stats_problem(second_moment_sum: float, count: float, *, clip: float,
         return (f"latent second-moment sum {second_moment_sum:.6g} exceeds {clip:g} (the clip) x "
                 f"the count {count:.6g} beyond the DP noise")
     return None
+
+
+def recon_quality_problem(psnr_sum: float, ssim_sum: float, count: float, *,
+                          noise_multiplier: float, tolerance_sigmas: float = 10.0) -> str | None:
+    """Why a site's DP reconstruction-quality release cannot come from the mechanism.
+
+    Each holdout patient adds [PSNR / cap, SSIM] in [0, 1]^2 (row clip sqrt 2) and 1 to the
+    count, then every coordinate gets N(0, (noise_multiplier * 2)^2) noise (the count, divided
+    by the clip, noise_multiplier * sqrt 2). Sums outside [0, count] by more than
+    `tolerance_sigmas` standard deviations are a bug or a lie, not noise.
+    """
+    if not all(math.isfinite(v) for v in (psnr_sum, ssim_sum, count)):
+        return "reconstruction statistics are not finite"
+    sum_sd, count_sd = 2.0 * noise_multiplier, math.sqrt(2.0) * noise_multiplier
+    slack = tolerance_sigmas * (sum_sd + count_sd) + 1e-6 * (1.0 + abs(count))
+    if count < -tolerance_sigmas * count_sd - 1e-6:
+        return f"reconstruction count {count:.6g} is negative beyond the DP noise"
+    for name, v in (("PSNR", psnr_sum), ("SSIM", ssim_sum)):
+        if not -slack <= v <= max(count, 0.0) + slack:
+            return (f"reconstruction {name} sum {v:.6g} lies outside [0, count {count:.6g}] "
+                    "beyond the DP noise")
+    return None
+
+
+def pooled_recon_quality(stats: Sequence[tuple[float, float, float]], *, method: str,
+                         noise_multiplier: float) -> dict[str, float | None]:
+    """Holdout reconstruction PSNR (dB) and SSIM from the sites' checked releases, with their
+    approximate standard errors from the DP noise (post-processing: free in privacy).
+
+    Pooled sums over pooled counts ("mean"), else the median of the per-site means, like the
+    scale factor. None when the noise swamps the counts (tiny sites)."""
+    total = sum(c for _, _, c in stats)
+    sum_sd = 2.0 * noise_multiplier
+    if resolve_method(method, len(stats)) == "mean":
+        if total <= 0:
+            return {"psnr_db": None, "ssim": None, "patients": total}
+        p, q = sum(s for s, _, _ in stats) / total, sum(s for _, s, _ in stats) / total
+    else:
+        per_site = [(ps / c, ss / c) for ps, ss, c in stats if c > 0]
+        if not per_site:
+            return {"psnr_db": None, "ssim": None, "patients": total}
+        p = statistics.median(x for x, _ in per_site)
+        q = statistics.median(y for _, y in per_site)
+    se = sum_sd * math.sqrt(len(stats)) / total if total > 0 else math.inf
+    return {"psnr_db": PSNR_CAP_DB * min(max(p, 0.0), 1.0), "ssim": min(max(q, 0.0), 1.0),
+            "patients": total, "psnr_se_db": PSNR_CAP_DB * se, "ssim_se": se}
 
 
 def robust_scale_factor(stats: Sequence[tuple[float, float]], *, clip: float, method: str

@@ -40,6 +40,8 @@ def disclosures(cfg: RunConfig, *, audited: bool, meta: dict[str, Any] | None = 
         "Training-curve losses: released without noise (non-private run).",
         "Latent scale factor: DP Gaussian mechanism on clipped per-patient latent second "
         "moments, charged to the ledger.",
+        "Autoencoder reconstruction quality: DP Gaussian mechanism on the holdout patients' "
+        "clipped per-patient PSNR and SSIM, charged to the ledger as a release of its own.",
         "Dataset sizes and class counts: not released; FedAvg weights sites equally and the "
         "synthetic set is class-balanced by design.",
         f"DP unit: {privacy_unit(meta)}.",

@@ -43,6 +43,8 @@ from server.aggregate import (
     check_update,
     latent_stats_problem,
     norm_outliers,
+    pooled_recon_quality,
+    recon_quality_problem,
     robust_scale_factor,
 )
 from server.run_folder import RunFolder
@@ -51,6 +53,7 @@ from server.run_metrics import (
     LatentScale,
     PrivacyBlock,
     PrivacyRound,
+    Reconstruction,
     Rejection,
     RoundRecord,
     SiteRound,
@@ -469,7 +472,10 @@ class Coordinator:
                     reply = LatentStatsReply.from_record(r.content)
                     why = latent_stats_problem(reply.second_moment_sum, reply.count,
                                                clip=priv.scale_clip,
-                                               noise_multiplier=priv.scale_noise_multiplier)
+                                               noise_multiplier=priv.scale_noise_multiplier) \
+                        or recon_quality_problem(reply.recon_psnr_sum, reply.recon_ssim_sum,
+                                                 reply.recon_count,
+                                                 noise_multiplier=priv.scale_noise_multiplier)
                 except ProtocolError as err:
                     why = str(err)
             if why:
@@ -490,7 +496,31 @@ class Coordinator:
         if note:
             self.log.warning("latent scale: %s", note)
         self.log.info("latent scale factor %.4f from %d site(s)", scale, len(accepted))
+        self.metrics.reconstruction = self._reconstruction(accepted)
         return scale
+
+    def _reconstruction(self, accepted: list[LatentStatsReply]) -> Reconstruction:
+        """The autoencoder's holdout reconstruction quality, pooled and per site."""
+        sigma = self.cfg.privacy.scale_noise_multiplier
+        method = self.cfg.aggregation.method
+
+        def pooled(replies: list[LatentStatsReply]) -> dict[str, float | None]:
+            return pooled_recon_quality(
+                [(a.recon_psnr_sum, a.recon_ssim_sum, a.recon_count) for a in replies],
+                method=method, noise_multiplier=sigma)
+
+        out = pooled(accepted)
+        rec = Reconstruction(
+            out["psnr_db"], out["ssim"], float(out["patients"] or 0.0), out.get("psnr_se_db"),
+            out.get("ssim_se"), "DP Gaussian mechanism on clipped per-patient PSNR / 50 dB and "
+            "SSIM of the holdout patients, charged to each site's ledger",
+            {a.site_id: pooled([a]) for a in accepted})
+        if rec.psnr_db is None:
+            self.log.warning("autoencoder reconstruction: the DP noise swamps the holdout counts")
+        else:
+            self.log.info("autoencoder reconstruction on the holdout: PSNR %.1f dB, SSIM %.3f",
+                          rec.psnr_db, rec.ssim)
+        return rec
 
     # ------------------------------------------------------------------ main
     def run(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from server.report_figures import UTILITY_ARMS, png_bytes
 from server.report_verdicts import THRESHOLDS, final_epsilons, verdicts
-from server.run_metrics import AuditSummary, PrivacyBlock
+from server.run_metrics import AuditSummary, PrivacyBlock, Reconstruction
 
 __all__ = [
     "NOT_MEASURED",
@@ -111,10 +111,35 @@ def _rejections_html(errors: Any) -> str:
             + _table(["stage", "node", "reason"], rows) + more)
 
 
+def reconstruction_html(m: Mapping[str, Any]) -> str:
+    """The autoencoder on each site's unseen holdout patients: the ceiling on what the
+    generator can draw, shown before the synthetic-set measures it explains."""
+    rec = Reconstruction.from_json(m.get("reconstruction"))
+    if rec is None:
+        return ""
+
+    def pm(v: Any, se: Any, fmt: str) -> str:
+        if v is None:
+            return "swamped by DP noise"
+        return format(v, fmt) + ("" if se is None else f" &plusmn; {format(se, fmt)}")
+
+    rows = [("all sites (pooled)", pm(rec.psnr_db, rec.psnr_se_db, ".1f"),
+             pm(rec.ssim, rec.ssim_se, ".3f"), _fmt(rec.patients))]
+    rows += [(site, pm(v.get("psnr_db"), v.get("psnr_se_db"), ".1f"),
+              pm(v.get("ssim"), v.get("ssim_se"), ".3f"), _fmt(v.get("patients")))
+             for site, v in sorted(rec.sites.items())]
+    return ("<h3>Autoencoder reconstruction (sites' holdout patients, DP)</h3>"
+            "<p>How well the shared autoencoder reproduces real images it never trained on: "
+            "generated images cannot be sharper than this. Each site releases its patients' mean "
+            "PSNR and SSIM through a Gaussian mechanism charged to its ledger; &plusmn; is the "
+            "standard error from that noise.</p>"
+            + _table(["sites", "PSNR dB", "SSIM", "holdout patients (noisy)"], rows))
+
+
 def fidelity_html(m: Mapping[str, Any]) -> str:
     fid_block = m.get("fidelity")
     if not fid_block:
-        return NOT_MEASURED
+        return reconstruction_html(m) or NOT_MEASURED
     keys = ["fid", "kid", "kid_std", "precision", "recall", "density", "coverage"]
     rows = []
     for space, block in fid_block.items():
@@ -126,7 +151,7 @@ def fidelity_html(m: Mapping[str, Any]) -> str:
             rows.append(
                 [f"{space}: real half vs real half"] + [ref.get(k, float("nan")) for k in keys]
             )
-    out = (
+    out = reconstruction_html(m) + (
         "<p>FID/KID: lower is closer (0 = same distribution). Precision: share of synthetic images "
         "that look like some real image. Recall and coverage: share of the real variety the "
         "synthetic set reproduces. Density is about 1 when both sets match. The 'real half' rows "
@@ -295,6 +320,9 @@ def method_html() -> str:
         "baseline). "
         "Feature spaces are a seeded random CNN and our own classifier (no downloaded Inception "
         "network), so values are comparable only between runs using the same extractor.",
+        f"Autoencoder: PASS when the shared autoencoder's SSIM on the sites' holdout patients "
+        f"(a DP release) is &ge; {t['autoencoder_ssim_pass']}, FAIL below "
+        f"{t['autoencoder_ssim_fail']}; WEAK when the DP noise swamps it.",
         f"Diversity: WEAK when synthetic within-class SSIM exceeds the real one by "
         f"{t['diversity_gap_weak']}, FAIL by {t['diversity_gap_fail']}.",
         "Formal privacy: PASS when every site's cumulative epsilon (all rounds, both phases) is "

@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from server.run_metrics import AuditSummary, Fidelity, PrivacyBlock, SitePrivacy, Utility
+from server.run_metrics import (
+    AuditSummary,
+    Fidelity,
+    PrivacyBlock,
+    Reconstruction,
+    SitePrivacy,
+    Utility,
+)
 
 __all__ = ["THRESHOLDS", "fidelity_space", "final_epsilons", "verdicts"]
 
@@ -32,6 +39,10 @@ THRESHOLDS: dict[str, float] = {
     "fidelity_abs_recall_pass": 0.4,
     "fidelity_abs_precision_fail": 0.3,
     "fidelity_abs_recall_fail": 0.1,
+    # The global autoencoder's SSIM on the sites' holdout patients (DP release): below the FAIL
+    # line the latent space cannot hold the images, whatever the denoiser learns.
+    "autoencoder_ssim_pass": 0.70,
+    "autoencoder_ssim_fail": 0.40,
     # Mean within-class SSIM of synthetic minus real: higher = less diverse (collapse/copies).
     "diversity_gap_weak": 0.10,
     "diversity_gap_fail": 0.20,
@@ -110,6 +121,24 @@ def _verdict_fidelity(m: Mapping[str, Any]) -> tuple[str, str]:
         f"real images (precision) and they cover {r:.0%} of the real images' variety "
         f"(recall).{ref_txt}"
     )
+
+
+def _verdict_autoencoder(m: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Is the latent space good enough to hold the images? Runs from before this release
+    was made have no block and get no row."""
+    rec = Reconstruction.from_json(m.get("reconstruction"))
+    if rec is None:
+        return None
+    if rec.ssim is None or rec.psnr_db is None:
+        return "WEAK", ("The DP noise swamped the sites' holdout counts, so the autoencoder's "
+                        "reconstruction quality is unknown (too few holdout patients).")
+    t = THRESHOLDS
+    status = ("PASS" if rec.ssim >= t["autoencoder_ssim_pass"] else
+              "FAIL" if rec.ssim < t["autoencoder_ssim_fail"] else "WEAK")
+    se = f" (+- {rec.ssim_se:.2f} from the DP noise)" if rec.ssim_se is not None else ""
+    return status, (f"The shared autoencoder reconstructs the sites' unseen holdout images at "
+                    f"SSIM {rec.ssim:.2f}{se} and PSNR {rec.psnr_db:.1f} dB: generated images "
+                    "cannot be sharper than this.")
 
 
 def _verdict_diversity(m: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -253,6 +282,10 @@ def _shortfall(aspect: str, m: Mapping[str, Any]) -> str:
                 f"{1 - float(block['precision']):.0%} of synthetic images look unlike any real "
                 f"image and they reproduce {float(block['recall']):.0%} of the real variety"
             )
+        if aspect == "Autoencoder":
+            return ("the autoencoder loses detail of real images "
+                    f"(holdout SSIM {float(m['reconstruction']['ssim']):.2f}), which caps "
+                    "fidelity and utility")
         if aspect == "Diversity":
             return "images within a class are more alike than real ones (mode collapse or copies)"
         if aspect == "Formal privacy (DP)":
@@ -287,6 +320,7 @@ def verdicts(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     checks = [
         ("Utility", _verdict_utility(metrics)),
         ("Fidelity", _verdict_fidelity(metrics)),
+        ("Autoencoder", _verdict_autoencoder(metrics)),
         ("Diversity", _verdict_diversity(metrics)),
         ("Formal privacy (DP)", _verdict_epsilon(metrics)),
         ("Membership inference", _verdict_mia(metrics)),

@@ -22,6 +22,7 @@ __all__ = [
     "Fidelity",
     "FIDELITY_HEADLINE",
     "LatentScale",
+    "Reconstruction",
     "PrivacyBlock",
     "PrivacyRound",
     "Rejection",
@@ -152,6 +153,36 @@ class LatentScale:
 
     def to_json(self) -> dict[str, Any]:
         return {"scale_factor": self.scale_factor, "released": self.released, "note": self.note}
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """The global autoencoder on the sites' holdout patients (`reconstruction`): PSNR (dB) and
+    SSIM from each site's DP release, pooled, with standard errors from the DP noise. A poor
+    autoencoder caps everything downstream, so it is shown before TSTR."""
+
+    psnr_db: float | None
+    ssim: float | None
+    patients: float  # noisy pooled holdout patient count
+    psnr_se_db: float | None = None
+    ssim_se: float | None = None
+    released: str = ""
+    sites: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> Reconstruction | None:
+        if not d or "patients" not in d:
+            return None
+        return cls(num(d.get("psnr_db"), None), num(d.get("ssim"), None),
+                   float(num(d["patients"], 0.0)), num(d.get("psnr_se_db"), None),
+                   num(d.get("ssim_se"), None), str(d.get("released", "")),
+                   {str(k): dict(v) for k, v in (d.get("sites") or {}).items()
+                    if isinstance(v, Mapping)})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"psnr_db": self.psnr_db, "ssim": self.ssim, "patients": self.patients,
+                "psnr_se_db": self.psnr_se_db, "ssim_se": self.ssim_se,
+                "released": self.released, "sites": self.sites}
 
 
 @dataclass(frozen=True)
@@ -464,10 +495,12 @@ class FederationMetrics:
     privacy: PrivacyBlock = field(default_factory=PrivacyBlock)
     errors: list[Rejection] = field(default_factory=list)
     latent_scale: LatentScale | None = None
+    reconstruction: Reconstruction | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _OWN = ("config", "rounds", "training", "privacy", "errors", "latent_scale", "meta")
+    _OWN = ("config", "rounds", "training", "privacy", "errors", "latent_scale",
+            "reconstruction", "meta")
 
     def site(self, name: str) -> SitePrivacy:
         return (self.privacy.sites or {}).get(name, SitePrivacy())
@@ -499,6 +532,7 @@ class FederationMetrics:
                    errors=[Rejection.from_json(e) for e in d.get("errors") or []
                            if isinstance(e, Mapping)],
                    latent_scale=LatentScale.from_json(d.get("latent_scale")),
+                   reconstruction=Reconstruction.from_json(d.get("reconstruction")),
                    meta=dict(d.get("meta") or {}),
                    extra={k: v for k, v in d.items() if k not in cls._OWN})
 
@@ -511,5 +545,7 @@ class FederationMetrics:
             out["errors"] = [e.to_json() for e in self.errors]
         if self.latent_scale is not None:
             out["latent_scale"] = self.latent_scale.to_json()
+        if self.reconstruction is not None:
+            out["reconstruction"] = self.reconstruction.to_json()
         out.update(self.extra)
         return out

@@ -24,7 +24,12 @@ from scipy import linalg
 from scipy.spatial.distance import cdist
 from torch import Tensor
 
-__all__ = ["fid", "fidelity_report", "kid", "prdc", "ssim", "ssim_diversity"]
+__all__ = ["PSNR_CAP_DB", "fid", "fidelity_report", "kid", "prdc", "psnr", "reconstruction_quality",
+           "ssim", "ssim_diversity"]
+
+#: PSNR above this is "perfect" for the reconstruction release: the public cap that bounds one
+#: patient's contribution (clipped to [0, cap], released as psnr / cap).
+PSNR_CAP_DB = 50.0
 
 
 def _check_pair(a: np.ndarray, b: np.ndarray, min_rows: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -140,6 +145,32 @@ def _gaussian_window(size: int, sigma: float) -> Tensor:
     g = torch.exp(-(coords**2) / (2.0 * sigma**2))
     g = g / g.sum()
     return (g[:, None] * g[None, :]).to(torch.float32)
+
+
+def psnr(x: Tensor, y: Tensor) -> Tensor:
+    """Per-pair PSNR in dB ``[N]`` for images ``[N, C, H, W]`` in [-1, 1] (data range 2),
+    capped at ``PSNR_CAP_DB`` (identical images would be infinite)."""
+    if x.shape != y.shape:
+        raise ValueError(f"psnr needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(dim=1)
+    return (10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))).clamp(max=PSNR_CAP_DB)
+
+
+@torch.no_grad()
+def reconstruction_quality(ae: torch.nn.Module, images: Tensor, device: torch.device,
+                           chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Per-image PSNR (dB) and SSIM of the autoencoder's deterministic reconstruction (the
+    posterior mean decoded): how much the latent space can hold before any denoiser is
+    trained. A poor value here caps TSTR and fidelity whatever the denoiser does."""
+    ae.eval().to(device)
+    p, q = [], []
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].to(device)
+        rec = ae.reconstruct(x).clamp(-1.0, 1.0)
+        p.append(psnr(rec, x).cpu())
+        q.append(ssim(rec, x).cpu())
+    empty = torch.zeros(0)
+    return (torch.cat(p) if p else empty), (torch.cat(q) if q else empty)
 
 
 def ssim(x: Tensor, y: Tensor, *, window_size: int = 11, sigma: float = 1.5) -> Tensor:

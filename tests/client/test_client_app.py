@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -134,7 +136,65 @@ def test_latent_stats_query_releases_a_noisy_moment_and_charges_it(
     assert "fedldm-autoencoder" in ctx.state  # kept for the diffusion rounds
     entries = PrivacyLedger.open(site.ledger_path, budget_epsilon=8.0, delta=1e-5,
                                  site_id="site-0").entries()
-    assert [e["phase"] for e in entries] == ["latent-scale"]
+    # Two Gaussian releases (latent moment, reconstruction quality), each charged as its own.
+    assert [e["phase"] for e in entries] == ["latent-scale", "latent-scale"]
+    assert all(e["noise_multiplier"] == tiny_cfg.privacy.scale_noise_multiplier
+               and e["sample_rate"] == 1.0 for e in entries)
+    assert {"recon-psnr-sum", "recon-ssim-sum", "recon-count"} <= set(m.keys())
+
+
+def test_reconstruction_release_is_exact_without_dp_and_clipped(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without DP the release is the holdout patients' mean PSNR/SSIM exactly; one patient adds
+    at most [1, 1] whatever the autoencoder does (the sensitivity the noise is sized for)."""
+    from ldm_core.evaluation.fidelity import PSNR_CAP_DB, reconstruction_quality
+    from ldm_core.models import resolve_device
+
+    site = _site(tmp_path, demo_manifest, epsilon=math.inf)
+    cfg = dataclasses.replace(tiny_cfg, privacy=dataclasses.replace(tiny_cfg.privacy,
+                                                                    epsilon=math.inf))
+    torch.manual_seed(0)
+    weights = make_autoencoder(cfg.model).state_dict()
+    stats = tasks.latent_stats(site, cfg, run_id="r", ae_weights=weights)
+    data = tasks.load_data(site, cfg)
+    ae = make_autoencoder(tiny_cfg.model)
+    ae.load_state_dict(weights)
+    psnr, ssim = reconstruction_quality(ae, data.holdout.images, resolve_device("cpu"))
+    groups = tasks.patient_groups(data, data.holdout)
+    per_patient = tasks.per_patient_mean(psnr / PSNR_CAP_DB, groups)
+    assert stats.recon_count == len(per_patient) > 0
+    assert stats.recon_psnr_sum == pytest.approx(float(per_patient.sum()), rel=1e-5)
+    assert stats.recon_ssim_sum == pytest.approx(
+        float(tasks.per_patient_mean(ssim, groups).clamp(0, 1).sum()), rel=1e-5)
+
+    def absurd(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(data.holdout.images)
+        return torch.full((n,), 1e4), torch.full((n,), 7.0)
+
+    monkeypatch.setattr(tasks, "reconstruction_quality", absurd)
+    clipped = tasks.latent_stats(site, cfg, run_id="r2", ae_weights=weights)
+    assert clipped.recon_psnr_sum == clipped.recon_ssim_sum == clipped.recon_count
+
+
+def test_reconstruction_release_is_charged_first_and_noisy(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    site = _site(tmp_path, demo_manifest)
+    weights = make_autoencoder(tiny_cfg.model).state_dict()
+    a = tasks.latent_stats(site, tiny_cfg, run_id="r1", ae_weights=weights)
+    b = tasks.latent_stats(site, tiny_cfg, run_id="r2", ae_weights=weights)
+    assert a.recon_psnr_sum != b.recon_psnr_sum and a.recon_count != b.recon_count
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("crashed while measuring")
+
+    monkeypatch.setattr(tasks, "reconstruction_quality", crash)
+    with pytest.raises(RuntimeError):
+        tasks.latent_stats(site, tiny_cfg, run_id="r3", ae_weights=weights)
+    entries = PrivacyLedger.open(site.ledger_path, budget_epsilon=8.0, delta=1e-5,
+                                 site_id="site-0").entries()
+    assert [e["run_id"] for e in entries].count("r3") == 2  # both charged before any data
 
 
 def test_training_never_sees_test_or_holdout_images(

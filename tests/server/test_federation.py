@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,27 @@ def test_resume_accepts_a_folder_saved_before_the_aggregation_section(tmp_path: 
     coord.folder.state_path.write_text(json.dumps(state))
     assert Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path)).state["stage"] == \
         "latent-scale"
+
+
+def test_reconstruction_releases_are_vetted_and_pooled() -> None:
+    """A site's [PSNR/50, SSIM] sums must lie in [0, count] up to the DP noise; pooling is
+    post-processing, with None (not a made-up figure) when the noise swamps the counts."""
+    from server.aggregate import pooled_recon_quality, recon_quality_problem
+
+    assert recon_quality_problem(300.0, 400.0, 500.0, noise_multiplier=20.0) is None
+    assert recon_quality_problem(-100.0, -50.0, 30.0, noise_multiplier=20.0) is None  # noise
+    assert recon_quality_problem(1e12, 400.0, 500.0, noise_multiplier=20.0)
+    assert recon_quality_problem(300.0, 1e5, 500.0, noise_multiplier=20.0)
+    assert recon_quality_problem(300.0, 400.0, -1e6, noise_multiplier=20.0)
+    assert recon_quality_problem(math.nan, 400.0, 500.0, noise_multiplier=20.0)
+    pooled = pooled_recon_quality([(300.0, 400.0, 500.0), (100.0, 100.0, 500.0)],
+                                  method="mean", noise_multiplier=20.0)
+    assert pooled["psnr_db"] == pytest.approx(50.0 * 400.0 / 1000.0)
+    assert pooled["ssim"] == pytest.approx(0.5)
+    assert pooled["ssim_se"] == pytest.approx(2 * 20.0 * math.sqrt(2) / 1000.0)
+    median = pooled_recon_quality([(300.0, 400.0, 500.0), (100.0, 100.0, 500.0),
+                                   (500.0, 500.0, 500.0)], method="median",
+                                  noise_multiplier=20.0)
+    assert median["ssim"] == pytest.approx(0.8)
+    swamped = pooled_recon_quality([(3.0, 2.0, -40.0)], method="mean", noise_multiplier=20.0)
+    assert swamped["psnr_db"] is None and swamped["ssim"] is None

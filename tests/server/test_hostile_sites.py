@@ -140,6 +140,7 @@ CASES = [
     Case("latent-second-moment-sum-1e12",
          latent(lambda c: _metrics(c, second_moment_sum=1e12))),
     Case("latent-negative-count", latent(lambda c: _metrics(c, count=-1e6))),
+    Case("latent-recon-ssim-sum-1e12", latent(lambda c: _metrics(c, recon_ssim_sum=1e12))),
     Case("latent-epsilon-above-budget", latent(lambda c: _metrics(c, epsilon=1e3)), True),
 ]
 
@@ -268,3 +269,4 @@ def test_one_hostile_site_of_three(case: Case, tmp_path: Path, demo_manifest: Pa
         honest = [v for n, v in hostile.latent.items() if n != HOSTILE]
         scale, _ = pooled_scale_factor(honest, clip=tiny_cfg.privacy.scale_clip)
         assert saved["latent_scale"]["scale_factor"] == pytest.approx(scale)
+        assert len(saved["reconstruction"]["sites"]) == 2

@@ -212,6 +212,21 @@ def test_verdict_fail_on_strong_mia(tmp_path: Path) -> None:
     assert 'class="badge FAIL"' in text
 
 
+def _recon(ssim: float | None) -> dict:
+    return {"psnr_db": None if ssim is None else 24.0, "ssim": ssim, "patients": 900.0,
+            "psnr_se_db": 0.2, "ssim_se": 0.004, "released": "DP Gaussian",
+            "sites": {"site-0": {"psnr_db": 23.5, "ssim": ssim, "patients": 300.0}}}
+
+
+def test_reconstruction_shown_before_the_synthetic_measures(tmp_path: Path) -> None:
+    metrics = {**_metrics(), "reconstruction": _recon(0.2)}
+    text = write_report(tmp_path, metrics, {}).read_text(encoding="utf-8")
+    assert "Autoencoder reconstruction" in text and "site-0" in text
+    assert text.index("Autoencoder reconstruction") < text.index("FID/KID")
+    short = dict((a, t) for a, _, t in verdicts(metrics))["Where it falls short"]
+    assert "autoencoder" in short and "0.20" in short
+
+
 def _audit(**privacy: object) -> dict:
     """A metrics change that overrides DP audit values in the privacy block."""
     return {"privacy": {**_metrics()["privacy"], **privacy}}
@@ -269,6 +284,10 @@ def _audit(**privacy: object) -> dict:
         # a low AUC under enormous DP noise cannot pass
         (_audit(mia_auc=0.5, mia_noise_std=0.5), "Membership inference", "WEAK"),
         (_audit(mia_auc=None), "Membership inference", "FAIL"),
+        ({"reconstruction": _recon(0.82)}, "Autoencoder", "PASS"),
+        ({"reconstruction": _recon(0.55)}, "Autoencoder", "WEAK"),
+        ({"reconstruction": _recon(0.2)}, "Autoencoder", "FAIL"),
+        ({"reconstruction": _recon(None)}, "Autoencoder", "WEAK"),  # swamped by noise
     ],
 )
 def test_verdict_thresholds(change: dict, aspect: str, status: str) -> None:
@@ -387,6 +406,9 @@ def test_federation_metrics_round_trip_keeps_every_key() -> None:
         "meta": {"sites_connected": 3},
         "errors": [{"stage": "autoencoder round 1", "node": 103, "reason": "NaN weights"}],
         "latent_scale": {"scale_factor": 0.6, "released": "DP Gaussian", "note": None},
+        "reconstruction": {"psnr_db": 24.0, "ssim": 0.8, "patients": 900.0,
+                           "psnr_se_db": 0.2, "ssim_se": 0.004, "released": "DP Gaussian",
+                           "sites": {"site-0": {"psnr_db": 23.5, "ssim": 0.79}}},
         "utility": {"ratio": 0.8}, "a-newer-key": [1, 2],
     }
     assert FederationMetrics.from_json(doc).to_json() == doc
