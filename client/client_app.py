@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -110,14 +111,18 @@ def _train(msg: Message, context: Context, site: SiteConfig) -> Message:
         ae_weights = context.state[AE_STATE_KEY].to_torch_state_dict()
     # The message seed drives only non-private randomness (timesteps, label dropout); the
     # privacy randomness is the site's own (client.tasks.site_privacy_rng).
+    t0 = time.monotonic()
     result = tasks.train_round(
         site, cfg, phase=req.phase, server_round=req.server_round, run_id=req.run.run_name,
         weights=req.weights.to_torch_state_dict(), ae_weights=ae_weights,
         scale_factor=1.0 if req.scale_factor is None else req.scale_factor,
         seed=req.run.seed * 1000 + req.server_round * 7 + site.site_index,
     )
-    _log(site).info("%s round %s: loss %.4f, epsilon %.3f / %.3f", req.phase, req.server_round,
-                    result.loss, result.epsilon, result.budget_epsilon)
+    # The site's own compute time stays in its log (never in the reply: a timing side channel
+    # the protocol does not declare); benchmarks/federation_overhead.py reads it.
+    _log(site).info("%s round %s: loss %.4f, epsilon %.3f / %.3f, trained in %.2fs", req.phase,
+                    req.server_round, result.loss, result.epsilon, result.budget_epsilon,
+                    time.monotonic() - t0)
     reply = TrainReply(site_id=site.site_id, weights=ArrayRecord(result.weights),
                        loss=result.loss, epsilon=result.epsilon,
                        budget_epsilon=result.budget_epsilon, delta=result.delta,

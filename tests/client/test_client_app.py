@@ -77,6 +77,17 @@ def test_train_autoencoder_round_replies_weights_epsilon_and_charges_ledger(
     for leaky in ("steps", "sample-rate", "noise-multiplier"):  # each reveals the dataset size
         assert leaky not in m
     assert ledger.epsilon() == pytest.approx(m["epsilon"])
+    # The compute time stays in the site's own log, where the overhead benchmark reads it.
+    # (by path: an installed dependency ships a top-level package named `benchmarks`)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "federation_overhead", Path(__file__).parents[2] / "benchmarks" / "federation_overhead.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    [(start, end)] = bench.site_intervals(tmp_path)[("autoencoder", 1)]
+    assert 0 < end - start < 600
 
 
 def test_round_beyond_the_plan_is_refused_with_a_budget_error(
