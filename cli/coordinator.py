@@ -415,6 +415,7 @@ def run_config_from_args(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "overrides": json.dumps(overrides), "min-sites": args.min_sites,
         "num-sites": args.num_sites or 0, "out": str(out),
         "round-timeout": float(args.round_timeout), "round-retries": args.round_retries,
+        "accept": args.accept or "",
     }
     from server.server_app import config_from_run_config
 
@@ -633,6 +634,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="how long to wait for the sites to be online before giving up")
     run.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                      help="give up following the run after this long (it keeps running)")
+    run.add_argument("--accept", default=None, metavar="CRITERIA",
+                     help="acceptance criteria, declared before training and judged in the "
+                     "report, e.g. 'ratio>=0.9,mia_auc<=0.55,epsilon<=8' (README)")
     run.add_argument("--detach", action="store_true", help="submit and return")
 
 

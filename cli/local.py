@@ -1,4 +1,4 @@
-"""One-machine commands: `simulate`, `evaluate`, `demo-data`, `pretrain-ae`, `pretrain-dm`.
+"""One-machine commands: `simulate`, `evaluate`, `export`, `demo-data`, `pretrain-ae`/`-dm`.
 
 `simulate` checks everything it can before it creates or touches anything (the data's file list
 and every image, the partition among --sites, the configuration, and, for an existing run
@@ -129,6 +129,14 @@ def preflight_simulation(args: argparse.Namespace, overrides: dict[str, Any]) ->
     cfg = build_config_from(args, overrides, class_names=class_names, epsilon=args.epsilon,
                             delta=args.delta, seed=args.seed, device=args.device)
     check_resume(out, to_dict(cfg))
+    if args.accept is not None:
+        from server.acceptance import AcceptanceError, check_feasible, parse_acceptance
+
+        try:
+            check_feasible(parse_acceptance(args.accept), epsilon=args.epsilon,
+                           evaluate=not args.no_evaluate)
+        except AcceptanceError as e:
+            raise LocalCliError(str(e)) from e
     if args.data != "demo":
         _check_images([r.path for r in records or ()], str(args.data))
 
@@ -146,7 +154,8 @@ def simulate(args: argparse.Namespace) -> int:
                              image_size=args.image_size, seed=args.seed, out=args.out,
                              device=args.device, overrides=overrides,
                              demo_patients=args.demo_patients, demo_slices=args.demo_slices,
-                             reproducible=args.reproducible, evaluate=not args.no_evaluate)
+                             reproducible=args.reproducible, evaluate=not args.no_evaluate,
+                             accept=args.accept)
     metrics = run_simulation(opts)
     print("\n".join(["", "== fedldm simulate: done =="] + summary_lines(metrics, args.out)))
     return 0
@@ -154,6 +163,15 @@ def simulate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # evaluate, demo-data, pretrain
+
+
+def export(args: argparse.Namespace) -> int:
+    from server.export import export_run
+
+    acc = export_run(args.run, args.to, force=args.force)
+    verdict = "GO" if acc.get("go") else "NO-GO (exported with --force; the data card says so)"
+    print(f"exported {args.run / 'synthetic'} to {args.to}: {verdict}")
+    return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -255,6 +273,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "exactly. NOT private against anyone who knows the seed: tests and research "
                    "only (run.json, the report and the data card say so)")
     p.add_argument("--no-evaluate", action="store_true", help="skip the evaluation at the end")
+    p.add_argument("--accept", default=None, metavar="CRITERIA",
+                   help="acceptance criteria, declared before training and judged in the "
+                   "report (go / no-go), e.g. 'ratio>=0.9,mia_auc<=0.55,epsilon<=8'; without "
+                   "it the report's default thresholds decide")
     p.add_argument("--set", type=A.override, action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set diffusion.noise_multiplicity=8")
 
@@ -275,6 +297,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--utility-seeds", type=A.positive_int, default=3)
     e.add_argument("--no-audit", action="store_true", help="skip the site privacy audits")
 
+    x = sub.add_parser("export", help="copy a run's synthetic dataset and its data card to a "
+                       "folder; refused when the run is NO-GO unless --force")
+    x.add_argument("run", type=A.path, metavar="RUN")
+    x.add_argument("--to", type=A.path, required=True, metavar="DIR",
+                   help="a new (or empty) folder")
+    x.add_argument("--force", action="store_true",
+                   help="export a NO-GO run anyway; the data card's first line says so")
+
     for name, steps, text in (
         ("pretrain-ae", 2500, "pretrain the autoencoder on public phantoms"),
         ("pretrain-dm", 3000, "pretrain the denoiser (no labels) on healthy public phantoms, "
@@ -291,4 +321,4 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS = {"simulate": simulate, "demo-data": demo_data, "evaluate": evaluate,
-            "pretrain-ae": pretrain, "pretrain-dm": pretrain}
+            "export": export, "pretrain-ae": pretrain, "pretrain-dm": pretrain}

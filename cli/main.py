@@ -1,6 +1,6 @@
 """fedldm: federated, differentially private latent diffusion for medical images.
 
-One-machine commands: simulate, evaluate, demo-data, pretrain-ae, pretrain-dm.
+One-machine commands: simulate, evaluate, export, demo-data, pretrain-ae, pretrain-dm.
 Hospital side: fedldm site check|init|start|budget.
 Consortium side: fedldm coordinator start|register-site|sites|unregister-site|run.
 """
@@ -36,6 +36,8 @@ EXPECTED: tuple[tuple[str, str, int], ...] = (
     ("client.ledger", "LedgerError", 2),  # and its subclasses (LedgerMissingError)
     ("common.tls", "TlsError", 2),
     ("server.federation", "FederationError", 1),
+    ("server.acceptance", "AcceptanceError", 2),
+    ("server.export", "ExportError", 2),
 )
 # Operating-system errors about a path the user gave.
 PATH_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, PermissionError, IsADirectoryError,

@@ -68,6 +68,27 @@ def _audit_lines(audit: AuditSummary) -> list[str]:
     return lines
 
 
+def _acceptance_lines(acc: Any) -> list[str]:
+    """## Acceptance: the go/no-go decision against the criteria declared before training."""
+    if not isinstance(acc, dict):
+        return []
+    go = "GO" if acc.get("go") else "NO-GO"
+    if not acc.get("declared"):
+        failed = ", ".join(acc.get("failed") or []) or "none"
+        return ["## Acceptance", f"- **{go}** against the report's default thresholds (no "
+                f"criteria were declared before training); failing aspects: {failed}.", ""]
+    out = ["## Acceptance",
+           f"- **{go}** against the criteria declared before training: `{acc.get('spec', '')}`."
+           f" Rule: {acc.get('rule', '')}.",
+           "", "| criterion | measured | 95% CI | outcome |", "|---|---|---|---|"]
+    for r in acc.get("criteria") or []:
+        ci = r.get("ci")
+        interval = f"[{_f(ci[0])}, {_f(ci[1])}]" if ci else "-"
+        out.append(f"| `{r.get('criterion')}` | {_f(r.get('value'))} | {interval} | "
+                   f"{'met' if r.get('met') else 'NOT met'} |")
+    return [*out, ""]
+
+
 def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
     """Write the synthetic set's DATACARD.md from metrics.json's typed blocks."""
     priv = PrivacyBlock.from_json(metrics.get("privacy"))
@@ -87,6 +108,7 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
         f"- Starting weights: autoencoder {INIT_NOTES[cfg.ae_init]}; denoiser "
         f"{INIT_NOTES[cfg.dm_init]}.",
         "- Files: `<class>/syn_NNNNNN.png` (8-bit grayscale) and `manifest.csv` (path,label).", "",
+        *_acceptance_lines(metrics.get("acceptance")),
         "## Privacy",
     ]
     if not cfg.privacy.private:

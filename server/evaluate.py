@@ -44,6 +44,7 @@ from ldm_core.evaluation import (
 from ldm_core.models import resolve_device
 from ldm_core.sampling import generate_images
 from server import report
+from server.acceptance import acceptance_block, parse_acceptance
 from server.datacard import write_datacard
 from server.eval_audit import (
     SITE_LOCAL_NOTE,
@@ -284,6 +285,9 @@ def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
     metrics["evaluation_seconds"] = round(time.monotonic() - t0, 1)
     metrics["run"] = run_table(metrics, ev.cfg, run.root)
     metrics["evaluation_steps_seconds"] = steps
+    metrics["privacy"] = privacy.to_json()
+    spec = meta.get("accept")
+    metrics["acceptance"] = acceptance_block(metrics, parse_acceptance(spec) if spec else None)
     step_report(ev, metrics, privacy)
     ev.say(f"evaluation done in {metrics['evaluation_seconds']:.0f}s")
     return metrics

@@ -74,9 +74,38 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 NOT_MEASURED = '<p class="muted">Not measured in this run.</p>'
 
 
+def acceptance_html(m: Mapping[str, Any]) -> str:
+    """GO / NO-GO against the criteria declared before the run (or the default thresholds),
+    criterion by criterion with the measured value, its interval and the rule that decided."""
+    acc = m.get("acceptance")
+    if not isinstance(acc, Mapping):
+        return ""
+    go = bool(acc.get("go"))
+    badge = f'<span class="badge {"PASS" if go else "FAIL"}">{"GO" if go else "NO-GO"}</span>'
+    if not acc.get("declared"):
+        failed = ", ".join(str(a) for a in acc.get("failed") or [])
+        return (f"<p><b>Go / no-go:</b> {badge} against the default thresholds below: no "
+                "acceptance criteria were declared for this run (<code>--accept</code>)."
+                + (f" Failing: {html.escape(failed)}." if failed else "") + "</p>")
+
+    def interval(ci: Any) -> str:
+        if not isinstance(ci, (list, tuple)) or ci[0] is None:
+            return "-"
+        return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+    rows = [(r.get("criterion"), "-" if r.get("value") is None else _fmt(r.get("value")),
+             interval(r.get("ci")), r.get("rule"), "met" if r.get("met") else "NOT met")
+            for r in acc.get("criteria") or [] if isinstance(r, Mapping)]
+    return (f"<p><b>Go / no-go:</b> {badge} against the acceptance criteria declared before "
+            f"training (<code>{html.escape(str(acc.get('spec', '')))}</code>). "
+            f"{html.escape(str(acc.get('rule', '')))}.</p>"
+            + _table(["criterion", "measured", "95% CI", "decided by", "outcome"], rows))
+
+
 def verdict_html(m: Mapping[str, Any]) -> str:
-    """The verdict table: one row per aspect with its PASS/WEAK/FAIL badge and sentence."""
-    return (
+    """The go/no-go line, then the verdict table: one row per aspect with its PASS/WEAK/FAIL
+    badge and sentence."""
+    return acceptance_html(m) + (
         "<table><tr><th>aspect</th><th>status</th><th>what it means</th></tr>"
         + "".join(
             f"<tr><td><b>{html.escape(aspect)}</b></td>"
@@ -121,7 +150,7 @@ def reconstruction_html(m: Mapping[str, Any]) -> str:
     def pm(v: Any, se: Any, fmt: str) -> str:
         if v is None:
             return "swamped by DP noise"
-        return format(v, fmt) + ("" if se is None else f" &plusmn; {format(se, fmt)}")
+        return format(v, fmt) + ("" if se is None else f" ± {format(se, fmt)}")
 
     rows = [("all sites (pooled)", pm(rec.psnr_db, rec.psnr_se_db, ".1f"),
              pm(rec.ssim, rec.ssim_se, ".3f"), _fmt(rec.patients))]

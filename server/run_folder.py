@@ -80,6 +80,7 @@ class RunInfo:
     patient_note: str | None = None
     privacy_randomness: str | None = None
     command: str = "fedldm simulate"
+    accept: str | None = None  # acceptance criteria declared before training (--accept)
 
     @property
     def is_simulation(self) -> bool:
@@ -103,10 +104,13 @@ class RunInfo:
 
     def meta(self) -> dict[str, Any]:
         """The run-describing values the coordinator copies into metrics.json's `meta`."""
-        return {"data": self.data, "partition": self.partition, "sites": self.sites,
-                "has_patient_ids": self.has_patient_ids, "mode": self.mode,
-                "patient_note": self.patient_note,
-                "privacy_randomness": self.privacy_randomness}
+        out = {"data": self.data, "partition": self.partition, "sites": self.sites,
+               "has_patient_ids": self.has_patient_ids, "mode": self.mode,
+               "patient_note": self.patient_note,
+               "privacy_randomness": self.privacy_randomness}
+        if self.accept:
+            out["accept"] = self.accept
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, **self.meta(), "command": self.command}
@@ -118,7 +122,8 @@ class RunInfo:
                    has_patient_ids=bool(d.get("has_patient_ids", True)),
                    patient_note=d.get("patient_note"),
                    privacy_randomness=d.get("privacy_randomness"),
-                   command=str(d.get("command", "fedldm simulate")))
+                   command=str(d.get("command", "fedldm simulate")),
+                   accept=d.get("accept") or None)
 
 
 @dataclass(frozen=True)

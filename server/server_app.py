@@ -16,6 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ldm_core.config import ConfigError, RunConfig, build_config
+from server.acceptance import check_feasible, parse_acceptance
 from server.federation import Coordinator, ServerSettings
 
 AfterTraining = Callable[[Coordinator], None]
@@ -41,10 +42,14 @@ def config_from_run_config(rc: Mapping[str, Any]) -> tuple[RunConfig, ServerSett
     if not (timeout > 0 and math.isfinite(timeout)) or retries < 0:
         raise ConfigError(f"round-timeout must be a positive number of seconds (got {timeout}) "
                           f"and round-retries >= 0 (got {retries})")
+    accept = str(rc.get("accept", "")).strip()
+    if accept:  # declared before training: a criterion that cannot be met stops the run here
+        check_feasible(parse_acceptance(accept), epsilon=cfg.privacy.epsilon, evaluate=True)
     settings = ServerSettings(out=out, spend_registry=registry,
                               min_sites=int(rc.get("min-sites", 1)),
                               expected_sites=int(rc.get("num-sites", 0)) or None,
-                              round_timeout_s=timeout, round_retries=retries)
+                              round_timeout_s=timeout, round_retries=retries,
+                              extra_meta={"accept": accept} if accept else {})
     return cfg, settings
 
 

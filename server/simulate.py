@@ -26,6 +26,7 @@ from ldm_core.config import PRESET_IMAGE_SIZE, RunConfig, build_config, to_dict
 from ldm_core.data import DEMO_DATA, DataError, missing_test_classes, scan, simulation_source
 from ldm_core.dp_random import NOT_PRIVATE_NOTE
 from ldm_core.phantoms import generate_demo
+from server.acceptance import AcceptanceError, check_feasible, parse_acceptance
 from server.evaluate import EvalOptions
 from server.federation import Coordinator, FederationError, ServerSettings
 from server.finalize import finalize_run
@@ -54,6 +55,8 @@ class SimulationOptions:
     # Simulation only: seed the sites' privacy randomness (NOT private against the seed holder).
     reproducible: bool = False
     evaluate: bool = True
+    # Acceptance criteria (server.acceptance), declared before training and kept in run.json.
+    accept: str | None = None
     eval_options: EvalOptions | None = None
     show_progress: bool = True
 
@@ -99,6 +102,7 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
                        class_names=tuple(index.class_names), epsilon=eps, delta=opts.delta,
                        seed=opts.seed, device=opts.device, overrides=opts.overrides)
     _check_before_writing(run, cfg, data, partition, opts)
+    accept = _declared_acceptance(run, opts)
     info = RunInfo(
         config=to_dict(cfg), data=data, partition=partition, sites=opts.sites,
         mode="simulation", has_patient_ids=index.has_patient_ids,
@@ -107,7 +111,8 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
         "splits may leak a patient across train/holdout/test (results are optimistic)",
         privacy_randomness=NOT_PRIVATE_NOTE if opts.reproducible else (
             "secure: each site draws Poisson sampling and DP noise from OS entropy (reseeded "
-            "every step); the run's seed drives only initialisation, timesteps and evaluation"))
+            "every step); the run's seed drives only initialisation, timesteps and evaluation"),
+        accept=accept)
     run.save_info(info)
     meta = info.meta()
     sites = SimulationSites(data=data, n_sites=opts.sites, partition=partition,
@@ -128,6 +133,22 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
         copy_ledgers(sites, opts.sites, run)  # again: the audit charged the ledgers
 
     return SimulationPlan(run, cfg, sites, settings, after)
+
+
+def _declared_acceptance(run: Run, opts: SimulationOptions) -> str | None:
+    """The run's acceptance criteria: checked before training, and fixed once declared (a
+    resumed run cannot move its goalposts)."""
+    spec = opts.accept.strip() if opts.accept else None
+    info = run.load_info() if run.state_path.exists() else None
+    if info is not None:  # resuming: what was declared stands
+        if spec is None or spec == info.accept:
+            return info.accept
+        raise AcceptanceError(
+            f"{run.root / 'run.json'} declares {info.accept or 'no'} acceptance criteria; they "
+            f"were fixed before training and cannot become {spec!r} on resume (use a new --out)")
+    if spec:
+        check_feasible(parse_acceptance(spec), epsilon=opts.epsilon, evaluate=opts.evaluate)
+    return spec
 
 
 def _check_before_writing(run: Run, cfg: RunConfig, data: str, partition: str,

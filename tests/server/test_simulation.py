@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from ldm_core.checkpoint import load_checkpoint
+from server.acceptance import AcceptanceError
 from server.evaluate import EvalOptions
+from server.export import ExportError, export_run
 from server.simulate import SimulationOptions, run_simulation
 
 
@@ -31,6 +33,7 @@ def test_tiny_federation_end_to_end_and_resume(tmp_path: Path, demo_manifest: Pa
         data=str(demo_manifest), sites=2, partition="site", epsilon=8.0, preset="tiny",
         image_size=16, out=out, device="cpu", show_progress=False,
         eval_options=EvalOptions(per_class=12, utility_seeds=(0,), utility_epochs=1),
+        accept="ratio>=0.99,epsilon<=8",  # a tiny model cannot meet the first
     )
     flower_log = _Kept()
     logging.getLogger("flwr").addHandler(flower_log)
@@ -65,6 +68,18 @@ def test_tiny_federation_end_to_end_and_resume(tmp_path: Path, demo_manifest: Pa
     assert manifest[0] == "path,label" and len(manifest) == 1 + 12 * len(
         json.loads((out / "run.json").read_text())["config"]["class_names"])
     assert "Privacy" in (out / "synthetic" / "DATACARD.md").read_text()
+
+    # Declared before training, judged after: NO-GO on the ratio, and export refuses it.
+    assert json.loads((out / "run.json").read_text())["accept"] == opts.accept
+    acc = metrics["acceptance"]
+    assert acc["declared"] and not acc["go"] and acc["failed"] == ["ratio>=0.99"]
+    assert "NO-GO" in (out / "report.html").read_text()
+    assert "**NO-GO**" in (out / "synthetic" / "DATACARD.md").read_text()
+    with pytest.raises(ExportError, match="NO-GO"):
+        export_run(out, tmp_path / "shared")
+    # ... and the goalposts cannot move on resume.
+    with pytest.raises(AcceptanceError, match="fixed before training"):
+        run_simulation(SimulationOptions(**{**opts.__dict__, "accept": "ratio>=0.1"}))
 
     # Rerunning the same command resumes: training is done, nothing is charged again.
     ledger_before = (out / "sites" / "site-0" / "ledger.json").read_bytes()
