@@ -20,12 +20,10 @@ import argparse
 import dataclasses
 import json
 import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
+from _subrun import run_child
 
 from ldm_core.config import build_config
 from ldm_core.dp_random import PrivacyRng
@@ -82,13 +80,9 @@ def main() -> None:
     res: dict[tuple[str, bool], dict[str, float]] = {}
     for name in PHASES:
         for sigma in (0.0, 1.0):
-            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--preset",
-                                  args.preset, "--batch", str(args.batch), "--steps",
-                                  str(args.steps), "--one", name, str(sigma)],
-                                 capture_output=True, text=True, check=True)
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            print(json.dumps(row), flush=True)
-            res[(name, sigma > 0)] = row
+            res[(name, sigma > 0)] = run_child(__file__, "--preset", args.preset, "--batch",
+                                             str(args.batch), "--steps", str(args.steps),
+                                             "--one", name, str(sigma))
     print(f"\npreset {args.preset}, batch {args.batch}, 1 thread, slope over {args.steps} steps")
     print("| model | non-DP s/step | DP s/step | DP / non-DP per step | set-up non-DP / DP s | "
           "peak MB non-DP / DP | target |\n|---|---|---|---|---|---|---|")

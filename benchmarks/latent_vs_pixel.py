@@ -24,12 +24,10 @@ import argparse
 import dataclasses
 import json
 import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
+from _subrun import run_child
 
 from ldm_core.config import build_config
 from ldm_core.dp_random import PrivacyRng
@@ -115,13 +113,9 @@ def main() -> None:
     rows: dict[tuple[int, str], dict[str, float]] = {}
     for size in args.sizes:
         for space in ("latent", "pixel"):
-            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--preset",
-                                  args.preset, "--batch", str(args.batch), "--reps",
-                                  str(args.reps), "--one", space, str(size)],
-                                 capture_output=True, text=True, check=True)
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            print(json.dumps(row), flush=True)
-            rows[(size, space)] = row
+            rows[(size, space)] = run_child(__file__, "--preset", args.preset, "--batch",
+                                          str(args.batch), "--reps", str(args.reps), "--one",
+                                          space, str(size))
     print(f"\npreset {args.preset}, batch {args.batch}, 1 thread; pixel/latent = how many "
           "times cheaper the latent model is")
     print("| size | tensor latent / pixel | train s/sample latent / pixel (x) | "
