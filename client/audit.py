@@ -57,6 +57,8 @@ from ldm_core.sampling import generate_images
 
 __all__ = ["AUDIT_RELEASE_KEYS", "diagnostics_path", "site_audit"]
 
+NONFINITE_SCORE = 1e300  # what a record whose score overflowed scores (lower = more member-like)
+
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 # Closest (record, generated sample) pairs kept in the site-local diagnostics.
 N_PAIRS = 8
@@ -135,6 +137,11 @@ def site_audit(site: SiteConfig, cfg: RunConfig, ae: torch.nn.Module, dm: torch.
         scores["denoiser"][name] = denoiser_scores(
             ae, dm, cfg.model, x, y, scale_factor=scale_factor, seed=seed).numpy()
         scores["autoencoder"][name] = autoencoder_scores(ae, x).numpy()
+        if name != "samples":  # a record's non-finite score: a fixed public value, not an error
+            for a in ATTACKS:  # (an error reply would tell the model's author, without noise,
+                scores[a][name] = np.nan_to_num(  # that some record made the model overflow)
+                    scores[a][name], nan=NONFINITE_SCORE, posinf=NONFINITE_SCORE,
+                    neginf=-NONFINITE_SCORE)
     taus = {a: sample_threshold(scores[a]["samples"]) for a in ATTACKS}
 
     extractor = random_feature_extractor(seed=0).to(device)

@@ -291,7 +291,9 @@ def latent_stats(site: SiteConfig, cfg: RunConfig, *, run_id: str,
 
 def _dp_rows(rows: torch.Tensor, *, clip: float, sigma: float, rng: PrivacyRng | None
              ) -> tuple[torch.Tensor, float]:
-    """Sum and count of per-patient rows: a Gaussian release, or exact when DP is off."""
+    """Sum and count of per-patient rows: a Gaussian release, or exact when DP is off. A row
+    that is not finite counts as zeros (ldm_core.privacy.dp_sum_and_count says why)."""
+    rows = torch.where(torch.isfinite(rows).all(dim=1, keepdim=True), rows, torch.zeros_like(rows))
     if rng is None or sigma == 0.0:
         return rows.double().sum(dim=0), float(rows.shape[0])
     return dp_sum_and_count(rows, clip=clip, noise_multiplier=sigma, generator=rng.generator())

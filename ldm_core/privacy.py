@@ -316,8 +316,10 @@ def dp_sum_and_count(
             "generator must be a torch.Generator (randomness is passed in explicitly)."
         )
     x = per_sample.detach().to(torch.float64)
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("per_sample contains NaN or inf; fix the statistic before releasing it.")
+    # A record whose statistic is not finite contributes a zero row (and still counts): the
+    # release must neither fail nor change shape because of one record, or an error reply
+    # would tell a model-crafting coordinator, without noise, something about that record.
+    x = torch.where(torch.isfinite(x).all(dim=1, keepdim=True), x, torch.zeros_like(x))
     n, d = x.shape
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     factors = (float(clip) / (norms + 1e-12)).clamp(max=1.0)

@@ -243,6 +243,8 @@ def dp_train(
         if loss.dim() != 1:
             raise ValueError(f"loss_fn must return per-sample losses [B], got {tuple(loss.shape)}")
         loss.mean().backward()
+        if noise_multiplier > 0:
+            _finite_grad_samples(module)
         losses.append(float(loss.detach().mean()))
 
     used_sigma, used_clip = 0.0, math.inf
@@ -349,6 +351,22 @@ def _noise_only_step(dp_opt: DPOptimizer) -> None:
                                 secure_mode=dp_opt.secure_mode)
         p.grad = (noise / dp_opt.expected_batch_size).view_as(p)
     dp_opt.original_optimizer.step()
+
+
+def _finite_grad_samples(module: nn.Module) -> None:
+    """Zero every non-finite entry of the per-sample gradients before Opacus clips them.
+
+    Why: the coordinator chooses the weights. Weights crafted to overflow on one patient's
+    images would give that patient an inf/NaN gradient; Opacus' clip factor C / (inf + eps) = 0
+    times inf is NaN, and the whole update (noise included) turns NaN: whether the released
+    weights are finite would tell, without noise, whether that patient was sampled. Zeroing
+    is a per-record transformation before clipping, so the DP analysis is unchanged.
+    """
+    for p in module.parameters():
+        gs = getattr(p, "grad_sample", None)
+        for t in gs if isinstance(gs, list) else [gs]:
+            if isinstance(t, torch.Tensor):
+                torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _strip_opacus(module: nn.Module) -> None:

@@ -5,8 +5,9 @@ after looking at the numbers: `--accept "ratio>=0.9,mia_auc<=0.55,epsilon<=8"` i
 checked against the run's configuration before any training, stored with the run, and the report
 opens with a verdict criterion by criterion. The rule is conservative: a criterion with a
 confidence interval is met only when the whole interval is on the right side of the threshold
-(for `>=` its lower end, for `<=` its upper end); one without an interval (epsilon: exact, from
-the ledgers) is met by its value. A criterion that was not measured is not met.
+(for `>=` its lower end, for `<=` its upper end); one without an interval (epsilon, the largest
+the sites reported; not measured when a site's figures were flagged) is met by its
+value. A criterion that was not measured is not met.
 
 Without declared criteria the report's default verdict thresholds decide (no FAIL row = GO),
 and the report says that these are defaults.
@@ -38,22 +39,25 @@ Measured = tuple[float, float | None, float | None] | None
 
 
 def _ci(value: Any, ci: Any) -> Measured:
+    """A value with its interval; a broken interval counts as not measured."""
     v = num(value, None)
     if v is None or math.isnan(v):
         return None
-    if isinstance(ci, (list, tuple)) and len(ci) == 2:
-        lo, hi = num(ci[0], None), num(ci[1], None)
-        return v, lo, hi
-    return v, None, None
+    if ci is None:
+        return v, None, None
+    lo, hi = (num(ci[0], None), num(ci[1], None)) if isinstance(ci, (list, tuple)) and \
+        len(ci) == 2 else (None, None)
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
+        return None
+    return v, lo, hi
 
 
 def _noisy(value: Any, std: Any) -> Measured:
-    """A DP release with known noise std: a normal 95% interval."""
+    """A DP release with its noise std: a normal 95% interval; without the std, not
+    measured (a noisy value must not be judged as if it were exact)."""
     v, s = num(value, None), num(std, None)
-    if v is None or math.isnan(v):
+    if v is None or math.isnan(v) or s is None or math.isnan(s) or s < 0:
         return None
-    if s is None or math.isnan(s):
-        return v, None, None
     return v, v - Z95 * s, v + Z95 * s
 
 
@@ -76,10 +80,15 @@ def _privacy(key: str) -> Callable[[Mapping[str, Any]], Measured]:
 
 
 def _epsilon(m: Mapping[str, Any]) -> Measured:
+    """The largest epsilon the sites reported and the coordinator accepted; not measured when
+    any site's figures were flagged as unbelievable or a site reported none."""
     sites = (m.get("privacy") or {}).get("sites") or {}
-    eps = [num(s.get("epsilon"), None) for s in sites.values() if isinstance(s, Mapping)]
-    eps = [e for e in eps if e is not None]
-    return (max(eps), None, None) if eps else None
+    rows = [s for s in sites.values() if isinstance(s, Mapping)]
+    eps = [num(s.get("epsilon"), None) for s in rows]
+    if not rows or any(e is None or math.isnan(e) for e in eps) or any(
+            s.get("flags") for s in rows):
+        return None
+    return max(e for e in eps if e is not None), None, None
 
 
 def _recon(key: str, se: str) -> Callable[[Mapping[str, Any]], Measured]:
@@ -102,7 +111,8 @@ METRICS: dict[str, tuple[str, Callable[[Mapping[str, Any]], Measured]]] = {
                 _privacy("mia_auc")),
     "memorized_fraction": ("share of audited training images with a generated near-copy",
                            _privacy("memorized_fraction")),
-    "epsilon": ("largest cumulative epsilon of any site (exact, from the ledgers)", _epsilon),
+    "epsilon": ("largest cumulative epsilon any site reported (exact; not measured when a "
+                "site's figures were flagged)", _epsilon),
     "recon_ssim": ("autoencoder SSIM on the sites' holdout patients (DP release)",
                    _recon("ssim", "ssim_se")),
     "recon_psnr": ("autoencoder PSNR (dB) on the sites' holdout patients (DP release)",

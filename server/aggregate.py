@@ -177,26 +177,31 @@ def recon_quality_problem(psnr_sum: float, ssim_sum: float, count: float, *,
 
 def pooled_recon_quality(stats: Sequence[tuple[float, float, float]], *, method: str,
                          noise_multiplier: float) -> dict[str, float | None]:
-    """Holdout reconstruction PSNR (dB) and SSIM from the sites' checked releases, with their
-    approximate standard errors from the DP noise (post-processing: free in privacy).
+    """Holdout reconstruction PSNR (dB) and SSIM from the sites' checked releases, with a
+    standard error from the DP noise (post-processing: free in privacy).
 
-    Pooled sums over pooled counts ("mean"), else the median of the per-site means, like the
-    scale factor. None when the noise swamps the counts (tiny sites)."""
+    Each site's noisy mean counts once, clamped to the possible [0, 1], so a site cannot buy
+    weight by claiming a huge count; a site whose noisy count is within 3 noise standard
+    deviations of zero is left out (its mean would be noise). The sites' means are averaged
+    ("mean", and "auto" under 3 sites) or their median taken; the standard error is that of
+    the average, or the largest site's for the median. None when no site is usable.
+    """
+    sum_sd, count_sd = 2.0 * noise_multiplier, math.sqrt(2.0) * noise_multiplier
     total = sum(c for _, _, c in stats)
-    sum_sd = 2.0 * noise_multiplier
-    if resolve_method(method, len(stats)) == "mean":
-        if total <= 0:
-            return {"psnr_db": None, "ssim": None, "patients": total}
-        p, q = sum(s for s, _, _ in stats) / total, sum(s for _, s, _ in stats) / total
+    usable = [(min(max(ps / c, 0.0), 1.0), min(max(ss / c, 0.0), 1.0), sum_sd / c)
+              for ps, ss, c in stats if c > 3.0 * count_sd]
+    if not usable:
+        return {"psnr_db": None, "ssim": None, "patients": total}
+    if resolve_method(method, len(usable)) == "mean":
+        p = statistics.fmean(u[0] for u in usable)
+        q = statistics.fmean(u[1] for u in usable)
+        se = math.sqrt(sum(u[2] ** 2 for u in usable)) / len(usable)
     else:
-        per_site = [(ps / c, ss / c) for ps, ss, c in stats if c > 0]
-        if not per_site:
-            return {"psnr_db": None, "ssim": None, "patients": total}
-        p = statistics.median(x for x, _ in per_site)
-        q = statistics.median(y for _, y in per_site)
-    se = sum_sd * math.sqrt(len(stats)) / total if total > 0 else math.inf
-    return {"psnr_db": PSNR_CAP_DB * min(max(p, 0.0), 1.0), "ssim": min(max(q, 0.0), 1.0),
-            "patients": total, "psnr_se_db": PSNR_CAP_DB * se, "ssim_se": se}
+        p = statistics.median(u[0] for u in usable)
+        q = statistics.median(u[1] for u in usable)
+        se = max(u[2] for u in usable)
+    return {"psnr_db": PSNR_CAP_DB * p, "ssim": q, "patients": total,
+            "psnr_se_db": PSNR_CAP_DB * se, "ssim_se": se}
 
 
 def robust_scale_factor(stats: Sequence[tuple[float, float]], *, clip: float, method: str

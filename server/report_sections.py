@@ -349,9 +349,9 @@ def method_html() -> str:
         "baseline). "
         "Feature spaces are a seeded random CNN and our own classifier (no downloaded Inception "
         "network), so values are comparable only between runs using the same extractor.",
-        f"Autoencoder: PASS when the shared autoencoder's SSIM on the sites' holdout patients "
-        f"(a DP release) is &ge; {t['autoencoder_ssim_pass']}, FAIL below "
-        f"{t['autoencoder_ssim_fail']}; WEAK when the DP noise swamps it.",
+        f"Autoencoder: PASS when the 95% interval (DP noise) of the shared autoencoder's SSIM "
+        f"on the sites' holdout patients lies at or above {t['autoencoder_ssim_pass']}, FAIL "
+        f"when it lies below {t['autoencoder_ssim_fail']}, WEAK otherwise.",
         f"Diversity: WEAK when synthetic within-class SSIM exceeds the real one by "
         f"{t['diversity_gap_weak']}, FAIL by {t['diversity_gap_fail']}.",
         "Formal privacy: PASS when every site's cumulative epsilon (all rounds, both phases) is "

@@ -133,8 +133,10 @@ def _verdict_autoencoder(m: Mapping[str, Any]) -> tuple[str, str] | None:
         return "WEAK", ("The DP noise swamped the sites' holdout counts, so the autoencoder's "
                         "reconstruction quality is unknown (too few holdout patients).")
     t = THRESHOLDS
-    status = ("PASS" if rec.ssim >= t["autoencoder_ssim_pass"] else
-              "FAIL" if rec.ssim < t["autoencoder_ssim_fail"] else "WEAK")
+    # Judged on the 95% interval of the DP noise: noise alone never makes a PASS or a FAIL.
+    half = 1.96 * rec.ssim_se if rec.ssim_se is not None else math.inf
+    status = ("PASS" if rec.ssim - half >= t["autoencoder_ssim_pass"] else
+              "FAIL" if rec.ssim + half < t["autoencoder_ssim_fail"] else "WEAK")
     se = f" (+- {rec.ssim_se:.2f} from the DP noise)" if rec.ssim_se is not None else ""
     return status, (f"The shared autoencoder reconstructs the sites' unseen holdout images at "
                     f"SSIM {rec.ssim:.2f}{se} and PSNR {rec.psnr_db:.1f} dB: generated images "

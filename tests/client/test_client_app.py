@@ -188,6 +188,19 @@ def test_reconstruction_release_is_exact_without_dp_and_clipped(
     assert clipped.recon_psnr_sum == clipped.recon_ssim_sum == clipped.recon_count
 
 
+def test_a_model_that_overflows_gets_a_noisy_reply_not_an_error(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig) -> None:
+    """A coordinator's autoencoder that turns (some) records into NaN must not make the site
+    answer with an error: that would be a bit about the records without any noise."""
+    site = _site(tmp_path, demo_manifest)
+    weights = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+               for k, v in make_autoencoder(tiny_cfg.model).state_dict().items()}
+    stats = tasks.latent_stats(site, tiny_cfg, run_id="r", ae_weights=weights)
+    assert all(math.isfinite(v) for v in (stats.second_moment_sum, stats.count,
+                                          stats.recon_psnr_sum, stats.recon_ssim_sum,
+                                          stats.recon_count))
+
+
 def test_reconstruction_release_is_charged_first_and_noisy(
         tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -196,3 +196,22 @@ def test_empty_poisson_batches_still_take_a_noisy_step() -> None:
     delta, stats = _sgd_probe(sigma=1.0, clip=1.0, scale=0.0, n=2, rate=0.01)
     assert stats.steps == 1 and stats.batch_sizes in ((0,), (1,), (2,))
     assert delta.std().item() == pytest.approx(1.0 / 4, rel=0.15)
+
+
+def test_an_overflowing_record_cannot_turn_the_update_non_finite() -> None:
+    """Weights chosen so that one record's loss overflows: without care Opacus' clip factor
+    C / inf = 0 times inf is NaN and the whole noisy update turns NaN, telling the model's
+    author, without noise, that the record was sampled. Its gradient must count as zero."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1, bias=False)
+    x = torch.ones(8, 4)
+    x[3] = 1e30  # one record makes the loss overflow to inf
+    phase = PhaseConfig(rounds=1, sample_rate=1.0, local_steps=2, batch_size=8, lr=0.1,
+                        max_grad_norm=1.0, optimizer="sgd")
+
+    def loss(m, b, g):  # noqa: ANN001, ANN202
+        return m(b[0])[:, 0].pow(2)
+
+    dp_train(model, (x,), loss, phase=phase, plan=sampling_plan(phase), noise_multiplier=1.0,
+             seed=0, device=CPU, show_progress=False, privacy_rng=PrivacyRng.secure())
+    assert bool(torch.isfinite(model.weight).all())

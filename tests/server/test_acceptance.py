@@ -58,6 +58,13 @@ def test_a_criterion_with_an_interval_is_met_only_by_the_whole_interval() -> Non
     # Not measured is not met.
     missing = acceptance_block({}, parse_acceptance("ratio>=0.5"))
     assert not missing["go"] and missing["criteria"][0]["rule"] == "not measured"
+    # A site whose figures were flagged, or a DP figure without its noise, is not measured.
+    flagged = _metrics()
+    flagged["privacy"]["sites"]["b"]["flags"] = ["autoencoder round 1: epsilon went down"]
+    assert not acceptance_block(flagged, parse_acceptance("epsilon<=8"))["go"]
+    no_std = _metrics()
+    del no_std["privacy"]["mia_noise_std"]
+    assert not acceptance_block(no_std, parse_acceptance("mia_auc<=0.9"))["go"]
 
 
 def test_without_criteria_the_default_thresholds_decide() -> None:

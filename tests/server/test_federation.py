@@ -215,3 +215,9 @@ def test_reconstruction_releases_are_vetted_and_pooled() -> None:
     assert median["ssim"] == pytest.approx(0.8)
     swamped = pooled_recon_quality([(3.0, 2.0, -40.0)], method="mean", noise_multiplier=20.0)
     assert swamped["psnr_db"] is None and swamped["ssim"] is None
+    # A site claiming a huge count buys no weight and cannot shrink the interval.
+    honest = pooled_recon_quality([(100.0, 100.0, 500.0)], method="mean", noise_multiplier=20.0)
+    liar = pooled_recon_quality([(100.0, 100.0, 500.0), (1e12, 1e12, 1e12)], method="mean",
+                                noise_multiplier=20.0)
+    assert liar["ssim"] == pytest.approx((0.2 + 1.0) / 2)
+    assert liar["ssim_se"] >= honest["ssim_se"] / 2
