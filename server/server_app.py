@@ -96,7 +96,8 @@ def _simulated_main(grid: Grid, rc: Mapping[str, Any]) -> None:
         overrides=json.loads(str(rc.get("overrides", "{}")) or "{}"),
         demo_patients=int(rc.get("demo-patients", 12800)),
         demo_slices=int(rc.get("demo-slices", 1)),
-        reproducible=bool(rc.get("reproducible", False)), show_progress=False)
+        reproducible=bool(rc.get("reproducible", False)), show_progress=False,
+        accept=str(rc.get("accept", "")).strip() or None)
     plan = plan_simulation(opts)
     coordinator = Coordinator(grid, plan.cfg, plan.settings)
     coordinator.run()
