@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,17 @@ torch.set_num_threads(1)
 
 from ldm_core.config import RunConfig, build_config  # noqa: E402
 from ldm_core.phantoms import generate_demo  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _memoised_rdp() -> Iterator[None]:
+    """Opacus' per-order RDP term is a pure function of (sample rate, sigma, order); every
+    tiny site in the suite calibrates the same plans, so compute each term once per session
+    (in this process; Ray workers and subprocesses compute their own)."""
+    from tests.common.federation import fast_accounting
+
+    with fast_accounting():
+        yield
 
 
 @pytest.fixture(scope="session")

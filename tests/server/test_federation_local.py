@@ -13,7 +13,7 @@ import torch
 
 from ldm_core.config import RunConfig
 from server.federation import Coordinator, FederationError
-from tests.common.federation import fast_accounting, make_federation
+from tests.common.federation import make_federation
 
 
 def _federation(tmp: Path, manifest: Path, cfg: RunConfig, *, reproducible: bool = False,
@@ -112,11 +112,10 @@ def test_a_kill_between_the_checkpoint_writes_loses_and_doubles_no_round(
             _orig(self, data)
 
         monkeypatch.setattr(RunFolder, name, write)
-    with fast_accounting(), pytest.raises(_Killed):
+    with pytest.raises(_Killed):
         first.run()
     monkeypatch.undo()
-    with fast_accounting():
-        _federation(tmp_path, demo_manifest, tiny_cfg).run()
+    _federation(tmp_path, demo_manifest, tiny_cfg).run()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     expected = sorted((p, k) for p, n in (("autoencoder", tiny_cfg.autoencoder.rounds),
                                           ("diffusion", tiny_cfg.diffusion.rounds))
