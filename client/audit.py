@@ -137,11 +137,13 @@ def site_audit(site: SiteConfig, cfg: RunConfig, ae: torch.nn.Module, dm: torch.
         scores["denoiser"][name] = denoiser_scores(
             ae, dm, cfg.model, x, y, scale_factor=scale_factor, seed=seed).numpy()
         scores["autoencoder"][name] = autoencoder_scores(ae, x).numpy()
-        if name != "samples":  # a record's non-finite score: a fixed public value, not an error
-            for a in ATTACKS:  # (an error reply would tell the model's author, without noise,
-                scores[a][name] = np.nan_to_num(  # that some record made the model overflow)
-                    scores[a][name], nan=NONFINITE_SCORE, posinf=NONFINITE_SCORE,
-                    neginf=-NONFINITE_SCORE)
+        if name == "samples":
+            continue
+        # A record whose score overflowed gets a fixed public score instead of failing the
+        # audit: an error reply would tell the model's author, without noise, that it happened.
+        for a in ATTACKS:
+            scores[a][name] = np.nan_to_num(scores[a][name], nan=NONFINITE_SCORE,
+                                            posinf=NONFINITE_SCORE, neginf=-NONFINITE_SCORE)
     taus = {a: sample_threshold(scores[a]["samples"]) for a in ATTACKS}
 
     extractor = random_feature_extractor(seed=0).to(device)

@@ -150,11 +150,8 @@ def per_patient_mean(values: torch.Tensor, groups: tuple[str, ...] | None) -> to
 
 
 def _dp_mean(values: torch.Tensor, *, clip: float, sigma: float, rng: PrivacyRng) -> float:
-    if sigma == 0.0:
-        return float(values.clamp(0, clip).mean())
-    total, count = dp_sum_and_count(values.clamp(0, clip).unsqueeze(1), clip=clip,
-                                    noise_multiplier=sigma, generator=rng.generator())
-    return float(total[0]) / max(float(count), 1.0)
+    total, count = _dp_rows(values.clamp(0, clip).unsqueeze(1), clip=clip, sigma=sigma, rng=rng)
+    return float(total[0]) / max(count, 1.0)
 
 
 @dataclass(frozen=True)
@@ -291,9 +288,8 @@ def latent_stats(site: SiteConfig, cfg: RunConfig, *, run_id: str,
 
 def _dp_rows(rows: torch.Tensor, *, clip: float, sigma: float, rng: PrivacyRng | None
              ) -> tuple[torch.Tensor, float]:
-    """Sum and count of per-patient rows: a Gaussian release, or exact when DP is off. A row
-    that is not finite counts as zeros (ldm_core.privacy.dp_sum_and_count says why)."""
-    rows = torch.where(torch.isfinite(rows).all(dim=1, keepdim=True), rows, torch.zeros_like(rows))
+    """Sum and count of per-patient rows: one Gaussian release (ldm_core.privacy.
+    dp_sum_and_count, which also zeroes a non-finite row), or exact when DP is off."""
     if rng is None or sigma == 0.0:
         return rows.double().sum(dim=0), float(rows.shape[0])
     return dp_sum_and_count(rows, clip=clip, noise_multiplier=sigma, generator=rng.generator())

@@ -110,6 +110,28 @@ def test_release_has_exactly_the_declared_keys_and_charges_the_ledger(
     assert out["epsilon"] == pytest.approx(audit[0]["epsilon_after"])
 
 
+def test_a_record_whose_score_overflows_gets_a_release_not_an_error(
+        tmp_path: Path, demo_manifest: Path, class_names: tuple[str, ...],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crafted model that makes one record's score NaN must not turn the audit into an error
+    reply (an unnoised bit about that record)."""
+    import client.audit as audit_mod
+
+    real = audit_mod.autoencoder_scores
+    calls: list[int] = []
+
+    def one_nan(ae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = real(ae, x)
+        if not calls:  # the first set scored is the members (private records)
+            out[0] = float("nan")
+        calls.append(len(x))
+        return out
+
+    monkeypatch.setattr(audit_mod, "autoencoder_scores", one_nan)
+    out = _audit(_site(tmp_path, str(demo_manifest)), _cfg(class_names))
+    assert all(math.isfinite(v) for v in out.values())
+
+
 def test_refused_audit_charges_nothing(tmp_path: Path, in_memory: dict,
                                        class_names: tuple[str, ...]) -> None:
     site = _site(tmp_path, allow_audit=False)

@@ -261,6 +261,27 @@ def _ae_round(site: SiteConfig, cfg: RunConfig, seed: int = 0) -> tasks.RoundRes
                              weights=ae.state_dict(), seed=seed)
 
 
+def test_the_training_curve_loss_is_a_noisy_release_from_the_site_source(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-round loss leaves the site through one Gaussian release at the planned noise,
+    drawn from the site's own generator, over per-patient losses clipped to LOSS_CLIP."""
+    site = _site(tmp_path, demo_manifest)
+    real = tasks.dp_sum_and_count
+    calls: list[dict] = []
+
+    def spy(rows: torch.Tensor, **kw: object) -> tuple[torch.Tensor, float]:
+        calls.append({"max": float(rows.max()), **kw})
+        return real(rows, **kw)
+
+    monkeypatch.setattr(tasks, "dp_sum_and_count", spy)
+    _ae_round(site, tiny_cfg)
+    [call] = calls
+    assert call["noise_multiplier"] == tiny_cfg.privacy.scale_noise_multiplier / 2 > 0
+    assert call["clip"] == tasks.LOSS_CLIP and call["max"] <= tasks.LOSS_CLIP
+    assert isinstance(call["generator"], torch.Generator)
+
+
 def test_ledger_is_charged_before_any_data_is_read(
         tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
         monkeypatch: pytest.MonkeyPatch) -> None:
