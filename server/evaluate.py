@@ -216,6 +216,8 @@ def step_report(ev: Evaluation, metrics: dict[str, Any], privacy: PrivacyBlock) 
     """metrics.json, report.html and the synthetic set's DATACARD.md."""
     ev.say("writing report.html, metrics.json and DATACARD.md")
     metrics["privacy"] = privacy.to_json()
+    spec = (metrics.get("meta") or {}).get("accept")  # declared before training
+    metrics["acceptance"] = acceptance_block(metrics, parse_acceptance(spec) if spec else None)
     ev.figures["training_curves"] = report.training_curves_figure(metrics.get("training", []))
     ev.figures["epsilon"] = report.epsilon_figure(privacy.rounds or [], budget=privacy.budget())
     ev.run.save_metrics(metrics)
@@ -285,9 +287,6 @@ def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
     metrics["evaluation_seconds"] = round(time.monotonic() - t0, 1)
     metrics["run"] = run_table(metrics, ev.cfg, run.root)
     metrics["evaluation_steps_seconds"] = steps
-    metrics["privacy"] = privacy.to_json()
-    spec = meta.get("accept")
-    metrics["acceptance"] = acceptance_block(metrics, parse_acceptance(spec) if spec else None)
     step_report(ev, metrics, privacy)
     ev.say(f"evaluation done in {metrics['evaluation_seconds']:.0f}s")
     return metrics
