@@ -102,7 +102,12 @@ def _finish(root: Path, manifest: Path, cfg: RunConfig, trainings: Path, *, kill
             time.sleep(rng.uniform(0.0, clean_s))
             if proc.is_alive():
                 os.kill(proc.pid, signal.SIGKILL)
-        proc.join(timeout=600)
+        proc.join(timeout=600 if clean_s == 0 else max(120.0, 10 * clean_s))
+        if proc.is_alive():
+            # A forked child that never finishes (a lock some other thread of the test process
+            # held at fork time: seen once on loaded cores) is ended like any other crash.
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join()
         if proc.exitcode == 0:
             return where
         where[_kill_point(root, proc.exitcode, before)] += 1
