@@ -257,8 +257,8 @@ def latent_stats(site: SiteConfig, cfg: RunConfig, *, run_id: str,
 
     Each goes out through one Gaussian mechanism (ldm_core.privacy.dp_sum_and_count) with the
     `scale_noise_multiplier` and noise from the site's privacy source. The two releases read
-    disjoint patients, but the split is stratified on the data, so no parallel composition is
-    claimed: each is charged as its own mechanism.
+    disjoint patients (train, holdout) and each patient's split depends on that patient alone,
+    so parallel composition would allow charging one; both are charged (conservative).
     """
     ledger = open_ledger(site)
     noise = plan_noise(site, cfg, ledger, run_id)

@@ -18,6 +18,7 @@ Layouts understood by :func:`scan`:
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
 from collections import Counter, defaultdict
@@ -42,6 +43,7 @@ __all__ = [
     "SPLITS",
     "scan",
     "split_by_patient",
+    "patient_draw",
     "partition",
     "load_images",
     "load_site",
@@ -413,41 +415,20 @@ def _check_fractions(holdout_fraction: float, test_fraction: float) -> None:
         )
 
 
-def _stratified_take(
-    patients: dict[str, list[Record]], counts: dict[str, int], rng: np.random.Generator
-) -> dict[str, list[str]]:
-    """Draw ``counts[split]`` patients per split, stratified by patient label.
+def patient_draw(patient_key: str, seed: int) -> float:
+    """A uniform number in [0, 1) for one patient, fixed by its id and the seed alone.
 
-    Cumulative rounding over the (shuffled) strata makes the totals exact while each stratum
-    gets within one patient of its proportional share.
+    Why a keyed hash and not a shuffle: the DP accounting assumes that adding or removing one
+    patient changes the training set by that patient only. A shuffle, a stratified draw or any
+    split whose sizes depend on the patient count can move *other* patients between train,
+    holdout and test when one patient comes or goes. A per-patient hash cannot: each patient's
+    split is a function of its own id, so the split is a record-by-record map (stability 1) and
+    every release on any split keeps its stated epsilon across neighbouring datasets.
     """
-    strata: dict[int, list[str]] = defaultdict(list)
-    for key, recs in patients.items():
-        strata[_patient_label(recs)].append(key)
-    labels = sorted(strata)
-    labels = [labels[i] for i in rng.permutation(len(labels))]
-    for lab in labels:
-        strata[lab] = [strata[lab][i] for i in rng.permutation(len(strata[lab]))]
-    total = len(patients)
-    taken: dict[str, list[str]] = {s: [] for s in counts}
-    cum, done = 0, dict.fromkeys(counts, 0)
-    for lab in labels:
-        pool = strata[lab]
-        cum += len(pool)
-        for split, n_split in counts.items():
-            target = round(n_split * cum / total) if total else 0
-            k = min(target - done[split], len(pool))
-            taken[split].extend(pool[:k])
-            pool = pool[k:]
-            done[split] += k
-        strata[lab] = pool
-    # Rounding clamps can leave a split short: top up from what is left, in a seeded order.
-    leftover = [k for lab in labels for k in strata[lab]]
-    for split, n_split in counts.items():
-        while done[split] < n_split and leftover:
-            taken[split].append(leftover.pop(0))
-            done[split] += 1
-    return taken
+    digest = hashlib.blake2b(
+        patient_key.encode("utf-8"), digest_size=8, key=str(int(seed)).encode("ascii")
+    ).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
 
 
 def split_by_patient(
@@ -460,12 +441,17 @@ def split_by_patient(
     """Split records into ``train``/``holdout``/``test`` so that no patient is in two splits.
 
     - Every record has a split: kept as is; a split that is missing (e.g. only train/test in
-      the data) is carved out of train by patient. Fractions are of all patients, so holdout
-      is about the same size whatever the layout.
-    - No record has a split: all three are drawn by patient.
-    - Stratified by each patient's majority label. Records without a patient id are each their
-      own patient. When there are at least three patients, a split asked for with a non-zero
-      fraction gets at least one patient.
+      the data) is carved out of train by patient, each train patient independently with
+      probability ``fraction / (share of patients the data's layout leaves in train)`` so that
+      holdout is about ``holdout_fraction`` of all patients whatever the layout.
+    - No record has a split: each patient independently lands in test with probability
+      ``test_fraction``, in holdout with ``holdout_fraction``, otherwise in train.
+    - Records without a patient id are each their own patient.
+
+    Each patient's split depends on its own id and ``seed`` only (:func:`patient_draw`), never
+    on the other patients: split sizes are therefore binomial, not exact, and a small site can
+    get an empty holdout or test split (the site then releases nothing from it). No stratification
+    either, for the same reason. A split that leaves no training patient is an error.
     """
     _check_fractions(holdout_fraction, test_fraction)
     with_split = [r.split is not None for r in records]
@@ -483,30 +469,30 @@ def split_by_patient(
             "split_by_patient: the data has no train split (only "
             f"{sorted({r.split for r in records})}); add training images."
         )
-    all_patients = _group_by_patient(records)
-    n_total = len(all_patients)
-    train_patients = _group_by_patient(out["train"])
-    fractions = {"test": test_fraction, "holdout": holdout_fraction}
-    counts: dict[str, int] = {}
-    for split, frac in fractions.items():
-        if out[split]:
-            continue  # given by the data
-        n = round(frac * n_total)
-        if frac > 0 and n == 0 and n_total >= 3:
-            n = 1
-        counts[split] = n
-    # Keep at least one train patient: shrink the carved splits in turn.
-    while counts and sum(counts.values()) >= len(train_patients) and any(counts.values()):
-        biggest = max(counts, key=lambda s: counts[s])
-        counts[biggest] -= 1
-    if counts:
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED]))
-        taken = _stratified_take(train_patients, counts, rng)
-        moved = {key: split for split, keys in taken.items() for key in keys}
-        keep = []
+    # Probabilities over the patients the layout puts in train; the given splits are kept.
+    carve = {s: f for s, f in (("test", test_fraction), ("holdout", holdout_fraction))
+             if not out[s] and f > 0}
+    given = (test_fraction if "test" not in carve and out["test"] else 0.0) + (
+        holdout_fraction if "holdout" not in carve and out["holdout"] else 0.0)
+    if carve:
+        scale = 1.0 / (1.0 - given) if given < 1.0 else 1.0
+        keep: list[Record] = []
         for r in out["train"]:
-            dest = moved.get(r.patient_key)
+            u = patient_draw(r.patient_key, seed)
+            edge, dest = 0.0, None
+            for split, frac in carve.items():
+                edge += min(frac * scale, 1.0)
+                if u < edge:
+                    dest = split
+                    break
             (out[dest] if dest else keep).append(r)
+        if records and not keep:
+            n = len(_group_by_patient(records))
+            raise DataError(
+                f"split_by_patient: the patient-level split left no training patient ({n} "
+                f"patient(s), holdout_fraction={holdout_fraction}, test_fraction={test_fraction})"
+                "; add patients or lower the fractions."
+            )
         out["train"] = keep
     return out
 

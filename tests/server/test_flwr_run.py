@@ -49,7 +49,7 @@ def test_flwr_run_simulates_into_the_same_run_folder(tmp_path: Path) -> None:
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
            "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
            "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    run_config = (f"data='demo' preset='tiny' image-size=16 num-sites=2 demo-patients=40 "
+    run_config = (f"data='demo' preset='tiny' image-size=16 num-sites=2 demo-patients=60 "
                   f"demo-slices=2 out='{out}'")
     try:
         proc = subprocess.run([str(flwr), "run", ".", "--federation-config", "num-supernodes=2",

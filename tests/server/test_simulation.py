@@ -33,7 +33,7 @@ def test_tiny_federation_end_to_end_and_resume(tmp_path: Path, demo_manifest: Pa
         data=str(demo_manifest), sites=2, partition="site", epsilon=8.0, preset="tiny",
         image_size=16, out=out, device="cpu", show_progress=False,
         eval_options=EvalOptions(per_class=12, utility_seeds=(0,), utility_epochs=1),
-        accept="ratio>=0.99,epsilon<=8",  # a tiny model cannot meet the first
+        accept="tstr_auc>=0.995,epsilon<=8",  # a tiny model cannot meet the first
     )
     flower_log = _Kept()
     logging.getLogger("flwr").addHandler(flower_log)
@@ -72,7 +72,7 @@ def test_tiny_federation_end_to_end_and_resume(tmp_path: Path, demo_manifest: Pa
     # Declared before training, judged after: NO-GO on the ratio, and export refuses it.
     assert json.loads((out / "run.json").read_text())["accept"] == opts.accept
     acc = metrics["acceptance"]
-    assert acc["declared"] and not acc["go"] and acc["failed"] == ["ratio>=0.99"]
+    assert acc["declared"] and not acc["go"] and acc["failed"] == ["tstr_auc>=0.995"]
     assert "NO-GO" in (out / "report.html").read_text()
     assert "**NO-GO**" in (out / "synthetic" / "DATACARD.md").read_text()
     with pytest.raises(ExportError, match="NO-GO"):
