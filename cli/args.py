@@ -107,6 +107,19 @@ def port(text: str) -> int:
     return v
 
 
+def rare_class(text: str) -> tuple[str, float]:
+    """CLASS:FRACTION, e.g. 'tumor:0.03' (the demo's rare class and its share of patients)."""
+    name, sep, frac = text.partition(":")
+    try:
+        value = float(frac)
+    except ValueError:
+        value = math.nan
+    if not sep or not name.strip() or not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected CLASS:FRACTION with 0 < FRACTION < 1, e.g. tumor:0.03")
+    return name.strip(), value
+
+
 def path(text: str) -> Path:
     """A path as given, with `~` expanded (existence is checked by the command, which knows
     what the file is for)."""

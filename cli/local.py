@@ -104,8 +104,14 @@ def preflight_simulation(args: argparse.Namespace, overrides: dict[str, Any]) ->
 
     out = Path(args.out)
     _check_out_folder(out)
+    _check_rare(args.demo_rare, "--demo-rare")
+    if args.demo_rare is not None and args.data != "demo":
+        raise LocalCliError(f"--demo-rare applies to --data demo only, not {args.data}")
     if args.data == "demo":
         manifest = out / "demo-data" / "manifest.csv"
+        if manifest.exists() and args.demo_rare is not None:
+            print(f"note: {manifest} exists and is reused as it is; --demo-rare applies to "
+                  "newly generated demo data only")
         class_names = tuple(scan(manifest).class_names) if manifest.exists() else CLASS_NAMES
         if not manifest.exists() and args.sites > args.demo_patients:
             raise LocalCliError(f"--sites {args.sites}: more sites than --demo-patients "
@@ -141,6 +147,19 @@ def preflight_simulation(args: argparse.Namespace, overrides: dict[str, Any]) ->
         _check_images([r.path for r in records or ()], str(args.data))
 
 
+def _check_rare(rare: tuple[str, float] | None, flag: str) -> None:
+    """A rare-class request the phantoms can honour (named class, rarer than its default)."""
+    if rare is None:
+        return
+    from ldm_core.phantoms import class_probs
+
+    try:
+        class_probs(rare)
+    except ValueError as e:
+        raise LocalCliError(f"{flag} {rare[0]}:{rare[1]}: {str(e).removeprefix('phantoms: ')}"
+                            ) from e
+
+
 def simulate(args: argparse.Namespace) -> int:
     overrides = _overrides(args, (("ae_rounds", "autoencoder.rounds"),
                                   ("dm_rounds", "diffusion.rounds"),
@@ -154,8 +173,8 @@ def simulate(args: argparse.Namespace) -> int:
                              image_size=args.image_size, seed=args.seed, out=args.out,
                              device=args.device, overrides=overrides,
                              demo_patients=args.demo_patients, demo_slices=args.demo_slices,
-                             reproducible=args.reproducible, evaluate=not args.no_evaluate,
-                             accept=args.accept)
+                             demo_rare=args.demo_rare, reproducible=args.reproducible,
+                             evaluate=not args.no_evaluate, accept=args.accept)
     metrics = run_simulation(opts)
     print("\n".join(["", "== fedldm simulate: done =="] + summary_lines(metrics, args.out)))
     return 0
@@ -171,6 +190,18 @@ def export(args: argparse.Namespace) -> int:
     acc = export_run(args.run, args.to, force=args.force)
     verdict = "GO" if acc.get("go") else "NO-GO (exported with --force; the data card says so)"
     print(f"exported {args.run / 'synthetic'} to {args.to}: {verdict}")
+    return 0
+
+
+def augment(args: argparse.Namespace) -> int:
+    from server.augment import AugmentOptions, augment_run, summary_table
+
+    result = augment_run(args.run, AugmentOptions(
+        class_name=args.class_name, count=args.count, reference=args.reference, out=args.out,
+        seeds=tuple(range(args.seeds)), epochs=args.epochs, specificity=args.specificity,
+        max_real_train=args.max_real_train))
+    print(summary_table(result))
+    print(f"wrote {result['out']} (augment.json, augment.png, synthetic/)")
     return 0
 
 
@@ -200,13 +231,15 @@ def demo_data(args: argparse.Namespace) -> int:
     _check_out_folder(args.out)
     if args.image_size < 16:
         raise LocalCliError(f"--image-size {args.image_size}: must be >= 16")
+    _check_rare(args.rare, "--rare")
     if args.sites > args.patients:
         raise LocalCliError(f"--sites {args.sites} exceeds --patients {args.patients}: every "
                             "site needs at least one patient")
     from ldm_core.phantoms import generate_demo
 
     manifest = generate_demo(args.out, n_patients=args.patients, slices_per_patient=args.slices,
-                             n_sites=args.sites, image_size=args.image_size, seed=args.seed)
+                             n_sites=args.sites, image_size=args.image_size, seed=args.seed,
+                             rare=args.rare)
     print(f"wrote {manifest}")
     return 0
 
@@ -268,6 +301,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="demo data size (patients; --demo-slices images each)")
     p.add_argument("--demo-slices", type=A.positive_int, default=1,
                    help="demo images per patient (the DP unit is the patient)")
+    p.add_argument("--demo-rare", type=A.rare_class, metavar="CLASS:FRACTION",
+                   help="make one demo class rare at the sites, e.g. tumor:0.03 (to show "
+                   "`fedldm augment`)")
     p.add_argument("--reproducible", action="store_true",
                    help="seed the sites' privacy randomness from --seed so a run repeats "
                    "exactly. NOT private against anyone who knows the seed: tests and research "
@@ -287,6 +323,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--sites", type=A.positive_int, default=3)
     d.add_argument("--image-size", type=A.positive_int, default=64)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--rare", type=A.rare_class, metavar="CLASS:FRACTION",
+                   help="make one class rare, e.g. tumor:0.03 (for `fedldm augment`)")
 
     e = sub.add_parser("evaluate", help="(re-)evaluate a finished run folder")
     e.add_argument("run", type=A.path, metavar="RUN")
@@ -305,6 +343,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--force", action="store_true",
                    help="export a NO-GO run anyway; the data card's first line says so")
 
+    g = sub.add_parser("augment", help="generate more of one class and measure, on real test "
+                       "patients, real training data plus the synthetic extra against real alone")
+    g.add_argument("run", type=A.path, metavar="RUN")
+    g.add_argument("--class", dest="class_name", required=True, metavar="NAME",
+                   help="the class to add synthetic images of (e.g. the rare one)")
+    g.add_argument("--count", type=A.positive_int, required=True, metavar="N",
+                   help="synthetic images to add")
+    g.add_argument("--reference", type=A.path, help="the real labelled set to train and test "
+                   "on (required for a deployed run: e.g. a site's own data); a simulated run "
+                   "uses its sites' splits")
+    g.add_argument("--out", type=A.path, help="result folder (default RUN/augment/NAME-N)")
+    g.add_argument("--seeds", type=A.positive_int, default=3, help="classifier seeds per arm")
+    g.add_argument("--epochs", type=A.positive_int, default=12)
+    g.add_argument("--specificity", type=float, default=0.90,
+                   help="operating point for the sensitivity column")
+    g.add_argument("--max-real-train", type=A.positive_int, default=1000,
+                   help="real training images per arm (class-stratified subsample)")
+
     for name, steps, text in (
         ("pretrain-ae", 2500, "pretrain the autoencoder on public phantoms"),
         ("pretrain-dm", 3000, "pretrain the denoiser (no labels) on healthy public phantoms, "
@@ -321,4 +377,4 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS = {"simulate": simulate, "demo-data": demo_data, "evaluate": evaluate,
-            "export": export, "pretrain-ae": pretrain, "pretrain-dm": pretrain}
+            "export": export, "augment": augment, "pretrain-ae": pretrain, "pretrain-dm": pretrain}

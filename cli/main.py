@@ -38,6 +38,7 @@ EXPECTED: tuple[tuple[str, str, int], ...] = (
     ("server.federation", "FederationError", 1),
     ("server.acceptance", "AcceptanceError", 2),
     ("server.export", "ExportError", 2),
+    ("server.augment", "AugmentError", 2),
 )
 # Operating-system errors about a path the user gave.
 PATH_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, PermissionError, IsADirectoryError,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["CLASS_NAMES", "render_demo", "generate_demo"]
+__all__ = ["CLASS_NAMES", "class_probs", "render_demo", "generate_demo"]
 
 #: Demo classes, alphabetical so that their ids match what ``ldm_core.data.scan`` assigns.
 CLASS_NAMES: tuple[str, ...] = ("cyst", "edema", "normal", "tumor")
@@ -99,7 +99,31 @@ def _blur(img: np.ndarray, sigma_px: np.ndarray) -> np.ndarray:
     return g @ img @ np.swapaxes(g, -1, -2)
 
 
-def _site_params(rng: np.random.Generator, n_sites: int) -> dict[str, np.ndarray]:
+def class_probs(rare: tuple[str, float] | None = None) -> np.ndarray:
+    """The demo's class mix; ``rare=(name, fraction)`` makes one class that rare on average.
+
+    Why a rare class: augmenting an under-represented class is one of the uses the demo must be
+    able to show (`fedldm augment`), and the default mix is nearly balanced.
+    """
+    if rare is None:
+        return _BASE_CLASS_PROBS
+    name, fraction = rare
+    if name not in CLASS_NAMES:
+        raise ValueError(f"phantoms: rare class {name!r} is not one of {list(CLASS_NAMES)}")
+    if not 0.0 < fraction < _BASE_CLASS_PROBS[CLASS_NAMES.index(name)]:
+        raise ValueError(f"phantoms: rare fraction {fraction} must lie in (0, "
+                         f"{_BASE_CLASS_PROBS[CLASS_NAMES.index(name)]}) for {name!r} (its "
+                         "default share): rarer than by default")
+    k = CLASS_NAMES.index(name)
+    others = np.delete(np.arange(len(CLASS_NAMES)), k)
+    probs = _BASE_CLASS_PROBS.copy()
+    probs[others] *= (1.0 - fraction) / probs[others].sum()
+    probs[k] = fraction
+    return probs
+
+
+def _site_params(rng: np.random.Generator, n_sites: int,
+                 probs: np.ndarray = _BASE_CLASS_PROBS) -> dict[str, np.ndarray]:
     """Per-site acquisition settings: the source of between-site heterogeneity."""
     return {
         "gamma": rng.uniform(0.75, 1.35, n_sites),
@@ -110,7 +134,7 @@ def _site_params(rng: np.random.Generator, n_sites: int) -> dict[str, np.ndarray
         "bias_x": rng.uniform(-0.35, 0.35, n_sites),
         "bias_y": rng.uniform(-0.35, 0.35, n_sites),
         "bias_r": rng.uniform(-0.3, 0.1, n_sites),
-        "class_probs": np.stack([rng.dirichlet(_BASE_CLASS_PROBS * 40.0) for _ in range(n_sites)]),
+        "class_probs": np.stack([rng.dirichlet(probs * 40.0) for _ in range(n_sites)]),
     }
 
 
@@ -316,17 +340,19 @@ def render_demo(
     n_sites: int = 3,
     image_size: int = 64,
     seed: int = 0,
+    rare: tuple[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """Render the demo set in memory.
 
     Returns ``(images, labels, patients, sites, class_names)``: images uint8 ``[N, H, W]`` with
     ``N = n_patients * slices_per_patient`` ordered patient-major, labels int64 ``[N]`` indexing
     ``class_names`` (alphabetical), and per-image patient ids (``p0000``...) and site ids
-    (``site-0``...).
+    (``site-0``...). ``rare=(class, fraction)`` makes that class rare (:func:`class_probs`).
     """
     _validate(n_patients, slices_per_patient, n_sites, image_size)
+    probs = class_probs(rare)
     rng = np.random.default_rng(seed)
-    site_p = _site_params(rng, n_sites)
+    site_p = _site_params(rng, n_sites, probs)
     pat = _patient_params(rng, n_patients, n_sites, site_p)
 
     # Slice levels: contiguous slab around each patient's z0, spacing jittered.
@@ -358,6 +384,7 @@ def generate_demo(
     n_sites: int = 3,
     image_size: int = 64,
     seed: int = 0,
+    rare: tuple[str, float] | None = None,
 ) -> Path:
     """Write the demo set as ``out_dir/<class>/<patient>_<slice>.png`` plus ``manifest.csv``.
 
@@ -372,6 +399,7 @@ def generate_demo(
         n_sites=n_sites,
         image_size=image_size,
         seed=seed,
+        rare=rare,
     )
     for label in np.unique(labels):  # only classes that occur: empty folders fail scan()
         (out_dir / class_names[label]).mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ from PIL import Image
 
 __all__ = [
     "UTILITY_ARMS",
+    "ci_error_bars",
+    "new_figure",
     "closest_pairs_figure",
     "epsilon_figure",
     "image_grid_figure",
@@ -40,7 +42,7 @@ UTILITY_ARMS = (
 )
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -63,7 +65,7 @@ def image_grid_figure(
         raise ValueError("images_by_class is empty: pass {class_name: images}")
     rows = len(images_by_class)
     cols = max(1, min(max_per_class, max(len(v) for v in images_by_class.values())))
-    fig = _new_figure(1.2 * cols + 1.2, 1.2 * rows + 0.5)
+    fig = new_figure(1.2 * cols + 1.2, 1.2 * rows + 0.5)
     axes = fig.subplots(rows, cols, squeeze=False)
     for r, (name, imgs) in enumerate(images_by_class.items()):
         for c in range(cols):
@@ -85,7 +87,7 @@ def training_curves_figure(training: Sequence[Mapping[str, Any]]) -> Figure:
     if not training:
         raise ValueError("training is empty: need entries with phase, round, site, loss")
     phases = list(dict.fromkeys(str(e["phase"]) for e in training))
-    fig = _new_figure(5.0 * len(phases), 3.4)
+    fig = new_figure(5.0 * len(phases), 3.4)
     axes = fig.subplots(1, len(phases), squeeze=False)[0]
     for ax, phase in zip(axes, phases, strict=True):
         entries = [e for e in training if str(e["phase"]) == phase]
@@ -119,7 +121,7 @@ def epsilon_figure(
     phases = list(dict.fromkeys(str(e["phase"]) for e in privacy_rounds))
     steps = sorted({(phases.index(str(e["phase"])), int(e["round"])) for e in privacy_rounds})
     pos = {s: i + 1 for i, s in enumerate(steps)}
-    fig = _new_figure(7.0, 3.6)
+    fig = new_figure(7.0, 3.6)
     ax = fig.subplots()
     for site in dict.fromkeys(str(e["site"]) for e in privacy_rounds):
         pts = sorted(
@@ -143,7 +145,7 @@ def epsilon_figure(
     return fig
 
 
-def _err(value: float, ci: Sequence[float] | None) -> tuple[float, float]:
+def ci_error_bars(value: float, ci: Sequence[float] | None) -> tuple[float, float]:
     if not ci or len(ci) != 2 or not all(math.isfinite(c) for c in ci):
         return 0.0, 0.0
     return max(0.0, value - ci[0]), max(0.0, ci[1] - value)
@@ -151,7 +153,7 @@ def _err(value: float, ci: Sequence[float] | None) -> tuple[float, float]:
 
 def utility_bars_figure(utility: Mapping[str, Any]) -> Figure:
     """TRTR / TSTR / TRS bars for AUC and accuracy with their 95 % patient-bootstrap CIs."""
-    fig = _new_figure(8.0, 3.4)
+    fig = new_figure(8.0, 3.4)
     axes = fig.subplots(1, 2)
     colors = ["#4c72b0", "#dd8452", "#55a868"]
     for ax, metric, label in zip(axes, ("auc", "acc"), ("macro AUC", "accuracy"), strict=True):
@@ -162,7 +164,7 @@ def utility_bars_figure(utility: Mapping[str, Any]) -> Figure:
             v = float(utility[f"{arm}_{metric}"])
             names.append(arm_label.replace(" (", "\n("))
             vals.append(v)
-            errs.append(_err(v, utility.get(f"{arm}_{metric}_ci")))
+            errs.append(ci_error_bars(v, utility.get(f"{arm}_{metric}_ci")))
         if not names:
             ax.set_visible(False)
             continue
@@ -182,7 +184,7 @@ def utility_bars_figure(utility: Mapping[str, Any]) -> Figure:
 def _site_grid(n: int, width: float = 3.6, height: float = 3.3) -> tuple[Figure, list[Any]]:
     cols = min(n, 3)
     rows = -(-n // cols)
-    fig = _new_figure(width * cols, height * rows + 0.4)
+    fig = new_figure(width * cols, height * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False)
     flat = [ax for row in axes for ax in row]
     for ax in flat[n:]:
@@ -273,7 +275,7 @@ def closest_pairs_figure(
     if not pairs:
         raise ValueError("pairs is empty: pass (synthetic_image, train_image) tuples")
     n = len(pairs)
-    fig = _new_figure(1.4 * n + 1.4, 3.2)
+    fig = new_figure(1.4 * n + 1.4, 3.2)
     axes = fig.subplots(2, n, squeeze=False)
     for i, (synth, train) in enumerate(pairs):
         for row, img in ((0, synth), (1, train)):

@@ -76,6 +76,18 @@ def make_server_app(
     return app
 
 
+def _rare(text: str) -> tuple[str, float] | None:
+    """The run config's `demo-rare` ("CLASS:FRACTION", empty for none)."""
+    if not text.strip():
+        return None
+    name, _, frac = text.partition(":")
+    try:
+        return name.strip(), float(frac)
+    except ValueError as e:
+        raise ConfigError(f"run config demo-rare={text!r}: expected CLASS:FRACTION, e.g. "
+                          "tumor:0.03") from e
+
+
 def _simulated_main(grid: Grid, rc: Mapping[str, Any]) -> None:
     """`flwr run` of a simulation (run config `data` set): the same plan as `fedldm simulate`
     (demo data, run.json, enrolled sites, evaluation with the simulated sites' data), driven by
@@ -96,6 +108,7 @@ def _simulated_main(grid: Grid, rc: Mapping[str, Any]) -> None:
         overrides=json.loads(str(rc.get("overrides", "{}")) or "{}"),
         demo_patients=int(rc.get("demo-patients", 12800)),
         demo_slices=int(rc.get("demo-slices", 1)),
+        demo_rare=_rare(str(rc.get("demo-rare", ""))),
         reproducible=bool(rc.get("reproducible", False)), show_progress=False,
         accept=str(rc.get("accept", "")).strip() or None)
     plan = plan_simulation(opts)

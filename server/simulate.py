@@ -52,6 +52,8 @@ class SimulationOptions:
     # 12,800 privacy units buy (multi-slice patients are exercised by the tests).
     demo_patients: int = 12800
     demo_slices: int = 1
+    # (class, fraction): make one demo class rare at the sites (to show `fedldm augment`).
+    demo_rare: tuple[str, float] | None = None
     # Simulation only: seed the sites' privacy randomness (NOT private against the seed holder).
     reproducible: bool = False
     evaluate: bool = True
@@ -68,7 +70,7 @@ def prepare_data(opts: SimulationOptions, out: Path) -> tuple[str, str]:
         generate_demo(Path(data).parent, n_patients=opts.demo_patients,
                       slices_per_patient=opts.demo_slices, n_sites=opts.sites,
                       image_size=max(32, opts.image_size or PRESET_IMAGE_SIZE[opts.preset]),
-                      seed=opts.seed)
+                      seed=opts.seed, rare=opts.demo_rare)
     return data, partition
 
 

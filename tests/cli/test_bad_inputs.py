@@ -248,6 +248,24 @@ CASES = [
                                           str(w.p("out"))], "no-run"),
     Case("export-unevaluated-run", lambda w: ["export", w.empty_dir("r"), "--to",
                                               str(w.p("out"))], "metrics.json"),
+    # --- augment
+    Case("augment-missing-run", lambda w: ["augment", str(w.p("no-run")), "--class", "tumor",
+                                           "--count", "5"], "no-run"),
+    Case("augment-no-checkpoints", lambda w: ["augment", w.empty_dir("r"), "--class", "tumor",
+                                              "--count", "5"], "checkpoints/final"),
+    Case("augment-zero-count", lambda w: ["augment", w.empty_dir("r"), "--class", "tumor",
+                                          "--count", "0"], "--count"),
+    Case("augment-no-class", lambda w: ["augment", w.empty_dir("r"), "--count", "3"],
+         "--class"),
+    # --- demo rare class
+    Case("simulate-rare-unknown-class", lambda w: _sim(w, "--data", "demo", "--demo-rare",
+                                                       "tumour:0.03"), "--demo-rare"),
+    Case("simulate-rare-not-rarer", lambda w: _sim(w, "--data", "demo", "--demo-rare",
+                                                   "tumor:0.5"), "--demo-rare"),
+    Case("simulate-rare-bad-syntax", lambda w: _sim(w, "--data", "demo", "--demo-rare",
+                                                    "tumor"), "--demo-rare"),
+    Case("simulate-rare-not-demo", lambda w: _sim(w, "--demo-rare", "tumor:0.03"),
+         "--demo-rare"),
     # --- evaluate
     Case("evaluate-no-checkpoints", lambda w: ["evaluate", w.empty_dir("finished-run")],
          "checkpoints/final"),
@@ -363,6 +381,8 @@ CASES = [
     Case("coordinator-unregister-not-a-number",
          lambda w: ["coordinator", "unregister-site", "seven"], "NODE_ID"),
     # --- demo-data
+    Case("demo-data-rare-unknown-class",
+         lambda w: ["demo-data", "--out", str(w.p("demo")), "--rare", "x:0.1"], "--rare"),
     Case("demo-data-zero-patients",
          lambda w: ["demo-data", "--out", str(w.p("demo")), "--patients", "0"], "--patients"),
     Case("demo-data-image-too-small",

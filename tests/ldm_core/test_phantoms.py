@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ldm_core.data import scan
-from ldm_core.phantoms import CLASS_NAMES, generate_demo, render_demo
+from ldm_core.phantoms import CLASS_NAMES, class_probs, generate_demo, render_demo
 
 TINY = {"n_patients": 12, "slices_per_patient": 2, "n_sites": 3, "image_size": 16}
 
@@ -51,6 +51,26 @@ def test_slices_of_a_patient_differ() -> None:
 def test_all_classes_occur_with_enough_patients() -> None:
     _, labels, *_ = render_demo(n_patients=40, slices_per_patient=1, image_size=16, seed=0)
     assert set(labels.tolist()) == set(range(len(CLASS_NAMES)))
+
+
+def test_a_rare_class_is_rare_and_the_default_mix_is_unchanged() -> None:
+    probs = class_probs(("tumor", 0.03))
+    assert probs[CLASS_NAMES.index("tumor")] == 0.03 and abs(probs.sum() - 1) < 1e-12
+    default = class_probs()
+    others = [i for i, n in enumerate(CLASS_NAMES) if n != "tumor"]
+    np.testing.assert_allclose(probs[others] / probs[others].sum(),
+                               default[others] / default[others].sum())
+    kw = {"n_patients": 3000, "slices_per_patient": 1, "image_size": 16, "seed": 0}
+    _, labels, *_ = render_demo(**kw, rare=("tumor", 0.03))
+    share = float((labels == CLASS_NAMES.index("tumor")).mean())
+    assert 0.015 < share < 0.05, share  # the sites' mixes scatter around 3 %
+    _, plain, *_ = render_demo(**kw)
+    assert float((plain == CLASS_NAMES.index("tumor")).mean()) > 0.18
+    np.testing.assert_array_equal(plain, render_demo(**kw, rare=None)[1])
+    with pytest.raises(ValueError, match="not one of"):
+        class_probs(("tumour", 0.03))
+    with pytest.raises(ValueError, match="rarer than by default"):
+        class_probs(("tumor", 0.5))
 
 
 @pytest.mark.parametrize(

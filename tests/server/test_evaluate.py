@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import client.tasks
@@ -123,3 +124,42 @@ def test_run_info_round_trips_run_json(tmp_path: Path) -> None:
     assert back is not None and back.epsilon == float("inf") and back.sites == 2
     assert back.to_json().keys() == info.to_json().keys()
     assert Run(tmp_path / "none").load_info() is None
+
+
+@pytest.mark.slow
+def test_augment_writes_its_result_and_never_overwrites_it(trained_run: Path,
+                                                           tmp_path: Path) -> None:
+    """`fedldm augment` on a simulated run: the extra images are all of the asked class, both
+    arms are measured on the sites' real test patients, and a second call is refused."""
+    from server.augment import AugmentError, AugmentOptions, augment_run, summary_table
+    from server.offline import simulated_sites
+
+    run = Run(trained_run)
+    cfg = run.load_final().cfg
+    real = simulated_sites(run).load(cfg)  # type: ignore[union-attr]
+    in_test = sorted(set(real.test[1].tolist()))
+    target = cfg.class_names[in_test[0]]
+    opts = AugmentOptions(class_name=target, count=6, out=tmp_path / "aug", seeds=(0,),
+                          epochs=1, show_progress=False)
+    result = augment_run(trained_run, opts)
+
+    rows = (tmp_path / "aug" / "synthetic" / "manifest.csv").read_text().splitlines()
+    assert rows[0] == "path,label" and len(rows) == 7
+    assert {r.split(",")[1] for r in rows[1:]} == {target}
+    saved = json.loads((tmp_path / "aug" / "augment.json").read_text())
+    assert saved["target"] == target and saved["n_extra"] == 6
+    assert saved["n_test_per_class"] == np.bincount(
+        real.test[1].numpy(), minlength=len(cfg.class_names)).tolist()
+    assert "simulated sites" in saved["real_source"]
+    assert (tmp_path / "aug" / "augment.png").read_bytes()[:4] == b"\x89PNG"
+    table = summary_table(result)
+    assert f"*{target}" in table and "paired for the deltas" in table
+    with pytest.raises(AugmentError, match="already holds a result"):
+        augment_run(trained_run, opts)
+    with pytest.raises(AugmentError, match=r"the run's classes are \["):
+        augment_run(trained_run, AugmentOptions(class_name="nope", count=1))
+    deployed = tmp_path / "deployed"
+    (deployed / "checkpoints").mkdir(parents=True)
+    (deployed / "checkpoints" / "final").symlink_to(trained_run / "checkpoints" / "final")
+    with pytest.raises(AugmentError, match="deployed run.*--reference"):
+        augment_run(deployed, AugmentOptions(class_name=target, count=1))
