@@ -120,6 +120,17 @@ def rare_class(text: str) -> tuple[str, float]:
     return name.strip(), value
 
 
+def float_list(text: str) -> tuple[float, ...]:
+    """Comma-separated finite numbers >= 0, e.g. '1,2,4'."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers like 1,2,4") from e
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected finite numbers >= 0, like 1,2,4")
+    return values
+
+
 def path(text: str) -> Path:
     """A path as given, with `~` expanded (existence is checked by the command, which knows
     what the file is for)."""

@@ -205,6 +205,17 @@ def augment(args: argparse.Namespace) -> int:
     return 0
 
 
+def stress(args: argparse.Namespace) -> int:
+    from server.stress import StressOptions, stress_run, summary_table
+
+    result = stress_run(args.run, StressOptions(
+        model=args.model, arch=args.arch, per_class=args.per_class, guidance=args.guidance,
+        reference=args.reference, out=args.out))
+    print(summary_table(result))
+    print(f"wrote {result['out']} (stress.json, stress.png)")
+    return 0
+
+
 def evaluate(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if not run.is_dir():
@@ -361,6 +372,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-real-train", type=A.positive_int, default=1000,
                    help="real training images per arm (class-stratified subsample)")
 
+    t = sub.add_parser("stress", help="score your classifier on controlled synthetic variation "
+                       "(guidance, noise, blur, contrast, intensity) against real test data")
+    t.add_argument("run", type=A.path, metavar="RUN")
+    t.add_argument("--model", type=A.path, required=True, metavar="PATH",
+                   help="TorchScript file, torch.export program (.pt2), or a state dict (.pt "
+                   "weights-only / .safetensors) with --arch; input [N,1,H,W] in [-1,1], "
+                   "output one logit per class")
+    t.add_argument("--arch", choices=("smallcnn", "densenet121", "resnet18"),
+                   help="architecture of a state dict (MONAI DenseNet121 / resnet18, 2D, one "
+                   "channel; smallcnn = fedldm's utility judge)")
+    t.add_argument("--per-class", type=A.positive_int, default=50,
+                   help="synthetic images per class per setting")
+    t.add_argument("--guidance", type=A.float_list, metavar="G1,G2,...",
+                   help="guidance scales to probe (default: 1, 2, the run's, twice the run's)")
+    t.add_argument("--reference", type=A.path, help="real labelled set for the reference line "
+                   "(a simulated run uses its sites' test splits)")
+    t.add_argument("--out", type=A.path, help="result folder (default RUN/stress/MODEL_NAME)")
+
     for name, steps, text in (
         ("pretrain-ae", 2500, "pretrain the autoencoder on public phantoms"),
         ("pretrain-dm", 3000, "pretrain the denoiser (no labels) on healthy public phantoms, "
@@ -377,4 +406,5 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS = {"simulate": simulate, "demo-data": demo_data, "evaluate": evaluate,
-            "export": export, "augment": augment, "pretrain-ae": pretrain, "pretrain-dm": pretrain}
+            "export": export, "augment": augment, "stress": stress, "pretrain-ae": pretrain,
+            "pretrain-dm": pretrain}

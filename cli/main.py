@@ -39,6 +39,7 @@ EXPECTED: tuple[tuple[str, str, int], ...] = (
     ("server.acceptance", "AcceptanceError", 2),
     ("server.export", "ExportError", 2),
     ("server.augment", "AugmentError", 2),
+    ("server.stress", "StressError", 2),
 )
 # Operating-system errors about a path the user gave.
 PATH_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, PermissionError, IsADirectoryError,

@@ -257,6 +257,15 @@ CASES = [
                                           "--count", "0"], "--count"),
     Case("augment-no-class", lambda w: ["augment", w.empty_dir("r"), "--count", "3"],
          "--class"),
+    # --- stress
+    Case("stress-missing-run", lambda w: ["stress", str(w.p("no-run")), "--model",
+                                          w.text("m.pt")], "no-run"),
+    Case("stress-no-checkpoints", lambda w: ["stress", w.empty_dir("r"), "--model",
+                                             w.text("m.pt")], "checkpoints/final"),
+    Case("stress-unknown-arch", lambda w: ["stress", w.empty_dir("r"), "--model",
+                                           w.text("m.pt"), "--arch", "vit"], "--arch"),
+    Case("stress-bad-guidance", lambda w: ["stress", w.empty_dir("r"), "--model",
+                                           w.text("m.pt"), "--guidance", "1,x"], "--guidance"),
     # --- demo rare class
     Case("simulate-rare-unknown-class", lambda w: _sim(w, "--data", "demo", "--demo-rare",
                                                        "tumour:0.03"), "--demo-rare"),

@@ -163,3 +163,62 @@ def test_augment_writes_its_result_and_never_overwrites_it(trained_run: Path,
     (deployed / "checkpoints" / "final").symlink_to(trained_run / "checkpoints" / "final")
     with pytest.raises(AugmentError, match="deployed run.*--reference"):
         augment_run(deployed, AugmentOptions(class_name=target, count=1))
+
+
+@pytest.mark.slow
+def test_stress_scores_a_users_model_per_variation(trained_run: Path, tmp_path: Path) -> None:
+    """`fedldm stress` with a TorchScript model and with a state dict + --arch: one row per
+    guidance scale and per shift, the real test score as reference, and bad models refused."""
+    import torch
+
+    from ldm_core.classifier import SmallCNN
+    from ldm_core.evaluation.stress import Shift
+    from server.stress import StressError, StressOptions, stress_run, summary_table
+
+    n_classes = len(Run(trained_run).load_final().cfg.class_names)
+    model = SmallCNN(n_classes).eval()
+    scripted = tmp_path / "model.ts"
+    torch.jit.trace(model, torch.zeros(1, 1, 16, 16)).save(str(scripted))
+    shifts = (Shift("noise", 0.1), Shift("blur", 1.0))
+    result = stress_run(trained_run, StressOptions(
+        model=scripted, per_class=3, guidance=(1.0, 3.0), shifts=shifts, out=tmp_path / "s1",
+        show_progress=False))
+    names = [r["name"] for r in result["rows"]]
+    base_g = result["base_guidance"]
+    assert names == [f"guidance {g:g}" for g in sorted({1.0, 3.0, base_g})] + [
+        "noise 0.1", "blur 1"]
+    assert all(r["n"] == 3 * n_classes for r in result["rows"])
+    assert result["reference"] is not None and "simulated sites" in result["reference"]["source"]
+    saved = json.loads((tmp_path / "s1" / "stress.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert (tmp_path / "s1" / "stress.png").read_bytes()[:4] == b"\x89PNG"
+    assert "real test" in summary_table(result)
+    with pytest.raises(StressError, match="already holds a result"):
+        stress_run(trained_run, StressOptions(model=scripted, out=tmp_path / "s1"))
+
+    # The same weights as a state dict with --arch give the same scores.
+    state = tmp_path / "model.pt"
+    torch.save(model.state_dict(), state)
+    again = stress_run(trained_run, StressOptions(
+        model=state, arch="smallcnn", per_class=3, guidance=(1.0, 3.0), shifts=shifts,
+        out=tmp_path / "s2", show_progress=False))
+    assert [r["auc"] for r in again["rows"]] == [r["auc"] for r in result["rows"]]
+    exported = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 1, 16, 16),), dynamic_shapes=(
+        {0: torch.export.Dim("n")},)), str(exported))
+    third = stress_run(trained_run, StressOptions(
+        model=exported, per_class=3, guidance=(1.0, 3.0), shifts=shifts, out=tmp_path / "s6",
+        show_progress=False))
+    assert [r["auc"] for r in third["rows"]] == pytest.approx([r["auc"] for r in result["rows"]])
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(StressError, match="not a TorchScript file.*--arch"):
+        stress_run(trained_run, StressOptions(model=bad, out=tmp_path / "s3"))
+    with pytest.raises(StressError, match="does not fit --arch densenet121"):
+        stress_run(trained_run, StressOptions(model=state, arch="densenet121",
+                                              out=tmp_path / "s4"))
+    wrong = tmp_path / "wrong.ts"
+    torch.jit.trace(SmallCNN(n_classes + 1).eval(), torch.zeros(1, 1, 16, 16)).save(str(wrong))
+    with pytest.raises(StressError, match=f"logits \\[N, {n_classes}\\]"):
+        stress_run(trained_run, StressOptions(model=wrong, out=tmp_path / "s5"))
