@@ -1,13 +1,14 @@
 """Bytes a site sends and receives per training round, against the trained sub-model's size.
 
-    .venv/bin/python benchmarks/bytes_per_round.py [--preset quick]
+    .venv/bin/python benchmarks/bytes_per_round.py [--preset quick] [--transfer float16-delta]
 
 The messages are the protocol's own (common.protocol TrainRequest / TrainReply), serialised the
 way Flower puts them on the wire (`flwr.common.serde.message_to_proto`), for each phase of the
 preset: the reply carries the phase's model (its state dict: parameters and buffers) and the
 DP scalars; the request carries the global model and, in the first round a site sees of a phase
 that needs it, the frozen autoencoder. "Trained sub-model" is the float32 size of the phase's
-trainable parameters. Target: uplink bytes per round <= 1.05x the trained sub-model.
+trainable parameters. Target: uplink bytes per round <= 1.05x the trained sub-model, and about
+half of it with ``--transfer float16-delta``.
 Deterministic (no timing); prints JSON lines and a markdown table.
 """
 
@@ -19,7 +20,7 @@ import json
 from flwr.app import ArrayRecord, Message
 from flwr.common.serde import message_to_proto
 
-from common.protocol import RunRef, TrainReply, TrainRequest
+from common.protocol import RunRef, TrainReply, TrainRequest, encode_update
 from ldm_core.config import build_config
 from ldm_core.phases import AUTOENCODER, PHASES
 
@@ -35,6 +36,8 @@ def _wire_bytes(content: object, *, reply_to: Message | None = None) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="quick")
+    ap.add_argument("--transfer", default="float32", choices=("float32", "float16-delta"),
+                    help="how the reply's weights travel (aggregation.transfer)")
     args = ap.parse_args()
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -52,11 +55,13 @@ def main() -> None:
                              if spec.needs_autoencoder else None, scale_factor=1.0)
         later = TrainRequest(run, name, 2, weights, scale_factor=1.0)
         request = Message(first.to_record(), dst_node_id=1, message_type="train")
+        sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        trained_w = {k: v + 1e-3 if v.is_floating_point() else v for k, v in sent.items()}
         reply = TrainReply(site_id="site-0", weights=ArrayRecord(
-            {k: v.detach().clone() for k, v in model.state_dict().items()}), loss=0.1,
+            encode_update(trained_w, sent, args.transfer)), loss=0.1,
             epsilon=1.0, budget_epsilon=8.0, delta=1e-5, has_autoencoder=True)
         up = _wire_bytes(reply.to_record(), reply_to=request)
-        row = {"phase": name, "trained_params": sum(
+        row = {"phase": name, "transfer": args.transfer, "trained_params": sum(
             p.numel() for p in model.parameters() if p.requires_grad),
             "trained_bytes": trained, "uplink_bytes": up,
             "downlink_first_round_bytes": _wire_bytes(first.to_record()),
@@ -65,7 +70,8 @@ def main() -> None:
             "buffers_bytes": sum(b.numel() * b.element_size() for b in model.buffers())}
         print(json.dumps(row))
         rows.append(row)
-    print(f"\npreset {args.preset}; bytes as Flower serialises the messages")
+    print(f"\npreset {args.preset}, transfer {args.transfer}; bytes as Flower serialises the "
+          "messages")
     print("| phase | trained sub-model | uplink per round (x trained) | downlink first / later "
           "round | target uplink |\n|---|---|---|---|---|")
     for r in rows:

@@ -39,6 +39,7 @@ from common.protocol import (
     RunRef,
     TrainReply,
     TrainRequest,
+    encode_update,
     query_task,
 )
 from ldm_core.config import RunConfig
@@ -112,9 +113,10 @@ def _train(msg: Message, context: Context, site: SiteConfig) -> Message:
     # The message seed drives only non-private randomness (timesteps, label dropout); the
     # privacy randomness is the site's own (client.tasks.site_privacy_rng).
     t0 = time.monotonic()
+    sent = req.weights.to_torch_state_dict()
     result = tasks.train_round(
         site, cfg, phase=req.phase, server_round=req.server_round, run_id=req.run.run_name,
-        weights=req.weights.to_torch_state_dict(), ae_weights=ae_weights,
+        weights=sent, ae_weights=ae_weights,
         scale_factor=1.0 if req.scale_factor is None else req.scale_factor,
         seed=req.run.seed * 1000 + req.server_round * 7 + site.site_index,
     )
@@ -123,7 +125,8 @@ def _train(msg: Message, context: Context, site: SiteConfig) -> Message:
     _log(site).info("%s round %s: loss %.4f, epsilon %.3f / %.3f, trained in %.2fs", req.phase,
                     req.server_round, result.loss, result.epsilon, result.budget_epsilon,
                     time.monotonic() - t0)
-    reply = TrainReply(site_id=site.site_id, weights=ArrayRecord(result.weights),
+    arrays = encode_update(result.weights, sent, cfg.aggregation.transfer)
+    reply = TrainReply(site_id=site.site_id, weights=ArrayRecord(arrays),
                        loss=result.loss, epsilon=result.epsilon,
                        budget_epsilon=result.budget_epsilon, delta=result.delta,
                        has_autoencoder=AE_STATE_KEY in context.state)

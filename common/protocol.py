@@ -26,8 +26,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from ldm_core.config import TRANSFER_ENCODINGS
 from ldm_core.evaluation.attacks import AUDIT_RELEASE_KEYS
 from ldm_core.phases import PHASES as _REGISTRY
 
@@ -212,10 +214,61 @@ def query_task(content: RecordDict) -> str:
     return task
 
 
+# ------------------------------------------------------------------------ update encoding
+# How a site's trained weights travel (RunConfig.aggregation.transfer). "float16-delta" sends the
+# difference from the global weights the site received, in half precision: half the bytes, and
+# the rounding error is relative to the round's change, not to the weight. Rounding the weights
+# themselves to float16 would lose every change smaller than half a float16 step of the weight
+# (about 2.4e-4 for a weight near 1), which is a typical DP-SGD round's change. A change under
+# 6e-5 falls in float16's subnormal range and keeps an absolute precision of 3e-8.
+
+
+def encode_update(update: dict[str, torch.Tensor], sent: dict[str, torch.Tensor],
+                  encoding: str) -> dict[str, torch.Tensor]:
+    """The arrays a site puts in its train reply. Non-floating buffers travel as they are."""
+    if encoding == "float32":
+        return update
+    if encoding not in TRANSFER_ENCODINGS[1:]:
+        raise ProtocolError(f"unknown transfer encoding {encoding!r}; known: "
+                            f"{list(TRANSFER_ENCODINGS)}")
+    return {k: (v.float() - sent[k].float()).to(torch.float16) if v.is_floating_point() else v
+            for k, v in update.items()}
+
+
+def decode_update(arrays: dict[str, torch.Tensor], sent: dict[str, torch.Tensor],
+                  encoding: str) -> dict[str, torch.Tensor]:
+    """The weights a reply's arrays stand for, given the global weights that were sent.
+
+    Strict: with "float16-delta" every floating array must be float16 (a site that sends more
+    than declared is refused, not silently accepted). Names and shapes are checked afterwards,
+    on the decoded weights (server.aggregate.check_update).
+    """
+    if encoding == "float32":
+        return arrays
+    if encoding != "float16-delta":
+        raise ProtocolError(f"unknown transfer encoding {encoding!r}")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in arrays.items():
+        ref = sent.get(k)
+        if ref is None or not v.is_floating_point() or not ref.is_floating_point():
+            out[k] = v
+            continue
+        if v.dtype != torch.float16:
+            raise ProtocolError(f"train reply: {k} has dtype {v.dtype}; the run's transfer "
+                                "'float16-delta' sends float16 differences")
+        if tuple(v.shape) != tuple(ref.shape):
+            out[k] = v  # check_update names the wrong shape
+            continue
+        out[k] = (ref.float() + v.float()).to(ref.dtype)
+    return out
+
+
 # ------------------------------------------------------------------------------------ replies
 
 TRAIN_REPLY_FIELDS = (
-    FieldSpec("arrays", "*", Kind.MODEL, "the phase's weights after local DP-SGD"),
+    FieldSpec("arrays", "*", Kind.MODEL, "the phase's weights after local DP-SGD (float32), or "
+              "their difference from the global weights sent (float16, with aggregation."
+              "transfer 'float16-delta')"),
     FieldSpec("metrics", "loss", Kind.DP,
               "mean per-patient training loss (clipped), one Gaussian release per round"),
     FieldSpec("metrics", "epsilon", Kind.PUBLIC,

@@ -209,6 +209,10 @@ class DiffusionConfig:
         _check(self.clip_latent >= 0, "clip_latent must be >= 0 (0 turns clipping off)")
 
 
+# How the sites' updates travel (common.protocol.encode_update; ldm_core never imports Flower).
+TRANSFER_ENCODINGS = ("float32", "float16-delta")
+
+
 @dataclass(frozen=True)
 class AggregationConfig:
     """How the coordinator combines the sites' updates (server.aggregate).
@@ -218,11 +222,16 @@ class AggregationConfig:
     coordinate-wise median; "auto" is trimmed-mean with 3 or more usable updates, else mean.
     An update further from the global model (L2) than `norm_bound` times the median distance of
     the other sites' updates is rejected (inf turns that check off).
+
+    `transfer` is how the sites' updates travel: "float32" weights, or "float16-delta" (their
+    difference from the global weights, in half precision: half the uplink bytes; see
+    common.protocol.encode_update for why a difference and not rounded weights).
     """
 
     method: str = "auto"
     trim_fraction: float = 0.2
     norm_bound: float = 5.0
+    transfer: str = "float32"
 
     def __post_init__(self) -> None:
         _check(self.method in AGGREGATION_METHODS,
@@ -232,6 +241,9 @@ class AggregationConfig:
         _check(isinstance(self.norm_bound, (int, float)) and self.norm_bound > 1,
                f"aggregation.norm_bound must be > 1 (inf turns the check off), got "
                f"{self.norm_bound!r}")
+        _check(self.transfer in TRANSFER_ENCODINGS,
+               f"aggregation.transfer must be one of {TRANSFER_ENCODINGS}, got "
+               f"{self.transfer!r}")
 
 
 @dataclass(frozen=True)

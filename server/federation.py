@@ -34,6 +34,7 @@ from common.protocol import (
     RunRef,
     TrainReply,
     TrainRequest,
+    decode_update,
 )
 from ldm_core.checkpoint import load_checkpoint, save_checkpoint
 from ldm_core.config import ConfigError, RunConfig, to_dict
@@ -380,7 +381,10 @@ class Coordinator:
         if not math.isfinite(reply.loss):
             return None, None, f"loss {reply.loss!r} is not finite", None
         try:
-            update = reply.weights.to_torch_state_dict()
+            update = decode_update(reply.weights.to_torch_state_dict(), reference,
+                                   self.cfg.aggregation.transfer)
+        except ProtocolError as err:
+            return None, None, str(err), None
         except Exception as err:  # noqa: BLE001 - whatever a hostile array does, refuse it
             return None, None, f"weights cannot be read ({type(err).__name__}: {err})", None
         why = check_update(reference, update)

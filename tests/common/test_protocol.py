@@ -145,3 +145,41 @@ def test_readme_lists_exactly_what_leaves_a_site() -> None:
     assert protocol_table() in readme, (
         "README 'What leaves a site' is out of date; paste the output of "
         "`python -c 'from tests.common.test_protocol import protocol_table as t; print(t())'`")
+
+
+# --------------------------------------------------------------------------- update encoding
+def test_float16_delta_halves_the_bytes_and_keeps_changes_a_float16_weight_would_lose() -> None:
+    import torch
+
+    from common.protocol import decode_update, encode_update
+
+    g = torch.Generator().manual_seed(0)
+    sent = {"w": torch.randn(64, 32, generator=g) + 1.0, "steps": torch.tensor([7])}
+    change = 1e-5 * torch.randn(64, 32, generator=g)  # a small DP-SGD round's change
+    update = {"w": sent["w"] + change, "steps": torch.tensor([9])}
+    wire = encode_update(update, sent, "float16-delta")
+    assert wire["w"].dtype == torch.float16 and wire["w"].element_size() == 2
+    assert torch.equal(wire["steps"], update["steps"])  # counters travel exactly
+    back = decode_update(wire, sent, "float16-delta")
+    assert back["w"].dtype == torch.float32 and torch.equal(back["steps"], update["steps"])
+    err = (back["w"] - update["w"]).abs()
+    # Relative to the change (float16 mantissa), plus float16's subnormal step for changes under
+    # 6e-5 and the float32 rounding of the sum: orders of magnitude below the DP noise.
+    assert float((err - change.abs() * 2.0**-10).max()) <= 2.0**-25 + 2.0**-23
+    # Rounding the weights themselves to float16 would lose most of this round's change.
+    rounded = update["w"].half().float() - sent["w"].half().float()
+    assert float((rounded == 0).float().mean()) > 0.9
+    assert decode_update(update, sent, "float32") is update
+    assert encode_update(update, sent, "float32") is update
+
+
+def test_a_reply_that_does_not_use_the_declared_encoding_is_refused() -> None:
+    import torch
+
+    from common.protocol import decode_update, encode_update
+
+    sent = {"w": torch.zeros(3)}
+    with pytest.raises(ProtocolError, match="float16 differences"):
+        decode_update({"w": torch.ones(3)}, sent, "float16-delta")  # float32 weights
+    with pytest.raises(ProtocolError, match="unknown transfer encoding"):
+        encode_update({"w": torch.ones(3)}, sent, "int8")

@@ -194,3 +194,30 @@ def test_only_the_superlink_can_report_another_node_unavailable() -> None:
     forged = create_message_error_unavailable_res_message(to_102.metadata, "node_unavail")
     forged.metadata.__dict__["_src_node_id"] = 101
     assert _origin(forged, addressed) == 101
+
+
+@pytest.mark.slow
+def test_float16_delta_transfer_sends_half_precision_and_trains_the_same_model(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig) -> None:
+    """Non-private and seeded, so both runs would match exactly in float32: with float16
+    differences on the wire the final model differs only by rounding, and what the sites stored
+    (and sent) is float16."""
+    from safetensors.torch import load_file
+
+    cfg = dataclasses.replace(tiny_cfg, privacy=dataclasses.replace(tiny_cfg.privacy,
+                                                                    epsilon=math.inf))
+    half = dataclasses.replace(cfg, aggregation=dataclasses.replace(
+        cfg.aggregation, transfer="float16-delta"))
+    a = _final(_federation(tmp_path / "a", demo_manifest, cfg, reproducible=True))
+    b = _final(_federation(tmp_path / "b", demo_manifest, half, reproducible=True))
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point())
+    scale = max(float(a[k].abs().max()) for k in a if a[k].is_floating_point())
+    assert 0 < diff < 1e-3 * scale
+    stored = sorted((tmp_path / "b" / "sites").glob("site-0/replies/*/diffusion-1/arrays*"))
+    assert stored, list((tmp_path / "b" / "sites").rglob("*"))[:20]
+    arrays = load_file(str(stored[0]))
+    floats = [v for v in arrays.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    plain = sorted((tmp_path / "a" / "sites").glob("site-0/replies/*/diffusion-1/arrays*"))
+    assert all(v.dtype == torch.float32 for v in load_file(str(plain[0])).values()
+               if v.is_floating_point())
