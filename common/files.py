@@ -16,13 +16,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from common import jsonio
 
-__all__ = ["fsync_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
+__all__ = ["fsync_path", "staged_folder", "write_bytes_atomic", "write_text_atomic",
+           "write_json_atomic"]
 
 
 def fsync_path(path: str | os.PathLike[str]) -> None:
@@ -79,3 +82,28 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, *, mode: int | No
     """Strict JSON (inf/-inf/nan written as strings by `common.jsonio`), written atomically."""
     text = json.dumps(jsonio.encode(data), indent=indent, sort_keys=sort_keys, allow_nan=False)
     return write_text_atomic(path, text, mode=mode)
+
+
+@contextlib.contextmanager
+def staged_folder(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build a result folder beside ``final`` and rename it into place only when complete.
+
+    Why: a crash half-way must not leave a half result under the final name (a later call
+    would take it for a finished one and refuse to overwrite it). ``final`` must not exist or
+    be an empty folder; the caller checks that, with its own message, before the slow work.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
+        if final.exists():
+            final.rmdir()  # empty, or this raises and nothing is replaced
+        tmp.rename(final)
+        fsync_path(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

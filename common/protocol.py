@@ -239,11 +239,18 @@ def decode_update(arrays: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]
                   encoding: str) -> dict[str, torch.Tensor]:
     """The weights a reply's arrays stand for, given the global weights that were sent.
 
-    Strict: with "float16-delta" every floating array must be float16 (a site that sends more
-    than declared is refused, not silently accepted). Names and shapes are checked afterwards,
+    Strict: every floating array must be in the declared dtype (float16 differences, or the
+    global weights' own dtype with "float32"): a reply that does not follow the run's encoding
+    is refused, not silently accepted. Names and shapes are checked afterwards,
     on the decoded weights (server.aggregate.check_update).
     """
     if encoding == "float32":
+        for k, v in arrays.items():
+            ref = sent.get(k)
+            if (ref is not None and v.is_floating_point() and ref.is_floating_point()
+                    and v.dtype != ref.dtype):
+                raise ProtocolError(f"train reply: {k} has dtype {v.dtype}; the run's transfer "
+                                    f"'float32' sends the weights as {ref.dtype}")
         return arrays
     if encoding != "float16-delta":
         raise ProtocolError(f"unknown transfer encoding {encoding!r}")

@@ -440,18 +440,22 @@ def split_by_patient(
 ) -> dict[str, list[Record]]:
     """Split records into ``train``/``holdout``/``test`` so that no patient is in two splits.
 
-    - Every record has a split: kept as is; a split that is missing (e.g. only train/test in
-      the data) is carved out of train by patient, each train patient independently with
-      probability ``fraction / (share of patients the data's layout leaves in train)`` so that
-      holdout is about ``holdout_fraction`` of all patients whatever the layout.
+    - Records carry a split (a ``split`` column or train/test folders; then every record must):
+      test is the given test, never carved; holdout is the given holdout plus the given-train
+      patients each drawn independently with probability ``holdout_fraction / (1 -
+      test_fraction)`` (about ``holdout_fraction`` of all patients when the given test is
+      about ``test_fraction``). Set ``holdout_fraction`` to 0 to keep a declared holdout as the
+      only one.
     - No record has a split: each patient independently lands in test with probability
       ``test_fraction``, in holdout with ``holdout_fraction``, otherwise in train.
     - Records without a patient id are each their own patient.
 
-    Each patient's split depends on its own id and ``seed`` only (:func:`patient_draw`), never
-    on the other patients: split sizes are therefore binomial, not exact, and a small site can
-    get an empty holdout or test split (the site then releases nothing from it). No stratification
-    either, for the same reason. A split that leaves no training patient is an error.
+    Which rule applies is a property of the layout (split column or not), never of which splits
+    happen to be empty, and each patient's split depends on its own id and ``seed`` only
+    (:func:`patient_draw`): adding or removing one patient moves no other patient. Split sizes
+    are therefore binomial, not exact, and a small site can get an empty holdout or test split
+    (its releases on that split then carry only noise). No stratification either, for the same
+    reason. A split that leaves no training patient is an error.
     """
     _check_fractions(holdout_fraction, test_fraction)
     with_split = [r.split is not None for r in records]
@@ -469,32 +473,33 @@ def split_by_patient(
             "split_by_patient: the data has no train split (only "
             f"{sorted({r.split for r in records})}); add training images."
         )
-    # Probabilities over the patients the layout puts in train; the given splits are kept.
-    carve = {s: f for s, f in (("test", test_fraction), ("holdout", holdout_fraction))
-             if not out[s] and f > 0}
-    given = (test_fraction if "test" not in carve and out["test"] else 0.0) + (
-        holdout_fraction if "holdout" not in carve and out["holdout"] else 0.0)
-    if carve:
-        scale = 1.0 / (1.0 - given) if given < 1.0 else 1.0
-        keep: list[Record] = []
-        for r in out["train"]:
-            u = patient_draw(r.patient_key, seed)
-            edge, dest = 0.0, None
-            for split, frac in carve.items():
-                edge += min(frac * scale, 1.0)
-                if u < edge:
-                    dest = split
-                    break
-            (out[dest] if dest else keep).append(r)
-        if records and not keep:
-            n = len(_group_by_patient(records))
-            raise DataError(
-                f"split_by_patient: the patient-level split left no training patient ({n} "
-                f"patient(s), holdout_fraction={holdout_fraction}, test_fraction={test_fraction})"
-                "; add patients or lower the fractions."
-            )
-        out["train"] = keep
+    layout_has_splits = any(with_split)
+    keep: list[Record] = []
+    for r in out["train"]:
+        u = patient_draw(_split_key(r), seed)
+        if layout_has_splits:
+            dest = "holdout" if u < holdout_fraction / (1.0 - test_fraction) else None
+        else:
+            dest = ("test" if u < test_fraction else
+                    "holdout" if u < test_fraction + holdout_fraction else None)
+        (out[dest] if dest else keep).append(r)
+    if records and not keep:
+        n = len(_group_by_patient(records))
+        raise DataError(
+            f"split_by_patient: the patient-level split left no training patient ({n} "
+            f"patient(s), holdout_fraction={holdout_fraction}, test_fraction={test_fraction})"
+            "; add patients or lower the fractions."
+        )
+    out["train"] = keep
     return out
+
+
+def _split_key(r: Record) -> str:
+    """What the split hashes: the patient id, or for an image without one its class folder and
+    file name, so that moving or remounting the data root does not re-split the images."""
+    if r.patient is not None:
+        return r.patient
+    return "image:" + "/".join(r.path.parts[-2:])
 
 
 def _parse_scheme(scheme: str) -> tuple[str, float]:
@@ -527,7 +532,8 @@ def partition(
 ) -> list[list[Record]]:
     """Share records among ``n_sites`` sites, whole patients at a time.
 
-    ``iid``: patients dealt round-robin within each label stratum. ``dirichlet:ALPHA``: label
+    ``iid``: each patient's site drawn uniformly from a keyed hash of its id (independent of the
+    other patients; site sizes are multinomial). ``dirichlet:ALPHA``: label
     skew as in Hsu et al. 2019: for each class, site shares ~ Dirichlet(ALPHA); small ALPHA
     means strong skew. Draws that leave a site with fewer than ``min_per_site`` images are
     redrawn (seeded, a bounded number of times) before giving up. ``site``: by the records'
@@ -549,13 +555,14 @@ def partition(
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xD15C]))
     for _ in range(_DIRICHLET_TRIES if kind == "dirichlet" else 1):
         owner: dict[str, int] = {}
-        start = 0
         for lab in sorted(strata):
             keys = [strata[lab][i] for i in rng.permutation(len(strata[lab]))]
             if kind == "iid":
-                for j, key in enumerate(keys):
-                    owner[key] = (start + j) % n_sites
-                start += len(keys)
+                # Each patient's site from its own id alone (as for the split): sites that
+                # share one dataset in a trial keep the neighbouring-dataset property.
+                for key in keys:
+                    owner[key] = min(int(patient_draw(key, seed ^ 0x5173) * n_sites),
+                                     n_sites - 1)
             else:
                 shares = rng.dirichlet(np.full(n_sites, alpha))
                 bounds = np.round(np.cumsum(shares) * len(keys)).astype(int)

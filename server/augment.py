@@ -101,6 +101,10 @@ def augment_run(run_dir: Path, opts: AugmentOptions) -> dict[str, Any]:
         lambda m: None)
     say("loading real images")
     real = subsample(_source(run, opts).load(cfg), opts.max_real_train, seed=cfg.seed)
+    if not bool((real.test[1] == target).any()):  # before minutes of sampling, not after
+        raise AugmentError(f"{real.source}: the real test split has no '{opts.class_name}' "
+                           "image, so its AUC and sensitivity are undefined; use a --reference "
+                           "set with some, or a run with more data")
     device = resolve_device(cfg.device)
     say(f"generating {opts.count} synthetic '{opts.class_name}' images")
     labels = torch.full((opts.count,), target, dtype=torch.long)
@@ -126,9 +130,10 @@ def augment_run(run_dir: Path, opts: AugmentOptions) -> dict[str, Any]:
                         "privacy cost); the real images were read where this command ran and "
                         "did not leave it",
     })
-    export_synthetic(out / "synthetic", images, labels, cfg.class_names)
-    files.write_bytes_atomic(out / "augment.png", png_bytes(augment_figure(result)))
-    files.write_json_atomic(out / "augment.json", result)
+    with files.staged_folder(out) as tmp:
+        export_synthetic(tmp / "synthetic", images, labels, cfg.class_names)
+        files.write_bytes_atomic(tmp / "augment.png", png_bytes(augment_figure(result)))
+        files.write_json_atomic(tmp / "augment.json", result)
     result["out"] = str(out)
     return result
 

@@ -10,11 +10,11 @@ beside DIR and renamed into place: a crash never leaves a half-exported dataset 
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from common import files
 from server.run_folder import Run
 
 __all__ = ["ExportError", "export_run"]
@@ -48,18 +48,10 @@ def export_run(run_dir: Path, to: Path, *, force: bool = False) -> dict[str, Any
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise ExportError(f"--to {to}: exists and is not an empty folder; choose a new one "
                           "(nothing was written)")
-    tmp = to.with_name(f".{to.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        shutil.copytree(run.synthetic, tmp)
+    with files.staged_folder(to) as tmp:
+        shutil.copytree(run.synthetic, tmp, dirs_exist_ok=True)
         card = run.datacard.read_text()
         first = (f"> **EXPORTED DESPITE NO-GO** (`fedldm export --force`): this dataset did not "
                  f"meet {basis}; not met: {failed}.\n\n") if not go else ""
         (tmp / "DATACARD.md").write_text(first + card)
-        if to.exists():
-            to.rmdir()
-        tmp.rename(to)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return acc

@@ -169,6 +169,18 @@ def stress_run(run_dir: Path, opts: StressOptions) -> dict[str, Any]:
     say = (lambda m: print(f"[stress] {m}", flush=True)) if opts.show_progress else (
         lambda m: None)
     device = resolve_device(cfg.device)
+    reference, reference_note = None, "no real images on this machine (pass --reference PATH)"
+    source = _reference(run, opts)
+    if source is not None:  # before the slow sampling: a bad reference fails fast
+        say("scoring the model on real test patients")
+        real = source.load(cfg)
+        if real.test[0].shape[0] == 0:
+            reference_note = f"{real.source}: the real test split is empty"
+        else:
+            reference = {**score_predictions(real.test[1].numpy(), _proba(model, real.test[0]),
+                                             groups=np.asarray(real.test[2])),
+                         "source": real.source}
+            reference_note = None
     labels = torch.arange(cfg.model.n_classes).repeat_interleave(opts.per_class)
     base_g = float(cfg.dm.guidance_scale)
     scales = sorted(set(opts.guidance or (1.0, 2.0, base_g, 2.0 * base_g)) | {base_g})
@@ -191,24 +203,16 @@ def stress_run(run_dir: Path, opts: StressOptions) -> dict[str, Any]:
         rows.append({"family": shift.family, "level": shift.level, "name": shift.name,
                      **score_predictions(labels.numpy(), _proba(model, shifted))})
     base = next(r for r in rows if r["family"] == "guidance" and r["level"] == base_g)
-    reference = None
-    source = _reference(run, opts)
-    if source is not None:
-        say("scoring the model on real test patients")
-        real = source.load(cfg)
-        reference = {**score_predictions(real.test[1].numpy(), _proba(model, real.test[0]),
-                                         groups=np.asarray(real.test[2])),
-                     "source": real.source}
     result = {"model": str(opts.model), "arch": opts.arch or "torchscript", "run": str(run.root),
               "class_names": list(cfg.class_names), "per_class": opts.per_class,
               "base_guidance": base_g, "synthetic_base": base, "rows": rows,
-              "reference": reference,
+              "reference": reference, "reference_note": reference_note,
               "note": "AUC is macro one-vs-rest; CIs bootstrap images (synthetic) or patients "
                       "(real). A drop under a shift is the model's sensitivity to it on "
                       "synthetic images, not a measurement on real scans of that kind."}
-    out.mkdir(parents=True, exist_ok=True)
-    files.write_bytes_atomic(out / "stress.png", png_bytes(stress_figure(result)))
-    files.write_json_atomic(out / "stress.json", result)
+    with files.staged_folder(out) as tmp:
+        files.write_bytes_atomic(tmp / "stress.png", png_bytes(stress_figure(result)))
+        files.write_json_atomic(tmp / "stress.json", result)
     result["out"] = str(out)
     return result
 
@@ -261,4 +265,6 @@ def summary_table(result: dict[str, Any]) -> str:
                  f"in every row; shifts apply to the guidance-{result['base_guidance']:g} images.")
     if result["reference"] is not None:
         lines.append(f"Real test: {result['reference']['source']}.")
+    elif result.get("reference_note"):
+        lines.append(f"No real-test reference: {result['reference_note']}.")
     return "\n".join(lines)

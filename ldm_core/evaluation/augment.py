@@ -148,6 +148,9 @@ def evaluate_augmentation(
                 macro[a] += auc / len(present)
             entry[a] = {"auc": float(auc[0]), "auc_ci": _ci(auc[1:]),
                         "sensitivity": float(sens[0]), "sensitivity_ci": _ci(sens[1:])}
+        # Resamples without a positive of this class are undefined and left out of its CI: for
+        # a rare class that can be many, so say how many were usable.
+        entry["n_boot_valid"] = int(np.isfinite(curves["real"]["auc"][1:]).sum())
         for key, name in (("auc", "delta_auc"), ("sens", "delta_sensitivity")):
             d = curves["augmented"][key] - curves["real"][key]
             entry[name] = float(d[0])

@@ -88,6 +88,29 @@ def test_failed_write_leaves_the_old_file(tmp_path: Path,
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
+def test_a_staged_folder_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    final = tmp_path / "result"
+    with pytest.raises(RuntimeError, match="crash"), files.staged_folder(final) as tmp:
+        (tmp / "a.json").write_text("{}")
+        raise RuntimeError("crash half-way")
+    assert not final.exists() and list(tmp_path.iterdir()) == []
+    with files.staged_folder(final) as tmp:
+        (tmp / "a.json").write_text("{}")
+        assert not final.exists()  # nothing under the final name until it is complete
+    assert (final / "a.json").read_text() == "{}" and list(tmp_path.iterdir()) == [final]
+
+
+def test_rare_class_and_float_list_arguments() -> None:
+    assert A.rare_class("tumor:0.03") == ("tumor", 0.03)
+    assert A.float_list("1, 2.5,4") == (1.0, 2.5, 4.0)
+    for bad in ("tumor", "tumor:1.5", ":0.1", "tumor:x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            A.rare_class(bad)
+    for bad in ("", "1,x", "-1", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            A.float_list(bad)
+
+
 def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

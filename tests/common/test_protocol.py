@@ -181,5 +181,7 @@ def test_a_reply_that_does_not_use_the_declared_encoding_is_refused() -> None:
     sent = {"w": torch.zeros(3)}
     with pytest.raises(ProtocolError, match="float16 differences"):
         decode_update({"w": torch.ones(3)}, sent, "float16-delta")  # float32 weights
+    with pytest.raises(ProtocolError, match="sends the weights as torch.float32"):
+        decode_update({"w": torch.ones(3, dtype=torch.float16)}, sent, "float32")
     with pytest.raises(ProtocolError, match="unknown transfer encoding"):
         encode_update({"w": torch.ones(3)}, sent, "int8")

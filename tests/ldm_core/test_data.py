@@ -322,9 +322,33 @@ def test_holdout_carved_at_the_rate_of_all_patients() -> None:
 
 def test_full_split_column_respected() -> None:
     records = _records(9, split=lambda p: ("train", "holdout", "test")[p % 3])
-    out = split_by_patient(records, seed=0)
+    out = split_by_patient(records, holdout_fraction=0.0, seed=0)
     for split in ("train", "holdout", "test"):
         assert out[split] == [r for r in records if r.split == split]
+
+
+def test_whether_a_split_is_carved_does_not_depend_on_which_splits_are_empty() -> None:
+    """With a split column, test is never carved, even when the given test is empty: removing
+    the only given test patient must not send train patients to test."""
+    records = _records(40, split=lambda p: "test" if p == 0 else "train")
+    full = _split_of(split_by_patient(records, seed=2))
+    fewer = _split_of(split_by_patient([r for r in records if r.patient != "p0"], seed=2))
+    assert fewer == {k: v for k, v in full.items() if k != "p0"}
+    assert "test" not in fewer.values()
+    # A given holdout is kept, and train patients are still carved into holdout per patient.
+    with_holdout = _records(40, split=lambda p: "holdout" if p == 0 else "train")
+    carved = _split_of(split_by_patient(with_holdout, seed=2))
+    alone = _split_of(split_by_patient([r for r in with_holdout if r.patient != "p0"], seed=2))
+    assert carved["p0"] == "holdout" and alone == {k: v for k, v in carved.items() if k != "p0"}
+
+
+def test_an_image_without_a_patient_id_splits_the_same_wherever_the_data_root_is() -> None:
+    here = [Record(path=Path(f"/mnt/a/data/c{i % 2}/{i}.png"), label=i % 2) for i in range(50)]
+    there = [Record(path=Path(f"/srv/copy/c{i % 2}/{i}.png"), label=i % 2) for i in range(50)]
+    a = split_by_patient(here, seed=1)
+    b = split_by_patient(there, seed=1)
+    assert {k: [r.path.name for r in v] for k, v in a.items()} == {
+        k: [r.path.name for r in v] for k, v in b.items()}
 
 
 def test_records_without_patient_are_own_patients() -> None:
@@ -370,8 +394,13 @@ def test_partition_iid(seed: int) -> None:
     records = _records(60)
     sites = partition(records, 3, "iid", seed=seed)
     _check_partition(records, sites)
-    assert [len(s) for s in sites] == [60, 60, 60]
+    assert all(30 <= len(s) <= 90 for s in sites)  # 180 images; multinomial, not exact
     assert partition(records, 3, "iid", seed=seed) == sites
+    # Per patient: one patient fewer moves no other patient to another site.
+    owner = {r.patient_key: i for i, s in enumerate(sites) for r in s}
+    fewer = partition([r for r in records if r.patient != "p7"], 3, "iid", seed=seed)
+    assert {r.patient_key: i for i, s in enumerate(fewer) for r in s} == {
+        k: v for k, v in owner.items() if k != "p7"}
 
 
 def _label_skew(sites, n_classes: int = 3) -> float:
@@ -508,3 +537,16 @@ def test_load_site_disjoint_and_consistent(demo_dir: Path, scheme: str) -> None:
 def test_load_site_bad_index(demo_dir: Path) -> None:
     with pytest.raises(ValueError, match="site_index"):
         load_site(demo_dir, site_index=3, n_sites=3, scheme="iid", image_size=16)
+
+
+def test_a_sites_split_seed_does_not_depend_on_its_share() -> None:
+    """The path every site takes (load_site -> _site_splits): the seed mixes in the site, never
+    anything about the data, so one patient fewer still moves no other patient."""
+    from ldm_core.data import _site_splits
+
+    records = _records(50)
+    kw = {"seed": 3, "holdout_fraction": 0.15, "test_fraction": 0.15}
+    full = _split_of(_site_splits(records, 1, **kw))
+    for gone in ("p0", "p17", "p49"):
+        fewer = _split_of(_site_splits([r for r in records if r.patient != gone], 1, **kw))
+        assert fewer == {k: v for k, v in full.items() if k != gone}

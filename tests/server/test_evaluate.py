@@ -166,7 +166,8 @@ def test_augment_writes_its_result_and_never_overwrites_it(trained_run: Path,
 
 
 @pytest.mark.slow
-def test_stress_scores_a_users_model_per_variation(trained_run: Path, tmp_path: Path) -> None:
+def test_stress_scores_a_users_model_per_variation(trained_run: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """`fedldm stress` with a TorchScript model and with a state dict + --arch: one row per
     guidance scale and per shift, the real test score as reference, and bad models refused."""
     import torch
@@ -180,6 +181,12 @@ def test_stress_scores_a_users_model_per_variation(trained_run: Path, tmp_path: 
     scripted = tmp_path / "model.ts"
     torch.jit.trace(model, torch.zeros(1, 1, 16, 16)).save(str(scripted))
     shifts = (Shift("noise", 0.1), Shift("blur", 1.0))
+    import server.stress
+
+    seeds: list[int] = []
+    real_generate = server.stress.generate_images
+    monkeypatch.setattr(server.stress, "generate_images", lambda *a, **k: seeds.append(
+        k["seed"]) or real_generate(*a, **k))
     result = stress_run(trained_run, StressOptions(
         model=scripted, per_class=3, guidance=(1.0, 3.0), shifts=shifts, out=tmp_path / "s1",
         show_progress=False))
@@ -188,6 +195,7 @@ def test_stress_scores_a_users_model_per_variation(trained_run: Path, tmp_path: 
     assert names == [f"guidance {g:g}" for g in sorted({1.0, 3.0, base_g})] + [
         "noise 0.1", "blur 1"]
     assert all(r["n"] == 3 * n_classes for r in result["rows"])
+    assert len(seeds) == len({1.0, 3.0, base_g}) and len(set(seeds)) == 1  # only guidance varies
     assert result["reference"] is not None and "simulated sites" in result["reference"]["source"]
     saved = json.loads((tmp_path / "s1" / "stress.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
