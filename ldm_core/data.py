@@ -44,12 +44,16 @@ __all__ = [
     "scan",
     "split_by_patient",
     "patient_draw",
+    "SPLIT_SCHEME",
     "partition",
     "load_images",
     "load_site",
     "load_all_sites",
 ]
 
+# The split rule's name, recorded in run.json: a run trained under another rule must not be
+# resumed or evaluated as if its sites held the same patients in the same splits.
+SPLIT_SCHEME = "patient-hash-v1"
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 SPLITS: tuple[str, ...] = ("train", "holdout", "test")
 _SPLIT_ALIASES = {

@@ -11,10 +11,12 @@ The final model is loaded once (Run.load_final) and handed to samples, evaluatio
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from client.client_app import SimulationSites
+from ldm_core.data import SPLIT_SCHEME
 from server.eval_audit import AuditFn
 from server.evaluate import EvalOptions, evaluate_run
 from server.finalize import write_samples
@@ -28,6 +30,11 @@ def simulated_sites(run: Run | Path) -> SimulatedSites | None:
     info = run.load_info()
     if info is None or not info.is_simulation:
         return None
+    if info.split != SPLIT_SCHEME:
+        print(f"warning: {run.info_path} was written with another patient split "
+              f"({info.split or 'the stratified split of earlier versions'}); its sites are "
+              f"rebuilt with {SPLIT_SCHEME}, so real test patients may include patients the "
+              "model was trained on (results optimistic)", file=sys.stderr, flush=True)
     sites = SimulationSites(data=info.data, n_sites=info.sites, partition=info.partition,
                             state_root=run.sites, epsilon=info.epsilon, delta=info.delta,
                             data_seed=info.seed, device=info.device)

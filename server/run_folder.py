@@ -81,6 +81,8 @@ class RunInfo:
     privacy_randomness: str | None = None
     command: str = "fedldm simulate"
     accept: str | None = None  # acceptance criteria declared before training (--accept)
+    # The sites' split rule (ldm_core.data.SPLIT_SCHEME); None in runs made before it was kept.
+    split: str | None = None
 
     @property
     def is_simulation(self) -> bool:
@@ -110,6 +112,8 @@ class RunInfo:
                "privacy_randomness": self.privacy_randomness}
         if self.accept:
             out["accept"] = self.accept
+        if self.split:
+            out["split"] = self.split
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -123,7 +127,7 @@ class RunInfo:
                    patient_note=d.get("patient_note"),
                    privacy_randomness=d.get("privacy_randomness"),
                    command=str(d.get("command", "fedldm simulate")),
-                   accept=d.get("accept") or None)
+                   accept=d.get("accept") or None, split=d.get("split") or None)
 
 
 @dataclass(frozen=True)

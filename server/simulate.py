@@ -23,7 +23,14 @@ import torch
 from client.client_app import SimulationSites, make_client_app
 from client.ledger import PrivacyLedger
 from ldm_core.config import PRESET_IMAGE_SIZE, RunConfig, build_config, to_dict
-from ldm_core.data import DEMO_DATA, DataError, missing_test_classes, scan, simulation_source
+from ldm_core.data import (
+    DEMO_DATA,
+    SPLIT_SCHEME,
+    DataError,
+    missing_test_classes,
+    scan,
+    simulation_source,
+)
 from ldm_core.dp_random import NOT_PRIVATE_NOTE
 from ldm_core.phantoms import generate_demo
 from server.acceptance import AcceptanceError, check_feasible, parse_acceptance
@@ -114,7 +121,7 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
         privacy_randomness=NOT_PRIVATE_NOTE if opts.reproducible else (
             "secure: each site draws Poisson sampling and DP noise from OS entropy (reseeded "
             "every step); the run's seed drives only initialisation, timesteps and evaluation"),
-        accept=accept)
+        accept=accept, split=SPLIT_SCHEME)
     run.save_info(info)
     meta = info.meta()
     sites = SimulationSites(data=data, n_sites=opts.sites, partition=partition,
@@ -162,6 +169,12 @@ def _check_before_writing(run: Run, cfg: RunConfig, data: str, partition: str,
         raise FederationError(
             f"{run.state_path} belongs to a run with another configuration; use a new --out "
             "folder, or the same settings to resume this one")
+    old = run.load_info() if run.info_path.exists() else None
+    if saved is not None and old is not None and old.split != SPLIT_SCHEME:
+        raise FederationError(
+            f"{run.info_path}: the run was started with another patient split "
+            f"({old.split or 'the stratified split of earlier versions'}, now {SPLIT_SCHEME}); "
+            "resuming would train and evaluate on other patients. Use a new --out folder")
     if not opts.evaluate:  # nothing will be tested: a test split without a class is fine
         return
     missing = missing_test_classes(data, n_sites=opts.sites, scheme=partition, seed=opts.seed)

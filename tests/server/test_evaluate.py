@@ -3,6 +3,7 @@ the final checkpoint once and each site's data once at the coordinator."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -230,3 +231,25 @@ def test_stress_scores_a_users_model_per_variation(trained_run: Path, tmp_path: 
     torch.jit.trace(SmallCNN(n_classes + 1).eval(), torch.zeros(1, 1, 16, 16)).save(str(wrong))
     with pytest.raises(StressError, match=f"logits \\[N, {n_classes}\\]"):
         stress_run(trained_run, StressOptions(model=wrong, out=tmp_path / "s5"))
+
+
+def test_a_run_started_under_another_split_is_not_resumed(tmp_path: Path, tiny_cfg: Any) -> None:
+    """Resuming would train and evaluate its sites on other patients than it started with."""
+    from common import files
+    from ldm_core.config import to_dict
+    from ldm_core.data import SPLIT_SCHEME
+    from server.federation import FederationError
+    from server.simulate import _check_before_writing
+
+    run = Run(tmp_path / "old")
+    run.state_path.parent.mkdir(parents=True)
+    files.write_json_atomic(run.state_path, {"config": to_dict(tiny_cfg)})
+    info = RunInfo(config=to_dict(tiny_cfg), data="d.csv", partition="site", sites=2,
+                   mode="simulation")
+    run.save_info(info)  # as earlier versions wrote it: no split
+    opts = SimulationOptions(evaluate=False)
+    with pytest.raises(FederationError, match="another patient split.*new --out"):
+        _check_before_writing(run, tiny_cfg, "d.csv", "site", opts)
+    run.save_info(dataclasses.replace(info, split=SPLIT_SCHEME))
+    _check_before_writing(run, tiny_cfg, "d.csv", "site", opts)  # same rule: resumes
+    assert Run(run.root).load_info().split == SPLIT_SCHEME  # type: ignore[union-attr]
