@@ -344,6 +344,10 @@ def build_supernode_command(args: argparse.Namespace) -> tuple[list[str], dict[s
     return cmd, flower_env(state_dir / FLWR_HOME_DIR)
 
 
+# What flower-supernode logs when the SuperLink refuses to activate it (flwr 1.42 error catalog).
+ACTIVATION_FAILED = "Failed to activate SuperNode"
+
+
 def site_start(args: argparse.Namespace) -> int:
     cmd, env = build_supernode_command(args)
     print(f"fedldm site {args.site_id}: budget epsilon {args.epsilon:g}, delta {args.delta:g} "
@@ -352,7 +356,12 @@ def site_start(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(" ".join(cmd))
         return 0
-    return run_supervised(cmd, env)
+    # A site restarted soon after a crash is refused until the SuperLink marks its previous
+    # session offline: wait that out instead of exiting (common.procs.run_supervised).
+    return run_supervised(cmd, env, retry_marker=ACTIVATION_FAILED, retry_hint=(
+        "Either this site's public key is not registered at the SuperLink (the coordinator "
+        "registers it with `fedldm coordinator register-site`), or another SuperNode with this "
+        "key is running."))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,11 +58,29 @@ def flower_env(flwr_home: Path | None) -> dict[str, str]:
     return env
 
 
-def run_supervised(cmd: Sequence[str], env: dict[str, str]) -> int:
-    """Run a long-lived child, forwarding SIGINT/SIGTERM/SIGHUP; return its exit status
-    (128 + N when a signal N ended it, as a shell reports it)."""
-    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+def _run_once(cmd: Sequence[str], env: dict[str, str], marker: str | None
+              ) -> tuple[int, bool, bool]:
+    """One run of the child: (exit status, whether `marker` appeared in its output, whether we
+    forwarded a stop signal). With a marker the child's output is copied line by line to ours
+    (stdout), so the user sees the same log while we can read it."""
+    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True,
+                            stdout=subprocess.PIPE if marker else None,
+                            stderr=subprocess.STDOUT if marker else None,
+                            text=True if marker else None, bufsize=1 if marker else -1)
     stop_deadline: list[float] = []
+    seen: list[bool] = []
+
+    def copy() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if marker and marker in line:
+                seen.append(True)
+
+    reader = threading.Thread(target=copy, daemon=True) if marker else None
+    if reader is not None:
+        reader.start()
 
     def forward(signum: int, _frame: Any) -> None:
         if proc.poll() is None:
@@ -82,7 +101,37 @@ def run_supervised(cmd: Sequence[str], env: dict[str, str]) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    return 128 - code if code < 0 else code
+    if reader is not None:
+        reader.join(timeout=5.0)
+    return (128 - code if code < 0 else code), bool(seen), bool(stop_deadline)
+
+
+def run_supervised(cmd: Sequence[str], env: dict[str, str], *, retry_marker: str | None = None,
+                   retry_every_s: float = 15.0, retry_for_s: float = 75.0,
+                   retry_hint: str = "") -> int:
+    """Run a long-lived child, forwarding SIGINT/SIGTERM/SIGHUP; return its exit status
+    (128 + N when a signal N ended it, as a shell reports it).
+
+    `retry_marker`: when the child fails and its output contained this text, start it again
+    every `retry_every_s` seconds for up to `retry_for_s` seconds from the first start. Why: a
+    SuperNode restarted soon after a crash is refused ("Failed to activate SuperNode") while the
+    SuperLink still counts its previous session as online (until two missed heartbeats, 60 s by
+    default); waiting it out is the fix, and a site daemon should not need a person for that.
+    The same refusal also means "this key is not registered", which no wait cures, hence the
+    short default window (75 s covers the 60 s expiry) and `retry_hint` in the last message.
+    """
+    started = time.monotonic()
+    while True:
+        code, seen, stopped = _run_once(cmd, env, retry_marker)
+        if code == 0 or not seen or stopped:
+            return code
+        if time.monotonic() - started + retry_every_s > retry_for_s:
+            warn(f"{retry_marker!r} for {retry_for_s:g} s: giving up. {retry_hint}".strip())
+            return code
+        warn(f"{retry_marker!r}: the SuperLink may still hold this site's previous session (it "
+             f"expires after two missed heartbeats); retrying in {retry_every_s:g} s (for up to "
+             f"{retry_for_s:g} s)")
+        time.sleep(retry_every_s)
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,49 @@ def test_rare_class_and_float_list_arguments() -> None:
             A.float_list(bad)
 
 
+def _flaky_child(tmp_path: Path, failures: int, text: str) -> list[str]:
+    """A child that prints `text` and fails `failures` times, then succeeds (counts in a file)."""
+    import sys
+
+    counter = tmp_path / "starts"
+    code = (f"import pathlib,sys; p=pathlib.Path({str(counter)!r}); "
+            f"n=int(p.read_text()) if p.exists() else 0; p.write_text(str(n+1)); "
+            f"print({text!r} if n < {failures} else 'activated', flush=True); "
+            f"sys.exit(1 if n < {failures} else 0)")
+    return [sys.executable, "-c", code]
+
+
+def test_a_refused_activation_is_retried_until_the_old_session_expires(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from common.procs import run_supervised
+
+    marker = "Failed to activate SuperNode"
+    cmd = _flaky_child(tmp_path, 2, f"[code: 2004] {marker}.")
+    assert run_supervised(cmd, dict(os.environ), retry_marker=marker, retry_every_s=0.05,
+                          retry_for_s=30) == 0
+    assert (tmp_path / "starts").read_text() == "3"
+    out = capsys.readouterr()
+    assert out.out.count(marker) == 2 and "activated" in out.out  # the child's log is shown
+    assert "retrying" in out.err
+
+
+def test_other_failures_and_a_spent_retry_window_end_the_site(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from common.procs import run_supervised
+
+    marker = "Failed to activate SuperNode"
+    other = _flaky_child(tmp_path / "a", 1, "certificate verify failed")
+    (tmp_path / "a").mkdir()
+    assert run_supervised(other, dict(os.environ), retry_marker=marker, retry_every_s=0.05) == 1
+    assert (tmp_path / "a" / "starts").read_text() == "1"  # no retry for another error
+    (tmp_path / "b").mkdir()
+    stuck = _flaky_child(tmp_path / "b", 100, marker)
+    assert run_supervised(stuck, dict(os.environ), retry_marker=marker, retry_every_s=0.2,
+                          retry_for_s=0.5, retry_hint="Is the key registered?") == 1
+    assert int((tmp_path / "b" / "starts").read_text()) <= 3
+    assert "giving up. Is the key registered?" in capsys.readouterr().err
+
+
 def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
