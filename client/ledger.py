@@ -327,6 +327,12 @@ def _check_head(path: Path, state: _State) -> None:
     try:
         doc = _strict_json(head, head.read_bytes())
     except FileNotFoundError as err:
+        if not state.entries:
+            # A crash between `create`'s two writes (the ledger, then its head): nothing was
+            # ever charged, so there is nothing a truncation could have removed, and accepting
+            # it is no weaker than deleting both files and enrolling again. The next charge
+            # writes the head.
+            return
         raise LedgerError(
             f"privacy ledger {path} exists but its head file {head} is missing, so truncation "
             "cannot be ruled out. Restore both files from the same backup (they are written "

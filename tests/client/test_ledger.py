@@ -206,8 +206,8 @@ def test_charge_waits_for_the_lock_and_rereads_inside_it(tmp_path):
         b'{"format": 1, "site_id": "site-a", "delta": 1e-05, "budget_epsilon": 8.0, "entries": [',
         b"[]",
         b'{"format": 3, "site_id": "site-a", "delta": 1e-05, "budget_epsilon": 8.0, "entries": []}',
-        # format 2 without its head file: truncation cannot be ruled out
-        b'{"format": 2, "site_id": "site-a", "delta": 1e-05, "budget_epsilon": 8.0, "entries": []}',
+        # (a format-2 ledger with entries but no head: test_missing_head_is_refused; an empty
+        # one without a head is an interrupted enrolment and opens: see the crash test)
         b'{"format": 1, "site_id": "site-a", "delta": 1e-05, "budget_epsilon": 8.0, '
         b'"entries": [{"run_id": "r", "phase": "p", "round": 0, "noise_multiplier": 1.0, '
         b'"sample_rate": 0.01, "steps": NaN, "epsilon_after": 0.1, "time": 0}]}',
@@ -593,6 +593,21 @@ def test_missing_head_is_refused(tmp_path):
     with pytest.raises(LedgerError, match="head file .* is missing"):
         _open(path, budget=50.0)
     assert not (tmp_path / "ledger.json.head").exists()
+
+
+def test_a_crash_between_the_two_writes_of_enrolment_does_not_brick_the_site(tmp_path):
+    """`create` writes the ledger, then its head; a kill between them (seen in the 50-SIGKILL
+    test) leaves an empty ledger without a head. Nothing was charged, so it opens, charges,
+    and from then on has a head again; a ledger with entries and no head is still refused."""
+    path = tmp_path / "ledger.json"
+    PrivacyLedger.create(path, budget_epsilon=50.0, delta=1e-5, site_id="site-a")
+    (tmp_path / "ledger.json.head").unlink()
+    ledger = _open(path, budget=50.0)
+    ledger.charge([STEP], run_id="r", phase="p", round=1)
+    assert (tmp_path / "ledger.json.head").exists()
+    (tmp_path / "ledger.json.head").unlink()
+    with pytest.raises(LedgerError, match="head file .* is missing"):
+        _open(path, budget=50.0)
 
 
 def test_head_may_lag_by_the_charge_a_crash_interrupted(tmp_path):
