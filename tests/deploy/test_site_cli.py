@@ -212,7 +212,12 @@ def test_start_without_a_ledger_refuses(site_files: dict[str, Path], lost: str,
 
 def test_start_refuses_a_truncated_ledger(site_files: dict[str, Path],
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    (site_files["state"] / "ledger.json.head").unlink()
+    from client.ledger import PrivacyLedger
+
+    PrivacyLedger.open(site_files["state"] / "ledger.json", budget_epsilon=8.0, delta=1e-5,
+                       site_id="hospital-a").charge([(1.0, 0.01, 10)], run_id="r",
+                                                    phase="autoencoder", round=1)
+    (site_files["state"] / "ledger.json.head").unlink()  # spend, and no head: refused
     assert cli.main(_start(site_files)) == 2
     err = capsys.readouterr().err
     assert "fedldm site start:" in err and "head file" in err and "backup" in err
