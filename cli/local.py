@@ -225,12 +225,15 @@ def evaluate(args: argparse.Namespace) -> int:
                             "(rerun `fedldm simulate` with the same --out to resume)")
     if args.reference is not None and not args.reference.exists():
         raise LocalCliError(f"--reference {args.reference}: no such file or folder")
+    if args.at_sites and args.reference is not None:
+        raise LocalCliError("--at-sites measures utility at the sites, --reference at the "
+                            "coordinator: pass one of them")
     from server.evaluate import EvalOptions
     from server.offline import evaluate_existing_run
 
     opts = EvalOptions(per_class=args.per_class, reference=args.reference,
                        utility_epochs=args.utility_epochs,
-                       utility_seeds=tuple(range(args.utility_seeds)))
+                       utility_seeds=tuple(range(args.utility_seeds)), at_sites=args.at_sites)
     metrics = evaluate_existing_run(run, options=opts, audit=not args.no_audit)
     u = metrics.get("utility") or {}
     print(f"wrote {run / 'report.html'} and {run / 'metrics.json'}"
@@ -345,6 +348,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--utility-epochs", type=A.positive_int, default=12)
     e.add_argument("--utility-seeds", type=A.positive_int, default=3)
     e.add_argument("--no-audit", action="store_true", help="skip the site privacy audits")
+    e.add_argument("--at-sites", action="store_true",
+                   help="simulated run: measure utility and recall as a deployment does, at "
+                   "each site on its own test patients with one DP release charged to its "
+                   "ledger, instead of with the real images at the coordinator")
 
     x = sub.add_parser("export", help="copy a run's synthetic dataset and its data card to a "
                        "folder; refused when the run is NO-GO unless --force")

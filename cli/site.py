@@ -338,7 +338,8 @@ def build_supernode_command(args: argparse.Namespace) -> tuple[list[str], dict[s
     node_config = write_node_config(state_dir / NODE_CONFIG_FILE, {
         "site-id": args.site_id, "data-path": str(data), "state-dir": str(state_dir),
         "epsilon": args.epsilon, "delta": args.delta, "partition": args.partition,
-        "device": args.device, "allow-audit": args.allow_audit, "progress": False,
+        "device": args.device, "allow-audit": args.allow_audit,
+        "allow-evaluate": args.allow_evaluate, "progress": False,
     })
     cmd += ["--node-config", str(node_config)]
     return cmd, flower_env(state_dir / FLWR_HOME_DIR)
@@ -510,6 +511,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="answer the end-of-run privacy audit: the site attacks its own records "
                    "with samples it draws itself and releases a few DP aggregates, charged to "
                    "its ledger (off by default)")
+    s.add_argument("--allow-evaluate", action="store_true",
+                   help="answer the end-of-run evaluation: the site scores the coordinator's "
+                   "synthetic-trained classifier and one it trains itself with DP-SGD on its "
+                   "own test patients and releases one DP vector of counts, charged to its "
+                   "ledger (off by default; reserved in the run's budget when on)")
     s.add_argument("--max-wait-time", type=float, metavar="SECONDS",
                    help="give up when the SuperLink cannot be reached for this long "
                    "(default: retry forever)")

@@ -5,9 +5,9 @@ the frozen autoencoder a site receives once is kept in `context.state`, and the 
 disk in the site's state directory.
 
 What leaves a site is exactly what `common.protocol` declares: DP-trained weights, DP-released
-scalars (loss, latent second moment, opt-in audit aggregates), the epsilon spent, and a fixed
-reason per error kind. Exception details can name files (and file names can carry patient
-identifiers), so they go to the site's own log, not to the coordinator.
+scalars (loss, latent second moment, opt-in audit aggregates and evaluation counts), the epsilon
+spent, and a fixed reason per error kind. Exception details can name files (and file names can
+carry patient identifiers), so they go to the site's own log, not to the coordinator.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from common.protocol import (
     ERROR_REASONS,
     AuditReply,
     AuditRequest,
+    EvaluateReply,
+    EvaluateRequest,
     LatentStatsReply,
     LatentStatsRequest,
     RunRef,
@@ -146,6 +148,8 @@ def _query(msg: Message, context: Context, site: SiteConfig) -> Message:
                                  stats.epsilon, stats.recon_psnr_sum, stats.recon_ssim_sum,
                                  stats.recon_count)
         return _send(msg, site, req.run.run_name, "latent-scale", 0, reply.to_record())
+    if query_task(msg.content) == "evaluate":
+        return _evaluate_reply(msg, site)
     return _audit_reply(msg, site)
 
 
@@ -187,6 +191,27 @@ def _audit_reply(msg: Message, site: SiteConfig) -> Message:
                  AuditReply(site.site_id, values).to_record())
 
 
+def _evaluate_reply(msg: Message, site: SiteConfig) -> Message:
+    """Utility and recall at the site: the coordinator's classifier and one the site trains
+    with DP-SGD, scored on its own test patients, one DP vector out (client.site_eval)."""
+    from client.site_eval import site_evaluate
+
+    req = EvaluateRequest.from_record(msg.content)
+    if not site.allow_evaluate:
+        raise PermissionError(f"site {site.site_id} does not allow evaluations "
+                              "(allow-evaluate=false)")
+    again = _stored(msg, site, req.run.run_name, "evaluate", 0)
+    if again is not None:
+        return again
+    release = site_evaluate(
+        site, _run_config(req.run), req.classifier.to_torch_state_dict(),
+        req.synthetic_images(), run_id=req.run.run_name,
+        rng=tasks.site_privacy_rng(site, req.run.run_name, "evaluate", 0), seed=req.run.seed)
+    reply = EvaluateReply(site.site_id, release.values, release.noise_std, release.n_classes,
+                          release.bins, release.epsilon)
+    return _send(msg, site, req.run.run_name, "evaluate", 0, reply.to_record())
+
+
 def _deployment_site(context: Context) -> SiteConfig:
     """A real site's settings come from its own node config (`fedldm site start` writes it).
 
@@ -205,18 +230,20 @@ class SimulationSites:
 
     def __init__(self, *, data: str, n_sites: int, partition: str, state_root: Path,
                  epsilon: float, delta: float, data_seed: int, device: str,
-                 reproducible_seed: int | None = None, allow_audit: bool = True) -> None:
+                 reproducible_seed: int | None = None, allow_audit: bool = True,
+                 allow_evaluate: bool = False) -> None:
         self.data, self.n_sites, self.partition = data, n_sites, partition
         self.state_root, self.epsilon, self.delta = Path(state_root), epsilon, delta
         self.data_seed, self.device = data_seed, device
         self.reproducible_seed, self.allow_audit = reproducible_seed, allow_audit
+        self.allow_evaluate = allow_evaluate
 
     def site(self, index: int) -> SiteConfig:
         return SiteConfig(site_id=f"site-{index}", data=self.data,
                           state_dir=self.state_root / f"site-{index}", epsilon=self.epsilon,
                           delta=self.delta, partition=self.partition, site_index=index,
                           n_sites=self.n_sites, data_seed=self.data_seed, device=self.device,
-                          allow_audit=self.allow_audit,
+                          allow_audit=self.allow_audit, allow_evaluate=self.allow_evaluate,
                           reproducible_seed=self.reproducible_seed)
 
     def __call__(self, context: Context) -> SiteConfig:

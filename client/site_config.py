@@ -35,6 +35,9 @@ class SiteConfig:
     show_progress: bool = False
     # Opt-in: an audit is a DP release charged to the ledger, and a site decides to spend on it.
     allow_audit: bool = False
+    # Opt-in too: scoring the coordinator's classifier on the site's test patients (deployments
+    # without a coordinator-held reference set) is a DP release and a DP-trained classifier.
+    allow_evaluate: bool = False
     # Simulation and tests only: seed the site's privacy randomness so a run can be repeated.
     # NOT private against anyone who knows the seed; deployed sites refuse it.
     reproducible_seed: int | None = None
@@ -98,4 +101,5 @@ class SiteConfig:
             device=str(get("device", "auto")),
             show_progress=str(get("progress", "false")).lower() == "true",
             allow_audit=str(get("allow-audit", "false")).lower() == "true",
+            allow_evaluate=str(get("allow-evaluate", "false")).lower() == "true",
         )

@@ -58,12 +58,22 @@ class NoisePlan:
     metric: float
     scale: float
     audit: float = 0.0
+    # The site evaluation's release (0 = the site does not allow evaluations, or no DP).
+    evaluate: float = 0.0
 
     def phase_sigma(self, phase: str) -> float:
         return self.sigmas[phase]
 
     def phase_plan(self, phase: str) -> SamplingPlan:
         return self.plans[phase]
+
+
+def evaluation_entries(cfg: RunConfig) -> list[tuple[float, float, int]]:
+    """Ledger entries of one site evaluation (client.site_eval): the DP-SGD steps of the site's
+    TRTR classifier, then the one Gaussian release of the score counts."""
+    p = cfg.privacy
+    return [(p.eval_trtr_noise_multiplier, p.eval_trtr_sample_rate, p.eval_trtr_steps),
+            gaussian_mechanism_entry(p.eval_noise_multiplier)]
 
 
 def load_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
@@ -101,8 +111,8 @@ def plan_noise(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: 
 
     Inputs are the configuration, the site's budget and what earlier runs spent: never the data.
     Reserved releases (latent scale factor, one training-curve value per round, the audit when
-    the site allows audits) are fixed Gaussian mechanisms; the training phases share the rest,
-    each by its `Phase.budget_share`.
+    the site allows audits, the evaluation when it allows evaluations) are fixed mechanisms; the
+    training phases share the rest, each by its `Phase.budget_share`.
     """
     phases = list(PHASES.values())
     plans = {p.name: sampling_plan(p.config(cfg)) for p in phases}
@@ -120,12 +130,14 @@ def plan_noise(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: 
     reserved = prior_history(ledger, run_id) + \
         [gaussian_mechanism_entry(scale)] * (LATENT_RELEASES * (1 + retry)) + \
         [gaussian_mechanism_entry(metric)] * sum(rounds.values()) + \
-        ([gaussian_mechanism_entry(audit)] if site.allow_audit else [])
+        ([gaussian_mechanism_entry(audit)] if site.allow_audit else []) + \
+        (evaluation_entries(cfg) if site.allow_evaluate else [])
     planned = [(plans[p.name].sample_rate, plans[p.name].steps * rounds[p.name]) for p in phases]
     sigmas = calibrate_noise(planned, target_epsilon=target, delta=site.delta,
                              shares=[p.budget_share(cfg) for p in phases], reserved=reserved)
     return NoisePlan(target, site.delta, dict(zip(rounds, sigmas, strict=True)), plans, metric,
-                     scale, audit if site.allow_audit else 0.0)
+                     scale, audit if site.allow_audit else 0.0,
+                     cfg.privacy.eval_noise_multiplier if site.allow_evaluate else 0.0)
 
 
 def site_privacy_rng(site: SiteConfig, *salt: object) -> PrivacyRng:

@@ -205,11 +205,54 @@ class AuditRequest:
                             _finite(conf.get("scale-factor"), f"{where}: scale-factor"))
 
 
+# The most synthetic images an evaluation request may carry: the site computes their pairwise
+# distances (k-NN radii), so an unbounded set would be a memory attack on the site.
+MAX_EVAL_SYNTHETIC = 5000
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """The coordinator's synthetic-trained classifier and the synthetic images (both
+    post-processing of DP outputs): the site scores them on its own test patients."""
+
+    run: RunRef
+    classifier: ArrayRecord
+    synthetic: ArrayRecord
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({"arrays": self.classifier, "synthetic": self.synthetic,
+                           "config": ConfigRecord({**self.run.items(), "task": "evaluate"})})
+
+    @staticmethod
+    def from_record(content: RecordDict) -> EvaluateRequest:
+        where = "evaluate request"
+        _records(content, {"arrays", "synthetic", "config"}, where)
+        conf = _get(content, "config", ConfigRecord, where)
+        syn = _get(content, "synthetic", ArrayRecord, where)
+        if set(syn.keys()) != {"images"}:
+            raise ProtocolError(f"{where}: the synthetic record must hold exactly 'images'")
+        return EvaluateRequest(RunRef.parse(conf, where),
+                               _get(content, "arrays", ArrayRecord, where), syn)
+
+    def synthetic_images(self) -> torch.Tensor:
+        """The synthetic images ``[N, 1, H, W]``, checked (finite, 4-D)."""
+        x = self.synthetic.to_torch_state_dict()["images"]
+        if x.ndim != 4 or x.shape[1] != 1 or not x.is_floating_point():
+            raise ProtocolError(f"evaluate request: synthetic images must be float [N, 1, H, W],"
+                                f" got {x.dtype} {tuple(x.shape)}")
+        if x.shape[0] > MAX_EVAL_SYNTHETIC:
+            raise ProtocolError(f"evaluate request: {x.shape[0]} synthetic images, at most "
+                                f"{MAX_EVAL_SYNTHETIC}")
+        if not torch.isfinite(x).all():
+            raise ProtocolError("evaluate request: non-finite synthetic pixels")
+        return x.float()
+
+
 def query_task(content: RecordDict) -> str:
-    """Which query a QUERY message is ("latent-stats" or "audit")."""
+    """Which query a QUERY message is ("latent-stats", "audit" or "evaluate")."""
     conf = _get(content, "config", ConfigRecord, "query")
     task = str(conf.get("task", ""))
-    if task not in ("latent-stats", "audit"):
+    if task not in ("latent-stats", "audit", "evaluate"):
         raise ProtocolError(f"query: unknown task {task!r}")
     return task
 
@@ -321,10 +364,25 @@ AUDIT_REPLY_FIELDS = tuple(
 ) + (FieldSpec("site", "site-id", Kind.PUBLIC, "the site's configured name"),)
 
 
+EVALUATE_REPLY_FIELDS = (
+    FieldSpec("evaluation", "counts", Kind.DP,
+              "noisy counts of the site's test patients: per classifier (synthetic-trained, "
+              "site-trained with DP-SGD) score histograms per true class and a confusion "
+              "matrix, then per class the patients' fraction inside the synthetic manifold "
+              "(one Gaussian release; layout in ldm_core.evaluation.site_eval)"),
+    FieldSpec("evaluation", "noise-std", Kind.PUBLIC,
+              "std of the noise on each count (noise multiplier x sensitivity)"),
+    FieldSpec("evaluation", "classes", Kind.PUBLIC, "the run's number of classes (layout)"),
+    FieldSpec("evaluation", "bins", Kind.PUBLIC, "score histogram bins (layout)"),
+    FieldSpec("evaluation", "epsilon", Kind.PUBLIC, "cumulative epsilon after the charge"),
+    FieldSpec("site", "site-id", Kind.PUBLIC, "the site's configured name"),
+)
+
+
 def reply_fields() -> dict[str, tuple[FieldSpec, ...]]:
     """Every reply field by message, for docs and the protocol test."""
     return {"train": TRAIN_REPLY_FIELDS, "latent-stats": LATENT_REPLY_FIELDS,
-            "audit": AUDIT_REPLY_FIELDS}
+            "audit": AUDIT_REPLY_FIELDS, "evaluate": EVALUATE_REPLY_FIELDS}
 
 
 def _names(fields: tuple[FieldSpec, ...], record: str) -> set[str]:
@@ -429,3 +487,43 @@ class AuditReply:
         _exact_keys(m, set(AUDIT_RELEASE_KEYS), f"{where}: audit")
         return AuditReply(_site(content, where),
                           {k: _finite(m[k], f"{where}: {k}") for k in AUDIT_RELEASE_KEYS})
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    site_id: str
+    counts: tuple[float, ...]
+    noise_std: float
+    classes: int
+    bins: int
+    epsilon: float
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({
+            "evaluation": MetricRecord({"counts": [float(v) for v in self.counts],
+                                        "noise-std": float(self.noise_std),
+                                        "classes": int(self.classes), "bins": int(self.bins),
+                                        "epsilon": float(self.epsilon)}),
+            "site": ConfigRecord({"site-id": self.site_id})})
+
+    @staticmethod
+    def from_record(content: RecordDict) -> EvaluateReply:
+        where = "evaluate reply"
+        _records(content, {"evaluation", "site"}, where)
+        m = _get(content, "evaluation", MetricRecord, where)
+        _exact_keys(m, _names(EVALUATE_REPLY_FIELDS, "evaluation"), f"{where}: evaluation")
+        counts = m["counts"]
+        if not isinstance(counts, list):
+            raise ProtocolError(f"{where}: counts must be a list of numbers")
+        values = tuple(_finite(v, f"{where}: counts") for v in counts)
+        if any(math.isinf(v) for v in values):
+            raise ProtocolError(f"{where}: infinite count")
+        classes, bins = m["classes"], m["bins"]
+        if not (isinstance(classes, int) and isinstance(bins, int) and classes >= 2
+                and bins >= 2):
+            raise ProtocolError(f"{where}: classes and bins must be integers >= 2")
+        std = _finite(m["noise-std"], f"{where}: noise-std")
+        if std < 0 or math.isinf(std):
+            raise ProtocolError(f"{where}: noise-std must be finite and >= 0")
+        return EvaluateReply(_site(content, where), values, std, classes, bins,
+                             _finite(m["epsilon"], f"{where}: epsilon"))

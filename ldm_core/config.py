@@ -160,6 +160,15 @@ class PrivacyConfig:
     audit_records: int = 256
     audit_samples: int = 256
     audit_noise_multiplier: float = 8.0
+    # Site evaluation (opt-in per site, deployments without a coordinator-held reference set):
+    # the noise multiplier of the one Gaussian release that carries every site-side utility and
+    # recall count, the score histogram's bins, and the DP-SGD plan of the classifier each site
+    # trains on its own train split as the TRTR reference (client.site_eval).
+    eval_noise_multiplier: float = 4.0
+    eval_bins: int = 8
+    eval_trtr_noise_multiplier: float = 2.0
+    eval_trtr_sample_rate: float = 0.05
+    eval_trtr_steps: int = 200
     # Patient-level DP: at most this many of one patient's images enter one step's per-patient
     # gradient (their gradients are summed, then clipped together). Per-sample gradients are
     # usually far above the clip bound, so one image a step gives the same signal per patient as
@@ -180,6 +189,11 @@ class PrivacyConfig:
         _check(self.audit_records >= 8, f"audit_records must be >= 8, got {self.audit_records}")
         _check(self.audit_samples >= 8, f"audit_samples must be >= 8, got {self.audit_samples}")
         _check(self.audit_noise_multiplier > 0, "audit_noise_multiplier must be > 0")
+        _check(self.eval_noise_multiplier > 0, "eval_noise_multiplier must be > 0")
+        _check(2 <= self.eval_bins <= 64, f"eval_bins must be in [2, 64], got {self.eval_bins}")
+        _check(self.eval_trtr_noise_multiplier > 0, "eval_trtr_noise_multiplier must be > 0")
+        _check(0 < self.eval_trtr_sample_rate <= 1, "eval_trtr_sample_rate must be in (0, 1]")
+        _check(self.eval_trtr_steps >= 1, "eval_trtr_steps must be >= 1")
         _check(self.retry_reserve_rounds >= 0, "retry_reserve_rounds must be >= 0")
         _check(1 <= self.patient_images_per_step <= self.max_patient_images,
                "need 1 <= patient_images_per_step <= max_patient_images, got "

@@ -17,6 +17,7 @@ import numbers
 import warnings
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -263,6 +264,16 @@ def calibrate_noise(
     for i in active:
         sigmas[i] = hi * base[i]
     return sigmas
+
+
+def secure_standard_normal(n: int, generator: torch.Generator) -> np.ndarray:
+    """``n`` N(0, 1) draws (float64) as Opacus' secure mode makes them: the sum of four normals,
+    halved, which defeats the floating-point attacks on naive Gaussian sampling (Holohan et al.
+    2021). ``generator`` must come from the site's privacy source (ldm_core.dp_random)."""
+    if not isinstance(generator, torch.Generator):
+        raise ValueError("generator must be a torch.Generator from the site's PrivacyRng")
+    draws = torch.randn((4, n), generator=generator, dtype=torch.float64)
+    return (draws.sum(dim=0) / 2.0).numpy()
 
 
 def gaussian_mechanism_entry(noise_multiplier: float) -> tuple[float, float, int]:

@@ -127,12 +127,7 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
         "", "### What else left the sites",
     ] + [f"- {d}" for d in priv.disclosures or []] + [
         "", "## Quality",
-        f"- Utility (classifier trained on synthetic, tested on real patients): TSTR AUC "
-        f"{_ci(u.arms.get('tstr'))} vs TRTR {_ci(u.arms.get('trtr'))}; ratio {_f(u.ratio)}; "
-        f"real + synthetic (TRS) {_ci(u.arms.get('trs'))}.",
-        f"- Fidelity (random-CNN feature space): FID {_f(headline.get('fid'), 2)}, precision "
-        f"{_f(headline.get('precision'))}, recall {_f(headline.get('recall'))}, density "
-        f"{_f(headline.get('density'))}, coverage {_f(headline.get('coverage'))}.",
+        *_quality_lines(u, headline, metrics),
         "", "## Intended use and limits",
         "- Intended: method development, augmentation experiments, teaching, sharing a "
         "faithful-looking stand-in where real images cannot travel.",
@@ -145,3 +140,25 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _quality_lines(u: Utility, headline: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    """Utility and fidelity lines; a deployment's site-measured values say how they were got."""
+    if u.measured_at == "sites":
+        recall = ((metrics.get("fidelity") or {}).get("sites") or {}).get("recall")
+        return [
+            f"- Utility, measured at the sites ({', '.join(u.sites or [])}; missing: "
+            f"{len(u.sites_missing or [])}) from one DP release each, intervals of the DP noise "
+            f"only: TSTR AUC {_ci(u.arms.get('tstr'))} vs TRTR {_ci(u.arms.get('trtr'))} "
+            f"(TRTR: {u.trtr_kind}); ratio {_f(u.ratio)}.",
+            f"- Fidelity, measured at the sites: recall {_f(recall)}; precision, FID and the "
+            "other fidelity measures cannot be released with DP and were not measured.",
+        ]
+    return [
+        f"- Utility (classifier trained on synthetic, tested on real patients): TSTR AUC "
+        f"{_ci(u.arms.get('tstr'))} vs TRTR {_ci(u.arms.get('trtr'))}; ratio {_f(u.ratio)}; "
+        f"real + synthetic (TRS) {_ci(u.arms.get('trs'))}.",
+        f"- Fidelity (random-CNN feature space): FID {_f(headline.get('fid'), 2)}, precision "
+        f"{_f(headline.get('precision'))}, recall {_f(headline.get('recall'))}, density "
+        f"{_f(headline.get('density'))}, coverage {_f(headline.get('coverage'))}.",
+    ]

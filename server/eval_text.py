@@ -28,8 +28,8 @@ def privacy_unit(meta: dict[str, Any]) -> str:
             "several images of one patient get a weaker, group-privacy guarantee")
 
 
-def disclosures(cfg: RunConfig, *, audited: bool, meta: dict[str, Any] | None = None
-                ) -> list[str]:
+def disclosures(cfg: RunConfig, *, audited: bool, meta: dict[str, Any] | None = None,
+                evaluated: bool = False) -> list[str]:
     meta = meta or {}
     randomness = meta.get("privacy_randomness", PRIVACY_RANDOMNESS_SECURE)
     out = [
@@ -55,6 +55,14 @@ def disclosures(cfg: RunConfig, *, audited: bool, meta: dict[str, Any] | None = 
             "site's ledger (phase 'audit') before the site reads its data. The coordinator sends "
             "only the model; indices, distances, curves and exact values stay in the site's "
             "local diagnostics file. A site can refuse audits with allow-audit=false.")
+    if evaluated:
+        out.append(
+            "Evaluation at the sites: per site, the DP-SGD steps of its own TRTR classifier and "
+            "one DP Gaussian-mechanism release of counts over its test patients (score "
+            "histograms and confusion matrices of the synthetic-trained and the site-trained "
+            "classifier, recall in a fixed feature space), charged to each site's ledger "
+            "(phase 'evaluate') before the site reads its data. A site can refuse with "
+            "allow-evaluate=false.")
     return out
 
 

@@ -41,6 +41,7 @@ from ldm_core.evaluation import (
     fidelity_report,
     train_reference_classifier,
 )
+from ldm_core.evaluation.site_eval import Layout
 from ldm_core.models import resolve_device
 from ldm_core.sampling import generate_images
 from server import report
@@ -54,6 +55,7 @@ from server.eval_audit import (
     site_local_figures,
     summarise_audits,
 )
+from server.eval_sites import SiteEvalFn, site_utility, synthetic_for_sites, tstr_classifier
 from server.eval_text import PRIVACY_RANDOMNESS_SECURE, disclosures, privacy_unit, run_table
 from server.real_data import RealSets, RealSource, ReferenceSet, SimulatedSites, subsample
 from server.run_folder import FinalModel, Run
@@ -81,6 +83,9 @@ class EvalOptions:
     ddim_steps: int | None = None
     guidance_scale: float | None = None
     reference: Path | None = None
+    # Simulation: leave the sites' real images where they are and measure utility the way a
+    # deployment does (server.eval_sites), to see what its DP noise costs.
+    at_sites: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,32 @@ def step_fidelity(ev: Evaluation, real: RealSets, syn: Synthetic, ref_clf: Any) 
     return Fidelity.from_report(raw, "random_cnn", _PRIMARY_SPACE_NOTE)
 
 
+def step_site_utility(ev: Evaluation, syn: Synthetic, site_eval: SiteEvalFn,
+                      privacy: PrivacyBlock) -> dict[str, Any]:
+    """Utility and recall measured at the sites (deployment without a reference set)."""
+    cfg, opts = ev.cfg, ev.opts
+    ev.say(f"utility at the sites: training the TSTR classifier on {syn.images.shape[0]} "
+           f"synthetic images ({opts.utility_epochs} epochs), then each site that allows it "
+           "scores it and one it trains with DP-SGD on its own test patients (one DP release)")
+    clf = tstr_classifier(syn.images, syn.labels, cfg.model.n_classes,
+                          seed=opts.utility_seeds[0], epochs=opts.utility_epochs,
+                          device=ev.device)
+    results = site_eval(clf, synthetic_for_sites(syn.images, syn.labels))
+    add_audit_epsilon(privacy, [r for r in results if "error" not in r])
+    missing = [r["error"] for r in results if "error" in r]
+    try:
+        utility, fidelity = site_utility(
+            results, Layout(cfg.model.n_classes, cfg.privacy.eval_bins),
+            n_synthetic=int(syn.images.shape[0]), seed=opts.utility_seeds[0],
+            epochs=opts.utility_epochs)
+    except ValueError:
+        note = ("not measured: no site returned an evaluation (a site must allow it with "
+                "allow-evaluate=true" + (f"; replies: {missing}" if missing else "") + ")")
+        return {"utility_note": note, "fidelity_note": note}
+    ev.figures["utility"] = report.utility_bars_figure(utility)
+    return {"utility": utility, "fidelity": fidelity}
+
+
 def step_audit(ev: Evaluation, audit: AuditFn, sites: SimulatedSites | None,
                audit_run_id: str | None, privacy: PrivacyBlock) -> None:
     """Ask the sites for their DP audit releases; summarise them into `privacy`."""
@@ -229,8 +260,12 @@ def step_report(ev: Evaluation, metrics: dict[str, Any], privacy: PrivacyBlock) 
 def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
                  sites: SimulatedSites | None = None, audit: AuditFn | None = None,
                  options: EvalOptions | None = None, show_progress: bool = True,
-                 audit_run_id: str | None = None) -> dict[str, Any]:
+                 audit_run_id: str | None = None, site_eval: SiteEvalFn | None = None
+                 ) -> dict[str, Any]:
     """Evaluate the final generator of `run`; updates metrics.json, writes report.html.
+
+    `site_eval` (deployment) measures utility and recall at the sites when the coordinator
+    holds no real images (server.eval_sites).
 
     `final` is the already loaded final model (loaded here when None). `sites` (simulation
     only) is the real source unless `options.reference` names one, and lets the report read the
@@ -246,7 +281,7 @@ def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
                     show_progress)
     metrics = run.load_metrics()
     source: RealSource | None = ReferenceSet(opts.reference) if opts.reference is not None \
-        else sites
+        else None if opts.at_sites else sites
 
     # Where the evaluation's time goes (benchmarks/run_profile.py reads it with the rounds').
     steps: dict[str, float] = {}
@@ -262,6 +297,8 @@ def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
     syn = step_generate(ev, real)
     done("generate")
     blocks: dict[str, Any] = {"synthetic": syn.info.to_json()}
+    privacy = PrivacyBlock.from_json(metrics.get("privacy"))
+    clear_stale_audit(metrics, privacy)
     if real is not None:
         utility, ref_clf = step_utility(ev, real, syn)
         done("utility")
@@ -271,16 +308,21 @@ def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
     else:
         ev.figures["samples"] = report.image_grid_figure(
             _by_class(syn.images, syn.labels, ev.cfg.class_names), "synthetic")
-        blocks["utility_note"] = blocks["fidelity_note"] = (
-            "not measured: the coordinator holds no real images (pass --reference PATH)")
+        if site_eval is not None:
+            blocks.update(step_site_utility(ev, syn, site_eval, privacy))
+            done("utility at the sites")
+        else:
+            blocks["utility_note"] = blocks["fidelity_note"] = (
+                "not measured: the coordinator holds no real images (pass --reference PATH)")
+    for key in ("utility", "fidelity", "utility_note", "fidelity_note"):
+        metrics.pop(key, None)  # a block from an earlier evaluation must not survive this one
 
-    privacy = PrivacyBlock.from_json(metrics.get("privacy"))
-    clear_stale_audit(metrics, privacy)
     if audit is not None:
         step_audit(ev, audit, sites, audit_run_id, privacy)
         done("audit")
     meta = metrics.get("meta", {})
-    privacy.disclosures = disclosures(ev.cfg, audited=audit is not None, meta=meta)
+    privacy.disclosures = disclosures(ev.cfg, audited=audit is not None, meta=meta,
+                                      evaluated="utility" in blocks and site_eval is not None)
     privacy.unit = privacy_unit(meta)
     privacy.randomness = meta.get("privacy_randomness", PRIVACY_RANDOMNESS_SECURE)
     metrics.update(blocks)

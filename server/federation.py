@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from common.protocol import (
     AuditReply,
     AuditRequest,
+    EvaluateReply,
+    EvaluateRequest,
     LatentStatsReply,
     LatentStatsRequest,
     ProtocolError,
@@ -560,24 +562,43 @@ class Coordinator:
         Only the model goes out: each site draws its own samples, attacks its own records and
         returns a few aggregates, released with DP and charged to its ledger (common.protocol).
         """
-        nodes = sorted(self.grid.get_node_ids())
         request = AuditRequest(self._run_ref(), ArrayRecord(self.dm.state_dict()),
                                ArrayRecord(self.ae.state_dict()),
                                float(self.state["scale_factor"]))
-        replies = self._send(nodes, lambda n: request.to_record(), MessageType.QUERY, "audit")
-        out = []
+        return [{"site": r.site_id, **r.values}
+                for r in self._ask_all(request, "audit", AuditReply.from_record)[0]]
+
+    def site_evaluate(self, classifier: dict[str, torch.Tensor], synthetic: torch.Tensor
+                      ) -> list[dict[str, Any]]:
+        """Ask every site to score the synthetic-trained `classifier` (and one it trains itself
+        with DP-SGD) on its own test patients; each returns one DP vector (client.site_eval).
+        A site that refused or failed appears as ``{"node": id, "error": reason}``."""
+        request = EvaluateRequest(self._run_ref(), ArrayRecord(classifier),
+                                  ArrayRecord({"images": synthetic.float().contiguous()}))
+        replies, failed = self._ask_all(request, "evaluate", EvaluateReply.from_record)
+        return [{"site": r.site_id, "counts": list(r.counts), "noise_std": r.noise_std,
+                 "classes": r.classes, "bins": r.bins, "epsilon": r.epsilon}
+                for r in replies] + failed
+
+    def _ask_all(self, request: Any, name: str, parse: Any
+                 ) -> tuple[list[Any], list[dict[str, Any]]]:
+        """Send one query to every connected site: the replies that parse, and for the others
+        ``{"node", "error"}`` (logged)."""
+        nodes = sorted(self.grid.get_node_ids())
+        replies = self._send(nodes, lambda n: request.to_record(), MessageType.QUERY, name)
+        out, failed = [], []
         for node, r in replies:
             if r.has_error():
-                self.log.warning("audit: node %s: %s", node, _bounded(r.error.reason))
-                tqdm.write(f"  ! audit: {_bounded(r.error.reason)}")
+                self.log.warning("%s: node %s: %s", name, node, _bounded(r.error.reason))
+                tqdm.write(f"  ! {name}: {_bounded(r.error.reason)}")
+                failed.append({"node": node, "error": _bounded(r.error.reason)})
                 continue
             try:
-                reply = AuditReply.from_record(r.content)
+                out.append(parse(r.content))
             except ProtocolError as err:
-                self.log.warning("audit: rejecting node %s: %s", node, _bounded(str(err)))
-                continue
-            out.append({"site": reply.site_id, **reply.values})
-        return out
+                self.log.warning("%s: rejecting node %s: %s", name, node, _bounded(str(err)))
+                failed.append({"node": node, "error": f"rejected: {_bounded(str(err))}"})
+        return out, failed
 
     def _phase(self, spec: Phase, rounds: int, nodes: list[int], send_ae: set[int]) -> None:
         start = int(self.state["round"]) + 1 if self.state["stage"] == spec.name else 1

@@ -17,7 +17,7 @@ from server.samples import write_samples_png
 
 def finalize_run(out: Path | Run, *, sites: SimulationSites | None = None, n_sites: int = 0,
                  evaluate: bool = False, audit: Any = None, options: Any = None,
-                 show_progress: bool = True) -> None:
+                 show_progress: bool = True, site_eval: Any = None) -> None:
     """Write samples.png from the final checkpoint; run the evaluation when asked.
 
     `sites`/`n_sites`: a simulation's sites (their data is the evaluation's real source).
@@ -30,7 +30,8 @@ def finalize_run(out: Path | Run, *, sites: SimulationSites | None = None, n_sit
 
         evaluate_run(run, final=final,
                      sites=SimulatedSites(sites, n_sites) if sites is not None else None,
-                     audit=audit, options=options, show_progress=show_progress)
+                     audit=audit, options=options, show_progress=show_progress,
+                     site_eval=site_eval)
 
 
 def write_samples(run: Run, final: FinalModel) -> None:

@@ -3,21 +3,26 @@
 For a simulated run the sites are rebuilt from run.json and audited by calling the very function
 their ClientApp `query` handler calls (client.audit.site_audit): each audit is a DP release
 charged to that site's ledger under run id "evaluate-<run folder name>", with secure privacy
-randomness. For a deployed run only a `--reference` set at the coordinator can be used.
+randomness. With `--at-sites` utility and recall are measured the same way (client.site_eval),
+as a deployment measures them. For a deployed run only a `--reference` set at the coordinator
+can be used afterwards.
 
 The final model is loaded once (Run.load_final) and handed to samples, evaluation and audits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from client.client_app import SimulationSites
+from client.ledger import BudgetExceededError
 from ldm_core.data import SPLIT_SCHEME
 from server.eval_audit import AuditFn
+from server.eval_sites import SiteEvalFn
 from server.evaluate import EvalOptions, evaluate_run
 from server.finalize import write_samples
 from server.real_data import SimulatedSites
@@ -56,7 +61,9 @@ def evaluate_existing_run(run: Path | Run, *, options: EvalOptions, audit: bool 
     return evaluate_run(run, final=final, sites=sites,
                         audit=direct_audit(sites, final, run_id, show_progress) if audit
                         else None,
-                        options=options, show_progress=show_progress, audit_run_id=run_id)
+                        options=options, show_progress=show_progress, audit_run_id=run_id,
+                        site_eval=direct_site_eval(sites, final, run_id, show_progress)
+                        if options.at_sites else None)
 
 
 def direct_audit(sites: SimulatedSites, final: FinalModel, run_id: str,
@@ -80,6 +87,36 @@ def direct_audit(sites: SimulatedSites, final: FinalModel, run_id: str,
         return out
 
     return audit
+
+
+def direct_site_eval(sites: SimulatedSites, final: FinalModel, run_id: str,
+                     show_progress: bool = True) -> SiteEvalFn:
+    """The sites' evaluations by a direct call of the ClientApp's function (no Flower). The
+    operator of a simulation runs every site, so asking for it is the sites' consent."""
+
+    def site_eval(classifier: dict[str, Any], synthetic: Any) -> list[dict[str, Any]]:
+        from client.site_eval import site_evaluate
+        from ldm_core.dp_random import privacy_rng_for
+
+        out: list[dict[str, Any]] = []
+        for k in range(sites.n_sites):
+            site = dataclasses.replace(sites.site(k), allow_evaluate=True)
+            if show_progress:
+                print(f"[evaluate] evaluation at {site.site_id} ({k + 1}/{sites.n_sites})",
+                      flush=True)
+            try:
+                r = site_evaluate(site, final.cfg, classifier, synthetic, run_id=run_id,
+                                  rng=privacy_rng_for(None), seed=final.cfg.seed,
+                                  data=sites.site_data(k, final.cfg))
+            except BudgetExceededError as err:
+                out.append({"node": k, "error": f"site {site.site_id}: {err}"})
+                continue
+            out.append({"site": site.site_id, "counts": list(r.values),
+                        "noise_std": r.noise_std, "classes": r.n_classes, "bins": r.bins,
+                        "epsilon": r.epsilon})
+        return out
+
+    return site_eval
 
 
 def audit_run_id(run: Path) -> str:

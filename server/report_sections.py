@@ -219,13 +219,29 @@ def utility_html(m: Mapping[str, Any]) -> str:
         for a, label in UTILITY_ARMS
         if f"{a}_auc" in u
     ]
-    out = (
-        "<p>The same small CNN, trained with the same recipe on real images (TRTR), on synthetic "
-        "images matched to the real class counts (TSTR) and on both (TRS), scored on real test "
-        "patients. Values are those of the seed ensemble (probabilities averaged over the "
-        "seeds' models); 95% intervals come from resampling test patients.</p>"
-        + _table(["training data", "macro AUC", "AUC 95% CI", "accuracy", "accuracy 95% CI"], rows)
-    )
+    if u.get("measured_at") == "sites":
+        missing = u.get("sites_missing") or []
+        intro = (
+            "<p>Measured at the sites, on their own test patients: the coordinator trained the "
+            "small CNN on the synthetic set (TSTR) and sent it to the sites; TRTR is "
+            f"{html.escape(str(u.get('trtr_kind', '')))}, so the ratio compares against a "
+            "DP-trained baseline, not the non-private one a simulation uses. Each site released "
+            "one vector of noisy counts (per-patient score histograms and confusion matrices); "
+            "AUC, accuracy and recall come from the pooled counts. The 95% intervals are those "
+            f"of the DP noise only (pooled noise std {float(u.get('noise_std') or 0):.2f} per "
+            "count), not of the test set's sampling. Sites: "
+            f"{html.escape(', '.join(u.get('sites') or []))}"
+            + (f"; missing: {html.escape('; '.join(map(str, missing)))}" if missing else "")
+            + ".</p>")
+    else:
+        intro = (
+            "<p>The same small CNN, trained with the same recipe on real images (TRTR), on "
+            "synthetic images matched to the real class counts (TSTR) and on both (TRS), scored "
+            "on real test patients. Values are those of the seed ensemble (probabilities "
+            "averaged over the seeds' models); 95% intervals come from resampling test "
+            "patients.</p>")
+    out = intro + _table(["training data", "macro AUC", "AUC 95% CI", "accuracy",
+                          "accuracy 95% CI"], rows)
     out += _table(
         ["TSTR/TRTR ratio", "95% CI", "train images", "synthetic images", "test images", "seeds"],
         [

@@ -101,6 +101,13 @@ def _verdict_fidelity(m: Mapping[str, Any]) -> tuple[str, str]:
     f = fid_block.spaces[space]
     t = THRESHOLDS
     p, r = f.precision, f.recall
+    if not math.isfinite(p):  # measured at the sites: recall only (server.eval_sites)
+        status = ("PASS" if r >= t["fidelity_abs_recall_pass"] else
+                  "FAIL" if r < t["fidelity_abs_recall_fail"] else "WEAK")
+        return status, (
+            f"Measured at the sites: the synthetic images cover {r:.0%} of the real test "
+            "images' variety (recall, from DP counts). Precision cannot be released with DP "
+            "and was not measured.")
     ref = f.real_split
     if ref and ref.get("precision", 0) > 0 and ref.get("recall", 0) > 0:
         pv, rv, kind = p / ref["precision"], r / ref["recall"], "rel"
@@ -280,6 +287,9 @@ def _shortfall(aspect: str, m: Mapping[str, Any]) -> str:
             )
         if aspect == "Fidelity":
             block = m["fidelity"][fidelity_space(m["fidelity"])]
+            if not math.isfinite(float(block.get("precision", math.nan))):
+                return (f"the synthetic images reproduce {float(block['recall']):.0%} of the "
+                        "real variety (precision not measured)")
             return (
                 f"{1 - float(block['precision']):.0%} of synthetic images look unlike any real "
                 f"image and they reproduce {float(block['recall']):.0%} of the real variety"

@@ -373,9 +373,17 @@ class Utility:
     seeds: list[int] | None = None
     epochs: int | None = None
     real_source: str | None = None
+    # Deployment evaluation (server.eval_sites): "sites" when measured from the sites' DP
+    # releases, which sites answered, which refused, the pooled noise std, what TRTR was.
+    measured_at: str | None = None
+    sites: list[str] | None = None
+    sites_missing: list[str] | None = None
+    noise_std: float | None = None
+    trtr_kind: str | None = None
 
     _SCALARS = ("ratio", "ratio_ci", "per_class", "per_seed", "n_train", "n_synthetic",
-                "n_test", "n_test_patients", "n_boot_valid", "seeds", "epochs", "real_source")
+                "n_test", "n_test_patients", "n_boot_valid", "seeds", "epochs", "real_source",
+                "measured_at", "sites", "sites_missing", "noise_std", "trtr_kind")
 
     def arm(self, name: str) -> ArmResult:
         return self.arms.get(name, ArmResult())

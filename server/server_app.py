@@ -118,15 +118,17 @@ def _simulated_main(grid: Grid, rc: Mapping[str, Any]) -> None:
 
 
 def _deployment_after(coord: Coordinator) -> None:
-    """After a deployed run: samples, synthetic set, site audits over the grid, report.
+    """After a deployed run: samples, synthetic set, utility and recall measured at the sites
+    that allow evaluations, site audits over the grid, report.
 
-    The coordinator holds no real images, so utility/fidelity need a reference set
-    (`fedldm evaluate RUN --reference PATH` afterwards).
+    The coordinator holds no real images: each site scores the synthetic-trained classifier on
+    its own test patients and releases one DP vector (server.eval_sites). With a reference set
+    of its own, `fedldm evaluate RUN --reference PATH` measures everything at the coordinator.
     """
     from server.finalize import finalize_run
 
     finalize_run(coord.settings.out, evaluate=True, audit=coord.audit,
-                 show_progress=coord.settings.show_progress)
+                 site_eval=coord.site_evaluate, show_progress=coord.settings.show_progress)
 
 
 app = make_server_app(after=_deployment_after)

@@ -24,6 +24,8 @@ SERVER_USES_CLIENT = {
     ("client.site_config", "SiteConfig"),
     ("client.tasks", "load_data"),
     ("client.audit", "site_audit"),
+    ("client.site_eval", "site_evaluate"),
+    ("client.ledger", "BudgetExceededError"),
 }
 # What ldm_core may take from common.
 LDM_USES_COMMON = {"common.files", "common.jsonio"}

@@ -28,6 +28,8 @@ import torch
 from scipy.spatial.distance import cdist
 from sklearn.metrics import roc_curve
 
+from ldm_core.privacy import secure_standard_normal
+
 __all__ = [
     "ATTACKS",
     "AUDIT_NOISED_KEYS",
@@ -247,12 +249,6 @@ def audit_counts(
     return np.asarray(out, dtype=np.float64)
 
 
-def _gaussian(n: int, generator: torch.Generator) -> np.ndarray:
-    """N(0, 1) draws as Opacus' secure mode makes them: the sum of four normals, halved."""
-    draws = torch.randn((4, n), generator=generator, dtype=torch.float64)
-    return (draws.sum(dim=0) / 2.0).numpy()
-
-
 def dp_audit_release(counts: np.ndarray, *, records: int, noise_multiplier: float,
                      generator: torch.Generator, epsilon: float) -> dict[str, float]:
     """Gaussian mechanism on the count vector; returns the flat release (fractions of ``m``).
@@ -273,7 +269,7 @@ def dp_audit_release(counts: np.ndarray, *, records: int, noise_multiplier: floa
     if not isinstance(generator, torch.Generator):
         raise ValueError("generator must be a torch.Generator from the site's PrivacyRng")
     std = float(noise_multiplier) * audit_sensitivity()
-    noisy = (vec + std * _gaussian(vec.size, generator)) / records
+    noisy = (vec + std * secure_standard_normal(vec.size, generator)) / records
     out = {k: float(v) for k, v in zip(AUDIT_NOISED_KEYS, noisy, strict=True)}
     out.update({"records": float(records), "noise_std": std / records, "epsilon": float(epsilon)})
     return out

@@ -1,7 +1,8 @@
 """Nothing undeclared leaves a site: a whole tiny federation's replies, checked field by field.
 
 Two sites that differ only in how many images they hold (and their names) train both phases,
-release the latent statistics and answer an audit through the real Coordinator and ClientApp.
+release the latent statistics, answer an audit and an evaluation through the real Coordinator and
+ClientApp.
 Every reply must decode strictly (no undeclared record or field), carry no image-shaped array,
 and agree on every PUBLIC field: a PUBLIC value that depended on the site's size would leak it.
 """
@@ -13,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, Message
 
 from client.client_app import make_client_app
@@ -20,12 +22,15 @@ from client.ledger import PrivacyLedger
 from client.site_config import SiteConfig
 from common.protocol import (
     AuditReply,
+    EvaluateReply,
+    EvaluateRequest,
     Kind,
     LatentStatsReply,
     ProtocolError,
     TrainReply,
     reply_fields,
 )
+from ldm_core.classifier import SmallCNN
 from ldm_core.config import RunConfig
 from server.federation import Coordinator, ServerSettings
 from tests.common.local_grid import LocalGrid
@@ -36,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _sites(tmp_path: Path, manifest: Path) -> list[SiteConfig]:
     base = SiteConfig(site_id="site-a", data=str(manifest), state_dir=tmp_path / "a",
                       epsilon=8.0, delta=1e-5, partition="site", site_index=0, n_sites=2,
-                      allow_audit=True)
+                      allow_audit=True, allow_evaluate=True)
     big = dataclasses.replace(base, site_id="site-b", state_dir=tmp_path / "b",
                               partition="all", n_sites=1)
     for s in (base, big):
@@ -51,7 +56,8 @@ def _kind(request: Message) -> str:
     return str(request.content["config"]["task"])
 
 
-DECODERS = {"train": TrainReply, "latent-stats": LatentStatsReply, "audit": AuditReply}
+DECODERS = {"train": TrainReply, "latent-stats": LatentStatsReply, "audit": AuditReply,
+            "evaluate": EvaluateReply}
 
 
 def _public_values(kind: str, reply: Message) -> dict[str, object]:
@@ -77,7 +83,7 @@ def _image_shaped(arrays: ArrayRecord, sizes: set[int]) -> list[str]:
 def test_a_whole_federation_sends_only_declared_fields(tmp_path: Path, demo_manifest: Path,
                                                        tiny_cfg: RunConfig) -> None:
     cfg = dataclasses.replace(tiny_cfg, privacy=dataclasses.replace(
-        tiny_cfg.privacy, audit_records=16, audit_samples=16))
+        tiny_cfg.privacy, audit_records=16, audit_samples=16, eval_trtr_steps=3))
     sites = _sites(tmp_path, demo_manifest)
     grid = LocalGrid(make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])]),
                      n_sites=2)
@@ -85,6 +91,9 @@ def test_a_whole_federation_sends_only_declared_fields(tmp_path: Path, demo_mani
                                                   expected_sites=2, show_progress=False))
     coord.run()
     coord.audit()
+    evaluated = coord.site_evaluate(SmallCNN(cfg.model.n_classes).state_dict(),
+                                    torch.rand(16, 1, 16, 16) * 2 - 1)
+    assert sorted(r["site"] for r in evaluated) == ["site-a", "site-b"]
 
     sizes = {cfg.model.image_size, cfg.model.latent_size}
     public: dict[tuple[str, str], dict[int, dict[str, object]]] = {}
@@ -99,7 +108,7 @@ def test_a_whole_federation_sends_only_declared_fields(tmp_path: Path, demo_mani
             assert not bad, f"{kind} reply carries image-shaped arrays {bad}"
         key = (kind, str(request.metadata.group_id))
         public.setdefault(key, {})[node] = _public_values(kind, reply)
-    assert kinds == {"train", "latent-stats", "audit"}
+    assert kinds == {"train", "latent-stats", "audit", "evaluate"}
     for key, by_node in public.items():
         values = list(by_node.values())
         assert len(values) == 2 and values[0] == values[1], (
@@ -124,6 +133,32 @@ def test_undeclared_or_missing_fields_are_refused() -> None:
     with pytest.raises(ProtocolError, match="NaN"):
         TrainReply.from_record(TrainReply("site-a", ArrayRecord(), float("nan"), 1.0, 8.0,
                                           1e-5, False).to_record())
+
+
+def test_an_evaluation_reply_or_request_out_of_shape_is_refused() -> None:
+    from flwr.app import MetricRecord, RecordDict
+
+    from common.protocol import RunRef
+
+    good = EvaluateReply("site-a", (1.0, -2.0, 3.5), 4.0, 2, 8, 1.5).to_record()
+    assert EvaluateReply.from_record(good).counts == (1.0, -2.0, 3.5)
+    m = dict(good["evaluation"].items())
+    for bad, why in (({**m, "counts": [1.0, float("inf")]}, "infinite"),
+                     ({**m, "bins": 1}, "integers >= 2"),
+                     ({**m, "noise-std": -1.0}, "noise-std"),
+                     ({**m, "test-patients": 12}, "undeclared")):
+        with pytest.raises(ProtocolError, match=why):
+            EvaluateReply.from_record(RecordDict({**dict(good.items()),
+                                                  "evaluation": MetricRecord(bad)}))
+    run = RunRef("{}", "r", 0)
+    req = EvaluateRequest(run, ArrayRecord(), ArrayRecord(
+        {"images": torch.full((6, 1, 4, 4), float("nan"))})).to_record()
+    with pytest.raises(ProtocolError, match="non-finite"):
+        EvaluateRequest.from_record(req).synthetic_images()
+    req = RecordDict({**dict(req.items()), "synthetic": ArrayRecord(
+        {"images": torch.zeros(6, 1, 4, 4), "labels": torch.zeros(6)})})
+    with pytest.raises(ProtocolError, match="exactly 'images'"):
+        EvaluateRequest.from_record(req)
 
 
 def protocol_table() -> str:

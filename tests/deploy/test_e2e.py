@@ -37,6 +37,7 @@ pytestmark = [
 
 GENERATE = REPO / "deploy" / "certs" / "generate.sh"
 GOOD = ("site-a", "site-b")
+EVALUATES = "site-a"
 RUN_TIMEOUT_S = 420
 
 
@@ -62,8 +63,9 @@ class Deployment:
 
 
 def _site(dep: Deployment, name: str, *, key: str, ca: Path, data: Path,
-          give_up_s: float | None = None) -> Proc:
+          give_up_s: float | None = None, allow_evaluate: bool = False) -> Proc:
     extra = ["--max-wait-time", str(give_up_s)] if give_up_s is not None else []
+    extra += ["--allow-evaluate"] if allow_evaluate else []
     # Enrolment is a deliberate, one-time step: `site start` refuses a missing ledger.
     code, _, err = fedldm_inprocess("site", "init", "--state-dir", str(dep.state(name)),
                                     "--site-id", name, "--epsilon", "8", "--delta", "1e-5")
@@ -105,7 +107,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             assert code == 0, err
             dep.node_ids[site] = re.search(r"as node (\d+)", out).group(1)
         for site in GOOD:
-            dep.procs[site] = _site(dep, site, key=site, ca=certs / "ca.crt", data=data[site])
+            # site-a allows the end-of-run evaluation, site-b does not (the default).
+            dep.procs[site] = _site(dep, site, key=site, ca=certs / "ca.crt", data=data[site],
+                                    allow_evaluate=site == EVALUATES)
         dep.procs["run"] = Proc("run", [
             *fedldm_cmd(), "coordinator", "run", *dep.connection(), "--out", str(dep.run_dir),
             "--preset", "tiny", "--set", "autoencoder.rounds=1", "--set", "diffusion.rounds=1",
@@ -180,3 +184,19 @@ def test_two_site_federation_end_to_end(deployment: Deployment,
         assert cli.main(["site", "budget", "--state-dir", str(dep.state(site))]) == 0
         shown = capsys.readouterr().out
         assert run_name in shown and "diffusion" in shown
+        # Only the site that allows evaluations was charged for one, before it answered.
+        assert ("evaluate" in phases) == (site == EVALUATES)
+
+    # Utility and recall measured at the sites, with no reference set at the coordinator: what
+    # site-a released (one DP vector), pooled; site-b's refusal is named as missing.
+    u = metrics["utility"]
+    assert u["measured_at"] == "sites" and u["sites"] == [EVALUATES]
+    assert len(u["sites_missing"]) == 1 and "site-b" in u["sites_missing"][0]
+    assert u["noise_std"] > 0 and "DP-SGD" in u["trtr_kind"]
+    for key in ("tstr_auc", "trtr_auc", "tstr_acc", "trtr_acc"):
+        assert key in u
+    assert "recall" in metrics["fidelity"]["sites"]
+    a = metrics["privacy"]["sites"][EVALUATES]
+    assert a["epsilon"] <= a["budget_epsilon"] + 1e-9
+    report = (run / "report.html").read_text()
+    assert "Measured at the sites" in report

@@ -253,3 +253,24 @@ def test_a_run_started_under_another_split_is_not_resumed(tmp_path: Path, tiny_c
     run.save_info(dataclasses.replace(info, split=SPLIT_SCHEME))
     _check_before_writing(run, tiny_cfg, "d.csv", "site", opts)  # same rule: resumes
     assert Run(run.root).load_info().split == SPLIT_SCHEME  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_evaluate_at_sites_measures_utility_as_a_deployment_does(trained_run: Path) -> None:
+    """`--at-sites`: no real image reaches the coordinator's evaluation; each site releases one
+    DP vector charged to its ledger, and the report says where utility was measured."""
+    metrics = evaluate_existing_run(
+        trained_run, audit=False, show_progress=False,
+        options=EvalOptions(per_class=12, utility_seeds=(0,), utility_epochs=1, at_sites=True))
+    u = metrics["utility"]
+    assert u["measured_at"] == "sites" and u["sites"] == ["site-0", "site-1"]
+    assert u["sites_missing"] == [] and u["noise_std"] > 0
+    assert "trs_auc" not in u  # TRS needs real images at the coordinator
+    assert set(metrics["fidelity"]) == {"sites"}
+    run = Run(trained_run)
+    for k in range(2):
+        ledger = json.loads((run.sites / f"site-{k}" / "ledger.json").read_text())
+        charged = [e for e in ledger["entries"] if e["phase"] == "evaluate"]
+        assert len(charged) == 2 and {e["run_id"] for e in charged} == {"evaluate-run"}
+    assert any("Evaluation at the sites" in d for d in metrics["privacy"]["disclosures"])
+    assert "Measured at the sites" in run.report_html.read_text()
