@@ -351,7 +351,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--at-sites", action="store_true",
                    help="simulated run: measure utility and recall as a deployment does, at "
                    "each site on its own test patients with one DP release charged to its "
-                   "ledger, instead of with the real images at the coordinator")
+                   "ledger, instead of with the real images at the coordinator (a "
+                   "simulation reserves no evaluation in its budget plan: a site whose run "
+                   "spent its whole budget refuses and is listed as missing)")
 
     x = sub.add_parser("export", help="copy a run's synthetic dataset and its data card to a "
                        "folder; refused when the run is NO-GO unless --force")

@@ -39,11 +39,10 @@ from ldm_core.dp_random import PrivacyRng
 from ldm_core.evaluation.features import extract_features, random_feature_extractor
 from ldm_core.evaluation.site_eval import (
     ARMS,
-    RECALL_K,
     Layout,
+    SyntheticManifold,
     noisy_sum,
     patient_rows,
-    recall_inside,
 )
 from ldm_core.models import resolve_device
 from ldm_core.training import SamplingPlan, dp_train
@@ -95,11 +94,22 @@ def site_evaluate(site: SiteConfig, cfg: RunConfig, classifier: dict[str, torch.
     private = math.isfinite(site.effective_target(cfg.privacy.epsilon))
     layout = Layout(cfg.model.n_classes, cfg.privacy.eval_bins)
     n_classes = cfg.model.n_classes
+    # Everything that depends only on the coordinator's input is done (and may fail) here,
+    # before the charge and the data: a failure after it could depend on the data (for
+    # example only when the site has test patients) and would leak that without noise.
     tstr = SmallCNN(n_classes)
-    tstr.load_state_dict(classifier)  # a malformed state dict fails here, before the charge
-    if synthetic.shape[0] <= RECALL_K:
-        raise ValueError(f"the evaluation needs more than {RECALL_K} synthetic images for "
-                         f"recall, got {synthetic.shape[0]}")
+    tstr.load_state_dict(classifier)
+    size = cfg.model.image_size
+    if synthetic.ndim != 4 or tuple(synthetic.shape[1:]) != (1, size, size):
+        raise ValueError(f"synthetic images must be [N, 1, {size}, {size}] (the run's image "
+                         f"size), got {tuple(synthetic.shape)}")
+    extractor = random_feature_extractor(seed=0)
+    manifold = SyntheticManifold.build(extract_features(extractor, synthetic))
+    with torch.no_grad():
+        probe = tstr.eval()(torch.zeros(1, 1, size, size))
+    if probe.shape != (1, n_classes):
+        raise ValueError(f"the classifier returns {tuple(probe.shape)} for one image, expected "
+                         f"(1, {n_classes})")
     ledger = tasks.open_ledger(site)
     # Charge first: a crash after this line over-counts, never under-counts.
     entries = tasks.evaluation_entries(cfg) if private else [(0.0, 1.0, 1)]
@@ -109,23 +119,32 @@ def site_evaluate(site: SiteConfig, cfg: RunConfig, classifier: dict[str, torch.
     tasks.check_classes(site, cfg, data)
     device = resolve_device(site.device)
     phase, plan = trtr_plan(cfg)
+    sigma_trtr = cfg.privacy.eval_trtr_noise_multiplier if private else 0.0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         trtr = SmallCNN(n_classes)
     if data.train.images.shape[0]:
-        dp_train(trtr, (data.train.images, data.train.labels), _ce, phase=phase, plan=plan,
-                 noise_multiplier=cfg.privacy.eval_trtr_noise_multiplier if private else 0.0,
-                 seed=seed, device=device, privacy_rng=rng,
-                 groups=tasks.patient_groups(data, data.train),
-                 max_patient_images=cfg.privacy.max_patient_images,
-                 desc=f"{site.site_id} evaluation classifier", show_progress=site.show_progress)
+        stats = dp_train(trtr, (data.train.images, data.train.labels), _ce, phase=phase,
+                         plan=plan, noise_multiplier=sigma_trtr, seed=seed, device=device,
+                         privacy_rng=rng, groups=tasks.patient_groups(data, data.train),
+                         images_per_step=cfg.privacy.patient_images_per_step,
+                         max_patient_images=cfg.privacy.max_patient_images,
+                         desc=f"{site.site_id} evaluation classifier",
+                         show_progress=site.show_progress)
+        if private and (stats.noise_multiplier != sigma_trtr or stats.max_grad_norm != TRTR_CLIP):
+            raise RuntimeError(f"the TRTR classifier's DP-SGD used noise "
+                               f"{stats.noise_multiplier} and clip {stats.max_grad_norm}, but "
+                               f"the ledger was charged for {sigma_trtr} and {TRTR_CLIP}")
     test = data.test
     if test.images.shape[0]:
-        probas = {"tstr": predict_proba(tstr.to(device).eval(), test.images),
-                  "trtr": predict_proba(trtr.to(device).eval(), test.images)}
-        extractor = random_feature_extractor(seed=0).to(device)
-        inside = recall_inside(extract_features(extractor, test.images),
-                               extract_features(extractor, synthetic))
+        # One image at a time, on the CPU: a batched kernel may round an image's output
+        # differently depending on which other patients share its batch, and a flipped bin
+        # edge would move a second patient's row (beyond the sensitivity bound).
+        cpu = torch.device("cpu")
+        probas = {"tstr": predict_proba(tstr.to(cpu).eval(), test.images, batch_size=1),
+                  "trtr": predict_proba(trtr.to(cpu).eval(), test.images, batch_size=1)}
+        inside = manifold.contains(extract_features(extractor.to(cpu), test.images,
+                                                    batch_size=1))
         rows = patient_rows(probas, test.labels.numpy(), inside,
                             tasks.patient_groups(data, test), layout)
     else:

@@ -85,17 +85,20 @@ def summarise_audits(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def add_audit_epsilon(privacy: PrivacyBlock, results: Sequence[dict[str, Any]]) -> None:
-    """The audit release is charged to each site's ledger: show the epsilon after it."""
+def add_audit_epsilon(privacy: PrivacyBlock, results: Sequence[dict[str, Any]], *,
+                      release: str = "audit") -> None:
+    """A release after training ("audit" or "evaluation") is charged to each site's ledger:
+    show the epsilon after it, and say which release it includes."""
     if privacy.sites is None:
         return
     for r in results:
         site = str(r.get("site"))
         entry = privacy.sites.get(site)
         if entry is not None and isinstance(r.get("epsilon"), (int, float)):
+            flag = ({"epsilon_includes_evaluation": True} if release == "evaluation"
+                    else {"epsilon_includes_audit": True})
             privacy.sites[site] = replace(
-                entry, epsilon=max(entry.epsilon or 0.0, float(r["epsilon"])),
-                epsilon_includes_audit=True)
+                entry, epsilon=max(entry.epsilon or 0.0, float(r["epsilon"])), **flag)
 
 
 def site_local_figures(sites: SimulatedSites, cfg: RunConfig, run_id: str | None, *,

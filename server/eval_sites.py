@@ -45,7 +45,9 @@ def site_utility(results: Sequence[dict[str, Any]], layout: Layout, *, n_synthet
     """metrics.json `utility` and `fidelity` blocks from the sites' releases; entries with an
     ``error`` (a site that refused or failed) are listed as missing."""
     good = accepted(results, layout)
-    missing = [str(r.get("error")) for r in results if "error" in r]
+    missing = [str(r.get("error")) for r in results if "error" in r] + [
+        f"site {r.get('site')}: a release of another layout than this run's (dropped)"
+        for r in results if "error" not in r and r not in good]
     if not good:
         raise ValueError("no site returned a usable evaluation release")
     p = pool([np.asarray(r["counts"], dtype=np.float64) for r in good],

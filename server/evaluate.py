@@ -213,7 +213,7 @@ def step_site_utility(ev: Evaluation, syn: Synthetic, site_eval: SiteEvalFn,
                           seed=opts.utility_seeds[0], epochs=opts.utility_epochs,
                           device=ev.device)
     results = site_eval(clf, synthetic_for_sites(syn.images, syn.labels))
-    add_audit_epsilon(privacy, [r for r in results if "error" not in r])
+    add_audit_epsilon(privacy, [r for r in results if "error" not in r], release="evaluation")
     missing = [r["error"] for r in results if "error" in r]
     try:
         utility, fidelity = site_utility(

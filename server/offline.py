@@ -109,7 +109,12 @@ def direct_site_eval(sites: SimulatedSites, final: FinalModel, run_id: str,
                                   rng=privacy_rng_for(None), seed=final.cfg.seed,
                                   data=sites.site_data(k, final.cfg))
             except BudgetExceededError as err:
-                out.append({"node": k, "error": f"site {site.site_id}: {err}"})
+                out.append({"node": k, "error": f"site {site.site_id}: {err} (a simulation "
+                            "reserves no evaluation in its plan)"})
+                continue
+            except Exception as err:  # noqa: BLE001 - one site's failure is reported, not fatal
+                out.append({"node": k, "error": f"site {site.site_id}: "
+                            f"{type(err).__name__}: {err}"})
                 continue
             out.append({"site": site.site_id, "counts": list(r.values),
                         "noise_std": r.noise_std, "classes": r.n_classes, "bins": r.bins,

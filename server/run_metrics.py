@@ -198,6 +198,8 @@ class SitePrivacy:
     # Figures the coordinator refused to believe (over budget, spend going down, a changed
     # budget or delta): the report shows them and the DP verdict fails while any is listed.
     flags: tuple[str, ...] = ()
+    # The epsilon includes the evaluation at the site (server.eval_sites).
+    epsilon_includes_evaluation: bool | None = None
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SitePrivacy:
@@ -205,12 +207,14 @@ class SitePrivacy:
         return cls(num(d.get("epsilon"), None), num(d.get("delta"), None),
                    num(d.get("budget_epsilon"), None), d.get("epsilon_includes_audit"),
                    d.get("ledger"),
-                   tuple(str(f) for f in flags) if isinstance(flags, list) else ())
+                   tuple(str(f) for f in flags) if isinstance(flags, list) else (),
+                   d.get("epsilon_includes_evaluation"))
 
     def to_json(self) -> dict[str, Any]:
         return _drop_none({"epsilon": self.epsilon, "delta": self.delta,
                            "budget_epsilon": self.budget_epsilon,
                            "epsilon_includes_audit": self.epsilon_includes_audit,
+                           "epsilon_includes_evaluation": self.epsilon_includes_evaluation,
                            "ledger": self.ledger, "flags": list(self.flags) or None})
 
 

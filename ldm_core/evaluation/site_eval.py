@@ -169,19 +169,39 @@ def noisy_sum(rows: np.ndarray, layout: Layout, *, noise_multiplier: float,
                                                                                   generator)
 
 
+@dataclass(frozen=True)
+class SyntheticManifold:
+    """The union of k-NN balls around the synthetic images' features (radii from the synthetic
+    images alone, so no real image moves another's answer). Built before a site reads its data:
+    everything about it depends on the coordinator's input only."""
+
+    features: np.ndarray
+    radius: np.ndarray
+
+    @staticmethod
+    def build(synthetic_features: np.ndarray, k: int = RECALL_K) -> SyntheticManifold:
+        syn = np.asarray(synthetic_features, dtype=np.float64)
+        if syn.ndim != 2 or syn.shape[0] <= k or not np.isfinite(syn).all():
+            raise ValueError(f"need more than k={k} finite synthetic feature rows for recall, "
+                             f"got {syn.shape}")
+        radius = np.sort(cdist(syn, syn), axis=1)[:, k]  # column 0 is the image itself
+        return SyntheticManifold(syn, radius)
+
+    def contains(self, real_features: np.ndarray) -> np.ndarray:
+        """Per real image: inside some synthetic ball (non-finite features: outside)."""
+        real = np.asarray(real_features, dtype=np.float64)
+        if real.shape[0] == 0:
+            return np.zeros(0, dtype=bool)
+        real = np.where(np.isfinite(real), real, np.inf)
+        with np.errstate(invalid="ignore"):
+            d = cdist(real, self.features)
+        return (np.nan_to_num(d, nan=np.inf) <= self.radius[None, :]).any(axis=1)
+
+
 def recall_inside(real_features: np.ndarray, synthetic_features: np.ndarray, *,
                   k: int = RECALL_K) -> np.ndarray:
-    """Per real image: inside the union of the synthetic k-NN balls (radii from synthetic only,
-    so no real image moves another's answer)."""
-    syn = np.asarray(synthetic_features, dtype=np.float64)
-    real = np.asarray(real_features, dtype=np.float64)
-    if syn.shape[0] <= k:
-        raise ValueError(f"need more than k={k} synthetic images for recall, got {syn.shape[0]}")
-    if real.shape[0] == 0:
-        return np.zeros(0, dtype=bool)
-    d_ss = cdist(syn, syn)
-    radius = np.sort(d_ss, axis=1)[:, k]  # column 0 is the image itself
-    return (cdist(real, syn) <= radius[None, :]).any(axis=1)
+    """Per real image: inside the union of the synthetic k-NN balls (`SyntheticManifold`)."""
+    return SyntheticManifold.build(synthetic_features, k).contains(real_features)
 
 
 # ------------------------------------------------------------------- the coordinator's side
@@ -219,8 +239,9 @@ def _metrics(parts: Mapping[str, np.ndarray], n_classes: int) -> dict[str, float
                                                            parts[f"{arm}.conf"])
     t, r = out["tstr_auc"], out["trtr_auc"]
     out["ratio"] = t / r if math.isfinite(t) and math.isfinite(r) and r > 0 else math.nan
-    # Patients per class: each patient puts exactly 1 into its class's confusion row (per arm).
-    n = np.clip(parts["tstr.conf"].sum(axis=1), 0.0, None)
+    # Patients per class: each patient puts exactly 1 into its class's confusion row of each
+    # arm; the arms' mean halves the noise variance of the count.
+    n = np.clip(np.mean([parts[f"{a}.conf"].sum(axis=1) for a in ARMS], axis=0), 0.0, None)
     rec = np.clip(parts["recall"], 0.0, None)
     out["recall"] = float(min(1.0, rec.sum() / n.sum())) if n.sum() > 0 else math.nan
     out["patients"] = float(n.sum())
@@ -232,9 +253,10 @@ def pool(vectors: Sequence[np.ndarray], noise_stds: Sequence[float], layout: Lay
     """Pool the sites' releases and score them: AUC and accuracy per arm, their ratio, recall.
 
     Each interval is the 2.5-97.5 percentile over ``draws`` re-noisings of the pooled vector
-    with the sites' own (public) noise: the uncertainty the DP noise adds. The sampling spread
-    of a finite test set is NOT in it. Post-processing only (free in privacy); ``seed`` is not
-    privacy-relevant.
+    with the sites' own (public) noise: an approximation of the spread the DP noise adds (it
+    shows the spread, not the bias that clipping negative noisy counts to zero puts on a point
+    estimate). The sampling spread of a finite test set is NOT in it. Post-processing only
+    (free in privacy); ``seed`` is not privacy-relevant.
     """
     if not vectors:
         raise ValueError("no site released an evaluation")

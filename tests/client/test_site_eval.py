@@ -81,8 +81,13 @@ def test_a_site_that_does_not_allow_it_refuses_before_charging(tmp_path: Path,
 def test_a_request_it_cannot_answer_is_refused_before_charging(tmp_path: Path,
                                                                data: SiteData) -> None:
     site = _site(tmp_path)
-    with pytest.raises(ValueError, match="synthetic images"):
+    with pytest.raises(ValueError, match="more than k"):
         _call(site, _cfg(data.class_names), data, synthetic=torch.zeros(5, 1, 16, 16))
+    # An image shape the site's feature network would only choke on when it has test patients
+    # must fail before the charge, whatever the data.
+    for bad in (torch.zeros(24, 1, 0, 0), torch.zeros(24, 1, 32, 32)):
+        with pytest.raises(ValueError, match=r"\[N, 1, 16, 16\]"):
+            _call(site, _cfg(data.class_names), data, synthetic=bad)
     with pytest.raises(RuntimeError, match="state_dict"):
         site_eval.site_evaluate(site, _cfg(data.class_names), {"w": torch.zeros(1)},
                                 torch.zeros(24, 1, 16, 16), run_id="r",
