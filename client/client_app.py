@@ -121,6 +121,7 @@ def _train(msg: Message, context: Context, site: SiteConfig) -> Message:
         weights=sent, ae_weights=ae_weights,
         scale_factor=1.0 if req.scale_factor is None else req.scale_factor,
         seed=req.run.seed * 1000 + req.server_round * 7 + site.site_index,
+        site_slot=req.site_slot,
     )
     # The site's own compute time stays in its log (never in the reply: a timing side channel
     # the protocol does not declare); benchmarks/federation_overhead.py reads it.

@@ -189,6 +189,7 @@ def train_round(
     ae_weights: dict[str, torch.Tensor] | None = None,
     scale_factor: float = 1.0,
     seed: int = 0,
+    site_slot: int | None = None,
 ) -> RoundResult:
     """One local round of DP-SGD on the site's train split; returns DP weights + DP loss.
 
@@ -199,6 +200,9 @@ def train_round(
     """
     spec = get_phase(phase)
     phase = spec.name
+    if site_slot is not None and not 0 <= site_slot < cfg.model.site_slots:
+        raise ValueError(f"site slot {site_slot} outside the model's {cfg.model.site_slots} "
+                         "site slots")
     ledger = open_ledger(site)
     noise = plan_noise(site, cfg, ledger, run_id)
     sigma, plan = noise.phase_sigma(phase), noise.phase_plan(phase)
@@ -219,7 +223,7 @@ def train_round(
         ae = AUTOENCODER.make_model(cfg.model)
         ae.load_state_dict(ae_weights)
     tensors = spec.train_inputs(data.train, autoencoder=ae, scale_factor=scale_factor,
-                                device=device)
+                                device=device, site=site_slot)
     model = spec.make_model(cfg.model)
     model.load_state_dict(weights)
     loss_fn = spec.train_loss(cfg)

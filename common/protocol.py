@@ -135,11 +135,15 @@ class TrainRequest:
     weights: ArrayRecord
     autoencoder: ArrayRecord | None = None
     scale_factor: float | None = None
+    # A site-conditional model's slot for this site (the coordinator assigns it; not private).
+    site_slot: int | None = None
 
     def to_record(self) -> RecordDict:
         conf = {**self.run.items(), "phase": self.phase, "server-round": self.server_round}
         if self.scale_factor is not None:
             conf["scale-factor"] = float(self.scale_factor)
+        if self.site_slot is not None:
+            conf["site-slot"] = int(self.site_slot)
         rec: dict[str, Any] = {"arrays": self.weights, "config": ConfigRecord(conf)}
         if self.autoencoder is not None:
             rec["autoencoder"] = self.autoencoder
@@ -154,12 +158,17 @@ class TrainRequest:
         if phase not in PHASES:
             raise ProtocolError(f"{where}: unknown phase {phase!r}")
         scale = conf.get("scale-factor")
+        slot = conf.get("site-slot")
+        if slot is not None and (isinstance(slot, bool) or not isinstance(slot, int)
+                                 or slot < 0):
+            raise ProtocolError(f"{where}: site-slot must be an integer >= 0, got {slot!r}")
         return TrainRequest(
             run=RunRef.parse(conf, where), phase=phase, server_round=int(conf["server-round"]),
             weights=_get(content, "arrays", ArrayRecord, where),
             autoencoder=(_get(content, "autoencoder", ArrayRecord, where)
                          if "autoencoder" in content else None),
-            scale_factor=None if scale is None else _finite(scale, f"{where}: scale-factor"))
+            scale_factor=None if scale is None else _finite(scale, f"{where}: scale-factor"),
+            site_slot=slot)
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,14 @@ class ModelConfig:
     # "v_prediction" keeps the x0 estimate stable at high noise, where epsilon-prediction
     # divides the denoiser's error by sqrt(alpha_bar) ~ 0.07 (the global layout of a sample).
     prediction_type: str = "v_prediction"
+    # Site-conditional generation (0 = off): the denoiser also learns one embedding per site
+    # slot (the coordinator assigns slots to sites), plus "any site", so a model's behaviour
+    # under each site's acquisition style can be probed (`fedldm stress`).
+    site_slots: int = 0
 
     def __post_init__(self) -> None:
+        _check(0 <= self.site_slots <= 64, f"site_slots must be in [0, 64], got "
+               f"{self.site_slots}")
         _check(self.prediction_type in ("epsilon", "v_prediction"),
                f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
         _check(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}")
@@ -193,7 +199,7 @@ class PrivacyConfig:
         _check(2 <= self.eval_bins <= 64, f"eval_bins must be in [2, 64], got {self.eval_bins}")
         _check(self.eval_trtr_noise_multiplier > 0, "eval_trtr_noise_multiplier must be > 0")
         _check(0 < self.eval_trtr_sample_rate <= 1, "eval_trtr_sample_rate must be in (0, 1]")
-        _check(self.eval_trtr_steps >= 1, "eval_trtr_steps must be >= 1")
+        _check(1 <= self.eval_trtr_steps <= 10_000, "eval_trtr_steps must be in [1, 10000]")
         _check(self.retry_reserve_rounds >= 0, "retry_reserve_rounds must be >= 0")
         _check(1 <= self.patient_images_per_step <= self.max_patient_images,
                "need 1 <= patient_images_per_step <= max_patient_images, got "
@@ -210,6 +216,9 @@ class DiffusionConfig:
 
     kl_weight: float = 1e-4
     label_dropout: float = 0.15
+    # With model.site_slots: how often a training sample's site is replaced by "any site", so
+    # the unconditional-over-sites model (the default for generation) is learnt too.
+    site_dropout: float = 0.5
     ddim_steps: int = 50
     guidance_scale: float = 2.0
     # DDIM clips its x0 estimate of the unit-scaled latents to +-clip_latent (0 = off).
@@ -218,6 +227,7 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         _check(self.kl_weight >= 0, "kl_weight must be >= 0")
         _check(0 <= self.label_dropout < 1, "label_dropout must be in [0, 1)")
+        _check(0 < self.site_dropout < 1, "site_dropout must be in (0, 1)")
         _check(self.ddim_steps >= 1, "ddim_steps must be >= 1")
         _check(self.guidance_scale >= 0, "guidance_scale must be >= 0")
         _check(self.clip_latent >= 0, "clip_latent must be >= 0 (0 turns clipping off)")
@@ -290,6 +300,9 @@ class RunConfig:
         _check(self.dm_init == "random" or self.ae_init == "public-phantoms",
                f"dm_init {self.dm_init!r} models the latents of the public-phantom autoencoder; "
                "it needs ae_init 'public-phantoms' (or set dm_init to 'random')")
+        _check(self.dm_init == "random" or self.model.site_slots == 0,
+               f"dm_init {self.dm_init!r} has no site embeddings; site-conditional generation "
+               "(model.site_slots > 0) needs dm_init 'random'")
         _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"device must be auto, cpu or cuda[:N], got {self.device!r}")

@@ -4,7 +4,9 @@ Networks come from MONAI (a project decision: never hand-write a UNet or a sched
 Everything here is
 GroupNorm-only, so Opacus can compute per-sample gradients and no BatchNorm statistics leak.
 The denoiser gets one extra class embedding (index ``n_classes``) as the "null" label used for
-classifier-free guidance.
+classifier-free guidance. With site-conditional generation (``site_slots = S > 0``) the
+embedding index encodes a (class, site) pair: ``class + (n_classes + 1) * site``, where class
+``n_classes`` is "no class" and site ``S`` is "any site" (`embed_index`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def make_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
 
 
 def make_denoiser(cfg: ModelConfig) -> DiffusionModelUNet:
-    """Class-conditional UNet; ``num_class_embeds = n_classes + 1`` (the last one is null)."""
+    """Class-conditional UNet; ``num_class_embeds = n_classes + 1`` (the last one is null),
+    times ``site_slots + 1`` with site-conditional generation (`embed_index`)."""
     return DiffusionModelUNet(
         spatial_dims=2,
         in_channels=cfg.latent_channels,
@@ -47,7 +50,7 @@ def make_denoiser(cfg: ModelConfig) -> DiffusionModelUNet:
         num_res_blocks=cfg.dm_res_blocks,
         norm_num_groups=cfg.dm_norm_groups,
         num_head_channels=cfg.dm_head_channels,
-        num_class_embeds=cfg.n_classes + 1,
+        num_class_embeds=(cfg.n_classes + 1) * (cfg.site_slots + 1),
     )
 
 
@@ -90,8 +93,37 @@ def make_sample_scheduler(cfg: ModelConfig, steps: int, clip: float = 3.0) -> DD
     return sched
 
 
+def any_site(cfg: ModelConfig) -> int:
+    """The site value meaning "any site" (what generation uses unless asked for a site)."""
+    return cfg.site_slots
+
+
+def embed_index(cfg: ModelConfig, labels: torch.Tensor,
+                sites: torch.Tensor | int | None = None) -> torch.Tensor:
+    """The denoiser's class-embedding index of (class, site) pairs.
+
+    ``labels`` are classes (``n_classes`` = no class); ``sites`` site slots (``site_slots`` =
+    any site; None = any site). Without site conditioning the index is the class itself and a
+    site other than "any" is an error (the model has no site embeddings).
+    """
+    if isinstance(sites, torch.Tensor) and sites.shape != labels.shape:
+        raise ValueError(f"sites {tuple(sites.shape)} must match labels {tuple(labels.shape)}")
+    s = torch.full_like(labels, any_site(cfg)) if sites is None else (
+        torch.full_like(labels, int(sites)) if isinstance(sites, int) else sites.to(labels))
+    if cfg.site_slots == 0:
+        if bool((s != 0).any()):
+            raise ValueError("this model was trained without site conditioning "
+                             "(model.site_slots = 0): it cannot generate a given site")
+        return labels
+    if bool(((s < 0) | (s > cfg.site_slots)).any()):
+        raise ValueError(f"site slots must be in [0, {cfg.site_slots}] "
+                         f"({cfg.site_slots} = any site)")
+    return labels + (cfg.n_classes + 1) * s
+
+
 def null_label(cfg: ModelConfig) -> int:
-    return cfg.n_classes
+    """No class at any site: the unconditional branch of classifier-free guidance."""
+    return cfg.n_classes + (cfg.n_classes + 1) * any_site(cfg)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -26,7 +26,14 @@ from torch import nn
 from ldm_core.config import ModelConfig, PhaseConfig, RunConfig
 from ldm_core.data import ImageSet
 from ldm_core.losses import autoencoder_loss, diffusion_loss, multiplicity_diffusion_loss
-from ldm_core.models import encode, make_autoencoder, make_denoiser, make_train_scheduler
+from ldm_core.models import (
+    any_site,
+    embed_index,
+    encode,
+    make_autoencoder,
+    make_denoiser,
+    make_train_scheduler,
+)
 
 if TYPE_CHECKING:  # the alias only: Opacus need not load for the protocol to know the phases
     from ldm_core.training import LossFn
@@ -35,7 +42,7 @@ if TYPE_CHECKING:  # the alias only: Opacus need not load for the protocol to kn
 EVAL_CHUNK = 256
 
 Tensors = tuple[torch.Tensor, ...]
-InputsFn = Callable[[ImageSet, "nn.Module | None", float, torch.device], Tensors]
+InputsFn = Callable[[ImageSet, "nn.Module | None", float, torch.device, "int | None"], Tensors]
 InitFn = Callable[[RunConfig], "dict[str, torch.Tensor] | None"]
 
 
@@ -78,15 +85,17 @@ class Phase:
         return self.pretrained(cfg)
 
     def train_inputs(self, split: ImageSet, *, autoencoder: nn.Module | None = None,
-                     scale_factor: float = 1.0, device: torch.device | None = None) -> Tensors:
+                     scale_factor: float = 1.0, device: torch.device | None = None,
+                     site: int | None = None) -> Tensors:
         """The tensors the phase's loss trains on, built from a site's train split.
 
         Row i of every tensor belongs to image i of `split`, so the caller's per-patient
-        grouping (`split.patients`) still applies to the result.
+        grouping (`split.patients`) still applies to the result. `site` is the site's slot of a
+        site-conditional model (the coordinator assigns it; None: none).
         """
         if self.needs_autoencoder and autoencoder is None:
             raise ValueError(f"{self.name} round without autoencoder weights")
-        return self.inputs(split, autoencoder, scale_factor, device or torch.device("cpu"))
+        return self.inputs(split, autoencoder, scale_factor, device or torch.device("cpu"), site)
 
     def train_loss(self, cfg: RunConfig) -> LossFn:
         """The per-sample ([B]) training loss that dp_train clips and noises."""
@@ -114,7 +123,7 @@ class Phase:
 
 
 def _image_inputs(split: ImageSet, autoencoder: nn.Module | None, scale_factor: float,
-                  device: torch.device) -> Tensors:
+                  device: torch.device, site: int | None) -> Tensors:
     return (split.images,)
 
 
@@ -151,37 +160,51 @@ def _ae_pretrained(cfg: RunConfig) -> dict[str, torch.Tensor] | None:
 
 
 def _latent_inputs(split: ImageSet, autoencoder: nn.Module | None, scale_factor: float,
-                   device: torch.device) -> Tensors:
-    """Unit-scaled latents of the frozen autoencoder, and the class labels."""
+                   device: torch.device, site: int | None) -> Tensors:
+    """Unit-scaled latents of the frozen autoencoder, the class labels and the site slot
+    (``-1`` when the site has none: it trains the "any site" embedding only)."""
     assert autoencoder is not None  # Phase.train_inputs checked
-    return (encode(autoencoder, split.images, scale_factor, device), split.labels)
+    slot = -1 if site is None else int(site)
+    return (encode(autoencoder, split.images, scale_factor, device), split.labels,
+            torch.full_like(split.labels, slot))
+
+
+def _sites(cfg: RunConfig, s: torch.Tensor) -> torch.Tensor:
+    """Slot -1 (none given) is "any site"."""
+    return torch.where(s < 0, torch.full_like(s, any_site(cfg.model)), s)
 
 
 def _dm_loss(cfg: RunConfig, phase_cfg: PhaseConfig) -> LossFn:
-    """K-sample denoising loss with classifier-free label dropout (the null label n_classes)."""
+    """K-sample denoising loss with classifier-free label dropout (the null label n_classes)
+    and, for a site-conditional model, site dropout to "any site"."""
     sched = make_train_scheduler(cfg.model)
     null = cfg.model.n_classes
 
     def fn(model: nn.Module, batch: Tensors, gen: torch.Generator) -> torch.Tensor:
-        z, y = batch
+        z, y, s = batch
         drop = torch.rand(y.shape[0], generator=gen).to(y.device) < cfg.dm.label_dropout
         y = torch.where(drop, torch.full_like(y, null), y)
-        return multiplicity_diffusion_loss(model, sched, z, y, k=phase_cfg.noise_multiplicity,
-                                           generator=gen)
+        s = _sites(cfg, s)
+        if cfg.model.site_slots:
+            away = torch.rand(y.shape[0], generator=gen).to(y.device) < cfg.dm.site_dropout
+            s = torch.where(away, torch.full_like(s, any_site(cfg.model)), s)
+        return multiplicity_diffusion_loss(model, sched, z, embed_index(cfg.model, y, s),
+                                           k=phase_cfg.noise_multiplicity, generator=gen)
 
     return fn
 
 
 def _dm_eval_loss(cfg: RunConfig) -> LossFn:
-    """One (timestep, noise) draw per sample, true labels: a plain denoising score."""
+    """One (timestep, noise) draw per sample, true labels and sites: a plain denoising score."""
     m = cfg.model
     sched = make_train_scheduler(m)
 
     def fn(model: nn.Module, batch: Tensors, gen: torch.Generator) -> torch.Tensor:
-        z, y = batch
+        z, y, s = batch
         t = torch.randint(0, m.num_train_timesteps, (z.shape[0],), generator=gen).to(z.device)
         n = torch.randn(z.shape, generator=gen).to(z.device)
-        return diffusion_loss(model, sched, z, y, timesteps=t, noise=n)
+        return diffusion_loss(model, sched, z, embed_index(m, y, _sites(cfg, s)), timesteps=t,
+                              noise=n)
 
     return fn
 

@@ -11,7 +11,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from tqdm.auto import tqdm
 
 from ldm_core.config import ModelConfig
-from ldm_core.models import make_sample_scheduler, null_label
+from ldm_core.models import embed_index, make_sample_scheduler, null_label
 
 
 @torch.no_grad()
@@ -25,19 +25,21 @@ def sample_latents(
     generator: torch.Generator,
     device: torch.device,
     clip: float = 3.0,
+    site: int | None = None,
 ) -> torch.Tensor:
     """DDIM (eta=0) from Gaussian noise with classifier-free guidance.
 
     The denoiser's output (epsilon or velocity, per cfg.prediction_type) is guided as
     out = out_null + w * (out_label - out_null); both targets are linear in the score, so the
-    same formula holds for either.
+    same formula holds for either. ``labels`` are classes; ``site`` a site slot of a
+    site-conditional model (None: any site, models.embed_index).
     """
     unet.eval().to(device)
     sched = make_sample_scheduler(cfg, steps, clip)
     b = labels.shape[0]
     shape = (b, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     z = torch.randn(shape, generator=generator).to(device)
-    labels = labels.to(device)
+    labels = embed_index(cfg, labels, site).to(device)
     null = torch.full_like(labels, null_label(cfg))
     for t in sched.timesteps:
         tt = torch.full((b,), int(t), device=device, dtype=torch.long)
@@ -67,8 +69,10 @@ def generate_images(
     batch_size: int = 64,
     show_progress: bool = False,
     clip: float = 3.0,
+    site: int | None = None,
 ) -> torch.Tensor:
-    """Images in [-1, 1], shape [N, 1, H, W], one per label, deterministic given `seed`."""
+    """Images in [-1, 1], shape [N, 1, H, W], one per label, deterministic given `seed`;
+    ``site`` asks a site-conditional model for one site's style (None: any site)."""
     gen = torch.Generator().manual_seed(seed)
     ae.eval().to(device)
     out = []
@@ -83,6 +87,7 @@ def generate_images(
             generator=gen,
             device=device,
             clip=clip,
+            site=site,
         )
         out.append(ae.decode(z / scale_factor).clamp(-1, 1).cpu())
     if not out:

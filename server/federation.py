@@ -357,6 +357,28 @@ class Coordinator:
             self._believe(site, epsilon)
         return why
 
+    def _site_slots(self, nodes: list[int]) -> dict[int, int]:
+        """Site-conditional model: each node's slot, by the site name it answered with so far.
+
+        Slots go to site names in sorted order the first time they are needed and are kept in
+        state.json, so a resumed run gives every site the slot it trained with. A node whose
+        name is not known yet, or beyond the model's slots, gets none (it trains "any site")."""
+        n = self.cfg.model.site_slots
+        if n == 0:
+            return {}
+        slots: dict[str, int] = self.state.setdefault("site_slots", {})
+        names = {node: site for site, node in self.state.get("site_nodes", {}).items()}
+        for site in sorted(names[node] for node in nodes if node in names):
+            if site not in slots and len(slots) < n:
+                slots[site] = len(slots)
+        out = {node: slots[names[node]] for node in nodes if names.get(node) in slots}
+        missing = [node for node in nodes if node not in out]
+        if missing:
+            self.log.warning("site-conditional model: nodes %s have no site slot (unknown "
+                             "name or more sites than model.site_slots=%d); they train 'any "
+                             "site' only", missing, n)
+        return out
+
     def _vet_identity(self, node: int, content: RecordDict) -> tuple[str | None, str | None]:
         """(the site name the node may speak for, or None; why the reply is refused, or None)."""
         site = _claimed_site(content)
@@ -403,9 +425,12 @@ class Coordinator:
         run = self._run_ref()
         stage = f"{phase} round {rnd}"
 
+        slots = self._site_slots(nodes) if spec.needs_autoencoder else {}
+
         def content(node: int) -> RecordDict:
             return TrainRequest(run, phase, rnd, arrays,
-                                ae_arrays if node in send_ae else None, scale).to_record()
+                                ae_arrays if node in send_ae else None, scale,
+                                slots.get(node)).to_record()
 
         t0 = time.monotonic()
         replies = self._split_replies(self._send(nodes, content, MessageType.TRAIN,

@@ -10,8 +10,9 @@ Variation, one factor at a time: the generator's guidance scale (same noise seed
 guidance changes), then standard intensity, noise, blur and contrast shifts applied to the
 synthetic images drawn at the run's own guidance (``ldm_core.evaluation.stress``). The model's
 score on real test patients, where this machine has them (a simulated run's sites, or
-``--reference``), is the reference line. Site-conditional generation and lesion severity are not
-probed: the generator is conditioned on the class only.
+``--reference``), is the reference line. A run trained site-conditional (``--set
+model.site_slots=N``) adds one row per site: the same classes and noise seeds in that site's
+acquisition style. Lesion severity is not probed: the demo labels carry none.
 
 Writes ``RUN/stress/<model name>/`` (or ``--out``): ``stress.json`` and ``stress.png``, never
 overwriting an earlier result. Nothing is sent to a site and nothing is charged: synthetic images
@@ -159,6 +160,16 @@ def _reference(run: Run, opts: StressOptions) -> RealSource | None:
     return ReferenceSet(opts.reference) if opts.reference is not None else simulated_sites(run)
 
 
+def site_slots(run: Run, n_slots: int) -> list[tuple[int, str]]:
+    """(slot, site name) of a site-conditional run, from the coordinator's state.json; slots
+    no site trained with are left out (nothing learnt them)."""
+    if n_slots == 0:
+        return []
+    state = run.load_state() or {}
+    named = {int(v): str(k) for k, v in (state.get("site_slots") or {}).items()}
+    return sorted((k, named[k]) for k in range(n_slots) if k in named)
+
+
 def stress_run(run_dir: Path, opts: StressOptions) -> dict[str, Any]:
     """Score the model per variation; write stress.json and stress.png; return the result."""
     run = Run(run_dir)
@@ -202,6 +213,15 @@ def stress_run(run_dir: Path, opts: StressOptions) -> dict[str, Any]:
         shifted = apply_shift(base_images, shift, torch.Generator().manual_seed(cfg.seed + k))
         rows.append({"family": shift.family, "level": shift.level, "name": shift.name,
                      **score_predictions(labels.numpy(), _proba(model, shifted))})
+    for slot, name in site_slots(run, cfg.model.site_slots):
+        say(f"generating {labels.numel()} images in the style of {name} (slot {slot})")
+        images = generate_images(final.ae, final.dm, cfg.model, labels,
+                                 scale_factor=final.scale_factor, steps=cfg.dm.ddim_steps,
+                                 guidance_scale=base_g, seed=cfg.seed + _SEED_OFFSET,
+                                 device=device, show_progress=opts.show_progress,
+                                 clip=cfg.dm.clip_latent, site=slot)
+        rows.append({"family": "site", "level": slot, "name": f"site {name}",
+                     **score_predictions(labels.numpy(), _proba(model, images))})
     base = next(r for r in rows if r["family"] == "guidance" and r["level"] == base_g)
     result = {"model": str(opts.model), "arch": opts.arch or "torchscript", "run": str(run.root),
               "class_names": list(cfg.class_names), "per_class": opts.per_class,

@@ -28,7 +28,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
 from ldm_core.config import ModelConfig
 from ldm_core.losses import diffusion_loss
-from ldm_core.models import make_train_scheduler
+from ldm_core.models import embed_index, make_train_scheduler
 
 __all__ = [
     "DENOISER_DRAWS",
@@ -105,7 +105,7 @@ def denoiser_scores(
     out = []
     for i in range(0, images.shape[0], batch_size):
         x = images[i:i + batch_size].to(_model_device(ae))
-        y = labels[i:i + batch_size].to(device)
+        y = embed_index(cfg, labels[i:i + batch_size]).to(device)  # any site
         z = (ae.encode(x)[0] * scale_factor).to(device)
         total = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
         for j, t in enumerate(ts):

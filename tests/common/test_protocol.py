@@ -161,6 +161,23 @@ def test_an_evaluation_reply_or_request_out_of_shape_is_refused() -> None:
         EvaluateRequest.from_record(req)
 
 
+def test_a_train_request_carries_a_site_slot_only_as_a_non_negative_integer() -> None:
+    from flwr.app import ConfigRecord, RecordDict
+
+    from common.protocol import RunRef, TrainRequest
+
+    run = RunRef("{}", "r", 0)
+    req = TrainRequest(run, "diffusion", 1, ArrayRecord(), site_slot=2).to_record()
+    assert TrainRequest.from_record(req).site_slot == 2
+    assert TrainRequest.from_record(TrainRequest(run, "diffusion", 1, ArrayRecord())
+                                    .to_record()).site_slot is None
+    for bad in (-1, 1.5, "0", True):
+        conf = {**dict(req["config"].items()), "site-slot": bad}
+        with pytest.raises(ProtocolError, match="site-slot"):
+            TrainRequest.from_record(RecordDict({**dict(req.items()),
+                                                 "config": ConfigRecord(conf)}))
+
+
 def protocol_table() -> str:
     """The README's "What leaves a site" table, generated from the protocol."""
     rows = ["| message | record.field | kind | what |", "|---|---|---|---|"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -71,9 +73,10 @@ def test_diffusion_needs_the_frozen_autoencoder(cfg: RunConfig, split: ImageSet)
 
 def test_diffusion_inputs_are_scaled_latents_and_labels(cfg: RunConfig, split: ImageSet) -> None:
     m = cfg.model
-    z, y = _inputs(cfg, split, "diffusion")
+    z, y, s = _inputs(cfg, split, "diffusion")
     assert z.shape == (N, m.latent_channels, m.latent_size, m.latent_size)
     assert torch.equal(y, split.labels)
+    assert (s == -1).all()  # no site slot given: "any site"
     torch.manual_seed(0)
     ae = AUTOENCODER.make_model(m)
     assert torch.allclose(z, encode(ae, split.images, 1.0, torch.device("cpu")) * 0.5)
@@ -101,3 +104,33 @@ def test_phase_models_are_the_monai_factories(cfg: RunConfig) -> None:
 
     assert isinstance(AUTOENCODER.make_model(cfg.model), AutoencoderKL)
     assert isinstance(DIFFUSION.make_model(cfg.model), DiffusionModelUNet)
+
+
+def test_a_site_conditional_denoiser_learns_its_site_and_any_site(cfg: RunConfig,
+                                                                  split: ImageSet) -> None:
+    """The site's slot reaches the embedding index; site dropout sends some samples to "any
+    site"; the class part is untouched by it."""
+    sc = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, site_slots=3),
+                             dm=dataclasses.replace(cfg.dm, label_dropout=0.0, site_dropout=0.5))
+    torch.manual_seed(0)
+    ae = AUTOENCODER.make_model(sc.model)
+    tensors = DIFFUSION.train_inputs(split, autoencoder=ae, scale_factor=0.5, site=2)
+    assert (tensors[2] == 2).all()
+    seen: list[torch.Tensor] = []
+    model = DIFFUSION.make_model(sc.model)
+    assert model.class_embedding.num_embeddings == (len(CLASSES) + 1) * 4
+    real_forward = model.forward
+
+    def spy(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        seen.append(class_labels.clone())
+        return real_forward(x, t, class_labels=class_labels)
+
+    model.forward = spy  # type: ignore[method-assign]
+    big = tuple(t.repeat(50, *([1] * (t.dim() - 1))) for t in tensors)
+    DIFFUSION.train_loss(sc)(model, big, torch.Generator().manual_seed(1))
+    idx = torch.cat(seen)
+    n1 = len(CLASSES) + 1
+    assert torch.equal(idx % n1, big[1].repeat(len(seen)))  # classes kept
+    sites = idx // n1
+    assert set(sites.tolist()) == {2, 3}  # its own slot, or any site (3)
+    assert 0.35 < float((sites == 3).float().mean()) < 0.65

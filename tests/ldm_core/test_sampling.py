@@ -50,3 +50,31 @@ def test_sample_scheduler_matches_training_prediction_type() -> None:
         cfg = dataclasses.replace(build_config(preset="tiny").model, prediction_type=prediction)
         assert make_sample_scheduler(cfg, 10).prediction_type == prediction
         assert make_train_scheduler(cfg).prediction_type == prediction
+
+
+def test_site_conditioning_indexes_class_and_site_and_sampling_follows_it() -> None:
+    from ldm_core.models import embed_index, make_denoiser, null_label
+
+    cfg = build_config(preset="tiny", image_size=16, class_names=("a", "b", "c")).model
+    labels = torch.tensor([0, 2, 3])
+    assert torch.equal(embed_index(cfg, labels), labels)  # no site conditioning
+    with pytest.raises(ValueError, match="without site conditioning"):
+        embed_index(cfg, labels, 1)
+    sc = dataclasses.replace(cfg, site_slots=2)
+    assert embed_index(sc, labels, 1).tolist() == [4, 6, 7]
+    assert embed_index(sc, labels).tolist() == [8, 10, 11]  # any site = slot 2
+    assert null_label(sc) == 11 == (3 + 1) * (2 + 1) - 1  # the last embedding
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        embed_index(sc, labels, 3)
+    torch.manual_seed(0)
+    unet = make_denoiser(sc)
+    with torch.no_grad():  # MONAI zero-initialises the output layer: make the labels matter
+        for w in unet.parameters():
+            w.add_(torch.randn_like(w) * 0.05)
+    kw = {"steps": 3, "guidance_scale": 2.0, "device": torch.device("cpu")}
+    draws = {site: sample_latents(unet, sc, labels, generator=torch.Generator().manual_seed(1),
+                                  site=site, **kw) for site in (0, 1, None)}
+    assert not torch.allclose(draws[0], draws[1]) and not torch.allclose(draws[0], draws[None])
+    again = sample_latents(unet, sc, labels, generator=torch.Generator().manual_seed(1), site=0,
+                           **kw)
+    assert torch.equal(draws[0], again)

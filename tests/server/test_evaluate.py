@@ -274,3 +274,47 @@ def test_evaluate_at_sites_measures_utility_as_a_deployment_does(trained_run: Pa
         assert len(charged) == 2 and {e["run_id"] for e in charged} == {"evaluate-run"}
     assert any("Evaluation at the sites" in d for d in metrics["privacy"]["disclosures"])
     assert "Measured at the sites" in run.report_html.read_text()
+
+
+@pytest.mark.slow
+def test_a_site_conditional_run_gives_each_site_a_slot_and_stress_probes_each_site(
+        tmp_path: Path, demo_manifest: Path) -> None:
+    """`--set model.site_slots=2`: the coordinator hands the two sites slots 0 and 1 by name
+    (kept in state.json for resume) and `fedldm stress` adds one row per site's style."""
+    import torch
+
+    import server.stress
+    from ldm_core.classifier import SmallCNN
+    from server.stress import StressOptions, stress_run
+
+    out = tmp_path / "run"
+    run_simulation(SimulationOptions(
+        data=str(demo_manifest), sites=2, partition="site", epsilon=8.0, preset="tiny",
+        image_size=16, out=out, device="cpu", show_progress=False, evaluate=False,
+        overrides={"model.site_slots": 2}))
+    state = Run(out).load_state()
+    assert state is not None and state["site_slots"] == {"site-0": 0, "site-1": 1}
+    final = Run(out).load_final()
+    assert final.dm.class_embedding.num_embeddings == (final.cfg.model.n_classes + 1) * 3
+    model = SmallCNN(final.cfg.model.n_classes).eval()
+    scripted = tmp_path / "model.ts"
+    torch.jit.trace(model, torch.zeros(1, 1, 16, 16)).save(str(scripted))
+    sites_asked: list[int | None] = []
+    real_generate = server.stress.generate_images
+
+    def spy(*a: Any, **k: Any) -> Any:
+        sites_asked.append(k.get("site"))
+        return real_generate(*a, **k)
+
+    result = stress_run(out, StressOptions(model=scripted, per_class=2, guidance=(1.0,),
+                                           shifts=(), out=tmp_path / "s", show_progress=False))
+    assert [r["name"] for r in result["rows"] if r["family"] == "site"] == [
+        "site site-0", "site site-1"]
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(server.stress, "generate_images", spy)
+    try:
+        stress_run(out, StressOptions(model=scripted, per_class=2, guidance=(1.0,), shifts=(),
+                                      out=tmp_path / "s2", show_progress=False))
+    finally:
+        monkey.undo()
+    assert sites_asked[-2:] == [0, 1] and all(s is None for s in sites_asked[:-2])
