@@ -5,7 +5,8 @@
 Each budget runs `fedldm simulate` (quick preset, demo data unless --data) into its own folder,
 then the table gathers TSTR/TRTR (with CIs), fidelity and the privacy audits from metrics.json.
 Existing finished run folders are reused (the simulation resumes), so the table can be rebuilt
-cheaply. Writes OUT/privacy_utility.md and prints it.
+cheaply. Writes OUT/privacy_utility.md (printed) and OUT/privacy_utility.png (ratio, precision,
+recall and MIA AUC against epsilon).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from server.report_figures import new_figure, png_bytes
 
 
 def _fmt(x: object, nd: int = 3) -> str:
@@ -46,6 +51,45 @@ HEADER = ("| requested epsilon | max site epsilon | TRTR AUC [95% CI] | TSTR AUC
           "| wall s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def _num(x: object) -> float:
+    try:
+        return float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def frontier_figure(points: list[tuple[str, dict]]) -> Figure:
+    """TSTR/TRTR ratio, precision, recall (the verdict's feature space) and MIA AUC against the
+    requested epsilon; epsilon = inf sits at the right end."""
+    from server.report_verdicts import fidelity_space
+
+    finite = sorted(float(e) for e, _ in points if e != "inf")
+    inf_x = (finite[-1] * 2) if finite else 1.0
+    xs, series = [], {"TSTR/TRTR": [], "precision": [], "recall": [], "MIA AUC": []}
+    for eps, m in sorted(points, key=lambda p: inf_x if p[0] == "inf" else float(p[0])):
+        xs.append(inf_x if eps == "inf" else float(eps))
+        f = m.get("fidelity") or {}
+        space = f.get(fidelity_space(f) or "", {}) if f else {}
+        series["TSTR/TRTR"].append(_num((m.get("utility") or {}).get("ratio")))
+        series["precision"].append(_num(space.get("precision")))
+        series["recall"].append(_num(space.get("recall")))
+        series["MIA AUC"].append(_num((m.get("privacy") or {}).get("mia_auc")))
+    fig = new_figure(6.0, 3.6)
+    ax = fig.subplots()
+    for name, ys in series.items():
+        ax.plot(xs, ys, "o-", label=name)
+    ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(["inf" if x == inf_x and "inf" in [e for e, _ in points] else f"{x:g}"
+                        for x in xs])
+    ax.set_xlabel("requested epsilon per site")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("privacy-utility frontier", fontsize=9)
+    return fig
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--epsilons", nargs="+", default=["inf", "8"])
@@ -57,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="passed to fedldm simulate")
     args = ap.parse_args(argv)
     fedldm = Path(sys.executable).with_name("fedldm")
-    rows = []
+    rows, points = [], []
     for eps in args.epsilons:
         out = args.out / f"eps-{eps}"
         if not (out / "report.html").exists():
@@ -66,10 +110,15 @@ def main(argv: list[str] | None = None) -> int:
                    "--epsilon", eps, "--out", str(out), *args.extra]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
-        rows.append(row(eps, json.loads((out / "metrics.json").read_text())))
+        metrics = json.loads((out / "metrics.json").read_text())
+        rows.append(row(eps, metrics))
+        points.append((eps, metrics))
     table = "\n".join([HEADER, *rows])
+    (args.out / "privacy_utility.png").write_bytes(png_bytes(frontier_figure(points)))
     cmd = "python benchmarks/privacy_utility.py " + " ".join(
-        ["--epsilons", *args.epsilons, "--data", args.data, "--preset", args.preset])
+        ["--epsilons", *args.epsilons, "--data", args.data, "--preset", args.preset,
+         "--sites", str(args.sites), "--partition", args.partition, "--out", str(args.out),
+         *args.extra])
     text = f"{table}\n\nProduced by `{cmd}`.\n"
     (args.out / "privacy_utility.md").write_text(text)
     print(text)
