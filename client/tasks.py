@@ -107,6 +107,11 @@ def prior_history(ledger: PrivacyLedger, run_id: str) -> History:
 
 def plan_noise(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: str
                ) -> NoisePlan:
+    """The site's noise plan for run `run_id`, on top of what its earlier runs spent."""
+    return plan_for(site, cfg, prior_history(ledger, run_id))
+
+
+def plan_for(site: SiteConfig, cfg: RunConfig, prior: History) -> NoisePlan:
     """Calibrate all noise multipliers once for the whole run plan (every phase).
 
     Inputs are the configuration, the site's budget and what earlier runs spent: never the data.
@@ -127,7 +132,7 @@ def plan_noise(site: SiteConfig, cfg: RunConfig, ledger: PrivacyLedger, run_id: 
     # run can still finish within the target. Unused reserve is budget left unspent.
     retry = cfg.privacy.retry_reserve_rounds
     rounds = {p.name: (r + retry if (r := p.config(cfg).rounds) > 0 else 0) for p in phases}
-    reserved = prior_history(ledger, run_id) + \
+    reserved = list(prior) + \
         [gaussian_mechanism_entry(scale)] * (LATENT_RELEASES * (1 + retry)) + \
         [gaussian_mechanism_entry(metric)] * sum(rounds.values()) + \
         ([gaussian_mechanism_entry(audit)] if site.allow_audit else []) + \

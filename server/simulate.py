@@ -22,6 +22,7 @@ import torch
 
 from client.client_app import SimulationSites, make_client_app
 from client.ledger import PrivacyLedger
+from client.tasks import plan_for
 from ldm_core.config import PRESET_IMAGE_SIZE, RunConfig, build_config, to_dict
 from ldm_core.data import (
     DEMO_DATA,
@@ -104,6 +105,11 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
     """Data, config, run.json and enrolled sites; shared by `fedldm simulate` and `flwr run`."""
     out = Path(opts.out)
     run = Run(out)
+    # The noise plan needs only the configuration (not the classes): checked before the demo
+    # data is written.
+    _check_plan_fits(build_config(preset=opts.preset, image_size=opts.image_size,
+                                  epsilon=opts.epsilon, delta=opts.delta, seed=opts.seed,
+                                  device=opts.device, overrides=opts.overrides), opts)
     data, partition = prepare_data(opts, out)  # creates OUT only for the demo data
     index = scan(data)
     eps = opts.epsilon
@@ -183,6 +189,23 @@ def _check_before_writing(run: Run, cfg: RunConfig, data: str, partition: str,
             f"{data}: no site's test split holds an image of class {', '.join(missing)}, so "
             "the evaluation could not test it; use more data, fewer sites (--sites) or "
             "another partition (--partition)")
+
+
+def _check_plan_fits(cfg: RunConfig, opts: SimulationOptions) -> None:
+    """Refuse, before anything is written, a budget the run's plan cannot fit: every site would
+    refuse its first round (the reason only in its site.log). The plan depends on the
+    configuration and the budget alone, so a fresh site's plan is every site's."""
+    site = SimulationSites(data="-", n_sites=1, partition="iid", state_root=Path("-"),
+                           epsilon=opts.epsilon, delta=opts.delta, data_seed=0,
+                           device="cpu").site(0)
+    try:
+        plan_for(site, cfg, [])
+    except (ValueError, RuntimeError) as err:
+        raise FederationError(
+            f"--epsilon {opts.epsilon:g} cannot hold this run's plan: {err} Raise --epsilon, or "
+            "make the fixed releases cheaper (--set privacy.scale_noise_multiplier=100 --set "
+            "privacy.audit_noise_multiplier=40 --set privacy.retry_reserve_rounds=0) and give "
+            "the autoencoder a larger share (--set privacy.ae_share=0.3)") from err
 
 
 def run_simulation(opts: SimulationOptions) -> dict[str, Any]:

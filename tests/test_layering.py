@@ -23,6 +23,7 @@ SERVER_USES_CLIENT = {
     ("client.ledger", "PrivacyLedger"),
     ("client.site_config", "SiteConfig"),
     ("client.tasks", "load_data"),
+    ("client.tasks", "plan_for"),
     ("client.audit", "site_audit"),
     ("client.site_eval", "site_evaluate"),
     ("client.ledger", "BudgetExceededError"),

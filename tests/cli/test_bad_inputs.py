@@ -213,6 +213,9 @@ CASES = [
     # --- simulate: flags and config
     Case("simulate-epsilon-not-a-number", lambda w: _sim(w, "--epsilon", "lots"), "--epsilon"),
     Case("simulate-epsilon-zero", lambda w: _sim(w, "--epsilon", "0"), "--epsilon"),
+    # The fixed releases alone spend more than epsilon 0.5: every site would refuse round 1.
+    Case("simulate-epsilon-below-the-plan", lambda w: _sim(w, "--epsilon", "0.5"),
+         "--epsilon 0.5 cannot hold", code=1),
     Case("simulate-negative-delta", lambda w: _sim(w, "--delta=-1e-5"), "--delta"),
     Case("simulate-delta-one", lambda w: _sim(w, "--delta", "1"), "--delta"),
     Case("simulate-unknown-preset", lambda w: _sim(w, "--preset", "huge"), "--preset"),
