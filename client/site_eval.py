@@ -6,7 +6,10 @@ Why: a hospital federation's coordinator usually holds no labelled real images, 
 its synthetic-trained classifier and the synthetic images (both post-processing of DP outputs).
 The site
 
-1. refuses unless its own node config allows evaluations (``allow-evaluate``);
+1. refuses unless its own node config allows evaluations (``allow-evaluate``), then checks and
+   computes everything that depends only on the coordinator's input (classifier shape and
+   output, synthetic image size, the synthetic manifold), so that no later failure can depend
+   on its data;
 2. charges, before any private record is read, one Gaussian mechanism
    (``privacy.eval_noise_multiplier``) for the release and the DP-SGD steps of its own TRTR
    classifier (``eval_trtr_*``), so a ledger that cannot afford both stops here;
