@@ -169,3 +169,29 @@ def test_the_run_plan_reserves_the_evaluation(tmp_path: Path, data: SiteData) ->
     assert a.evaluate == 0.0 and b.evaluate == cfg.privacy.eval_noise_multiplier
     # Less budget left for training: more noise on every phase.
     assert all(b.sigmas[p] > a.sigmas[p] for p in a.sigmas)
+
+
+def test_the_release_noise_comes_from_the_sites_privacy_source_not_the_message_seed(
+        tmp_path: Path, data: SiteData, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same message seed, two privacy streams: the noise the release adds differs. (Noise
+    derived from the coordinator's seed could be subtracted by the coordinator.)"""
+    cfg = _cfg(data.class_names)
+    lay = Layout(cfg.model.n_classes, cfg.privacy.eval_bins)
+    noises: list[np.ndarray] = []
+    real_noisy_sum = site_eval.noisy_sum
+
+    def spy(rows: np.ndarray, layout: Layout, *, noise_multiplier: float,
+            generator: torch.Generator | None) -> np.ndarray:
+        if generator is not None:  # the same draws, on a copy of the generator's state
+            g = torch.Generator().set_state(generator.get_state())
+            noises.append(real_noisy_sum(np.zeros((0, lay.size)), lay,
+                                         noise_multiplier=noise_multiplier, generator=g))
+        return real_noisy_sum(rows, layout, noise_multiplier=noise_multiplier,
+                              generator=generator)
+
+    monkeypatch.setattr(site_eval, "noisy_sum", spy)
+    _call(_site(tmp_path / "a"), cfg, data, salt="one")
+    _call(_site(tmp_path / "b"), cfg, data, salt="two")
+    assert len(noises) == 2 and not np.allclose(noises[0], noises[1])
+    assert np.std(noises[0]) == pytest.approx(cfg.privacy.eval_noise_multiplier
+                                              * lay.sensitivity, rel=0.2)
