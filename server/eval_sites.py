@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from common.protocol import MAX_EVAL_SYNTHETIC
-from ldm_core.classifier import train_classifier
 from ldm_core.evaluation.site_eval import ARMS, Layout, pool
+from ldm_core.evaluation.utility import train_reference_classifier
 
 SiteEvalFn = Callable[[dict[str, torch.Tensor], torch.Tensor], list[dict[str, Any]]]
 
@@ -87,6 +87,7 @@ def synthetic_for_sites(images: torch.Tensor, labels: torch.Tensor,
 
 def tstr_classifier(images: torch.Tensor, labels: torch.Tensor, n_classes: int, *, seed: int,
                     epochs: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The classifier the sites score: the utility judge's recipe on the synthetic set."""
-    model = train_classifier(images, labels, n_classes, epochs=epochs, seed=seed, device=device)
+    """The classifier the sites score: the utility judge's own recipe on the synthetic set."""
+    model = train_reference_classifier((images, labels), n_classes=n_classes, seed=seed,
+                                       epochs=epochs, device=device)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
