@@ -23,7 +23,7 @@ import torch
 from client.ledger import PrivacyLedger
 from client.site_config import SiteConfig
 from ldm_core.config import RunConfig
-from ldm_core.data import ImageSet, SiteData, load_site
+from ldm_core.data import ImageSet, SiteData, load_site, rows_by_patient
 from ldm_core.dp_random import PrivacyRng, privacy_rng_for
 from ldm_core.evaluation.fidelity import PSNR_CAP_DB, reconstruction_quality
 from ldm_core.models import encode, resolve_device
@@ -160,10 +160,7 @@ def per_patient_mean(values: torch.Tensor, groups: tuple[str, ...] | None) -> to
     """Average per-image values per patient: one row per privacy unit before clipping."""
     if groups is None:
         return values
-    index: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        index.setdefault(g, []).append(i)
-    return torch.stack([values[rows].mean() for rows in index.values()])
+    return torch.stack([values[rows].mean() for rows in rows_by_patient(groups, len(values))])
 
 
 def _dp_mean(values: torch.Tensor, *, clip: float, sigma: float, rng: PrivacyRng) -> float:

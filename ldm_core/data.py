@@ -146,6 +146,19 @@ class ImageSet:
         return int(self.images.shape[0])
 
 
+def rows_by_patient(groups: Sequence[str] | None, n: int) -> list[list[int]]:
+    """Row indices per privacy unit, in first-seen order; without patient ids (None) every row
+    is its own unit. The one grouping that DP-SGD and every per-patient release use."""
+    if groups is None:
+        return [[i] for i in range(n)]
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} patient ids for {n} records")
+    index: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        index.setdefault(g, []).append(i)
+    return list(index.values())
+
+
 @dataclass(frozen=True)
 class SiteData:
     """One site's share of a dataset, already split by patient into train/holdout/test."""

@@ -37,6 +37,7 @@ from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
 from ldm_core.config import PhaseConfig
+from ldm_core.data import rows_by_patient
 from ldm_core.dp_random import PrivacyRng
 
 LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Generator], torch.Tensor]
@@ -90,13 +91,8 @@ def group_by_patient(tensors: Sequence[torch.Tensor], groups: Sequence[str] | No
     if groups is None:
         return PatientUnits(tuple(t.unsqueeze(1) for t in tensors),
                             torch.ones(n, 1, dtype=torch.bool))
-    if len(groups) != n:
-        raise ValueError(f"{len(groups)} patient ids for {n} records")
-    index: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        index.setdefault(g, []).append(i)
     members = []
-    for rows in index.values():
+    for rows in rows_by_patient(groups, n):
         if len(rows) > max_images:
             keep = torch.randperm(len(rows), generator=generator)[:max_images].tolist()
             rows = [rows[k] for k in sorted(keep)]

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from scipy.spatial.distance import cdist
 
+from ldm_core.data import rows_by_patient
 from ldm_core.privacy import secure_standard_normal
 
 ARMS: tuple[str, ...] = ("tstr", "trtr")
@@ -90,18 +91,6 @@ class Layout:
         return out
 
 
-def patient_index(groups: Sequence[str] | None, n: int) -> list[list[int]]:
-    """Image rows per privacy unit (one per image without patient ids), in first-seen order."""
-    if groups is None:
-        return [[i] for i in range(n)]
-    if len(groups) != n:
-        raise ValueError(f"{len(groups)} patient ids for {n} images")
-    index: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        index.setdefault(g, []).append(i)
-    return list(index.values())
-
-
 def _bin(p: np.ndarray, bins: int) -> np.ndarray:
     p = np.clip(np.nan_to_num(p, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
     return np.minimum((p * bins).astype(np.int64), bins - 1)
@@ -124,7 +113,7 @@ def patient_rows(probas: Mapping[str, np.ndarray], labels: np.ndarray, inside: n
             raise ValueError(f"{arm}: probabilities {p.shape} for {n} images of {c} classes")
     if n and (labels.min() < 0 or labels.max() >= c):
         raise ValueError(f"labels outside [0, {c - 1}]")
-    units = patient_index(groups, n)
+    units = rows_by_patient(groups, n)
     rows = np.zeros((len(units), layout.size))
     span = np.arange(c)
     for r, idx in enumerate(units):
