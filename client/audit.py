@@ -120,16 +120,18 @@ def site_audit(site: SiteConfig, cfg: RunConfig, ae: torch.nn.Module, dm: torch.
     pick = rng.generator()
     mem_idx = _subsample(data.train.images.shape[0], m, pick)
     non_idx = _subsample(data.holdout.images.shape[0], m, pick)
+    # Records as the autoencoder reads them (with the mask channel of a paired model): the
+    # attacks score what the model was trained on.
     sets = {
-        "members": (data.train.images[mem_idx], data.train.labels[mem_idx]),
-        "nonmembers": (data.holdout.images[non_idx], data.holdout.labels[non_idx]),
+        "members": (data.train.model_input()[mem_idx], data.train.labels[mem_idx]),
+        "nonmembers": (data.holdout.model_input()[non_idx], data.holdout.labels[non_idx]),
     }
     n_samples = int(cfg.privacy.audit_samples)
     sample_labels = torch.arange(n_samples) % cfg.model.n_classes
     sample_images = generate_images(
         ae, dm, cfg.model, sample_labels, scale_factor=scale_factor, steps=cfg.dm.ddim_steps,
         guidance_scale=cfg.dm.guidance_scale, seed=rng.next_seed(), device=device,
-        clip=cfg.dm.clip_latent)
+        clip=cfg.dm.clip_latent, all_channels=True)
     sets["samples"] = (sample_images, sample_labels)
 
     scores: dict[str, dict[str, np.ndarray]] = {a: {} for a in ATTACKS}
@@ -179,7 +181,7 @@ def _subsample(n: int, m: int, generator: torch.Generator) -> torch.Tensor:
 def _features(extractor: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
     if images.shape[0] == 0:
         return np.zeros((0, int(getattr(extractor, "out_dim", 1))))
-    return extract_features(extractor, images)
+    return extract_features(extractor, images[:, :1])  # near copies: the image channel
 
 
 def _histogram(scores: dict[str, np.ndarray]) -> dict[str, list[float] | list[int]]:

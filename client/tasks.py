@@ -82,7 +82,8 @@ def load_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
     return load_site(site.data, site_index=site.site_index if n_sites > 1 else 0,
                      n_sites=n_sites, scheme=scheme, image_size=cfg.model.image_size,
                      seed=site.data_seed, holdout_fraction=site.holdout_fraction,
-                     test_fraction=site.test_fraction, progress=site.show_progress)
+                     test_fraction=site.test_fraction, progress=site.show_progress,
+                     masks=cfg.model.mask_channels > 0)
 
 
 def check_classes(site: SiteConfig, cfg: RunConfig, data: SiteData) -> None:
@@ -286,14 +287,15 @@ def latent_stats(site: SiteConfig, cfg: RunConfig, *, run_id: str,
     check_classes(site, cfg, data)
     ae = AUTOENCODER.make_model(cfg.model)
     ae.load_state_dict(ae_weights)
-    z = encode(ae, data.train.images, 1.0, resolve_device(site.device))
+    z = encode(ae, data.train.model_input(), 1.0, resolve_device(site.device))
     per_image = z.pow(2).flatten(1).mean(dim=1)
     per_sample = per_patient_mean(per_image, patient_groups(data, data.train)).clamp(
         0, cfg.privacy.scale_clip)
     rng = site_privacy_rng(site, run_id, "latent-scale", 0) if noise.scale > 0 else None
     sums, count = _dp_rows(per_sample.unsqueeze(1), clip=cfg.privacy.scale_clip,
                            sigma=noise.scale, rng=rng)
-    psnr, ssim = reconstruction_quality(ae, data.holdout.images, resolve_device(site.device))
+    psnr, ssim = reconstruction_quality(ae, data.holdout.model_input(),
+                                        resolve_device(site.device))
     groups = patient_groups(data, data.holdout)
     rows = torch.zeros(0, 2) if len(psnr) == 0 else torch.stack(
         [per_patient_mean(psnr / PSNR_CAP_DB, groups).clamp(0.0, 1.0),

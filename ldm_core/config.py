@@ -62,8 +62,14 @@ class ModelConfig:
     # slot (the coordinator assigns slots to sites), plus "any site", so a model's behaviour
     # under each site's acquisition style can be probed (`fedldm stress`).
     site_slots: int = 0
+    # Paired generation for segmentation (0 = images only, 1 = image + lesion mask): the mask
+    # is one more autoencoder channel, so image and mask share one latent and one denoiser and
+    # come out aligned (ldm_core.sampling.generate_pairs). The sites' data must carry masks.
+    mask_channels: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.mask_channels in (0, 1), f"mask_channels must be 0 (images only) or 1 "
+               f"(image + binary mask), got {self.mask_channels!r}")
         _check(0 <= self.site_slots <= 64, f"site_slots must be in [0, 64], got "
                f"{self.site_slots}")
         _check(self.prediction_type in ("epsilon", "v_prediction"),
@@ -100,6 +106,11 @@ class ModelConfig:
     @property
     def latent_size(self) -> int:
         return self.image_size // 2 ** (len(self.ae_channels) - 1)
+
+    @property
+    def image_channels(self) -> int:
+        """Channels the autoencoder reads and writes: the image, then any mask channel."""
+        return 1 + self.mask_channels
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ Layouts understood by :func:`scan`:
 - class folders ``ROOT/<class>/*.png|jpg|jpeg|...``, optionally under ``ROOT/train|test/``
   (``training``/``testing`` and ``holdout``/``val``/``validation`` are accepted as aliases);
 - a CSV manifest (a ``.csv`` file, or a folder holding ``manifest.csv``) with columns
-  ``path,label`` and optional ``patient,split,site``.
+  ``path,label`` and optional ``mask,patient,split,site``. ``mask`` names a binary lesion mask
+  of the same size as the image (any non-zero pixel is foreground), read only by runs that
+  generate image/mask pairs (``model.mask_channels = 1``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ __all__ = [
     "SPLIT_SCHEME",
     "partition",
     "load_images",
+    "load_pairs",
+    "pair_channels",
+    "split_channels",
     "load_site",
     "load_all_sites",
 ]
@@ -78,13 +83,14 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One image: where it is, its label id, and (when known) patient, split and site."""
+    """One image: where it is, its label id, and (when known) patient, split, site and mask."""
 
     path: Path
     label: int
     patient: str | None = None
     split: str | None = None
     site: str | None = None
+    mask: Path | None = None
 
     def __post_init__(self) -> None:
         if self.split is not None and self.split not in SPLITS:
@@ -121,15 +127,21 @@ class DatasetIndex:
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Images ``[N,1,H,W]`` float32 in [-1, 1], labels ``[N]`` int64, one patient id per image."""
+    """Images ``[N,1,H,W]`` float32 in [-1, 1], labels ``[N]`` int64, one patient id per image,
+    and for paired generation the masks ``[N,1,H,W]`` float32 in {0, 1}."""
 
     images: Tensor
     labels: Tensor
     patients: tuple[str, ...]
+    masks: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[1] != 1:
             raise ValueError(f"ImageSet.images must be [N,1,H,W], got {tuple(self.images.shape)}.")
+        if self.masks is not None and (self.masks.shape != self.images.shape
+                                       or self.masks.dtype != torch.float32):
+            raise ValueError(f"ImageSet.masks must be float32 {tuple(self.images.shape)} like "
+                             f"the images, got {self.masks.dtype} {tuple(self.masks.shape)}.")
         if self.images.dtype != torch.float32 or self.labels.dtype != torch.int64:
             raise ValueError(
                 f"ImageSet needs float32 images and int64 labels, got {self.images.dtype} and "
@@ -144,6 +156,23 @@ class ImageSet:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def model_input(self) -> Tensor:
+        """What the autoencoder reads: the images, then the masks as a -1/+1 channel (if any)."""
+        return self.images if self.masks is None else pair_channels(self.images, self.masks)
+
+
+def pair_channels(images: Tensor, masks: Tensor) -> Tensor:
+    """Images [N,1,H,W] in [-1, 1] and masks in {0, 1} -> the paired model input [N,2,H,W]."""
+    return torch.cat([images, masks * 2.0 - 1.0], dim=1)
+
+
+def split_channels(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The inverse of `pair_channels` for generated pairs: images [N,1,H,W] and binary masks
+    (a channel above 0 is foreground), or None when `x` has the image channel only."""
+    if x.shape[1] == 1:
+        return x, None
+    return x[:, :1], (x[:, 1:2] > 0).float()
 
 
 def rows_by_patient(groups: Sequence[str] | None, n: int) -> list[list[int]]:
@@ -291,7 +320,7 @@ def _read_manifest_rows(manifest: Path) -> tuple[list[str], list[dict[str, str]]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(
             f"{manifest}: cannot read the CSV manifest ({exc}); save it as UTF-8 CSV with a "
-            "header row path,label[,patient,split,site]."
+            "header row path,label[,mask,patient,split,site]."
         ) from exc
     return columns, rows
 
@@ -302,7 +331,7 @@ def _scan_manifest(manifest: Path) -> DatasetIndex:
     if missing_cols:
         raise DataError(
             f"{manifest}: missing column(s) {missing_cols}; found {columns}. The header must "
-            "include path,label (optional: patient,split,site)."
+            "include path,label (optional: mask,patient,split,site)."
         )
     if not rows:
         raise DataError(f"{manifest}: the manifest has a header but no rows; list your images.")
@@ -333,7 +362,12 @@ def _scan_manifest(manifest: Path) -> DatasetIndex:
         if not path.is_file():
             missing_files.append(row["path"])
         patient, site = row.get("patient") or None, row.get("site") or None
-        entries.append((path, row["label"], patient, split, site))
+        mask = None
+        if row.get("mask"):
+            mask = Path(row["mask"]) if Path(row["mask"]).is_absolute() else base / row["mask"]
+            if not mask.is_file():
+                missing_files.append(row["mask"])
+        entries.append((path, row["label"], patient, split, site, mask))
     if missing_files:
         shown = ", ".join(missing_files[:5])
         raise DataError(
@@ -353,8 +387,8 @@ def _scan_manifest(manifest: Path) -> DatasetIndex:
         )
     ids = {name: i for i, name in enumerate(class_names)}
     records = tuple(
-        Record(path=p, label=ids[lab], patient=pat, split=split, site=site)
-        for p, lab, pat, split, site in entries
+        Record(path=p, label=ids[lab], patient=pat, split=split, site=site, mask=mask)
+        for p, lab, pat, split, site, mask in entries
     )
     _check_patients_consistent(records, manifest)
     return DatasetIndex(
@@ -650,26 +684,48 @@ def _to_gray_float(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def _load_one(path: Path, image_size: int) -> np.ndarray:
+def _read_gray(path: Path, image_size: int, what: str = "image") -> np.ndarray:
     try:
         with Image.open(path) as img:
-            if img.format == "JPEG":
+            if img.format == "JPEG" and what == "image":
                 img.draft("L", (image_size, image_size))  # decode at reduced scale: much faster
             img.load()
-            arr = _to_gray_float(img)
+            return _to_gray_float(img)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc}); replace or remove the file.") from exc
+        raise DataError(f"{path}: cannot read {what} ({exc}); replace or remove the file.") from exc
+
+
+def _fit(arr: np.ndarray, image_size: int, resample: Image.Resampling) -> np.ndarray:
+    """Pad to square with black (anatomy keeps its aspect ratio), then resize."""
     h, w = arr.shape
-    if h != w:  # pad to square with black so anatomy keeps its aspect ratio
+    if h != w:
         side = max(h, w)
         padded = np.zeros((side, side), dtype=np.float32)
         top, left = (side - h) // 2, (side - w) // 2
         padded[top : top + h, left : left + w] = arr
         arr = padded
     if arr.shape[0] != image_size:
-        resized = Image.fromarray(arr).resize((image_size, image_size), Image.Resampling.BILINEAR)
+        resized = Image.fromarray(arr).resize((image_size, image_size), resample)
         arr = np.asarray(resized, dtype=np.float32)
     return np.clip(arr, 0.0, 1.0)
+
+
+def _load_one(path: Path, image_size: int) -> np.ndarray:
+    return _fit(_read_gray(path, image_size), image_size, Image.Resampling.BILINEAR)
+
+
+def _load_pair(record: Record, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image and mask, checked to be pixel-aligned, through the same pad and resize (nearest
+    for the mask, so it stays binary)."""
+    image = _read_gray(record.path, image_size)
+    assert record.mask is not None  # load_images checked
+    raw = _read_gray(record.mask, image_size, "mask")
+    if raw.shape != image.shape:
+        raise DataError(f"{record.mask}: mask is {raw.shape[1]}x{raw.shape[0]} pixels but its "
+                        f"image {record.path} is {image.shape[1]}x{image.shape[0]}; a mask must "
+                        "be pixel-aligned with its image (same width and height).")
+    mask = _fit((raw > 0).astype(np.float32), image_size, Image.Resampling.NEAREST)
+    return _fit(image, image_size, Image.Resampling.BILINEAR), mask
 
 
 def load_images(
@@ -680,27 +736,57 @@ def load_images(
     Returns ``(images float32, labels int64)``. Decoding runs on a few threads (PIL releases
     the GIL) and shows a progress bar above ~500 files.
     """
-    if not isinstance(image_size, (int, np.integer)) or image_size < 8:
-        raise ValueError(f"load_images: image_size must be an integer >= 8, got {image_size!r}.")
-    n = len(records)
-    images = np.empty((n, 1, image_size, image_size), dtype=np.float32)
-    workers = max(1, min(4, os.cpu_count() or 1))
-    paths = [r.path for r in records]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda p: _load_one(p, image_size), paths)
-        quiet = n <= _PROGRESS_THRESHOLD if progress is None else not progress
-        bar = tqdm(results, total=n, desc="loading images", disable=quiet)
-        for i, arr in enumerate(bar):
-            images[i, 0] = arr
-    x = torch.from_numpy(images).mul_(2.0).sub_(1.0)
-    y = torch.tensor([r.label for r in records], dtype=torch.int64)
+    x, y, _ = _load(records, image_size, progress=progress, masks=False)
     return x, y
 
 
+def load_pairs(
+    records: Sequence[Record], image_size: int, *, progress: bool | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """As `load_images`, plus each record's mask ``[N,1,S,S]`` in {0, 1} (pixel-aligned)."""
+    x, y, m = _load(records, image_size, progress=progress, masks=True)
+    assert m is not None
+    return x, y, m
+
+
+def _load(records: Sequence[Record], image_size: int, *, progress: bool | None, masks: bool
+          ) -> tuple[Tensor, Tensor, Tensor | None]:
+    if not isinstance(image_size, (int, np.integer)) or image_size < 8:
+        raise ValueError(f"load_images: image_size must be an integer >= 8, got {image_size!r}.")
+    if masks:
+        unmasked = [r for r in records if r.mask is None]
+        if unmasked:
+            raise DataError(
+                f"{unmasked[0].path}: no mask for this image ({len(unmasked)} of {len(records)} "
+                "images have none); paired generation (model.mask_channels=1) needs a mask "
+                "for every image: add a 'mask' column to the CSV manifest (path,label,mask,...)."
+            )
+    n = len(records)
+    images = np.empty((n, 1, image_size, image_size), dtype=np.float32)
+    mask_arr = np.empty_like(images) if masks else None
+    workers = max(1, min(4, os.cpu_count() or 1))
+
+    def one(r: Record) -> tuple[np.ndarray, np.ndarray | None]:
+        return _load_pair(r, image_size) if masks else (_load_one(r.path, image_size), None)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(one, records)
+        quiet = n <= _PROGRESS_THRESHOLD if progress is None else not progress
+        bar = tqdm(results, total=n, desc="loading images", disable=quiet)
+        for i, (arr, m) in enumerate(bar):
+            images[i, 0] = arr
+            if mask_arr is not None:
+                mask_arr[i, 0] = m
+    x = torch.from_numpy(images).mul_(2.0).sub_(1.0)
+    y = torch.tensor([r.label for r in records], dtype=torch.int64)
+    return x, y, None if mask_arr is None else torch.from_numpy(mask_arr)
+
+
 def _image_set(
-    records: Sequence[Record], image_size: int, root: Path, progress: bool | None = None
+    records: Sequence[Record], image_size: int, root: Path, progress: bool | None = None,
+    masks: bool = False,
 ) -> ImageSet:
-    x, y = load_images(records, image_size, progress=progress)
+    x, y, m = _load(records, image_size, progress=progress, masks=masks)
     patients = []
     for r in records:
         if r.patient is not None:
@@ -710,7 +796,7 @@ def _image_set(
                 patients.append(str(r.path.relative_to(root)))
             except ValueError:
                 patients.append(str(r.path))
-    return ImageSet(images=x, labels=y, patients=tuple(patients))
+    return ImageSet(images=x, labels=y, patients=tuple(patients), masks=m)
 
 
 def _site_splits(share: Sequence[Record], site_index: int, *, seed: int,
@@ -753,6 +839,7 @@ def _site_data(
     holdout_fraction: float,
     test_fraction: float,
     progress: bool | None = None,
+    masks: bool = False,
 ) -> SiteData:
     splits = _site_splits(share, site_index, seed=seed, holdout_fraction=holdout_fraction,
                           test_fraction=test_fraction)
@@ -767,9 +854,9 @@ def _site_data(
     return SiteData(
         site_id=site_id,
         class_names=index.class_names,
-        train=_image_set(splits["train"], image_size, index.root, progress),
-        holdout=_image_set(splits["holdout"], image_size, index.root, progress),
-        test=_image_set(splits["test"], image_size, index.root, progress),
+        train=_image_set(splits["train"], image_size, index.root, progress, masks),
+        holdout=_image_set(splits["holdout"], image_size, index.root, progress, masks),
+        test=_image_set(splits["test"], image_size, index.root, progress, masks),
         has_patient_ids=index.has_patient_ids,
     )
 
@@ -785,8 +872,10 @@ def load_site(
     holdout_fraction: float = 0.15,
     test_fraction: float = 0.15,
     progress: bool | None = None,
+    masks: bool = False,
 ) -> SiteData:
-    """Load one site's share: scan, assign patients to sites, split by patient, read pixels.
+    """Load one site's share: scan, assign patients to sites, split by patient, read pixels
+    (and each image's mask with ``masks``: paired generation).
 
     Each site process may call this on its own: the assignment depends only on the file list
     and ``seed``, so shares are disjoint and consistent across processes.
@@ -806,6 +895,7 @@ def load_site(
         holdout_fraction=holdout_fraction,
         test_fraction=test_fraction,
         progress=progress,
+        masks=masks,
     )
 
 
@@ -818,6 +908,7 @@ def load_all_sites(
     seed: int = 0,
     holdout_fraction: float = 0.15,
     test_fraction: float = 0.15,
+    masks: bool = False,
 ) -> list[SiteData]:
     """All sites at once (simulation, central evaluation); same result as :func:`load_site`."""
     _check_fractions(holdout_fraction, test_fraction)
@@ -833,6 +924,7 @@ def load_all_sites(
             seed=seed,
             holdout_fraction=holdout_fraction,
             test_fraction=test_fraction,
+            masks=masks,
         )
         for i, share in enumerate(shares)
     ]

@@ -22,12 +22,14 @@ SCHEDULE = {"schedule": "scaled_linear_beta", "beta_start": 0.0015, "beta_end": 
 
 
 def make_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
-    """KL autoencoder without attention: attention blocks cost memory and add nothing at 64 px."""
+    """KL autoencoder without attention: attention blocks cost memory and add nothing at 64 px.
+
+    With ``mask_channels`` the mask is an extra input and output channel (paired generation)."""
     levels = len(cfg.ae_channels)
     return AutoencoderKL(
         spatial_dims=2,
-        in_channels=1,
-        out_channels=1,
+        in_channels=cfg.image_channels,
+        out_channels=cfg.image_channels,
         channels=tuple(cfg.ae_channels),
         latent_channels=cfg.latent_channels,
         num_res_blocks=(cfg.ae_res_blocks,) * levels,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["CLASS_NAMES", "class_probs", "render_demo", "generate_demo"]
+__all__ = ["CLASS_NAMES", "class_probs", "render_demo", "render_demo_pairs", "generate_demo"]
 
 #: Demo classes, alphabetical so that their ids match what ``ldm_core.data.scan`` assigns.
 CLASS_NAMES: tuple[str, ...] = ("cyst", "edema", "normal", "tumor")
@@ -185,8 +185,10 @@ def _render_chunk(
     z: np.ndarray,
     site_p: dict[str, np.ndarray],
     size: int,
-) -> np.ndarray:
-    """Render slices whose per-patient params ``pp`` are already gathered per slice. -> [N,H,W]."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render slices whose per-patient params ``pp`` are already gathered per slice.
+
+    -> images [N,H,W] in [0, 1] and lesion masks [N,H,W] (bool; empty for normal slices)."""
     n = z.shape[0]
     lin = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
     gy, gx = lin[None, :, None], lin[None, None, :]
@@ -248,7 +250,7 @@ def _render_chunk(
     tex = _smooth_noise(rng, n, size, 0.05)
     img = img * (1.0 + 0.05 * tex * brain)
 
-    img = _add_lesions(img, pp, u, v, ax, ay, z, brain, white, px)
+    img, mask = _add_lesions(img, pp, u, v, ax, ay, z, brain, white, px)
 
     # Site acquisition: bias field, gamma/gain, blur, Rician noise.
     sites = pp["site"]
@@ -266,7 +268,7 @@ def _render_chunk(
     n1 = rng.standard_normal(img.shape, dtype=np.float32)
     n2 = rng.standard_normal(img.shape, dtype=np.float32)
     img = np.sqrt((img + sigma * n1) ** 2 + (sigma * n2) ** 2)
-    return np.clip(img, 0.0, 1.0)
+    return np.clip(img, 0.0, 1.0), mask
 
 
 def _add_lesions(
@@ -280,8 +282,12 @@ def _add_lesions(
     brain: np.ndarray,
     white: np.ndarray,
     px: float,
-) -> np.ndarray:
-    """Paint the patient's lesion on each slice; its cross-section shrinks away from z0."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paint the patient's lesion on each slice; its cross-section shrinks away from z0.
+
+    Also returns the lesion mask: the painted region's core (inside the lesion boundary and
+    the brain), what a segmentation label would outline; the tumour's oedema halo is not in
+    it, the edema's soft centre is."""
     label = pp["label"]
     lu = _col(pp["l_r"] * np.cos(pp["l_t"])) * ax * 0.8
     lv = _col(pp["l_r"] * np.sin(pp["l_t"])) * ay * 0.8
@@ -314,7 +320,9 @@ def _add_lesions(
     out = img
     for k, painted in ((_TUMOR, tumor), (_CYST, cyst), (_EDEMA, edema)):
         out = np.where(is_[k] > 0, painted, out)
-    return out
+    lesion = (is_[_TUMOR] + is_[_CYST] + is_[_EDEMA]) > 0
+    mask = lesion & (inside > 0.5) & (brain > 0.5)
+    return out, mask
 
 
 def _validate(n_patients: int, slices_per_patient: int, n_sites: int, image_size: int) -> None:
@@ -342,9 +350,28 @@ def render_demo(
     seed: int = 0,
     rare: tuple[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """Render the demo set in memory.
+    """Render the demo set in memory (`render_demo_pairs` without the masks)."""
+    images, _, labels, patients, sites, names = render_demo_pairs(
+        n_patients=n_patients, slices_per_patient=slices_per_patient, n_sites=n_sites,
+        image_size=image_size, seed=seed, rare=rare)
+    return images, labels, patients, sites, names
 
-    Returns ``(images, labels, patients, sites, class_names)``: images uint8 ``[N, H, W]`` with
+
+def render_demo_pairs(
+    *,
+    n_patients: int = 300,
+    slices_per_patient: int = 4,
+    n_sites: int = 3,
+    image_size: int = 64,
+    seed: int = 0,
+    rare: tuple[str, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...], tuple[str, ...],
+           tuple[str, ...]]:
+    """Render the demo set and its lesion masks in memory.
+
+    Returns ``(images, masks, labels, patients, sites, class_names)``: images uint8
+    ``[N, H, W]``, masks uint8 ``[N, H, W]`` (255 = lesion, pixel-aligned; empty on normal
+    slices and where a slice misses the lesion), with
     ``N = n_patients * slices_per_patient`` ordered patient-major, labels int64 ``[N]`` indexing
     ``class_names`` (alphabetical), and per-image patient ids (``p0000``...) and site ids
     (``site-0``...). ``rare=(class, fraction)`` makes that class rare (:func:`class_probs`).
@@ -363,17 +390,19 @@ def render_demo(
     owner = np.repeat(np.arange(n_patients), slices_per_patient)
 
     images = np.empty((owner.size, image_size, image_size), dtype=np.uint8)
+    masks = np.empty_like(images)
     for start in range(0, owner.size, _CHUNK):
         sl = slice(start, start + _CHUNK)
         pp = {key: val[owner[sl]] for key, val in pat.items()}
         pp["rot"] = pp["rot"] + rng.uniform(-0.03, 0.03, owner[sl].size)  # head motion
-        chunk = _render_chunk(rng, pp, z[sl].astype(np.float32), site_p, image_size)
+        chunk, mask = _render_chunk(rng, pp, z[sl].astype(np.float32), site_p, image_size)
         images[sl] = np.round(chunk * 255.0).astype(np.uint8)
+        masks[sl] = mask.astype(np.uint8) * 255
 
     labels = pat["label"][owner].astype(np.int64)
     patients = tuple(f"p{i:04d}" for i in owner)
     sites = tuple(f"site-{s}" for s in pat["site"][owner])
-    return images, labels, patients, sites, CLASS_NAMES
+    return images, masks, labels, patients, sites, CLASS_NAMES
 
 
 def generate_demo(
@@ -386,14 +415,15 @@ def generate_demo(
     seed: int = 0,
     rare: tuple[str, float] | None = None,
 ) -> Path:
-    """Write the demo set as ``out_dir/<class>/<patient>_<slice>.png`` plus ``manifest.csv``.
+    """Write the demo set as ``out_dir/<class>/<patient>_<slice>.png``, each lesion mask as
+    ``out_dir/masks/<class>/<patient>_<slice>.png``, plus ``manifest.csv``.
 
-    The manifest has columns ``path,label,patient,site`` (paths relative to ``out_dir``), so
+    The manifest has columns ``path,label,mask,patient,site`` (paths relative to ``out_dir``), so
     ``ldm_core.data.scan(out_dir)`` picks it up with patient ids and sites. Returns the manifest
     path. Existing files with the same names are overwritten.
     """
     out_dir = Path(out_dir)
-    images, labels, patients, sites, class_names = render_demo(
+    images, masks, labels, patients, sites, class_names = render_demo_pairs(
         n_patients=n_patients,
         slices_per_patient=slices_per_patient,
         n_sites=n_sites,
@@ -403,14 +433,16 @@ def generate_demo(
     )
     for label in np.unique(labels):  # only classes that occur: empty folders fail scan()
         (out_dir / class_names[label]).mkdir(parents=True, exist_ok=True)
+        (out_dir / "masks" / class_names[label]).mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(images.shape[0]):
         rel = f"{class_names[labels[i]]}/{patients[i]}_{i % slices_per_patient}.png"
         Image.fromarray(images[i]).save(out_dir / rel, compress_level=1)
-        rows.append((rel, class_names[labels[i]], patients[i], sites[i]))
+        Image.fromarray(masks[i]).save(out_dir / "masks" / rel, compress_level=1)
+        rows.append((rel, class_names[labels[i]], f"masks/{rel}", patients[i], sites[i]))
     manifest = out_dir / "manifest.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(("path", "label", "patient", "site"))
+        writer.writerow(("path", "label", "mask", "patient", "site"))
         writer.writerows(rows)
     return manifest

@@ -124,7 +124,7 @@ class Phase:
 
 def _image_inputs(split: ImageSet, autoencoder: nn.Module | None, scale_factor: float,
                   device: torch.device, site: int | None) -> Tensors:
-    return (split.images,)
+    return (split.model_input(),)
 
 
 def _ae_loss(cfg: RunConfig, phase_cfg: PhaseConfig) -> LossFn:
@@ -165,7 +165,7 @@ def _latent_inputs(split: ImageSet, autoencoder: nn.Module | None, scale_factor:
     (``-1`` when the site has none: it trains the "any site" embedding only)."""
     assert autoencoder is not None  # Phase.train_inputs checked
     slot = -1 if site is None else int(site)
-    return (encode(autoencoder, split.images, scale_factor, device), split.labels,
+    return (encode(autoencoder, split.model_input(), scale_factor, device), split.labels,
             torch.full_like(split.labels, slot))
 
 

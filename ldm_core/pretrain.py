@@ -195,11 +195,45 @@ def _load(path: Path, arch: dict[str, object], how: str) -> dict[str, torch.Tens
 
 
 def load_pretrained(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The shipped autoencoder for this architecture, or an error saying how to make it."""
-    return _load(pretrained_path(cfg), _arch_key(cfg),
-                 f"create it with `fedldm pretrain-ae --image-size {cfg.image_size} --set "
-                 f"model.ae_channels={list(cfg.ae_channels)} ...`, or set autoencoder init to "
-                 "'random'")
+    """The shipped autoencoder for this architecture, or an error saying how to make it;
+    widened for a mask channel when the run generates image/mask pairs (`widen_for_masks`)."""
+    state = _load(pretrained_path(cfg), _arch_key(cfg),
+                  f"create it with `fedldm pretrain-ae --image-size {cfg.image_size} --set "
+                  f"model.ae_channels={list(cfg.ae_channels)} ...`, or set autoencoder init to "
+                  "'random'")
+    return widen_for_masks(state, cfg) if cfg.mask_channels else state
+
+
+# A fresh mask output channel starts at "no lesion" (masks travel as -1/+1 in the model).
+_MASK_BIAS = -1.0
+
+
+def widen_for_masks(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Add the mask channels to an image-only autoencoder's first and last convolutions.
+
+    Why: the public prior knows anatomy, not lesion masks, and no public masks ship. The new
+    input weights are zero, so the image path computes exactly what the prior computed (the
+    mask is learnt under DP from there); the new output channel starts at "background".
+    """
+    target = make_autoencoder(cfg).state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, want in target.items():
+        have = state[key]
+        if have.shape == want.shape:
+            out[key] = have
+        elif have.ndim == want.ndim and have.shape[1:] == want.shape[1:]:  # output conv
+            extra = torch.zeros((want.shape[0] - have.shape[0], *have.shape[1:]), dtype=have.dtype)
+            if have.ndim == 1:
+                extra.fill_(_MASK_BIAS)
+            out[key] = torch.cat([have, extra])
+        elif have.ndim == want.ndim and have.shape[0] == want.shape[0]:  # input conv
+            extra = torch.zeros((have.shape[0], want.shape[1] - have.shape[1], *have.shape[2:]),
+                                dtype=have.dtype)
+            out[key] = torch.cat([have, extra], dim=1)
+        else:
+            raise ValueError(f"pretrained autoencoder tensor {key} {tuple(have.shape)} cannot "
+                             f"be widened to {tuple(want.shape)} for mask channels")
+    return out
 
 
 def load_pretrained_denoiser(cfg: ModelConfig) -> dict[str, torch.Tensor]:

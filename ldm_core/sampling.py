@@ -6,11 +6,14 @@ the seeded noise are visible and testable: the same seed gives the same images.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from tqdm.auto import tqdm
 
 from ldm_core.config import ModelConfig
+from ldm_core.data import split_channels
 from ldm_core.models import embed_index, make_sample_scheduler, null_label
 
 
@@ -70,9 +73,14 @@ def generate_images(
     show_progress: bool = False,
     clip: float = 3.0,
     site: int | None = None,
+    all_channels: bool = False,
 ) -> torch.Tensor:
     """Images in [-1, 1], shape [N, 1, H, W], one per label, deterministic given `seed`;
-    ``site`` asks a site-conditional model for one site's style (None: any site)."""
+    ``site`` asks a site-conditional model for one site's style (None: any site).
+
+    A paired model (``cfg.mask_channels``) also decodes a mask channel; ``all_channels`` keeps
+    it, as the autoencoder's own input form (the audits score generated records that way);
+    `generate_pairs` returns it as a binary mask."""
     gen = torch.Generator().manual_seed(seed)
     ae.eval().to(device)
     out = []
@@ -89,7 +97,23 @@ def generate_images(
             clip=clip,
             site=site,
         )
-        out.append(ae.decode(z / scale_factor).clamp(-1, 1).cpu())
+        x = ae.decode(z / scale_factor).clamp(-1, 1).cpu()
+        out.append(x if all_channels else x[:, :1])
     if not out:
-        return torch.zeros(0, 1, cfg.image_size, cfg.image_size)
+        return torch.zeros(0, cfg.image_channels if all_channels else 1, cfg.image_size,
+                           cfg.image_size)
     return torch.cat(out)
+
+
+def generate_pairs(ae: AutoencoderKL, unet: DiffusionModelUNet, cfg: ModelConfig,
+                   labels: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [N,1,H,W] in [-1, 1] and their masks [N,1,H,W] in {0, 1}, decoded from one
+    latent each (so they are aligned by construction); keyword arguments as `generate_images`.
+    """
+    if not cfg.mask_channels:
+        raise ValueError("generate_pairs needs a paired model (model.mask_channels = 1); this "
+                         "run generates images only")
+    x = generate_images(ae, unet, cfg, labels, all_channels=True, **kwargs)
+    images, masks = split_channels(x)
+    assert masks is not None
+    return images, masks

@@ -35,12 +35,14 @@ from PIL import Image
 
 from common import files
 from ldm_core.config import RunConfig
+from ldm_core.data import split_channels
 from ldm_core.evaluation import (
     evaluate_utility,
     feature_spaces,
     fidelity_report,
     train_reference_classifier,
 )
+from ldm_core.evaluation.segmentation import segmentation_utility
 from ldm_core.evaluation.site_eval import Layout
 from ldm_core.models import resolve_device
 from ldm_core.sampling import generate_images
@@ -95,6 +97,7 @@ class Synthetic:
     images: torch.Tensor
     labels: torch.Tensor
     info: SyntheticInfo
+    masks: torch.Tensor | None = None  # paired runs: [N,1,H,W] in {0, 1}, aligned with images
 
 
 @dataclass
@@ -117,11 +120,22 @@ class Evaluation:
 def generate_synthetic(cfg: RunConfig, ae: torch.nn.Module, dm: torch.nn.Module, scale: float,
                        per_class: int, *, seed: int, device: torch.device, steps: int,
                        guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y, _ = generate_synthetic_pairs(cfg, ae, dm, scale, per_class, seed=seed, device=device,
+                                       steps=steps, guidance=guidance)
+    return x, y
+
+
+def generate_synthetic_pairs(cfg: RunConfig, ae: torch.nn.Module, dm: torch.nn.Module,
+                             scale: float, per_class: int, *, seed: int, device: torch.device,
+                             steps: int, guidance: float
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Class-balanced images, labels, and for a paired model (mask_channels) their masks."""
     labels = torch.arange(cfg.model.n_classes).repeat_interleave(per_class)
-    images = generate_images(ae, dm, cfg.model, labels, scale_factor=scale, steps=steps,
-                             guidance_scale=guidance, seed=seed + 10_000, device=device,
-                             show_progress=True, clip=cfg.dm.clip_latent)
-    return images, labels
+    x = generate_images(ae, dm, cfg.model, labels, scale_factor=scale, steps=steps,
+                        guidance_scale=guidance, seed=seed + 10_000, device=device,
+                        show_progress=True, clip=cfg.dm.clip_latent, all_channels=True)
+    images, masks = split_channels(x)
+    return images, labels, masks
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -129,21 +143,28 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def export_synthetic(folder: Path, images: torch.Tensor, labels: torch.Tensor,
-                     class_names: Sequence[str]) -> Path:
+                     class_names: Sequence[str], masks: torch.Tensor | None = None) -> Path:
     """PNG per image under <class>/ plus manifest.csv (path,label) - the same layout fedldm
-    reads, so the synthetic set can be fed straight back into `fedldm` or any loader."""
+    reads, so the synthetic set can be fed straight back into `fedldm` or any loader. Paired
+    sets also write each mask (0/255) under masks/<class>/ and a `mask` column."""
     folder.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(images)
+    mask_px = None if masks is None else (masks[:, 0] > 0).to(torch.uint8).numpy() * 255
     rows = []
     for i, (img, y) in enumerate(zip(pixels, labels.tolist(), strict=True)):
         name = class_names[y]
         (folder / name).mkdir(exist_ok=True)
         rel = f"{name}/syn_{i:06d}.png"
         Image.fromarray(img, mode="L").save(folder / rel)
-        rows.append((rel, name))
+        if mask_px is None:
+            rows.append((rel, name))
+            continue
+        (folder / "masks" / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask_px[i], mode="L").save(folder / "masks" / rel)
+        rows.append((rel, name, f"masks/{rel}"))
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
-    w.writerow(["path", "label"])
+    w.writerow(["path", "label"] if mask_px is None else ["path", "label", "mask"])
     w.writerows(rows)
     return files.write_text_atomic(folder / "manifest.csv", buf.getvalue())
 
@@ -168,10 +189,11 @@ def step_generate(ev: Evaluation, real: RealSets | None) -> Synthetic:
     ev.say(f"generating {per_class * cfg.model.n_classes} synthetic images ({steps} DDIM steps, "
            f"guidance {guidance})")
     f = ev.final
-    x, y = generate_synthetic(cfg, f.ae, f.dm, f.scale_factor, per_class, seed=cfg.seed,
-                              device=ev.device, steps=steps, guidance=guidance)
-    export_synthetic(ev.run.synthetic, x, y, cfg.class_names)
-    return Synthetic(x, y, SyntheticInfo(int(x.shape[0]), per_class, steps, guidance))
+    x, y, m = generate_synthetic_pairs(cfg, f.ae, f.dm, f.scale_factor, per_class,
+                                       seed=cfg.seed, device=ev.device, steps=steps,
+                                       guidance=guidance)
+    export_synthetic(ev.run.synthetic, x, y, cfg.class_names, masks=m)
+    return Synthetic(x, y, SyntheticInfo(int(x.shape[0]), per_class, steps, guidance), masks=m)
 
 
 def step_utility(ev: Evaluation, real: RealSets, syn: Synthetic) -> tuple[Utility, Any]:
@@ -190,6 +212,38 @@ def step_utility(ev: Evaluation, real: RealSets, syn: Synthetic) -> tuple[Utilit
     assert utility is not None
     ev.figures["utility"] = report.utility_bars_figure(utility.to_json())
     return utility, ref_clf
+
+
+def step_segmentation(ev: Evaluation, real: RealSets | None, syn: Synthetic) -> dict[str, Any]:
+    """Dice TSTR/TRTR of a segmenter on the real test pairs (paired runs), or why not."""
+    if real is None:
+        return {"not_measured": "the coordinator holds no real image/mask pairs (segmentation "
+                                "is measured in simulation or with a --reference set; the "
+                                "sites' evaluation scores classifiers only)"}
+    if real.train_masks is None or real.test_masks is None:
+        return {"not_measured": f"{real.source} has no masks"}
+    assert syn.masks is not None
+    opts = ev.opts
+    ev.say(f"segmentation utility: TRTR / TSTR Dice over seeds {list(opts.utility_seeds)}")
+    try:
+        result = segmentation_utility(
+            (real.train[0], real.train_masks), (syn.images, syn.masks),
+            (real.test[0], real.test_masks, real.test[2]), seeds=opts.utility_seeds,
+            device=ev.device, show_progress=ev.show_progress)
+    except ValueError as exc:
+        return {"not_measured": str(exc)}
+    names = ev.cfg.class_names
+    rows: dict[str, np.ndarray] = {}
+    masks: dict[str, np.ndarray] = {}
+    for c, n in enumerate(names):
+        for kind, (x, y, m) in (("real", (real.train[0], real.train[1], real.train_masks)),
+                                ("synthetic", (syn.images, syn.labels, syn.masks))):
+            rows[f"{n} ({kind})"] = x[y == c][:8].numpy()
+            masks[f"{n} ({kind})"] = m[y == c][:8].numpy()
+    ev.figures["segmentation_pairs"] = report.image_grid_figure(
+        rows, "image/mask pairs: real (top) vs synthetic (bottom); red = mask outline",
+        masks_by_class=masks)
+    return result
 
 
 def step_fidelity(ev: Evaluation, real: RealSets, syn: Synthetic, ref_clf: Any) -> Fidelity:
@@ -303,6 +357,9 @@ def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
         utility, ref_clf = step_utility(ev, real, syn)
         done("utility")
         blocks["utility"] = utility.to_json()
+        if syn.masks is not None:
+            blocks["utility"]["segmentation"] = step_segmentation(ev, real, syn)
+            done("segmentation")
         blocks["fidelity"] = step_fidelity(ev, real, syn, ref_clf).to_json()
         done("fidelity")
     else:
@@ -311,6 +368,8 @@ def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
         if site_eval is not None:
             blocks.update(step_site_utility(ev, syn, site_eval, privacy))
             done("utility at the sites")
+        if syn.masks is not None and isinstance(blocks.get("utility"), dict):
+            blocks["utility"]["segmentation"] = step_segmentation(ev, None, syn)
         else:
             blocks["utility_note"] = blocks["fidelity_note"] = (
                 "not measured: the coordinator holds no real images (pass --reference PATH)")

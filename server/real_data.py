@@ -30,6 +30,9 @@ class RealSets:
     train: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]
     source: str
+    # Lesion masks of the same images (paired runs on data that carries masks), else None.
+    train_masks: torch.Tensor | None = None
+    test_masks: torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -70,7 +73,12 @@ class SimulatedSites:
         test = (torch.cat([p.test.images for p in parts]),
                 torch.cat([p.test.labels for p in parts]),
                 tuple(f"{p.site_id}/{q}" for p in parts for q in p.test.patients))
-        return RealSets(train, test, "union of the simulated sites' train and test splits")
+        masked = all(p.train.masks is not None and p.test.masks is not None for p in parts)
+        return RealSets(train, test, "union of the simulated sites' train and test splits",
+                        train_masks=torch.cat([p.train.masks for p in parts])  # type: ignore[misc]
+                        if masked else None,
+                        test_masks=torch.cat([p.test.masks for p in parts])  # type: ignore[misc]
+                        if masked else None)
 
 
 @dataclass(frozen=True)
@@ -108,4 +116,6 @@ def subsample(real: RealSets, cap: int, *, seed: int) -> RealSets:
     sel = torch.sort(torch.cat(keep)).values
     return RealSets((x[sel], y[sel]), real.test,
                     f"{real.source} (a class-stratified subsample of {sel.numel()} of "
-                    f"{x.shape[0]} training images)")
+                    f"{x.shape[0]} training images)",
+                    train_masks=None if real.train_masks is None else real.train_masks[sel],
+                    test_masks=real.test_masks)

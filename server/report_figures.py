@@ -58,9 +58,11 @@ def _to_display(img: np.ndarray) -> np.ndarray:
 
 
 def image_grid_figure(
-    images_by_class: Mapping[str, np.ndarray], title: str = "", *, max_per_class: int = 8
+    images_by_class: Mapping[str, np.ndarray], title: str = "", *, max_per_class: int = 8,
+    masks_by_class: Mapping[str, np.ndarray] | None = None,
 ) -> Figure:
-    """One row per class, up to ``max_per_class`` images each ([n,H,W] or [n,1,H,W] in [-1,1])."""
+    """One row per class, up to ``max_per_class`` images each ([n,H,W] or [n,1,H,W] in [-1,1]);
+    a row with masks (same shape, 0/1) draws each mask's outline in red over its image."""
     if not images_by_class:
         raise ValueError("images_by_class is empty: pass {class_name: images}")
     rows = len(images_by_class)
@@ -76,6 +78,11 @@ def image_grid_figure(
                 spine.set_visible(False)
             if c < len(imgs):
                 ax.imshow(_to_display(imgs[c]), cmap="gray", vmin=-1, vmax=1)
+                row_masks = (masks_by_class or {}).get(name)
+                if row_masks is not None and c < len(row_masks):
+                    m = np.asarray(row_masks[c], dtype=np.float64).reshape(imgs[c].shape[-2:])
+                    if m.any():
+                        ax.contour(m, levels=[0.5], colors="red", linewidths=0.8)
         axes[r][0].set_ylabel(str(name), rotation=0, ha="right", va="center", fontsize=10)
     if title:
         fig.suptitle(title)

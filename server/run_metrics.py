@@ -384,10 +384,14 @@ class Utility:
     sites_missing: list[str] | None = None
     noise_std: float | None = None
     trtr_kind: str | None = None
+    # Paired runs: Dice TSTR/TRTR of a segmenter (ldm_core.evaluation.segmentation), or
+    # {"not_measured": why}.
+    segmentation: dict[str, Any] | None = None
 
     _SCALARS = ("ratio", "ratio_ci", "per_class", "per_seed", "n_train", "n_synthetic",
                 "n_test", "n_test_patients", "n_boot_valid", "seeds", "epochs", "real_source",
-                "measured_at", "sites", "sites_missing", "noise_std", "trtr_kind")
+                "measured_at", "sites", "sites_missing", "noise_std", "trtr_kind",
+                "segmentation")
 
     def arm(self, name: str) -> ArmResult:
         return self.arms.get(name, ArmResult())

@@ -161,12 +161,16 @@ def reconstruction_quality(ae: torch.nn.Module, images: Tensor, device: torch.de
                            chunk: int = 256) -> tuple[Tensor, Tensor]:
     """Per-image PSNR (dB) and SSIM of the autoencoder's deterministic reconstruction (the
     posterior mean decoded): how much the latent space can hold before any denoiser is
-    trained. A poor value here caps TSTR and fidelity whatever the denoiser does."""
+    trained. A poor value here caps TSTR and fidelity whatever the denoiser does.
+
+    `images` is the autoencoder's input; with a mask channel (paired generation) only the
+    image channel (0) is scored: the mask is judged by the segmentation utility."""
     ae.eval().to(device)
     p, q = [], []
     for i in range(0, len(images), chunk):
         x = images[i:i + chunk].to(device)
-        rec = ae.reconstruct(x).clamp(-1.0, 1.0)
+        rec = ae.reconstruct(x).clamp(-1.0, 1.0)[:, :1]
+        x = x[:, :1]
         p.append(psnr(rec, x).cpu())
         q.append(ssim(rec, x).cpu())
     empty = torch.zeros(0)
