@@ -135,6 +135,15 @@ def preflight_simulation(args: argparse.Namespace, overrides: dict[str, Any]) ->
     cfg = build_config_from(args, overrides, class_names=class_names, epsilon=args.epsilon,
                             delta=args.delta, seed=args.seed, device=args.device)
     check_resume(out, to_dict(cfg))
+    unmasked = [r for r in records or () if r.mask is None] if cfg.model.mask_channels else []
+    if unmasked:
+        where = out / "demo-data" if args.data == "demo" else args.data
+        raise LocalCliError(
+            f"--set model.mask_channels=1: {len(unmasked)} of {len(records or ())} images in "
+            f"{where} have no mask (first: {unmasked[0].path}); paired generation needs a "
+            "'mask' column in the CSV manifest" + (
+                f" (demo data written by an older fedldm: delete {where} to regenerate it)"
+                if args.data == "demo" else ""))
     if args.accept is not None:
         from server.acceptance import AcceptanceError, check_feasible, parse_acceptance
 

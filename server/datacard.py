@@ -107,7 +107,10 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
         f"({', '.join(cfg.class_names)}), class-balanced by design.",
         f"- Starting weights: autoencoder {INIT_NOTES[cfg.ae_init]}; denoiser "
         f"{INIT_NOTES[cfg.dm_init]}.",
-        "- Files: `<class>/syn_NNNNNN.png` (8-bit grayscale) and `manifest.csv` (path,label).", "",
+        "- Files: `<class>/syn_NNNNNN.png` (8-bit grayscale) and `manifest.csv` (path,label)"
+        + ("; each image's lesion mask (0/255, pixel-aligned, decoded from the same latent) "
+           "at `masks/<class>/syn_NNNNNN.png`, column `mask`." if cfg.model.mask_channels
+           else "."), "",
         *_acceptance_lines(metrics.get("acceptance")),
         "## Privacy",
     ]
@@ -142,6 +145,20 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
     return path
 
 
+def _segmentation_lines(seg: dict[str, Any] | None) -> list[str]:
+    if not seg:
+        return []
+    if "not_measured" in seg:
+        return [f"- Segmentation utility: not measured ({seg['not_measured']})."]
+    def dice(arm: str) -> str:
+        lo, hi = seg.get(f"{arm}_dice_ci") or (float("nan"), float("nan"))
+        return f"{_f(seg.get(f'{arm}_dice'))} [{_f(lo)}, {_f(hi)}]"
+    return [f"- Segmentation utility (UNet trained on synthetic pairs, tested on real patients' "
+            f"lesions): Dice TSTR {dice('tstr')} vs TRTR {dice('trtr')}; ratio "
+            f"{_f(seg.get('ratio'))}; mask/image alignment Dice "
+            f"{_f(seg.get('alignment_dice'))}."]
+
+
 def _quality_lines(u: Utility, headline: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     """Utility and fidelity lines; a deployment's site-measured values say how they were got."""
     if u.measured_at == "sites":
@@ -153,8 +170,9 @@ def _quality_lines(u: Utility, headline: dict[str, Any], metrics: dict[str, Any]
             f"(TRTR: {u.trtr_kind}); ratio {_f(u.ratio)}.",
             f"- Fidelity, measured at the sites: recall {_f(recall)}; precision, FID and the "
             "other fidelity measures cannot be released with DP and were not measured.",
+            *_segmentation_lines(u.segmentation),
         ]
-    return [
+    return [*_segmentation_lines(u.segmentation),
         f"- Utility (classifier trained on synthetic, tested on real patients): TSTR AUC "
         f"{_ci(u.arms.get('tstr'))} vs TRTR {_ci(u.arms.get('trtr'))}; ratio {_f(u.ratio)}; "
         f"real + synthetic (TRS) {_ci(u.arms.get('trs'))}.",

@@ -18,7 +18,7 @@ import torch
 from client.client_app import SimulationSites
 from client.site_config import SiteConfig
 from ldm_core.config import RunConfig
-from ldm_core.data import SiteData, load_images, scan, split_by_patient
+from ldm_core.data import SiteData, load_images, load_pairs, scan, split_by_patient
 
 __all__ = ["RealSets", "RealSource", "ReferenceSet", "SimulatedSites", "subsample"]
 
@@ -96,10 +96,15 @@ class ReferenceSet:
                                   seed=0) \
             if not any(r.split for r in index.records) else \
             split_by_patient(index.records, holdout_fraction=0.0, seed=0)
+        patients = tuple(str(r.patient or r.path) for r in splits["test"])
+        source = f"coordinator reference set {self.path}"
+        if cfg.model.mask_channels and all(r.mask is not None for r in index.records):
+            tx, ty, tm = load_pairs(splits["train"], cfg.model.image_size)
+            ex, ey, em = load_pairs(splits["test"], cfg.model.image_size)
+            return RealSets((tx, ty), (ex, ey, patients), source, train_masks=tm, test_masks=em)
         tr = load_images(splits["train"], cfg.model.image_size)
         te = load_images(splits["test"], cfg.model.image_size)
-        patients = tuple(str(r.patient or r.path) for r in splits["test"])
-        return RealSets(tr, (te[0], te[1], patients), f"coordinator reference set {self.path}")
+        return RealSets(tr, (te[0], te[1], patients), source)
 
 
 def subsample(real: RealSets, cap: int, *, seed: int) -> RealSets:

@@ -91,6 +91,7 @@ _SECTIONS = [
 _FIGURE_SECTION = {
     "samples": "samples",
     "utility": "utility",
+    "segmentation_pairs": "utility",
     "epsilon": "privacy",
     "roc": "privacy",
     "score_histograms": "privacy",

@@ -262,7 +262,39 @@ def utility_html(m: Mapping[str, Any]) -> str:
             ["class"] + [lbl for a, lbl in UTILITY_ARMS if a in per_class],
             [[c] + [per_class[a][c] for a, _ in UTILITY_ARMS if a in per_class] for c in range(n)],
         )
-    return out
+    return out + segmentation_html(u.get("segmentation"))
+
+
+def segmentation_html(seg: Mapping[str, Any] | None) -> str:
+    """Dice TSTR/TRTR of paired runs (ldm_core.evaluation.segmentation); empty otherwise."""
+    if not seg:
+        return ""
+    head = "<h3>Segmentation (paired image/mask generation)</h3>"
+    if "not_measured" in seg:
+        return head + f'<p class="muted">Not measured: {html.escape(str(seg["not_measured"]))}'\
+            "</p>"
+    intro = (
+        "<p>A small MONAI UNet, trained with one recipe on real image/mask pairs (TRTR) and on "
+        "the synthetic pairs (TSTR), outlines lesions on the real test patients. Dice is pooled "
+        "per patient over their slices and averaged over the patients with a lesion; 'Dice, "
+        "all patients' also scores lesion-free patients (1 if nothing is predicted, else 0). "
+        "Alignment: the TRTR segmenter's Dice against the synthetic masks on the synthetic "
+        "images (does a generated mask outline the lesion in its own image?). 95% intervals "
+        f"come from resampling test patients. Judge: {html.escape(str(seg.get('judge', '')))}."
+        "</p>")
+    rows = [(label, seg.get(f"{a}_dice", float("nan")), seg.get(f"{a}_dice_ci", ""),
+             seg.get(f"{a}_dice_all", float("nan")), seg.get(f"{a}_dice_all_ci", ""))
+            for a, label in (("trtr", "real (TRTR)"), ("tstr", "synthetic (TSTR)"))]
+    out = head + intro + _table(["training pairs", "Dice", "Dice 95% CI", "Dice, all patients",
+                          "95% CI"], rows)
+    alignment = seg.get("alignment_dice")
+    return out + _table(
+        ["TSTR/TRTR Dice ratio", "95% CI", "alignment Dice", "test patients (with lesion)",
+         "seeds"],
+        [(seg.get("ratio", float("nan")), seg.get("ratio_ci", ""),
+          float("nan") if alignment is None else alignment,
+          f"{seg.get('n_test_patients', '')} ({seg.get('n_lesion_patients', '')})",
+          str(seg.get("seeds", "")))])
 
 
 def privacy_html(m: Mapping[str, Any]) -> str:

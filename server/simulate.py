@@ -315,6 +315,17 @@ def summary_lines(metrics: Mapping[str, Any], out: Path) -> list[str]:
         eps = s.epsilon if s.epsilon is not None else 0.0
         lines.append(f"{site:<15} epsilon {_fmt(eps)} of {_fmt(s.budget_epsilon)} "
                      f"(delta {s.delta})")
+    u = metrics.get("utility") or {}
+    if "ratio" in u:
+        lines.append(f"utility         TSTR AUC {_fmt(u.get('tstr_auc'))} vs TRTR "
+                     f"{_fmt(u.get('trtr_auc'))} (ratio {_fmt(u['ratio'])})")
+    seg = u.get("segmentation") or {}
+    if "tstr_dice" in seg:
+        lines.append(f"segmentation    Dice TSTR {_fmt(seg['tstr_dice'])} vs TRTR "
+                     f"{_fmt(seg.get('trtr_dice'))} (ratio {_fmt(seg.get('ratio'))}, "
+                     f"mask/image alignment {_fmt(seg.get('alignment_dice'))})")
+    elif "not_measured" in seg:
+        lines.append(f"segmentation    not measured: {seg['not_measured']}")
     if "wall_seconds" in metrics.get("meta", {}):
         lines.append(f"wall time       {metrics['meta']['wall_seconds']:.0f}s")
     for name in ("samples.png", "report.html", "metrics.json", "run.log"):

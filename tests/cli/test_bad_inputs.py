@@ -216,6 +216,14 @@ CASES = [
     # The fixed releases alone spend more than epsilon 0.5: every site would refuse round 1.
     Case("simulate-epsilon-below-the-plan", lambda w: _sim(w, "--epsilon", "0.5"),
          "--epsilon 0.5 cannot hold", code=1),
+    # Paired generation on data without masks: refused before anything is written.
+    Case("simulate-masks-without-a-mask-column",
+         lambda w: _sim(w, "--set", "model.mask_channels=1", data=w.manifest(
+             ["path", "label", "patient"],
+             [[r["path"], r["label"], r["patient"]] for r in w.demo_rows()], "nomask")),
+         "have no mask"),
+    Case("simulate-mask-channels-two", lambda w: _sim(w, "--set", "model.mask_channels=2"),
+         "mask_channels"),
     Case("simulate-negative-delta", lambda w: _sim(w, "--delta=-1e-5"), "--delta"),
     Case("simulate-delta-one", lambda w: _sim(w, "--delta", "1"), "--delta"),
     Case("simulate-unknown-preset", lambda w: _sim(w, "--preset", "huge"), "--preset"),

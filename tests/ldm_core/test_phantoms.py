@@ -86,7 +86,7 @@ def test_generate_writes_tree_and_manifest(tmp_path: Path) -> None:
     manifest = generate_demo(tmp_path / "demo", **TINY, seed=1)
     assert manifest == tmp_path / "demo" / "manifest.csv"
     header = manifest.read_text().splitlines()[0]
-    assert header == "path,label,patient,site"
+    assert header == "path,label,mask,patient,site"
     index = scan(tmp_path / "demo")  # the folder with manifest.csv
     images, labels, patients, sites, class_names = render_demo(**TINY, seed=1)
     assert index.layout == "manifest" and index.has_patient_ids
