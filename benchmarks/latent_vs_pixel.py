@@ -16,6 +16,10 @@ own subprocess (so peak memory is that configuration's alone):
 
 Prints one JSON line per measurement and a markdown table with latent/pixel ratios (target:
 the latent model >= 4x cheaper at 64 px and >= 8x at 128 px).
+
+`--spatial-dims 3` measures volumes (SIZE^3 voxels, e.g. `--sizes 32 --batch 4`): the same
+networks with `model.spatial_dims=3` (3D runs are not wired yet; this is the cost they would
+have).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import dataclasses
 import json
 import resource
 import time
+from types import SimpleNamespace
 
 import torch
 from _subrun import run_child
@@ -43,28 +48,33 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _model_cfg(preset: str, size: int, space: str):  # noqa: ANN202
+def _model_cfg(preset: str, size: int, space: str, dims: int = 2):  # noqa: ANN202
     cfg = build_config(preset=preset, image_size=size, class_names=("a", "b", "c", "d"))
+    model = dataclasses.replace(cfg.model, spatial_dims=dims)
     if space == "pixel":  # no autoencoder: the "latent" is the 1-channel image itself
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-            cfg.model, latent_channels=1, ae_channels=(cfg.model.ae_channels[0],)))
-    return cfg
+        model = dataclasses.replace(model, latent_channels=1,
+                                    ae_channels=(cfg.model.ae_channels[0],))
+    # A namespace, not a RunConfig: a RunConfig refuses 3D until 3D runs are wired, and the
+    # diffusion loss reads only `model` and `dm`.
+    return SimpleNamespace(model=model, dm=cfg.dm, diffusion=cfg.diffusion)
 
 
-def measure(preset: str, size: int, space: str, batch: int, reps: int) -> dict[str, object]:
+def measure(preset: str, size: int, space: str, batch: int, reps: int, dims: int = 2
+            ) -> dict[str, object]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = _model_cfg(preset, size, space)
+    cfg = _model_cfg(preset, size, space, dims)
     m = cfg.model
     base = _rss_mb()
-    loss = DIFFUSION.train_loss(cfg)  # the phase's own loss: v-prediction, noise multiplicity K
+    # the phase's own loss: v-prediction, noise multiplicity K
+    loss = DIFFUSION.loss(cfg, cfg.diffusion)  # type: ignore[arg-type]
 
     def call(k: int, sigma: float) -> float:
-        phase = dataclasses.replace(DIFFUSION.config(cfg), batch_size=batch, sample_rate=1.0,
+        phase = dataclasses.replace(cfg.diffusion, batch_size=batch, sample_rate=1.0,
                                     local_steps=k, physical_batch_size=batch)
         model = make_denoiser(m)
         t = time.perf_counter()
-        dp_train(model, (x, y), loss, phase=phase, plan=sampling_plan(phase),
+        dp_train(model, (x, y, s), loss, phase=phase, plan=sampling_plan(phase),
                  noise_multiplier=sigma, seed=0, privacy_rng=PrivacyRng.secure(),
                  device=torch.device("cpu"), show_progress=False)
         return time.perf_counter() - t
@@ -74,8 +84,10 @@ def measure(preset: str, size: int, space: str, batch: int, reps: int) -> dict[s
         call(1, sigma)  # warm-up
         return (call(1 + reps, sigma) - call(1, sigma)) / reps / batch
 
-    x = torch.randn(batch, m.latent_channels, m.latent_size, m.latent_size)
+    x = torch.randn(batch, *m.latent_shape)
     y = torch.randint(0, m.n_classes, (batch,))
+    s = torch.full((batch,), -1)  # no site slot
+
     plain, dp = per_sample(0.0), per_sample(1.0)
     train_peak = _rss_mb() - base
     unet = make_denoiser(m)
@@ -92,7 +104,8 @@ def measure(preset: str, size: int, space: str, batch: int, reps: int) -> dict[s
         if ae is not None:
             ae.decode(z)
     sample = (time.perf_counter() - t0) / n_img
-    return {"space": space, "image_size": size, "tensor": list(x.shape[1:]),
+    return {"space": space, "image_size": size, "spatial_dims": dims,
+            "tensor": list(x.shape[1:]),
             "train_s_per_sample": plain, "dp_train_s_per_sample": dp,
             "peak_rss_mb": round(_rss_mb() - base, 1), "train_peak_rss_mb": round(train_peak, 1),
             "sample_s_per_image": sample}
@@ -104,20 +117,22 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2)
     ap.add_argument("--one", nargs=2, metavar=("SPACE", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure(args.preset, int(args.one[1]), args.one[0], args.batch,
-                                 args.reps)))
+                                 args.reps, args.spatial_dims)))
         return
     rows: dict[tuple[int, str], dict[str, float]] = {}
     for size in args.sizes:
         for space in ("latent", "pixel"):
             rows[(size, space)] = run_child(__file__, "--preset", args.preset, "--batch",
-                                          str(args.batch), "--reps", str(args.reps), "--one",
+                                          str(args.batch), "--reps", str(args.reps),
+                                          "--spatial-dims", str(args.spatial_dims), "--one",
                                           space, str(size))
-    print(f"\npreset {args.preset}, batch {args.batch}, 1 thread; pixel/latent = how many "
-          "times cheaper the latent model is")
+    print(f"\npreset {args.preset}, {args.spatial_dims}D, batch {args.batch}, 1 thread; "
+          "pixel/latent = how many times cheaper the latent model is")
     print("| size | tensor latent / pixel | train s/sample latent / pixel (x) | "
           "DP train (x) | peak MB (x) | sample s/img incl. decode (x) | target |")
     print("|---|---|---|---|---|---|---|")

@@ -66,8 +66,14 @@ class ModelConfig:
     # is one more autoencoder channel, so image and mask share one latent and one denoiser and
     # come out aligned (ldm_core.sampling.generate_pairs). The sites' data must carry masks.
     mask_channels: int = 0
+    # 2: slices [N,C,H,W]; 3: volumes [N,C,D,H,W] (image_size voxels a side). The networks
+    # and the volume loaders (ldm_core.volumes) exist for 3; a run refuses it until the
+    # federation, sampling and evaluation read volumes (RunConfig).
+    spatial_dims: int = 2
 
     def __post_init__(self) -> None:
+        _check(self.spatial_dims in (2, 3), f"spatial_dims must be 2 or 3, got "
+               f"{self.spatial_dims!r}")
         _check(self.mask_channels in (0, 1), f"mask_channels must be 0 (images only) or 1 "
                f"(image + binary mask), got {self.mask_channels!r}")
         _check(0 <= self.site_slots <= 64, f"site_slots must be in [0, 64], got "
@@ -106,6 +112,11 @@ class ModelConfig:
     @property
     def latent_size(self) -> int:
         return self.image_size // 2 ** (len(self.ae_channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's latent: channels, then latent_size along each spatial dimension."""
+        return (self.latent_channels, *(self.latent_size,) * self.spatial_dims)
 
     @property
     def image_channels(self) -> int:
@@ -315,6 +326,10 @@ class RunConfig:
                f"dm_init {self.dm_init!r} has no site embeddings; site-conditional generation "
                "(model.site_slots > 0) needs dm_init 'random'")
         _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
+        _check(self.model.spatial_dims == 2,
+               "model.spatial_dims=3: 3D runs are not available yet (the 3D networks and the "
+               "NIfTI/DICOM loaders exist, but the federation, sampling and evaluation read "
+               "2D images); use 2D slices")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         _check(

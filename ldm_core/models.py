@@ -27,7 +27,7 @@ def make_autoencoder(cfg: ModelConfig) -> AutoencoderKL:
     With ``mask_channels`` the mask is an extra input and output channel (paired generation)."""
     levels = len(cfg.ae_channels)
     return AutoencoderKL(
-        spatial_dims=2,
+        spatial_dims=cfg.spatial_dims,
         in_channels=cfg.image_channels,
         out_channels=cfg.image_channels,
         channels=tuple(cfg.ae_channels),
@@ -44,7 +44,7 @@ def make_denoiser(cfg: ModelConfig) -> DiffusionModelUNet:
     """Class-conditional UNet; ``num_class_embeds = n_classes + 1`` (the last one is null),
     times ``site_slots + 1`` with site-conditional generation (`embed_index`)."""
     return DiffusionModelUNet(
-        spatial_dims=2,
+        spatial_dims=cfg.spatial_dims,
         in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels,
         channels=tuple(cfg.dm_channels),

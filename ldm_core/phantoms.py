@@ -185,17 +185,28 @@ def _render_chunk(
     z: np.ndarray,
     site_p: dict[str, np.ndarray],
     size: int,
+    shared_fields: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render slices whose per-patient params ``pp`` are already gathered per slice.
 
-    -> images [N,H,W] in [0, 1] and lesion masks [N,H,W] (bool; empty for normal slices)."""
+    -> images [N,H,W] in [0, 1] and lesion masks [N,H,W] (bool; empty for normal slices).
+    ``shared_fields``: the N slices are one patient's volume, so they share one draw of each
+    smooth random field (folding, texture, bias) and the anatomy is continuous across them."""
     n = z.shape[0]
+
+    def field(sigma_frac: float) -> np.ndarray:
+        if shared_fields:
+            return np.broadcast_to(_smooth_noise(rng, 1, size, sigma_frac), (n, size, size))
+        return _smooth_noise(rng, n, size, sigma_frac)
+
     lin = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
     gy, gx = lin[None, :, None], lin[None, None, :]
     px = 2.0 / size  # one pixel in [-1, 1] units
 
     # Head frame: rotate/shift, shrink with distance from the mid slice level.
-    shrink = np.sqrt(np.clip(1.0 - 0.55 * z**2, 0.3, 1.0))
+    # A volume (shared_fields) spans the whole head: an ellipsoid that closes at the crown.
+    shrink = (np.sqrt(np.clip(1.0 - z**2, 0.02, 1.0)) if shared_fields
+              else np.sqrt(np.clip(1.0 - 0.55 * z**2, 0.3, 1.0)))
     ax, ay = _col(pp["ax"] * shrink), _col(pp["ay"] * shrink)
     c, s = _col(np.cos(pp["rot"])), _col(np.sin(pp["rot"]))
     dx, dy = gx - _col(pp["cx"]), gy - _col(pp["cy"])
@@ -205,8 +216,8 @@ def _render_chunk(
 
     # Folding: a smooth random field bends the grey/white boundary into gyri; a weaker one
     # roughens the brain surface (sulcal CSF).
-    folds = _smooth_noise(rng, n, size, 0.028)
-    surface = _smooth_noise(rng, n, size, 0.05)
+    folds = field(0.028)
+    surface = field(0.05)
     head = _edge(1.0 - rho, aa)
     skull_in = _edge(0.92 - rho, aa)
     brain = _edge(0.855 - rho + 0.025 * surface - 0.03 * np.clip(folds, 0, None), aa)
@@ -247,10 +258,10 @@ def _render_chunk(
     img = img + vent * (csf_int - img) * brain
 
     # Smooth tissue texture inside the brain.
-    tex = _smooth_noise(rng, n, size, 0.05)
+    tex = field(0.05)
     img = img * (1.0 + 0.05 * tex * brain)
 
-    img, mask = _add_lesions(img, pp, u, v, ax, ay, z, brain, white, px)
+    img, mask = _add_lesions(img, pp, u, v, ax, ay, z, brain, white, px, closed=shared_fields)
 
     # Site acquisition: bias field, gamma/gain, blur, Rician noise.
     sites = pp["site"]
@@ -258,7 +269,7 @@ def _render_chunk(
         _col(site_p["bias_x"][sites]) * gx
         + _col(site_p["bias_y"][sites]) * gy
         + _col(site_p["bias_r"][sites]) * (gx**2 + gy**2)
-        + 0.08 * _smooth_noise(rng, n, size, 0.2)
+        + 0.08 * field(0.2)
     )
     img = np.clip(img * bias, 0.0, None)
     img = _col(site_p["gain"][sites]) * img ** _col(site_p["gamma"][sites])
@@ -282,8 +293,10 @@ def _add_lesions(
     brain: np.ndarray,
     white: np.ndarray,
     px: float,
+    closed: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Paint the patient's lesion on each slice; its cross-section shrinks away from z0.
+    """Paint the patient's lesion on each slice; its cross-section shrinks away from z0 (to
+    nothing with ``closed``, a volume's lesion; 2D slabs keep a minimum size).
 
     Also returns the lesion mask: the painted region's core (inside the lesion boundary and
     the brain), what a segmentation label would outline; the tumour's oedema halo is not in
@@ -291,8 +304,10 @@ def _add_lesions(
     label = pp["label"]
     lu = _col(pp["l_r"] * np.cos(pp["l_t"])) * ax * 0.8
     lv = _col(pp["l_r"] * np.sin(pp["l_t"])) * ay * 0.8
-    dz = (z - pp["z0"]) / (2.5 * pp["l_size"] + 0.3)
-    r = _col(pp["l_size"] * np.sqrt(np.clip(1.0 - dz**2, 0.3, 1.0)))
+    # A volume's lesion is a blob about as tall as it is wide; a 2D slab's is taller, so that
+    # every slice of the slab shows it.
+    dz = (z - pp["z0"]) / (1.2 * pp["l_size"] if closed else 2.5 * pp["l_size"] + 0.3)
+    r = _col(pp["l_size"] * np.sqrt(np.clip(1.0 - dz**2, 1e-4 if closed else 0.3, 1.0)))
     du, dv = u - lu, v - lv
     ang = np.arctan2(dv, du)
     irreg = _col(pp["l_irreg"])
@@ -301,6 +316,8 @@ def _add_lesions(
     d = np.sqrt(du**2 + dv**2) / (r * wobble)  # 1 on the lesion boundary
     a = _col(pp["l_contrast"]) * brain
     inside = _edge(1.0 - d, px / r)
+    if closed:  # beyond the blob's top and bottom there is no lesion, not a one-pixel one
+        inside = inside * _col(np.abs(dz) < 1.0)
     is_ = {k: _col(label == k) for k in (_CYST, _EDEMA, _TUMOR)}
 
     def blend(base: np.ndarray, weight: np.ndarray, target: float) -> np.ndarray:

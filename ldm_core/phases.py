@@ -133,8 +133,7 @@ def _ae_loss(cfg: RunConfig, phase_cfg: PhaseConfig) -> LossFn:
 
     def fn(model: nn.Module, batch: Tensors, gen: torch.Generator) -> torch.Tensor:
         x = batch[0]
-        noise = torch.randn((x.shape[0], m.latent_channels, m.latent_size, m.latent_size),
-                            generator=gen).to(x.device)
+        noise = torch.randn((x.shape[0], *m.latent_shape), generator=gen).to(x.device)
         return autoencoder_loss(model, x, kl_weight=cfg.dm.kl_weight, noise=noise)
 
     return fn

@@ -40,7 +40,7 @@ def sample_latents(
     unet.eval().to(device)
     sched = make_sample_scheduler(cfg, steps, clip)
     b = labels.shape[0]
-    shape = (b, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    shape = (b, *cfg.latent_shape)
     z = torch.randn(shape, generator=generator).to(device)
     labels = embed_index(cfg, labels, site).to(device)
     null = torch.full_like(labels, null_label(cfg))

@@ -100,7 +100,7 @@ def denoiser_scores(
     ae.eval()
     dm.eval()
     gen = torch.Generator().manual_seed(int(seed))
-    shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    shape = cfg.latent_shape
     noises = [torch.randn(shape, generator=gen) for _ in range(len(ts) * draws)]
     out = []
     for i in range(0, images.shape[0], batch_size):

@@ -1,0 +1,175 @@
+"""NIfTI and DICOM volumes: orientation to RAS, resampling to the spec's spacing, crop/pad,
+the affine kept for writing back, and a clear error for every malformed input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ldm_core.data import DataError
+from ldm_core.volumes import VolumeSpec, load_volume, load_volume_pair, write_nifti
+
+
+def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    return (affine @ np.append(ijk, 1.0))[:3]
+
+
+def _blob_volume(shape: tuple[int, int, int], at: tuple[int, int, int]) -> np.ndarray:
+    data = np.random.default_rng(0).uniform(0, 10, shape).astype(np.float32)
+    i, j, k = at
+    data[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2] = 1000.0
+    return data
+
+
+def _centroid(array: np.ndarray) -> np.ndarray:
+    hot = np.argwhere(array > 0.9)
+    return hot.mean(axis=0)
+
+
+def test_nifti_with_a_flipped_anisotropic_affine_lands_in_ras_at_the_same_place(
+        tmp_path: Path) -> None:
+    # LPS-like voxel axes (x and y flipped), 2 mm along the first axis, shifted origin.
+    affine = np.array([[-2.0, 0, 0, 30.0], [0, -1.0, 0, 12.0], [0, 0, 1.0, -5.0], [0, 0, 0, 1]])
+    data = _blob_volume((10, 20, 16), (3, 14, 6))
+    path = tmp_path / "vol.nii.gz"
+    nib.Nifti1Image(data, affine).to_filename(str(path))
+    blob_mm = _world(affine, np.array([3, 14, 6]))
+
+    vol = load_volume(path, VolumeSpec(shape=(24, 24, 24), spacing=(1.0, 1.0, 1.0)))
+    assert vol.array.shape == (24, 24, 24) and vol.array.dtype == np.float32
+    assert vol.array.min() >= -1.0 and vol.array.max() <= 1.0
+    # RAS: the output grid's axes point +x, +y, +z with the requested 1 mm spacing.
+    assert np.allclose(np.diag(vol.affine)[:3], [1.0, 1.0, 1.0], atol=1e-4)
+    got_mm = _world(vol.affine, _centroid(vol.array))
+    assert np.linalg.norm(got_mm - blob_mm) < 1.0  # within a voxel after resampling
+
+
+def test_written_nifti_round_trips_array_and_affine(tmp_path: Path) -> None:
+    affine = np.array([[0.0, 0, 1.5, -10], [1.2, 0, 0, 4], [0, 0.8, 0, 2], [0, 0, 0, 1]])
+    arr = np.random.default_rng(1).normal(size=(6, 7, 8)).astype(np.float32)
+    path = write_nifti(arr, affine, tmp_path / "syn.nii.gz")
+    back = nib.load(str(path))
+    assert np.array_equal(np.asarray(back.get_fdata(dtype=np.float32)), arr)
+    assert np.allclose(back.affine, affine)
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary name is gone
+
+
+@pytest.mark.parametrize("shape, msg", [((8, 8), "3 spatial dimensions"),
+                                        ((8, 8, 8, 2), "3 spatial dimensions")])
+def test_wrong_dimensionality_is_refused(tmp_path: Path, shape: tuple[int, ...],
+                                         msg: str) -> None:
+    path = tmp_path / "bad.nii"
+    nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)).to_filename(str(path))
+    with pytest.raises(DataError, match=f"bad.nii.*{msg}"):
+        load_volume(path, VolumeSpec(shape=(8, 8, 8)))
+
+
+def test_non_finite_voxels_and_unreadable_files_are_refused(tmp_path: Path) -> None:
+    data = np.ones((6, 6, 6), np.float32)
+    data[2, 2, 2] = np.nan
+    nib.Nifti1Image(data, np.eye(4)).to_filename(str(tmp_path / "nan.nii"))
+    with pytest.raises(DataError, match="nan.nii: 1 non-finite"):
+        load_volume(tmp_path / "nan.nii", VolumeSpec(shape=(6, 6, 6)))
+    (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(DataError, match="junk.nii.gz: cannot read NIfTI"):
+        load_volume(tmp_path / "junk.nii.gz", VolumeSpec(shape=(6, 6, 6)))
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(DataError, match="not a volume"):
+        load_volume(tmp_path / "x.png", VolumeSpec(shape=(6, 6, 6)))
+
+
+def test_a_mask_on_another_grid_is_refused_and_a_matching_one_stays_aligned(
+        tmp_path: Path) -> None:
+    affine = np.diag([-1.0, 1.0, 2.0, 1.0])
+    data = _blob_volume((16, 16, 8), (5, 9, 4))
+    mask = (data > 500).astype(np.uint8)
+    nib.Nifti1Image(data, affine).to_filename(str(tmp_path / "img.nii.gz"))
+    nib.Nifti1Image(mask, affine).to_filename(str(tmp_path / "mask.nii.gz"))
+    shifted = affine.copy()
+    shifted[0, 3] = 4.0
+    nib.Nifti1Image(mask, shifted).to_filename(str(tmp_path / "moved.nii.gz"))
+    spec = VolumeSpec(shape=(16, 16, 16))
+    img, m = load_volume_pair(tmp_path / "img.nii.gz", tmp_path / "mask.nii.gz", spec)
+    assert set(np.unique(m.array)) == {0.0, 1.0} and np.allclose(img.affine, m.affine)
+    assert np.allclose(_centroid(img.array), _centroid(m.array), atol=0.5)
+    with pytest.raises(DataError, match="moved.nii.gz: mask grid .* differs from its image"):
+        load_volume_pair(tmp_path / "img.nii.gz", tmp_path / "moved.nii.gz", spec)
+
+
+def _write_series(folder: Path, volume: np.ndarray, *, spacing: float = 2.0,
+                  skip: int | None = None) -> None:
+    """One axial series, slice k at z = k * spacing (LPS), written with pydicom."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder.mkdir()
+    series = generate_uid()
+    for k in range(volume.shape[2]):
+        if k == skip:
+            continue
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"{k:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID, ds.Modality = series, "MR"
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, k * spacing]
+        ds.PixelSpacing = [1.0, 1.0]
+        ds.SliceThickness = spacing
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = np.ascontiguousarray(volume[:, :, k].T.astype(np.uint16)).tobytes()
+        # write in reverse order of position: the reader must sort by geometry, not file name
+        ds.save_as(str(folder / f"{volume.shape[2] - k:03d}.dcm"), enforce_file_format=True)
+
+
+def test_dicom_series_written_here_reads_back_in_ras(tmp_path: Path) -> None:
+    vol = np.random.default_rng(2).integers(0, 50, (12, 10, 6)).astype(np.float32)
+    vol[4:7, 2:5, 2:4] = 2000
+    _write_series(tmp_path / "series", vol)
+    from ldm_core.volumes import read_dicom_series
+
+    data, affine = read_dicom_series(tmp_path / "series")
+    assert data.shape == (12, 10, 6)
+    assert np.array_equal(data, vol)
+    # LPS (1, 0, 0) voxel axes -> RAS flips x and y; z steps 2 mm.
+    assert np.allclose(affine[:3, :3], np.diag([-1.0, -1.0, 2.0]))
+    out = load_volume(tmp_path / "series", VolumeSpec(shape=(12, 10, 12)))
+    want_mm = _world(affine, np.array([5.0, 3.0, 2.5]))
+    assert np.linalg.norm(_world(out.affine, _centroid(out.array)) - want_mm) < 1.0
+
+
+def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path: Path) -> None:
+    _write_series(tmp_path / "gappy", np.ones((8, 8, 6), np.float32), skip=3)
+    with pytest.raises(DataError, match="gappy: missing slice"):
+        load_volume(tmp_path / "gappy", VolumeSpec(shape=(8, 8, 8)))
+
+
+def test_demo3d_volumes_carry_aligned_lesion_masks_and_read_back(tmp_path: Path) -> None:
+    from ldm_core.phantoms import CLASS_NAMES
+    from ldm_core.phantoms3d import HEAD_EXTENT_MM, generate_demo3d, render_demo3d
+
+    volumes, masks, labels, _, _ = render_demo3d(n_patients=6, size=16, seed=0)
+    assert volumes.shape == masks.shape == (6, 16, 16, 16)
+    normal = labels == CLASS_NAMES.index("normal")
+    assert not masks[normal].any() and all(masks[i].any() for i in np.flatnonzero(~normal))
+    for i in np.flatnonzero(~normal):  # a blob, not a tube through the head
+        assert (masks[i].reshape(16, -1).max(1) > 0).sum() < 16
+    manifest = generate_demo3d(tmp_path, n_patients=6, size=16, seed=0)
+    rows = manifest.read_text().splitlines()
+    assert rows[0] == "path,label,mask,patient,site" and len(rows) == 7
+    rel, _, mask_rel, *_ = rows[1].split(",")
+    spec = VolumeSpec(shape=(16, 16, 16), spacing=(HEAD_EXTENT_MM / 16,) * 3)
+    img, m = load_volume_pair(tmp_path / rel, tmp_path / mask_rel, spec)
+    # Written [D, H, W] with the demo affine, read back in RAS: x = -W, y = -H, z = D.
+    raw = volumes[0].transpose(2, 1, 0)[::-1, ::-1, :].astype(np.float64)
+    lo, hi = np.percentile(raw, spec.percentiles)
+    want = (np.clip(raw, lo, hi) - lo) / (hi - lo) * 2 - 1  # the loader's intensity scaling
+    assert np.abs(img.array - want).max() < 1e-4
+    assert np.array_equal(m.array > 0, masks[0].transpose(2, 1, 0)[::-1, ::-1, :] > 0)
