@@ -123,8 +123,8 @@ def site_audit(site: SiteConfig, cfg: RunConfig, ae: torch.nn.Module, dm: torch.
     # Records as the autoencoder reads them (with the mask channel of a paired model): the
     # attacks score what the model was trained on.
     sets = {
-        "members": (data.train.model_input()[mem_idx], data.train.labels[mem_idx]),
-        "nonmembers": (data.holdout.model_input()[non_idx], data.holdout.labels[non_idx]),
+        "members": (data.train.model_input(mem_idx), data.train.labels[mem_idx]),
+        "nonmembers": (data.holdout.model_input(non_idx), data.holdout.labels[non_idx]),
     }
     n_samples = int(cfg.privacy.audit_samples)
     sample_labels = torch.arange(n_samples) % cfg.model.n_classes

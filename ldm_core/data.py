@@ -157,9 +157,13 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def model_input(self) -> Tensor:
-        """What the autoencoder reads: the images, then the masks as a -1/+1 channel (if any)."""
-        return self.images if self.masks is None else pair_channels(self.images, self.masks)
+    def model_input(self, rows: Tensor | None = None) -> Tensor:
+        """What the autoencoder reads: the images, then the masks as a -1/+1 channel (if any);
+        only `rows` when given (indexed before pairing: no copy of the whole split)."""
+        images = self.images if rows is None else self.images[rows]
+        if self.masks is None:
+            return images
+        return pair_channels(images, self.masks if rows is None else self.masks[rows])
 
 
 def pair_channels(images: Tensor, masks: Tensor) -> Tensor:
@@ -684,15 +688,30 @@ def _to_gray_float(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def _read_gray(path: Path, image_size: int, what: str = "image") -> np.ndarray:
+def _read_gray(path: Path, image_size: int, draft: bool = True) -> np.ndarray:
     try:
         with Image.open(path) as img:
-            if img.format == "JPEG" and what == "image":
+            if img.format == "JPEG" and draft:
                 img.draft("L", (image_size, image_size))  # decode at reduced scale: much faster
             img.load()
             return _to_gray_float(img)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read {what} ({exc}); replace or remove the file.") from exc
+        raise DataError(f"{path}: cannot read image ({exc}); replace or remove the file.") from exc
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    """Foreground (bool) = any non-zero stored value. Read raw, never rescaled: a 0/1 mask
+    must not vanish, and a 16-bit mask that is all lesion must not min-max to all zeros."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            arr = np.asarray(img.convert("L") if img.mode in ("RGB", "RGBA", "P", "LA", "CMYK")
+                             else img)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read mask ({exc}); replace or remove the file.") from exc
+    if arr.ndim != 2:
+        raise DataError(f"{path}: a mask must be a single-channel image, got shape {arr.shape}.")
+    return arr > 0
 
 
 def _fit(arr: np.ndarray, image_size: int, resample: Image.Resampling) -> np.ndarray:
@@ -717,9 +736,10 @@ def _load_one(path: Path, image_size: int) -> np.ndarray:
 def _load_pair(record: Record, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Image and mask, checked to be pixel-aligned, through the same pad and resize (nearest
     for the mask, so it stays binary)."""
-    image = _read_gray(record.path, image_size)
+    # Full-size decode (no JPEG draft): the mask is compared with the image's stored size.
+    image = _read_gray(record.path, image_size, draft=False)
     assert record.mask is not None  # load_images checked
-    raw = _read_gray(record.mask, image_size, "mask")
+    raw = _read_mask(record.mask)
     if raw.shape != image.shape:
         raise DataError(f"{record.mask}: mask is {raw.shape[1]}x{raw.shape[0]} pixels but its "
                         f"image {record.path} is {image.shape[1]}x{image.shape[0]}; a mask must "

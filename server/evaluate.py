@@ -368,11 +368,11 @@ def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
         if site_eval is not None:
             blocks.update(step_site_utility(ev, syn, site_eval, privacy))
             done("utility at the sites")
-        if syn.masks is not None and isinstance(blocks.get("utility"), dict):
-            blocks["utility"]["segmentation"] = step_segmentation(ev, None, syn)
         else:
             blocks["utility_note"] = blocks["fidelity_note"] = (
                 "not measured: the coordinator holds no real images (pass --reference PATH)")
+        if syn.masks is not None and isinstance(blocks.get("utility"), dict):
+            blocks["utility"]["segmentation"] = step_segmentation(ev, None, syn)
     for key in ("utility", "fidelity", "utility_note", "fidelity_note"):
         metrics.pop(key, None)  # a block from an earlier evaluation must not survive this one
 

@@ -180,11 +180,11 @@ def segmentation_utility(
             per_seed[arm].append({"seed": int(seed), "dice": float(dice[0]),
                                   "dice_all": float(dice_all[0])})
             if arm == "trtr":
-                judged = segment(model, synthetic[0]) > 0.5
-                c = dice_counts(judged, synthetic[1])
-                has = c[:, 2] > 0
-                align.append(float(2 * c[has, 0].sum() / max(c[has, 1].sum() + c[has, 2].sum(),
-                                                              1.0)) if has.any() else float("nan"))
+                # Pooled over every synthetic pair: a lesion the judge sees in an image whose
+                # generated mask is empty counts against the alignment too.
+                c = dice_counts(segment(model, synthetic[0]) > 0.5, synthetic[1]).sum(axis=0)
+                align.append(float(2 * c[0] / (c[1] + c[2])) if c[1] + c[2] > 0
+                             else float("nan"))
     bar.close()
     pooled = {arm: _patient_counts(dice_counts(torch.stack(ps).mean(0) > 0.5, truth), test[2])
               for arm, ps in probs.items()}

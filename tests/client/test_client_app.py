@@ -282,9 +282,15 @@ def test_the_training_curve_loss_is_a_noisy_release_from_the_site_source(
     assert isinstance(call["generator"], torch.Generator)
 
 
+@pytest.mark.parametrize("mask_channels", [0, 1])
 def test_ledger_is_charged_before_any_data_is_read(
         tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, mask_channels: int) -> None:
+    """Also for paired runs, whose masks are read with the images."""
+    import dataclasses
+
+    tiny_cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(
+        tiny_cfg.model, mask_channels=mask_channels))
     site = _site(tmp_path, demo_manifest)
     real_load, real_train = tasks.load_data, tasks.dp_train
     checked: list[str] = []

@@ -175,3 +175,33 @@ def test_generated_pairs_come_from_one_decode_in_order() -> None:
     with pytest.raises(ValueError, match="mask_channels"):
         generate_pairs(make_autoencoder(image_only), make_denoiser(image_only), image_only,
                        labels, **kw)
+
+
+def test_a_large_jpeg_image_pairs_with_its_full_size_mask(tmp_path: Path) -> None:
+    """JPEG images are decoded at reduced scale for image-only runs; a paired run must compare
+    the mask with the image's stored size, or every large JPEG would be refused."""
+    img = np.full((128, 160), 20, np.uint8)
+    img[40:80, 60:100] = 230
+    mask = np.zeros((128, 160), np.uint8)
+    mask[40:80, 60:100] = 1
+    Image.fromarray(img).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(img).save(tmp_path / "b.jpg", quality=95)
+    Image.fromarray(mask).save(tmp_path / "a_mask.png")
+    Image.fromarray(mask).save(tmp_path / "b_mask.png")
+    (tmp_path / "manifest.csv").write_text("path,label,mask\na.jpg,x,a_mask.png\n"
+                                           "b.jpg,y,b_mask.png\n")
+    x, _, m = load_pairs(scan(tmp_path / "manifest.csv").records, 32)
+    inter = ((x > 0) & (m > 0)).sum().item()
+    assert inter / (m > 0).sum().item() > 0.85 and inter / (x > 0).sum().item() > 0.85
+
+
+def test_sixteen_bit_masks_are_read_raw(tmp_path: Path) -> None:
+    """A 16-bit mask that is lesion everywhere stays lesion (no min-max rescaling)."""
+    rows = ["path,label,mask"]
+    for i, label in enumerate(("x", "y")):
+        Image.fromarray(np.full((16, 16), 100, np.uint8)).save(tmp_path / f"{i}.png")
+        Image.fromarray(np.ones((16, 16), np.uint16)).save(tmp_path / f"{i}_m.png")
+        rows.append(f"{i}.png,{label},{i}_m.png")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    _, _, m = load_pairs(scan(tmp_path / "manifest.csv").records, 16)
+    assert bool((m == 1).all())
