@@ -55,7 +55,7 @@ def main() -> None:
     rows = []
     for g in (float(v) for v in args.guidance.split(",")):
         t0 = time.monotonic()
-        x, y = generate_synthetic(cfg, final.ae, final.dm, final.scale_factor, args.per_class,
+        x, y, _ = generate_synthetic(cfg, final.ae, final.dm, final.scale_factor, args.per_class,
                                   seed=cfg.seed, device=device, steps=cfg.dm.ddim_steps,
                                   guidance=g)
         u = evaluate_utility(real.train, (x, y), real.test, n_classes=cfg.model.n_classes,

@@ -14,22 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
-
-def _fmt(x: object, nd: int = 3) -> str:
-    if isinstance(x, (int, float)):
-        return "inf" if isinstance(x, float) and math.isinf(x) else f"{x:.{nd}f}"
-    return "-" if x is None else str(x)
-
-
-def _ci(d: dict, key: str) -> str:
-    ci = d.get(f"{key}_ci")
-    return f"{_fmt(d.get(key))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(d.get(key))
-
+from privacy_utility import _ci, _fmt  # the same table cells as the privacy-utility table
 
 HEADER = ("| requested epsilon | TRTR Dice [95% CI] | TSTR Dice [95% CI] | Dice ratio | "
           "alignment Dice | TSTR/TRTR AUC ratio | wall s |\n|---|---|---|---|---|---|---|")

@@ -744,7 +744,7 @@ def _load_pair(record: Record, image_size: int) -> tuple[np.ndarray, np.ndarray]
         raise DataError(f"{record.mask}: mask is {raw.shape[1]}x{raw.shape[0]} pixels but its "
                         f"image {record.path} is {image.shape[1]}x{image.shape[0]}; a mask must "
                         "be pixel-aligned with its image (same width and height).")
-    mask = _fit((raw > 0).astype(np.float32), image_size, Image.Resampling.NEAREST)
+    mask = _fit(raw.astype(np.float32), image_size, Image.Resampling.NEAREST)
     return _fit(image, image_size, Image.Resampling.BILINEAR), mask
 
 

@@ -457,6 +457,12 @@ def generate_demo(
         Image.fromarray(images[i]).save(out_dir / rel, compress_level=1)
         Image.fromarray(masks[i]).save(out_dir / "masks" / rel, compress_level=1)
         rows.append((rel, class_names[labels[i]], f"masks/{rel}", patients[i], sites[i]))
+    return write_manifest(out_dir, rows)
+
+
+def write_manifest(out_dir: Path, rows: list[tuple[str, str, str, str, str]]) -> Path:
+    """``out_dir/manifest.csv`` with columns path,label,mask,patient,site (the 2D and 3D
+    demos' layout, read by ``ldm_core.data.scan``)."""
     manifest = out_dir / "manifest.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)

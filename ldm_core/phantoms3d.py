@@ -11,7 +11,6 @@ Status: the volumes, masks and manifest are written and read back by ``ldm_core.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from ldm_core.phantoms import (
     _site_params,
     _validate,
     class_probs,
+    write_manifest,
 )
 
 __all__ = ["HEAD_EXTENT_MM", "demo3d_affine", "generate_demo3d", "render_demo3d"]
@@ -84,9 +84,4 @@ def generate_demo3d(out_dir: Path, *, n_patients: int = 60, n_sites: int = 3, si
             (out_dir / sub / name).mkdir(parents=True, exist_ok=True)
             write_nifti(arr.astype(np.float32), affine, out_dir / sub / rel)
         rows.append((rel, name, f"masks/{rel}", patients[i], sites[i]))
-    manifest = out_dir / "manifest.csv"
-    with open(manifest, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(("path", "label", "mask", "patient", "site"))
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(out_dir, rows)

@@ -185,8 +185,7 @@ def _to_grid(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, mask: bo
     x = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
     x = Spacing(pixdim=spec.spacing, mode="nearest" if mask else "bilinear")(x)
     x = ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant")(x)
-    out_affine = np.asarray(x.affine, dtype=np.float64)
-    return torch.as_tensor(x.array if hasattr(x, "array") else x)[0], out_affine
+    return x.as_tensor()[0], np.asarray(x.affine, dtype=np.float64)
 
 
 def load_volume(path: str | os.PathLike[str], spec: VolumeSpec) -> Volume:

@@ -119,16 +119,8 @@ class Evaluation:
 
 def generate_synthetic(cfg: RunConfig, ae: torch.nn.Module, dm: torch.nn.Module, scale: float,
                        per_class: int, *, seed: int, device: torch.device, steps: int,
-                       guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y, _ = generate_synthetic_pairs(cfg, ae, dm, scale, per_class, seed=seed, device=device,
-                                       steps=steps, guidance=guidance)
-    return x, y
-
-
-def generate_synthetic_pairs(cfg: RunConfig, ae: torch.nn.Module, dm: torch.nn.Module,
-                             scale: float, per_class: int, *, seed: int, device: torch.device,
-                             steps: int, guidance: float
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       guidance: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Class-balanced images, labels, and for a paired model (mask_channels) their masks."""
     labels = torch.arange(cfg.model.n_classes).repeat_interleave(per_class)
     x = generate_images(ae, dm, cfg.model, labels, scale_factor=scale, steps=steps,
@@ -189,9 +181,8 @@ def step_generate(ev: Evaluation, real: RealSets | None) -> Synthetic:
     ev.say(f"generating {per_class * cfg.model.n_classes} synthetic images ({steps} DDIM steps, "
            f"guidance {guidance})")
     f = ev.final
-    x, y, m = generate_synthetic_pairs(cfg, f.ae, f.dm, f.scale_factor, per_class,
-                                       seed=cfg.seed, device=ev.device, steps=steps,
-                                       guidance=guidance)
+    x, y, m = generate_synthetic(cfg, f.ae, f.dm, f.scale_factor, per_class, seed=cfg.seed,
+                                 device=ev.device, steps=steps, guidance=guidance)
     export_synthetic(ev.run.synthetic, x, y, cfg.class_names, masks=m)
     return Synthetic(x, y, SyntheticInfo(int(x.shape[0]), per_class, steps, guidance), masks=m)
 

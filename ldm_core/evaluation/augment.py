@@ -27,7 +27,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ldm_core.classifier import predict_proba, train_classifier
-from ldm_core.evaluation.utility import CLASSIFIER_RECIPE, _check_split, _ci, weighted_ovr_auc
+from ldm_core.evaluation.utility import (
+    CLASSIFIER_RECIPE,
+    _check_split,
+    _ci,
+    bootstrap_counts,
+    patient_codes,
+    weighted_ovr_auc,
+)
 
 __all__ = ["AUGMENT_ARMS", "evaluate_augmentation", "sensitivity_at_specificity"]
 
@@ -127,10 +134,9 @@ def evaluate_augmentation(
             bar.update(1)
     bar.close()
 
-    codes = np.unique(np.asarray([str(p) for p in test_pid]), return_inverse=True)[1]
+    codes = patient_codes(test_pid)
     n_pat = int(codes.max()) + 1
-    counts = np.random.default_rng(boot_seed).multinomial(
-        n_pat, np.full(n_pat, 1.0 / n_pat), size=n_boot)
+    counts = bootstrap_counts(n_pat, n_boot, boot_seed)
     weights = np.vstack([np.ones((1, y.size)), counts[:, codes].astype(np.float64)])
     mean_p = {a: np.mean(probas[a], axis=0) for a in AUGMENT_ARMS}
 

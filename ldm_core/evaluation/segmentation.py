@@ -32,7 +32,7 @@ from monai.networks.nets import UNet
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ldm_core.evaluation.utility import _ci
+from ldm_core.evaluation.utility import _ci, bootstrap_counts, patient_codes
 
 __all__ = ["SEGMENTER_RECIPE", "dice_counts", "patient_dice", "segmentation_utility",
            "segment", "train_segmenter"]
@@ -117,7 +117,7 @@ def dice_counts(pred: Tensor, truth: Tensor) -> np.ndarray:
 
 
 def _patient_counts(counts: np.ndarray, patients: Sequence[str]) -> np.ndarray:
-    codes = np.unique(np.asarray([str(p) for p in patients]), return_inverse=True)[1]
+    codes = patient_codes(patients)
     pooled = np.zeros((int(codes.max()) + 1, 3))
     np.add.at(pooled, codes, counts)
     return pooled
@@ -189,8 +189,7 @@ def segmentation_utility(
     pooled = {arm: _patient_counts(dice_counts(torch.stack(ps).mean(0) > 0.5, truth), test[2])
               for arm, ps in probs.items()}
     n_pat = pooled["trtr"].shape[0]
-    rng = np.random.default_rng(boot_seed)
-    weights = rng.multinomial(n_pat, np.full(n_pat, 1.0 / n_pat), size=n_boot).astype(np.float64)
+    weights = bootstrap_counts(n_pat, n_boot, boot_seed).astype(np.float64)
     result: dict[str, object] = {}
     boot: dict[str, np.ndarray] = {}
     for arm, counts in pooled.items():

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm_core.evaluation.utility import _ci, weighted_ovr_auc
+from ldm_core.evaluation.utility import _ci, bootstrap_counts, weighted_ovr_auc
 
 __all__ = ["SHIFTS", "Shift", "apply_shift", "score_predictions"]
 
@@ -103,8 +103,7 @@ def score_predictions(labels: np.ndarray, proba: np.ndarray, *, groups: np.ndarr
         raise ValueError(f"proba must be [N, C] for {y.shape[0]} labels, got {p.shape}")
     codes = np.arange(y.size) if groups is None else np.unique(groups, return_inverse=True)[1]
     n_units = int(codes.max()) + 1 if codes.size else 0
-    counts = np.random.default_rng(seed).multinomial(n_units, np.full(n_units, 1.0 / n_units),
-                                                     size=n_boot)
+    counts = bootstrap_counts(n_units, n_boot, seed)
     w = np.vstack([np.ones((1, y.size)), counts[:, codes].astype(np.float64)])
     present = [c for c in range(p.shape[1]) if (y == c).any() and (y != c).any()]
     auc = np.mean([weighted_ovr_auc(y == c, p[:, c], w) for c in present], axis=0) if present \

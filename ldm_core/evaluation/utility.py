@@ -144,6 +144,18 @@ def _macro_auc_weighted(y: np.ndarray, proba: np.ndarray, weights: np.ndarray) -
     return np.mean(per_class, axis=0)
 
 
+def patient_codes(pids: Sequence[object]) -> np.ndarray:
+    """An integer code per row for its patient: the unit every bootstrap here resamples."""
+    return np.unique(np.asarray([str(p) for p in pids]), return_inverse=True)[1]
+
+
+def bootstrap_counts(n_units: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n_units] multiplicities of a bootstrap over units (patients), seeded: index
+    them by `patient_codes` for per-row weights, so a patient's slices move together."""
+    return np.random.default_rng(seed).multinomial(n_units, np.full(n_units, 1.0 / n_units),
+                                                   size=n_boot)
+
+
 def _ci(values: np.ndarray) -> list[float]:
     values = values[np.isfinite(values)]
     if values.size == 0:
@@ -315,11 +327,9 @@ def summarise_arms(
     move together), and the TSTR/TRTR ratio with a paired bootstrap CI."""
     y_test = test_y.cpu().numpy().astype(np.int64)
     # patient-level bootstrap weights: multiplicity of each test image in each resample
-    pid_codes = np.unique(np.asarray([str(p) for p in test_pid]), return_inverse=True)[1]
+    pid_codes = patient_codes(test_pid)
     n_pat = int(pid_codes.max()) + 1
-    boot_rng = np.random.default_rng(boot_seed)
-    counts = boot_rng.multinomial(n_pat, np.full(n_pat, 1.0 / n_pat), size=n_boot)
-    weights = counts[:, pid_codes].astype(np.float64)
+    weights = bootstrap_counts(n_pat, n_boot, boot_seed)[:, pid_codes].astype(np.float64)
 
     result: dict = {}
     boot_auc: dict[str, np.ndarray] = {}
