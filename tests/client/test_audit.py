@@ -91,9 +91,12 @@ def _audit(site: SiteConfig, cfg: RunConfig, *, rng: PrivacyRng | None = None,
 
 
 # ------------------------------------------------------------------------------- release shape
+@pytest.mark.parametrize("mask_channels", [0, 1])
 def test_release_has_exactly_the_declared_keys_and_charges_the_ledger(
-        tmp_path: Path, demo_manifest: Path, class_names: tuple[str, ...]) -> None:
-    cfg = _cfg(class_names)
+        tmp_path: Path, demo_manifest: Path, class_names: tuple[str, ...],
+        mask_channels: int) -> None:
+    """Also for a paired model, whose records are scored with their masks."""
+    cfg = _cfg(class_names, **{"model.mask_channels": mask_channels})
     site = _site(tmp_path, str(demo_manifest))  # the real loader on the demo data
     out = _audit(site, cfg)
     assert tuple(out) == AUDIT_RELEASE_KEYS
@@ -108,6 +111,8 @@ def test_release_has_exactly_the_declared_keys_and_charges_the_ledger(
     assert audit[0]["noise_multiplier"] == sigma and audit[0]["sample_rate"] == 1.0
     assert audit[0]["steps"] == 1
     assert out["epsilon"] == pytest.approx(audit[0]["epsilon_after"])
+    again = _audit(site, cfg, run_id="audit-again")  # same records, same model: fresh noise
+    assert again["members_fraction"] != out["members_fraction"]
 
 
 def test_a_record_whose_score_overflows_gets_a_release_not_an_error(

@@ -133,8 +133,13 @@ def test_site_errors_do_not_leak_details(tmp_path: Path, demo_manifest: Path,
     assert "no-such-data" in (tmp_path / "state" / "site.log").read_text()
 
 
+@pytest.mark.parametrize("mask_channels", [0, 1])
 def test_latent_stats_query_releases_a_noisy_moment_and_charges_it(
-        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig) -> None:
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig, mask_channels: int) -> None:
+    import dataclasses
+
+    tiny_cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(
+        tiny_cfg.model, mask_channels=mask_channels))
     site = _site(tmp_path, demo_manifest)
     app = make_client_app(lambda ctx: site)
     ae = make_autoencoder(tiny_cfg.model)
@@ -201,14 +206,21 @@ def test_a_model_that_overflows_gets_a_noisy_reply_not_an_error(
                                           stats.recon_count))
 
 
+@pytest.mark.parametrize("mask_channels", [0, 1])
 def test_reconstruction_release_is_charged_first_and_noisy(
         tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, mask_channels: int) -> None:
+    """Also for a paired model (its autoencoder reads image and mask)."""
+    import dataclasses
+
+    tiny_cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(
+        tiny_cfg.model, mask_channels=mask_channels))
     site = _site(tmp_path, demo_manifest)
     weights = make_autoencoder(tiny_cfg.model).state_dict()
     a = tasks.latent_stats(site, tiny_cfg, run_id="r1", ae_weights=weights)
     b = tasks.latent_stats(site, tiny_cfg, run_id="r2", ae_weights=weights)
     assert a.recon_psnr_sum != b.recon_psnr_sum and a.recon_count != b.recon_count
+    assert a.second_moment_sum != b.second_moment_sum and a.count != b.count  # the scale too
 
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("crashed while measuring")
