@@ -307,9 +307,15 @@ def build_supernode_command(args: argparse.Namespace) -> tuple[list[str], dict[s
     if not data.exists():
         raise SiteCliError(f"--data {data}: no such file or folder")
     try:
-        scan(data)
+        index = scan(data)
     except DataError as e:
         raise SiteCliError(f"--data: {e} (run `fedldm site check --data {data}`)") from e
+    unmasked = [r for r in index.records if r.mask is None]
+    if args.allow_masks and unmasked:
+        raise SiteCliError(
+            f"--allow-masks: {unmasked[0].path} has no mask ({len(unmasked)} of "
+            f"{len(index.records)} images have none); give the CSV manifest a 'mask' column for "
+            "every image, or drop --allow-masks")
     SiteConfig(site_id=args.site_id, data=str(data),
                state_dir=args.state_dir.expanduser().resolve(),
                epsilon=args.epsilon, delta=args.delta, partition=args.partition)
@@ -339,7 +345,8 @@ def build_supernode_command(args: argparse.Namespace) -> tuple[list[str], dict[s
         "site-id": args.site_id, "data-path": str(data), "state-dir": str(state_dir),
         "epsilon": args.epsilon, "delta": args.delta, "partition": args.partition,
         "device": args.device, "allow-audit": args.allow_audit,
-        "allow-evaluate": args.allow_evaluate, "progress": False,
+        "allow-evaluate": args.allow_evaluate, "allow-masks": args.allow_masks,
+        "progress": False,
     })
     cmd += ["--node-config", str(node_config)]
     return cmd, flower_env(state_dir / FLWR_HOME_DIR)
@@ -516,6 +523,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "synthetic-trained classifier and one it trains itself with DP-SGD on its "
                    "own test patients and releases one DP vector of counts, charged to its "
                    "ledger (off by default; reserved in the run's budget when on)")
+    s.add_argument("--allow-masks", action="store_true",
+                   help="take part in paired image/mask runs (model.mask_channels=1): the site "
+                   "trains on the lesion masks of its manifest's mask column, under the same "
+                   "DP-SGD and ledger as its images (off by default: a site without it refuses "
+                   "such runs before reading or charging anything)")
     s.add_argument("--max-wait-time", type=float, metavar="SECONDS",
                    help="give up when the SuperLink cannot be reached for this long "
                    "(default: retry forever)")

@@ -232,12 +232,14 @@ class SimulationSites:
     def __init__(self, *, data: str, n_sites: int, partition: str, state_root: Path,
                  epsilon: float, delta: float, data_seed: int, device: str,
                  reproducible_seed: int | None = None, allow_audit: bool = True,
-                 allow_evaluate: bool = False) -> None:
+                 allow_evaluate: bool = False, allow_masks: bool = True) -> None:
+        # allow_masks defaults on: in a simulation the user holds every site's data and chose
+        # the paired run; deployed sites opt in with `fedldm site start --allow-masks`.
         self.data, self.n_sites, self.partition = data, n_sites, partition
         self.state_root, self.epsilon, self.delta = Path(state_root), epsilon, delta
         self.data_seed, self.device = data_seed, device
         self.reproducible_seed, self.allow_audit = reproducible_seed, allow_audit
-        self.allow_evaluate = allow_evaluate
+        self.allow_evaluate, self.allow_masks = allow_evaluate, allow_masks
 
     def site(self, index: int) -> SiteConfig:
         return SiteConfig(site_id=f"site-{index}", data=self.data,
@@ -245,7 +247,7 @@ class SimulationSites:
                           delta=self.delta, partition=self.partition, site_index=index,
                           n_sites=self.n_sites, data_seed=self.data_seed, device=self.device,
                           allow_audit=self.allow_audit, allow_evaluate=self.allow_evaluate,
-                          reproducible_seed=self.reproducible_seed)
+                          allow_masks=self.allow_masks, reproducible_seed=self.reproducible_seed)
 
     def __call__(self, context: Context) -> SiteConfig:
         return self.site(int(context.node_config["partition-id"]))

@@ -38,6 +38,10 @@ class SiteConfig:
     # Opt-in too: scoring the coordinator's classifier on the site's test patients (deployments
     # without a coordinator-held reference set) is a DP release and a DP-trained classifier.
     allow_evaluate: bool = False
+    # Opt-in as well: a paired image/mask run (model.mask_channels > 0) reads the site's lesion
+    # masks and trains on them. Masks go out only through the same DP paths as images, but
+    # whether a site holds them at all is the site's to declare, not the coordinator's to probe.
+    allow_masks: bool = False
     # Simulation and tests only: seed the site's privacy randomness so a run can be repeated.
     # NOT private against anyone who knows the seed; deployed sites refuse it.
     reproducible_seed: int | None = None
@@ -102,4 +106,5 @@ class SiteConfig:
             show_progress=str(get("progress", "false")).lower() == "true",
             allow_audit=str(get("allow-audit", "false")).lower() == "true",
             allow_evaluate=str(get("allow-evaluate", "false")).lower() == "true",
+            allow_masks=str(get("allow-masks", "false")).lower() == "true",
         )

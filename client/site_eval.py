@@ -113,6 +113,7 @@ def site_evaluate(site: SiteConfig, cfg: RunConfig, classifier: dict[str, torch.
     if probe.shape != (1, n_classes):
         raise ValueError(f"the classifier returns {tuple(probe.shape)} for one image, expected "
                          f"(1, {n_classes})")
+    tasks.check_permitted(site, cfg)
     ledger = tasks.open_ledger(site)
     # Charge first: a crash after this line over-counts, never under-counts.
     entries = tasks.evaluation_entries(cfg) if private else [(0.0, 1.0, 1)]

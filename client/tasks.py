@@ -76,7 +76,21 @@ def evaluation_entries(cfg: RunConfig) -> list[tuple[float, float, int]]:
             gaussian_mechanism_entry(p.eval_noise_multiplier)]
 
 
+def check_permitted(site: SiteConfig, cfg: RunConfig) -> None:
+    """Refuse, before any charge or read, a run that asks for data the site has not offered.
+
+    A paired run (model.mask_channels > 0) reads the site's lesion masks; without the site's
+    `allow-masks` the coordinator could otherwise learn, from success or failure, whether a site
+    holds masks at all -- a bit no ledger accounts for.
+    """
+    if cfg.model.mask_channels > 0 and not site.allow_masks:
+        raise PermissionError(
+            f"site {site.site_id} does not allow paired image/mask runs (node config "
+            "allow-masks=false); start the site with --allow-masks to train on its masks")
+
+
 def load_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
+    check_permitted(site, cfg)
     scheme, n_sites = (("iid", 1) if site.partition == "all"
                        else (site.partition, site.n_sites))
     return load_site(site.data, site_index=site.site_index if n_sites > 1 else 0,
@@ -206,6 +220,7 @@ def train_round(
     if site_slot is not None and not 0 <= site_slot < cfg.model.site_slots:
         raise ValueError(f"site slot {site_slot} outside the model's {cfg.model.site_slots} "
                          "site slots")
+    check_permitted(site, cfg)
     ledger = open_ledger(site)
     noise = plan_noise(site, cfg, ledger, run_id)
     sigma, plan = noise.phase_sigma(phase), noise.phase_plan(phase)
@@ -279,6 +294,7 @@ def latent_stats(site: SiteConfig, cfg: RunConfig, *, run_id: str,
     disjoint patients (train, holdout) and each patient's split depends on that patient alone,
     so parallel composition would allow charging one; both are charged (conservative).
     """
+    check_permitted(site, cfg)
     ledger = open_ledger(site)
     noise = plan_noise(site, cfg, ledger, run_id)
     ledger.charge([gaussian_mechanism_entry(noise.scale)] * LATENT_RELEASES if noise.scale > 0

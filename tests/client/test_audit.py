@@ -38,10 +38,11 @@ def _cfg(class_names: tuple[str, ...], **overrides: float) -> RunConfig:
 
 
 def _site(tmp_path: Path, data: str = "in-memory", *, epsilon: float = 8.0,
-          allow_audit: bool = True, name: str = "site-0", enrol: bool = True) -> SiteConfig:
+          allow_audit: bool = True, name: str = "site-0", enrol: bool = True,
+          allow_masks: bool = False) -> SiteConfig:
     site = SiteConfig(site_id=name, data=data, state_dir=tmp_path / name, epsilon=epsilon,
                       delta=1e-5, partition="all", n_sites=1, device="cpu",
-                      allow_audit=allow_audit)
+                      allow_audit=allow_audit, allow_masks=allow_masks)
     site.state_dir.mkdir(parents=True, exist_ok=True)
     if enrol and hasattr(PrivacyLedger, "create"):
         PrivacyLedger.create(site.ledger_path, budget_epsilon=epsilon, delta=1e-5,
@@ -97,7 +98,8 @@ def test_release_has_exactly_the_declared_keys_and_charges_the_ledger(
         mask_channels: int) -> None:
     """Also for a paired model, whose records are scored with their masks."""
     cfg = _cfg(class_names, **{"model.mask_channels": mask_channels})
-    site = _site(tmp_path, str(demo_manifest))  # the real loader on the demo data
+    # the real loader on the demo data
+    site = _site(tmp_path, str(demo_manifest), allow_masks=mask_channels > 0)
     out = _audit(site, cfg)
     assert tuple(out) == AUDIT_RELEASE_KEYS
     assert all(type(v) is float and math.isfinite(v) for v in out.values())
@@ -146,6 +148,15 @@ def test_refused_audit_charges_nothing(tmp_path: Path, in_memory: dict,
     after = site.ledger_path.read_bytes() if site.ledger_path.exists() else None
     assert after == before
     assert not (site.state_dir / "audits").exists()
+
+
+def test_a_paired_audit_is_refused_without_allow_masks(
+        tmp_path: Path, demo_manifest: Path, class_names: tuple[str, ...]) -> None:
+    site = _site(tmp_path, str(demo_manifest))  # audits allowed, masks not
+    before = site.ledger_path.read_bytes()
+    with pytest.raises(PermissionError, match="allow-masks"):
+        _audit(site, _cfg(class_names, **{"model.mask_channels": 1}))
+    assert site.ledger_path.read_bytes() == before
 
 
 def test_budget_exceeded_loads_no_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -15,7 +15,7 @@ from client import tasks
 from client.client_app import make_client_app
 from client.ledger import PrivacyLedger
 from client.site_config import SiteConfig, SiteConfigError
-from common.protocol import ERR_BUDGET, ERR_SITE, ERROR_REASONS, TRAIN_REPLY_FIELDS
+from common.protocol import ERR_BUDGET, ERR_REFUSED, ERR_SITE, ERROR_REASONS, TRAIN_REPLY_FIELDS
 from ldm_core.config import RunConfig
 from ldm_core.models import make_autoencoder, make_denoiser
 
@@ -37,10 +37,10 @@ def enroll(site: SiteConfig) -> SiteConfig:
 
 
 def _site(tmp_path: Path, manifest: Path, epsilon: float = 8.0, index: int = 0,
-          name: str = "state") -> SiteConfig:
+          name: str = "state", allow_masks: bool = False) -> SiteConfig:
     return enroll(SiteConfig(site_id="site-0", data=str(manifest), state_dir=tmp_path / name,
                              epsilon=epsilon, delta=1e-5, partition="site", site_index=index,
-                             n_sites=2))
+                             n_sites=2, allow_masks=allow_masks))
 
 
 def _context() -> Context:
@@ -140,7 +140,7 @@ def test_latent_stats_query_releases_a_noisy_moment_and_charges_it(
 
     tiny_cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(
         tiny_cfg.model, mask_channels=mask_channels))
-    site = _site(tmp_path, demo_manifest)
+    site = _site(tmp_path, demo_manifest, allow_masks=mask_channels > 0)
     app = make_client_app(lambda ctx: site)
     ae = make_autoencoder(tiny_cfg.model)
     ctx = _context()
@@ -215,7 +215,7 @@ def test_reconstruction_release_is_charged_first_and_noisy(
 
     tiny_cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(
         tiny_cfg.model, mask_channels=mask_channels))
-    site = _site(tmp_path, demo_manifest)
+    site = _site(tmp_path, demo_manifest, allow_masks=mask_channels > 0)
     weights = make_autoencoder(tiny_cfg.model).state_dict()
     a = tasks.latent_stats(site, tiny_cfg, run_id="r1", ae_weights=weights)
     b = tasks.latent_stats(site, tiny_cfg, run_id="r2", ae_weights=weights)
@@ -303,7 +303,7 @@ def test_ledger_is_charged_before_any_data_is_read(
 
     tiny_cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(
         tiny_cfg.model, mask_channels=mask_channels))
-    site = _site(tmp_path, demo_manifest)
+    site = _site(tmp_path, demo_manifest, allow_masks=mask_channels > 0)
     real_load, real_train = tasks.load_data, tasks.dp_train
     checked: list[str] = []
 
@@ -442,3 +442,37 @@ def test_a_run_killed_between_charge_and_reply_still_finishes_within_budget(
     phases = [e["phase"] for e in ledger.entries()]
     assert phases.count("diffusion") == 4  # two charged attempts (training + loss each)
     assert ledger.epsilon() <= 8.0
+
+
+@pytest.mark.parametrize("kind", ["train", "latent-stats"])
+def test_a_paired_run_is_refused_without_the_sites_allow_masks(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A coordinator cannot make a site read (or probe for) masks it has not offered: the request
+    is refused before the ledger is charged or any file is read."""
+    paired = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model,
+                                                                     mask_channels=1))
+    site = _site(tmp_path, demo_manifest)  # allow_masks defaults off, as in `site start`
+    before = site.ledger_path.read_bytes()
+
+    def no_read(*a: object, **k: object) -> None:
+        raise AssertionError("site data read for a run the site did not allow")
+
+    monkeypatch.setattr(tasks, "load_site", no_read)
+    ae = make_autoencoder(paired.model)
+    if kind == "train":
+        msg = _msg(paired, "train", {"arrays": ArrayRecord(ae.state_dict())},
+                   phase="autoencoder", **{"server-round": 1})
+    else:
+        msg = _msg(paired, "query", {"autoencoder": ArrayRecord(ae.state_dict())},
+                   task="latent-stats")
+    reply = make_client_app(lambda ctx: site)(msg, _context())
+    assert reply.has_error() and reply.error.code == ERR_REFUSED
+    assert site.ledger_path.read_bytes() == before  # nothing charged
+    assert "allow-masks" in (site.state_dir / "site.log").read_text()
+    # The same site takes the run once it opts in.
+    allowed = dataclasses.replace(site, allow_masks=True)
+    monkeypatch.undo()
+    result = tasks.train_round(allowed, paired, phase="autoencoder", server_round=1, run_id="r",
+                               weights=ae.state_dict())
+    assert result.epsilon > 0

@@ -78,6 +78,14 @@ def test_a_site_that_does_not_allow_it_refuses_before_charging(tmp_path: Path,
     assert _phases(site) == []
 
 
+def test_a_paired_run_is_refused_before_charging_without_allow_masks(
+        tmp_path: Path, data: SiteData) -> None:
+    site = _site(tmp_path)  # evaluations allowed, masks not
+    with pytest.raises(PermissionError, match="allow-masks"):
+        _call(site, _cfg(data.class_names, **{"model.mask_channels": 1}), data)
+    assert _phases(site) == []
+
+
 def test_a_request_it_cannot_answer_is_refused_before_charging(tmp_path: Path,
                                                                data: SiteData) -> None:
     site = _site(tmp_path)

@@ -103,6 +103,34 @@ def test_start_node_config_round_trips_through_flower(site_files: dict[str, Path
     assert Path(site.data) == site_files["data"]
     assert math.isinf(site.epsilon) and site.delta == 1e-6
     assert site.partition == "all" and not site.allow_audit  # audits are opt-in
+    assert not site.allow_masks  # so are paired image/mask runs
+
+
+def test_allow_masks_reaches_the_node_config_only_for_data_with_masks(
+        site_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import csv
+
+    from flwr.common.config import parse_config_args
+
+    assert cli.main(_start(site_files, "--insecure", "--allow-masks")) == 0
+    node_config = site_files["state"] / "node-config.toml"
+    assert SiteConfig.from_node_config(parse_config_args([str(node_config)])).allow_masks
+    # A manifest whose last image has no mask: refused at start, naming the file.
+    manifest = site_files["data"] / "manifest.csv"
+    rows = list(csv.DictReader(manifest.open()))
+    rows[-1]["mask"] = ""
+    partial = tmp_path / "partial.csv"
+    with partial.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "path": str(site_files["data"] / r["path"]),
+                     "mask": r["mask"] and str(site_files["data"] / r["mask"])} for r in rows)
+    site_files["data"] = partial
+    capsys.readouterr()
+    assert cli.main(_start(site_files, "--insecure", "--allow-masks")) == 2
+    err = capsys.readouterr().err
+    assert "--allow-masks" in err and Path(rows[-1]["path"]).name in err
+    assert cli.main(_start(site_files, "--insecure")) == 0  # without it the masks are not needed
 
 
 @pytest.mark.parametrize(("extra", "message"), [
