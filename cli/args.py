@@ -38,6 +38,10 @@ def override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"--set {text!r}: use SECTION.FIELD=VALUE, e.g. "
                                          "--set diffusion.rounds=8")
+    if key in ("ae_init", "dm_init") and value.endswith(".safetensors"):
+        # A prior file: absolute, so the coordinator's ServerApp (another working folder)
+        # and a resumed run read the same file.
+        return key, str(Path(value).expanduser().resolve())
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:

@@ -417,10 +417,13 @@ def run_config_from_args(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "round-timeout": float(args.round_timeout), "round-retries": args.round_retries,
         "accept": args.accept or "",
     }
+    from ldm_core.pretrain import check_priors
     from server.server_app import config_from_run_config
 
     try:
-        config_from_run_config(rc)
+        check_priors(config_from_run_config(rc)[0])
+    except FileNotFoundError as e:
+        raise CoordinatorCliError(f"run options rejected before submitting: {e}") from e
     except (ValueError, TypeError, KeyError) as e:
         raise CoordinatorCliError(f"run options rejected before submitting: {e}") from e
     return rc

@@ -135,6 +135,12 @@ def preflight_simulation(args: argparse.Namespace, overrides: dict[str, Any]) ->
     cfg = build_config_from(args, overrides, class_names=class_names, epsilon=args.epsilon,
                             delta=args.delta, seed=args.seed, device=args.device)
     check_resume(out, to_dict(cfg))
+    from ldm_core.pretrain import check_priors
+
+    try:
+        check_priors(cfg)
+    except (OSError, ValueError) as e:
+        raise LocalCliError(f"the run's starting weights (ae_init / dm_init): {e}") from e
     unmasked = [r for r in records or () if r.mask is None] if cfg.model.mask_channels else []
     if unmasked:
         where = out / "demo-data" if args.data == "demo" else args.data
@@ -268,29 +274,71 @@ def demo_data(args: argparse.Namespace) -> int:
 
 
 def pretrain(args: argparse.Namespace) -> int:
-    """`pretrain-ae` / `pretrain-dm`: remake a shipped public prior (no patient data)."""
+    """`pretrain-ae` / `pretrain-dm`: remake a shipped public prior (no patient data), or make
+    one from a public set of the user's own modality (`--data PUBLIC`)."""
     from ldm_core import pretrain as pt
 
     cfg = build_config_from(args, dict(args.set)).model
+    if args.data is not None and args.out is None:
+        raise LocalCliError("--data: give --out FILE.safetensors for the prior (the shipped "
+                            "priors in the package are made from phantoms only)")
     if args.out is not None:
         _check_out_folder(args.out.parent, "--out")
         if args.out.is_dir():
             raise LocalCliError(f"--out {args.out}: is a folder; give a .safetensors file path")
+        if args.out.suffix != ".safetensors":
+            raise LocalCliError(f"--out {args.out}: name it *.safetensors (runs select a prior "
+                                "file by that suffix: --set ae_init=FILE.safetensors)")
+    dm = args.command == "pretrain-dm"
+    ae_arg = getattr(args, "autoencoder", None)  # pretrain-dm only
+    if ae_arg is not None and args.data is None:
+        raise LocalCliError("--autoencoder applies with --data only (the shipped denoiser is "
+                            "made in the shipped autoencoder's latent space)")
+    if dm and args.data is not None and ae_arg is None:
+        raise LocalCliError("pretrain-dm --data: give --autoencoder FILE, the prior made by "
+                            "pretrain-ae --data (the denoiser learns that autoencoder's latents)")
     meta: dict[str, object] = {"steps": args.steps, "seed": args.seed}
-    if args.command == "pretrain-ae":
-        state = pt.pretrain_autoencoder(cfg, steps=args.steps, seed=args.seed)
+    ae_state: dict[str, Any] | None = None
+    if ae_arg is not None:  # checked before the public images are read
+        from ldm_core.config import RunConfig
+
+        ae_file = str(ae_arg.expanduser().resolve())
+        try:
+            ae_state = pt.autoencoder_prior(RunConfig(model=cfg, ae_init=ae_file))
+        except (OSError, ValueError) as e:
+            raise LocalCliError(f"--autoencoder: {e}") from e
+        meta.update(autoencoder=ae_file, autoencoder_sha256=pt.file_sha256(ae_file),
+                    labels="none (null class only)")
+    images = None
+    if args.data is not None:
+        data = Path(args.data).expanduser()
+        if not data.exists():
+            raise LocalCliError(f"--data {data}: no such file or folder")
+        images, source = pt.load_public(data, cfg.image_size)
+        meta.update(source, kind="denoiser" if dm else "autoencoder",
+                    note="a user-supplied public set; never the sites' own patients (a prior is "
+                         "not charged to any privacy budget)")
+    if not dm:
+        state = pt.pretrain_autoencoder(cfg, steps=args.steps, seed=args.seed, images=images)
         path = args.out or pt.pretrained_path(cfg)
-        meta.update(public_seed=pt.PUBLIC_SEED, data="procedural phantoms (ldm_core.phantoms)")
+        if images is None:
+            meta.update(public_seed=pt.PUBLIC_SEED, data="procedural phantoms (ldm_core.phantoms)")
     else:
-        state, scale = pt.pretrain_denoiser(cfg, pt.load_pretrained(cfg), steps=args.steps,
-                                            seed=args.seed)
+        if ae_state is None:
+            ae_state = pt.load_pretrained(cfg)
+        state, scale = pt.pretrain_denoiser(cfg, ae_state, steps=args.steps, seed=args.seed,
+                                            images=images)
         path = args.out or pt.denoiser_pretrained_path(cfg)
-        meta.update(public_seed=pt.PUBLIC_SEED + 1, public_scale_factor=scale,
-                    labels="none (null class only)",
-                    data="healthy procedural phantoms (ldm_core.phantoms, class 'normal' only), "
-                         "encoded by the shipped public-phantom autoencoder")
-    pt.save_pretrained(path, cfg, state, meta, denoiser=args.command == "pretrain-dm")
+        meta.update(public_scale_factor=scale)
+        if images is None:
+            meta.update(public_seed=pt.PUBLIC_SEED + 1, labels="none (null class only)",
+                        data="healthy procedural phantoms (ldm_core.phantoms, class 'normal' "
+                             "only), encoded by the shipped public-phantom autoencoder")
+    pt.save_pretrained(path, cfg, state, meta, denoiser=dm)
     print(f"wrote {path}")
+    if args.data is not None:
+        key = "dm_init" if dm else "ae_init"
+        print(f"start a run from it with --set {key}={path.expanduser().resolve()}")
     return 0
 
 
@@ -409,16 +457,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", type=A.path, help="result folder (default RUN/stress/MODEL_NAME)")
 
     for name, steps, text in (
-        ("pretrain-ae", 2500, "pretrain the autoencoder on public phantoms"),
+        ("pretrain-ae", 2500, "pretrain the autoencoder on public phantoms, or on a public set "
+                              "of your modality (--data)"),
         ("pretrain-dm", 3000, "pretrain the denoiser (no labels) on healthy public phantoms, "
-                              "in the latent space of the shipped autoencoder"),
+                              "in the latent space of the shipped autoencoder, or on a public "
+                              "set (--data, --autoencoder)"),
     ):
         pp = sub.add_parser(name, help=text)
         pp.add_argument("--preset", default="quick", choices=PRESETS)
         pp.add_argument("--image-size", type=A.positive_int, default=None)
         pp.add_argument("--steps", type=A.positive_int, default=steps)
         pp.add_argument("--seed", type=int, default=0)
-        pp.add_argument("--out", type=A.path)
+        pp.add_argument("--out", type=A.path, help="the prior file (*.safetensors; a JSON "
+                        "sidecar with its architecture and source is written next to it)")
+        pp.add_argument("--data", type=A.path, metavar="PUBLIC",
+                        help="a folder or CSV manifest of PUBLIC images of your modality "
+                        "(labels unused). Never the sites' patients: a prior is not charged to "
+                        "any privacy budget")
+        if name == "pretrain-dm":
+            pp.add_argument("--autoencoder", type=A.path, metavar="FILE",
+                            help="with --data: the pretrain-ae --data prior whose latents the "
+                            "denoiser learns (the run must start from it too)")
         pp.add_argument("--set", type=A.override, action="append", default=[],
                         metavar="KEY=VALUE")
 

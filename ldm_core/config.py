@@ -22,6 +22,14 @@ from common import jsonio
 PRESETS = ("tiny", "quick", "standard")
 AE_INITS = ("random", "public-phantoms")
 DM_INITS = ("random", "public-healthy-phantoms")
+# Besides those names, an init may be the path of a prior file made by `fedldm pretrain-ae/-dm
+# --data PUBLIC` (ldm_core.pretrain): a public set of the user's own modality.
+PRIOR_SUFFIX = ".safetensors"
+
+
+def is_prior_file(init: str) -> bool:
+    """An ae_init/dm_init that names a prior file rather than a built-in start."""
+    return init.endswith(PRIOR_SUFFIX)
 OPTIMIZERS = ("adam", "sgd")
 AGGREGATION_METHODS = ("auto", "mean", "trimmed-mean", "median")
 
@@ -308,20 +316,30 @@ class RunConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     class_names: tuple[str, ...] = ("class-0", "class-1")
     # "public-phantoms": start phase 1 from the shipped autoencoder pretrained on public
-    # procedural phantoms (ldm_core.pretrain); "random": from scratch.
+    # procedural phantoms (ldm_core.pretrain); "random": from scratch; PATH.safetensors: a prior
+    # made by `fedldm pretrain-ae --data PUBLIC` (checked against its sidecar when loaded).
     ae_init: str = "random"
     # "public-healthy-phantoms": start phase 2 from the shipped denoiser pretrained, without
-    # labels, on healthy public phantoms (anatomy only; ldm_core.pretrain); "random": scratch.
+    # labels, on healthy public phantoms (anatomy only; ldm_core.pretrain); "random": scratch;
+    # PATH.safetensors: made by `fedldm pretrain-dm --data PUBLIC --autoencoder AE` (the run's
+    # ae_init must be that same AE file).
     dm_init: str = "random"
 
     def __post_init__(self) -> None:
-        _check(self.ae_init in AE_INITS,
-               f"ae_init must be one of {AE_INITS}, got {self.ae_init!r}")
-        _check(self.dm_init in DM_INITS,
-               f"dm_init must be one of {DM_INITS}, got {self.dm_init!r}")
-        _check(self.dm_init == "random" or self.ae_init == "public-phantoms",
-               f"dm_init {self.dm_init!r} models the latents of the public-phantom autoencoder; "
-               "it needs ae_init 'public-phantoms' (or set dm_init to 'random')")
+        _check(self.ae_init in AE_INITS or is_prior_file(self.ae_init),
+               f"ae_init must be one of {AE_INITS} or a {PRIOR_SUFFIX} prior file (fedldm "
+               f"pretrain-ae --data PUBLIC), got {self.ae_init!r}")
+        _check(self.dm_init in DM_INITS or is_prior_file(self.dm_init),
+               f"dm_init must be one of {DM_INITS} or a {PRIOR_SUFFIX} prior file (fedldm "
+               f"pretrain-dm --data PUBLIC), got {self.dm_init!r}")
+        needs = ("random" if self.dm_init == "random" else
+                 "file" if is_prior_file(self.dm_init) else "public-phantoms")
+        _check(needs == "random" or needs == "file" and is_prior_file(self.ae_init)
+               or self.ae_init == needs,
+               f"dm_init {self.dm_init!r} models the latents of the autoencoder it was "
+               "pretrained with; set ae_init to that autoencoder (public-phantoms for the "
+               "shipped denoiser, the --autoencoder file for a pretrain-dm prior), or set "
+               "dm_init to 'random'")
         _check(self.dm_init == "random" or self.model.site_slots == 0,
                f"dm_init {self.dm_init!r} has no site embeddings; site-conditional generation "
                "(model.site_slots > 0) needs dm_init 'random'")

@@ -148,11 +148,9 @@ def _ae_share(cfg: RunConfig) -> float:
 
 
 def _ae_pretrained(cfg: RunConfig) -> dict[str, torch.Tensor] | None:
-    if cfg.ae_init != "public-phantoms":
-        return None
-    from ldm_core.pretrain import load_pretrained  # the shipped weights, read only when asked
+    from ldm_core.pretrain import autoencoder_prior  # weights are read only when asked
 
-    return load_pretrained(cfg.model)
+    return autoencoder_prior(cfg)
 
 
 # ------------------------------------------------------------------------- diffusion
@@ -213,11 +211,9 @@ def _dm_share(cfg: RunConfig) -> float:
 
 
 def _dm_pretrained(cfg: RunConfig) -> dict[str, torch.Tensor] | None:
-    if cfg.dm_init != "public-healthy-phantoms":
-        return None
-    from ldm_core.pretrain import load_pretrained_denoiser
+    from ldm_core.pretrain import denoiser_prior
 
-    return load_pretrained_denoiser(cfg.model)
+    return denoiser_prior(cfg)
 
 
 # ------------------------------------------------------------------------- registry

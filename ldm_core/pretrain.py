@@ -18,14 +18,20 @@ under DP:
 
 On the built-in demo data the public phantoms come from the same generator as the sites' data
 (another seed), so the demo's anatomy is easier than real data's; the report says so. On real
-data, pretrain on a public set of the same modality instead (or use `random` inits).
+data, pretrain on a public set of the same modality instead (or use `random` inits):
+`fedldm pretrain-ae --data PUBLIC --out ae.safetensors` (and `pretrain-dm --data PUBLIC
+--autoencoder ae.safetensors --out dm.safetensors`) train the same two priors on any folder or
+manifest a user may legally use, and a run starts from them with `--set ae_init=ae.safetensors
+--set dm_init=dm.safetensors` (`prior file`). Such a prior is public by assumption: nothing in
+it is charged to a site's budget, so it must never be made from the sites' own patients.
 
 Both files are reproducible with `fedldm pretrain-ae` / `fedldm pretrain-dm` (same seeds and
-steps); their JSON sidecar records the architecture they fit.
+steps); their JSON sidecar records the architecture they fit and the data they were made from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -33,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ldm_core.config import ModelConfig, to_dict
+from ldm_core.config import ModelConfig, RunConfig, is_prior_file, to_dict
 from ldm_core.losses import autoencoder_loss, diffusion_loss
 from ldm_core.models import make_autoencoder, make_denoiser, make_train_scheduler
 from ldm_core.phantoms import CLASS_NAMES, render_demo
@@ -84,16 +90,20 @@ def public_images(n: int, image_size: int, seed: int = PUBLIC_SEED, *,
 
 def pretrain_autoencoder(cfg: ModelConfig, *, steps: int = 600, batch_size: int = 64,
                          lr: float = 2e-3, kl_weight: float = 1e-3, n_images: int = 4000,
-                         seed: int = 0, show_progress: bool = True) -> dict[str, torch.Tensor]:
-    """Plain (non-DP) training on public phantoms; returns the state dict."""
+                         seed: int = 0, show_progress: bool = True,
+                         images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Plain (non-DP) training on public images; returns the state dict.
+
+    `images` ([N,1,S,S] in [-1, 1], a public set's) replaces the shipped phantoms.
+    """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    x = public_images(n_images, cfg.image_size)
+    x = public_images(n_images, cfg.image_size) if images is None else images
     ae = make_autoencoder(cfg).train()
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    bar = tqdm(range(steps), desc="pretrain autoencoder (public phantoms)",
-               disable=not show_progress)
+    what = "public phantoms" if images is None else f"{x.shape[0]} public images"
+    bar = tqdm(range(steps), desc=f"pretrain autoencoder ({what})", disable=not show_progress)
     for _ in bar:
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
         noise = torch.randn((batch_size, cfg.latent_channels, cfg.latent_size, cfg.latent_size),
@@ -109,9 +119,11 @@ def pretrain_autoencoder(cfg: ModelConfig, *, steps: int = 600, batch_size: int 
 
 def pretrain_denoiser(cfg: ModelConfig, ae_state: dict[str, torch.Tensor], *, steps: int = 3000,
                       batch_size: int = 128, lr: float = 2e-3, n_images: int = 8000,
-                      seed: int = 0, show_progress: bool = True
+                      seed: int = 0, show_progress: bool = True,
+                      images: torch.Tensor | None = None
                       ) -> tuple[dict[str, torch.Tensor], float]:
-    """Unconditional (null-label) DDPM training on healthy public phantoms' latents.
+    """Unconditional (null-label) DDPM training on healthy public phantoms' latents, or on the
+    latents of `images` (a public set's, every image, labels unused).
 
     Returns the state dict with the class embedding reduced to its null row (the only one
     trained; `load_pretrained_denoiser` copies it to every class) and the public scale factor.
@@ -121,7 +133,8 @@ def pretrain_denoiser(cfg: ModelConfig, ae_state: dict[str, torch.Tensor], *, st
     ae = make_autoencoder(cfg)
     ae.load_state_dict(ae_state)
     ae.eval()
-    x = public_images(n_images, cfg.image_size, seed=PUBLIC_SEED + 1, healthy_only=True)
+    x = (public_images(n_images, cfg.image_size, seed=PUBLIC_SEED + 1, healthy_only=True)
+         if images is None else images)
     with torch.no_grad():
         z = torch.cat([ae.encode(x[i:i + 512])[0] for i in range(0, len(x), 512)])
     scale = float(1.0 / z.pow(2).mean().sqrt())
@@ -132,8 +145,8 @@ def pretrain_denoiser(cfg: ModelConfig, ae_state: dict[str, torch.Tensor], *, st
     lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
                                                    pct_start=0.05)
     null = torch.full((batch_size,), cfg.n_classes)
-    bar = tqdm(range(steps), desc="pretrain denoiser (healthy public phantoms)",
-               disable=not show_progress)
+    what = "healthy public phantoms" if images is None else f"{x.shape[0]} public images"
+    bar = tqdm(range(steps), desc=f"pretrain denoiser ({what})", disable=not show_progress)
     for _ in bar:
         idx = torch.randint(0, z.shape[0], (batch_size,), generator=gen)
         t = torch.randint(0, cfg.num_train_timesteps, (batch_size,), generator=gen)
@@ -183,15 +196,31 @@ def _candidates(name: str) -> list[Path]:
     return out
 
 
+class PriorError(ValueError):
+    """A prior file that cannot start this run; the message names the file and the fix."""
+
+
+def _read_checked(path: Path, arch: dict[str, object], fix: str) -> dict[str, torch.Tensor]:
+    """Weights whose sidecar says they fit `arch`, or an error naming the file and `fix`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no prior weights at {path}; {fix}")
+    side = path.with_suffix(".json")
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PriorError(f"{side}: the prior's sidecar is missing or not JSON ({e}); it is "
+                         f"written next to the weights by fedldm pretrain-ae/-dm; {fix}") from e
+    if meta.get("arch") != arch:
+        raise PriorError(f"{path} was made for {meta.get('arch')}, not this run's {arch}; {fix}")
+    return load_file(str(path))
+
+
 def _load(path: Path, arch: dict[str, object], how: str) -> dict[str, torch.Tensor]:
     path = next((p for p in _candidates(path.name) if p.exists()), path)
     if not path.exists():
         raise FileNotFoundError(f"no public-pretrained weights at {path} for this architecture; "
                                 f"{how}")
-    meta = json.loads(path.with_suffix(".json").read_text())
-    if meta.get("arch") != arch:
-        raise ValueError(f"{path} was made for {meta.get('arch')}, not {arch}")
-    return load_file(str(path))
+    return _read_checked(path, arch, how)
 
 
 def load_pretrained(cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -241,9 +270,93 @@ def load_pretrained_denoiser(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     state = _load(denoiser_pretrained_path(cfg), _arch_key(cfg, _DM_KEYS),
                   "create it with `fedldm pretrain-dm` (same --preset/--set as the run), or "
                   "set dm_init to 'random'")
+    return _every_class_from_null(state, cfg)
+
+
+def _every_class_from_null(state: dict[str, torch.Tensor], cfg: ModelConfig
+                           ) -> dict[str, torch.Tensor]:
     null = state[_CLASS_EMBEDDING]
     if null.shape[0] != 1:
         raise ValueError(f"pretrained denoiser class embedding has {null.shape[0]} rows; "
                          "expected the single null row written by `fedldm pretrain-dm`")
     state[_CLASS_EMBEDDING] = null.expand(cfg.n_classes + 1, -1).clone()
     return state
+
+
+# --------------------------------------------------------------------------- prior files
+# A user's own public set (`fedldm pretrain-ae/-dm --data PUBLIC`), named by path in the run's
+# ae_init / dm_init. Only the coordinator reads them (the initial global weights).
+
+
+def load_public(path: str | Path, image_size: int, *, progress: bool = True
+                ) -> tuple[torch.Tensor, dict[str, object]]:
+    """Every image of a public folder or CSV manifest, [N,1,S,S] in [-1, 1], and its source
+    record for the prior's sidecar. Labels, splits and masks are not used: a prior learns what
+    the modality looks like, the sites teach the classes."""
+    from ldm_core.data import load_images, scan
+
+    index = scan(path)
+    x, _ = load_images(index.records, image_size, progress=progress)
+    listing = "\n".join(sorted(str(r.path.relative_to(index.root)) if r.path.is_relative_to(
+        index.root) else str(r.path) for r in index.records))
+    source = {"data": str(Path(path).expanduser().resolve()), "images": int(x.shape[0]),
+              "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+    return x, source
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prior_meta(path: str | Path) -> dict[str, object]:
+    """A prior file's sidecar (empty when it cannot be read here)."""
+    try:
+        return dict(json.loads(Path(path).with_suffix(".json").read_text()))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _fix(kind: str, path: str) -> str:
+    return (f"make it with `fedldm pretrain-{kind} --data PUBLIC --out {path}` using the run's "
+            "--preset, --image-size and model --set options")
+
+
+def autoencoder_prior(cfg: RunConfig) -> dict[str, torch.Tensor] | None:
+    """The run's starting autoencoder (None: random), widened for a paired run's mask."""
+    if cfg.ae_init == "random":
+        return None
+    if not is_prior_file(cfg.ae_init):
+        return load_pretrained(cfg.model)
+    state = _read_checked(Path(cfg.ae_init), _arch_key(cfg.model), _fix("ae", cfg.ae_init))
+    return widen_for_masks(state, cfg.model) if cfg.model.mask_channels else state
+
+
+def denoiser_prior(cfg: RunConfig) -> dict[str, torch.Tensor] | None:
+    """The run's starting denoiser (None: random). A prior file must have been made in the
+    latent space of the run's own autoencoder prior (its sidecar records that file's hash)."""
+    if cfg.dm_init == "random":
+        return None
+    if not is_prior_file(cfg.dm_init):
+        return load_pretrained_denoiser(cfg.model)
+    path = Path(cfg.dm_init)
+    state = _read_checked(path, _arch_key(cfg.model, _DM_KEYS), _fix("dm", cfg.dm_init))
+    want = prior_meta(path).get("autoencoder_sha256")
+    have = file_sha256(cfg.ae_init) if Path(cfg.ae_init).is_file() else None
+    if want != have:
+        raise PriorError(f"{path} models the latents of another autoencoder (sha256 {want}) "
+                         f"than this run's ae_init {cfg.ae_init} ({have}); start the run from "
+                         "the autoencoder the denoiser was pretrained with (pretrain-dm "
+                         "--autoencoder), or set dm_init to 'random'")
+    if _CLASS_EMBEDDING not in state or state[_CLASS_EMBEDDING].shape[0] != 1:
+        raise PriorError(f"{path}: not a pretrain-dm prior (expected a single null class row)")
+    return _every_class_from_null(state, cfg.model)
+
+
+def check_priors(cfg: RunConfig) -> None:
+    """Load every configured prior once, so a bad one stops a run before anything is written."""
+    autoencoder_prior(cfg)
+    denoiser_prior(cfg)

@@ -29,6 +29,20 @@ INIT_NOTES = {
 }
 
 
+def init_note(init: str) -> str:
+    """Where a phase's weights started: a built-in start, or a prior file and its public source
+    (from its sidecar, when the file is readable where the report is written)."""
+    if init in INIT_NOTES:
+        return INIT_NOTES[init]
+    from ldm_core.pretrain import prior_meta
+
+    meta = prior_meta(init)
+    source = (f"{meta.get('images', '?')} public images from {meta['data']}" if "data" in meta
+              else "a public set (the prior's sidecar is not readable here)")
+    return (f"pretrained on {source} (prior file {Path(init).name}), then fine-tuned on the "
+            "sites' data")
+
+
 def _f(x: Any, nd: int = 3) -> str:
     if isinstance(x, (int, float)):
         return "inf" if isinstance(x, float) and math.isinf(x) else f"{x:.{nd}f}"
@@ -105,8 +119,8 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
         f"- Sampling: DDIM, {syn.ddim_steps} steps, classifier-free guidance "
         f"{syn.guidance_scale}; {syn.n} images, {syn.per_class} per class "
         f"({', '.join(cfg.class_names)}), class-balanced by design.",
-        f"- Starting weights: autoencoder {INIT_NOTES[cfg.ae_init]}; denoiser "
-        f"{INIT_NOTES[cfg.dm_init]}.",
+        f"- Starting weights: autoencoder {init_note(cfg.ae_init)}; denoiser "
+        f"{init_note(cfg.dm_init)}.",
         "- Files: `<class>/syn_NNNNNN.png` (8-bit grayscale) and `manifest.csv` (path,label)"
         + ("; each image's lesion mask (0/255, pixel-aligned, decoded from the same latent) "
            "at `masks/<class>/syn_NNNNNN.png`, column `mask`." if cfg.model.mask_channels

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm_core.config import RunConfig
-from server.datacard import INIT_NOTES
+from server.datacard import init_note
 from server.run_metrics import RoundRecord
 
 __all__ = ["PRIVACY_RANDOMNESS_SECURE", "disclosures", "privacy_unit", "run_table"]
@@ -81,6 +81,6 @@ def run_table(metrics: dict[str, Any], cfg: RunConfig, out: Path) -> dict[str, A
         "delta": cfg.privacy.delta, "latent scale factor":
             (metrics.get("latent_scale") or {}).get("scale_factor"),
         "patient ids": meta.get("patient_note") or "yes",
-        "autoencoder start": INIT_NOTES[cfg.ae_init],
-        "denoiser start": INIT_NOTES[cfg.dm_init],
+        "autoencoder start": init_note(cfg.ae_init),
+        "denoiser start": init_note(cfg.dm_init),
     }

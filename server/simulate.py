@@ -34,6 +34,7 @@ from ldm_core.data import (
 )
 from ldm_core.dp_random import NOT_PRIVATE_NOTE
 from ldm_core.phantoms import generate_demo
+from ldm_core.pretrain import check_priors
 from server.acceptance import AcceptanceError, check_feasible, parse_acceptance
 from server.evaluate import EvalOptions
 from server.federation import Coordinator, FederationError, ServerSettings
@@ -107,9 +108,14 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
     run = Run(out)
     # The noise plan needs only the configuration (not the classes): checked before the demo
     # data is written.
-    _check_plan_fits(build_config(preset=opts.preset, image_size=opts.image_size,
-                                  epsilon=opts.epsilon, delta=opts.delta, seed=opts.seed,
-                                  device=opts.device, overrides=opts.overrides), opts)
+    early = build_config(preset=opts.preset, image_size=opts.image_size, epsilon=opts.epsilon,
+                         delta=opts.delta, seed=opts.seed, device=opts.device,
+                         overrides=opts.overrides)
+    _check_plan_fits(early, opts)
+    try:
+        check_priors(early)  # a missing or mismatched prior file, before anything is written
+    except (OSError, ValueError) as e:
+        raise FederationError(f"cannot start from the configured prior: {e}") from e
     data, partition = prepare_data(opts, out)  # creates OUT only for the demo data
     index = scan(data)
     eps = opts.epsilon

@@ -428,6 +428,27 @@ CASES = [
     Case("pretrain-ae-image-size-not-divisible",
          lambda w: ["pretrain-ae", "--preset", "tiny", "--image-size", "18", "--out",
                     str(w.p("ae.safetensors"))], "--image-size 18"),
+    # --- priors from a public set (pretrain --data, ae_init/dm_init files)
+    Case("pretrain-ae-data-without-out",
+         lambda w: ["pretrain-ae", "--preset", "tiny", "--data", w.data()], "--out"),
+    Case("pretrain-ae-missing-public-data",
+         lambda w: ["pretrain-ae", "--preset", "tiny", "--data", str(w.p("no-public")),
+                    "--out", str(w.p("ae.safetensors"))], "no-public"),
+    Case("pretrain-ae-out-not-safetensors",
+         lambda w: ["pretrain-ae", "--preset", "tiny", "--data", w.data(), "--out",
+                    str(w.p("ae.pt"))], "ae.pt"),
+    Case("pretrain-dm-data-without-autoencoder",
+         lambda w: ["pretrain-dm", "--preset", "tiny", "--data", w.data(), "--out",
+                    str(w.p("dm.safetensors"))], "--autoencoder"),
+    Case("pretrain-dm-autoencoder-missing",
+         lambda w: ["pretrain-dm", "--preset", "tiny", "--data", w.data(), "--autoencoder",
+                    str(w.p("none.safetensors")), "--out", str(w.p("dm.safetensors"))],
+         "none.safetensors"),
+    Case("simulate-prior-file-missing",
+         lambda w: _sim(w, "--set", f"ae_init={w.p('gone.safetensors')}"), "gone.safetensors"),
+    Case("simulate-denoiser-prior-without-its-autoencoder",
+         lambda w: _sim(w, "--set", f"dm_init={w.p('dm.safetensors')}", "--set",
+                    "ae_init=random"), "dm_init"),
 ]
 
 
