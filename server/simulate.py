@@ -22,7 +22,6 @@ import torch
 
 from client.client_app import SimulationSites, make_client_app
 from client.ledger import PrivacyLedger
-from client.tasks import plan_for
 from ldm_core.config import PRESET_IMAGE_SIZE, RunConfig, build_config, to_dict
 from ldm_core.data import (
     DEMO_DATA,
@@ -39,6 +38,7 @@ from server.acceptance import AcceptanceError, check_feasible, parse_acceptance
 from server.evaluate import EvalOptions
 from server.federation import Coordinator, FederationError, ServerSettings
 from server.finalize import finalize_run
+from server.plan_check import check_plan_fits
 from server.run_folder import Run, RunInfo
 from server.run_metrics import PrivacyBlock, RoundRecord, SitePrivacy
 from server.server_app import make_server_app
@@ -198,20 +198,9 @@ def _check_before_writing(run: Run, cfg: RunConfig, data: str, partition: str,
 
 
 def _check_plan_fits(cfg: RunConfig, opts: SimulationOptions) -> None:
-    """Refuse, before anything is written, a budget the run's plan cannot fit: every site would
-    refuse its first round (the reason only in its site.log). The plan depends on the
-    configuration and the budget alone, so a fresh site's plan is every site's."""
-    site = SimulationSites(data="-", n_sites=1, partition="iid", state_root=Path("-"),
-                           epsilon=opts.epsilon, delta=opts.delta, data_seed=0,
-                           device="cpu").site(0)
-    try:
-        plan_for(site, cfg, [])
-    except (ValueError, RuntimeError) as err:
-        raise FederationError(
-            f"--epsilon {opts.epsilon:g} cannot hold this run's plan: {err} Raise --epsilon, or "
-            "make the fixed releases cheaper (--set privacy.scale_noise_multiplier=100 --set "
-            "privacy.audit_noise_multiplier=40 --set privacy.retry_reserve_rounds=0) and give "
-            "the autoencoder a larger share (--set privacy.ae_share=0.3)") from err
+    """Refuse, before anything is written, a budget the run's plan cannot fit (simulated sites
+    allow audits, as SimulationSites does)."""
+    check_plan_fits(cfg, opts.epsilon, opts.delta, audit=True, evaluate=False)
 
 
 def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
