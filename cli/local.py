@@ -289,6 +289,10 @@ def pretrain(args: argparse.Namespace) -> int:
         if args.out.suffix != ".safetensors":
             raise LocalCliError(f"--out {args.out}: name it *.safetensors (runs select a prior "
                                 "file by that suffix: --set ae_init=FILE.safetensors)")
+    if args.data is not None and cfg.mask_channels:
+        raise LocalCliError("--data with model.mask_channels: a public set trains an image-only "
+                            "prior (its masks are not read); drop the mask channel here, a "
+                            "paired run widens the prior itself")
     dm = args.command == "pretrain-dm"
     ae_arg = getattr(args, "autoencoder", None)  # pretrain-dm only
     if ae_arg is not None and args.data is None:

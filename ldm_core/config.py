@@ -340,6 +340,10 @@ class RunConfig:
                "pretrained with; set ae_init to that autoencoder (public-phantoms for the "
                "shipped denoiser, the --autoencoder file for a pretrain-dm prior), or set "
                "dm_init to 'random'")
+        _check(self.dm_init != "public-healthy-phantoms" or self.model.mask_channels == 0,
+               "dm_init 'public-healthy-phantoms' models the image-only autoencoder's latents; "
+               "a paired run (model.mask_channels > 0) starts from the paired autoencoder, so "
+               "set dm_init to 'random'")
         _check(self.dm_init == "random" or self.model.site_slots == 0,
                f"dm_init {self.dm_init!r} has no site embeddings; site-conditional generation "
                "(model.site_slots > 0) needs dm_init 'random'")

@@ -25,11 +25,36 @@ def kl_per_sample(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
 def autoencoder_loss(
     ae: AutoencoderKL, x: torch.Tensor, *, kl_weight: float, noise: torch.Tensor
 ) -> torch.Tensor:
-    """L1 reconstruction + KL, per sample. `noise` is the reparameterisation noise (passed in)."""
+    """L1 reconstruction + KL, per sample. `noise` is the reparameterisation noise (passed in).
+
+    A paired input (image channel, then mask channels in -1/+1) scores its masks with
+    `balanced_mask_l1`, averaged with the image channel's L1.
+    """
     z_mu, z_sigma = ae.encode(x)
     z = z_mu + z_sigma * noise
     recon = ae.decode(z)
-    return _per_sample_mean((recon - x).abs()) + kl_weight * kl_per_sample(z_mu, z_sigma)
+    if x.shape[1] == 1:
+        error = _per_sample_mean((recon - x).abs())
+    else:
+        error = (_per_sample_mean((recon[:, :1] - x[:, :1]).abs())
+                 + balanced_mask_l1(recon[:, 1:], x[:, 1:])) / 2
+    return error + kl_weight * kl_per_sample(z_mu, z_sigma)
+
+
+def balanced_mask_l1(recon: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample L1 of a -1/+1 mask, lesion and background pixels weighted half each.
+
+    Why: lesions cover a few percent of a slice, so a plain L1 is minimised by drawing no lesion
+    at all (measured: a paired autoencoder trained 300 steps without DP reconstructed every
+    lesion mask as empty, Dice 0). Balancing the two classes makes a missed lesion cost as much
+    as a wrong background. A sample with no lesion pixel is scored on its background alone.
+    """
+    error = (recon - mask).abs().flatten(1)
+    fg = (mask > 0).flatten(1).to(error.dtype)
+    n_fg, n_bg = fg.sum(1), (1 - fg).sum(1)
+    on_fg = (error * fg).sum(1) / n_fg.clamp(min=1)
+    on_bg = (error * (1 - fg)).sum(1) / n_bg.clamp(min=1)
+    return torch.where(n_fg > 0, (on_fg + on_bg) / 2, on_bg)
 
 
 def diffusion_loss(

@@ -31,6 +31,7 @@ steps); their JSON sidecar records the architecture they fit and the data they w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 from ldm_core.config import ModelConfig, RunConfig, is_prior_file, to_dict
 from ldm_core.losses import autoencoder_loss, diffusion_loss
 from ldm_core.models import make_autoencoder, make_denoiser, make_train_scheduler
-from ldm_core.phantoms import CLASS_NAMES, render_demo
+from ldm_core.phantoms import CLASS_NAMES, render_demo, render_demo_pairs
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 PUBLIC_SEED = 20_241_128  # the public phantom set; distinct from any demo-data seed in use
@@ -64,8 +65,16 @@ def _ae_tag(cfg: ModelConfig) -> str:
     return f"{cfg.image_size}px-{ch}-l{cfg.latent_channels}-rb{cfg.ae_res_blocks}"
 
 
+def _ae_keys(cfg: ModelConfig) -> tuple[str, ...]:
+    """A paired prior's sidecar also records its mask channels (image-only ones predate it)."""
+    return _AE_KEYS + ("mask_channels",) if cfg.mask_channels else _AE_KEYS
+
+
 def pretrained_path(cfg: ModelConfig) -> Path:
-    return PRETRAINED_DIR / f"autoencoder-{_ae_tag(cfg)}.safetensors"
+    """The shipped autoencoder; for a paired model (mask channels) the one pretrained on public
+    phantoms with their lesion masks."""
+    mask = f"-m{cfg.mask_channels}" if cfg.mask_channels else ""
+    return PRETRAINED_DIR / f"autoencoder-{_ae_tag(cfg)}{mask}.safetensors"
 
 
 def denoiser_pretrained_path(cfg: ModelConfig) -> Path:
@@ -88,6 +97,16 @@ def public_images(n: int, image_size: int, seed: int = PUBLIC_SEED, *,
     return torch.from_numpy(imgs[:n]).float().unsqueeze(1) / 127.5 - 1.0
 
 
+def public_pairs(n: int, image_size: int, seed: int = PUBLIC_SEED) -> torch.Tensor:
+    """[N,2,H,W]: public phantoms with their lesion masks, as a paired model reads them."""
+    from ldm_core.data import pair_channels
+
+    imgs, masks, *_ = render_demo_pairs(n_patients=max(1, n // 4), slices_per_patient=4,
+                                        n_sites=4, image_size=image_size, seed=seed)
+    x = torch.from_numpy(imgs[:n]).float().unsqueeze(1) / 127.5 - 1.0
+    return pair_channels(x, torch.from_numpy(masks[:n] > 0).float().unsqueeze(1))
+
+
 def pretrain_autoencoder(cfg: ModelConfig, *, steps: int = 600, batch_size: int = 64,
                          lr: float = 2e-3, kl_weight: float = 1e-3, n_images: int = 4000,
                          seed: int = 0, show_progress: bool = True,
@@ -98,11 +117,18 @@ def pretrain_autoencoder(cfg: ModelConfig, *, steps: int = 600, batch_size: int 
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    x = public_images(n_images, cfg.image_size) if images is None else images
+    if images is not None and images.shape[1] != cfg.image_channels:
+        raise ValueError(f"public images have {images.shape[1]} channel(s), the autoencoder "
+                         f"reads {cfg.image_channels}; a public set trains an image-only prior "
+                         "(a paired run widens it for its mask channel)")
+    x = images if images is not None else (
+        public_pairs(n_images, cfg.image_size) if cfg.mask_channels
+        else public_images(n_images, cfg.image_size))
     ae = make_autoencoder(cfg).train()
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    what = "public phantoms" if images is None else f"{x.shape[0]} public images"
+    what = (f"{x.shape[0]} public images" if images is not None else
+            "public phantoms with masks" if cfg.mask_channels else "public phantoms")
     bar = tqdm(range(steps), desc=f"pretrain autoencoder ({what})", disable=not show_progress)
     for _ in bar:
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
@@ -166,7 +192,7 @@ def save_pretrained(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
                     meta: dict[str, object], *, denoiser: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
-    arch = _arch_key(cfg, _DM_KEYS if denoiser else _AE_KEYS)
+    arch = _arch_key(cfg, _DM_KEYS if denoiser else _ae_keys(cfg))
     path.with_suffix(".json").write_text(json.dumps({"arch": arch, **meta}, indent=2,
                                                     sort_keys=True) + "\n")
 
@@ -224,9 +250,16 @@ def _load(path: Path, arch: dict[str, object], how: str) -> dict[str, torch.Tens
 
 
 def load_pretrained(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The shipped autoencoder for this architecture, or an error saying how to make it;
-    widened for a mask channel when the run generates image/mask pairs (`widen_for_masks`)."""
-    state = _load(pretrained_path(cfg), _arch_key(cfg),
+    """The shipped autoencoder for this architecture, or an error saying how to make it.
+
+    A paired run (mask channels) takes the prior pretrained on public phantoms with their
+    masks when one ships for the architecture; otherwise the image-only prior widened for the
+    mask channel (`widen_for_masks`), whose mask is then learnt from the sites' pairs alone.
+    """
+    if cfg.mask_channels and any(p.exists() for p in _candidates(pretrained_path(cfg).name)):
+        return _load(pretrained_path(cfg), _arch_key(cfg, _ae_keys(cfg)), "")
+    image_only = dataclasses.replace(cfg, mask_channels=0)
+    state = _load(pretrained_path(image_only), _arch_key(cfg),
                   f"create it with `fedldm pretrain-ae --image-size {cfg.image_size} --set "
                   f"model.ae_channels={list(cfg.ae_channels)} ...`, or set autoencoder init to "
                   "'random'")
@@ -331,8 +364,11 @@ def autoencoder_prior(cfg: RunConfig) -> dict[str, torch.Tensor] | None:
         return None
     if not is_prior_file(cfg.ae_init):
         return load_pretrained(cfg.model)
-    state = _read_checked(Path(cfg.ae_init), _arch_key(cfg.model), _fix("ae", cfg.ae_init))
-    return widen_for_masks(state, cfg.model) if cfg.model.mask_channels else state
+    path = Path(cfg.ae_init)
+    paired = "mask_channels" in (prior_meta(path).get("arch") or {})  # made with masks
+    state = _read_checked(path, _arch_key(cfg.model, _ae_keys(cfg.model) if paired
+                                          else _AE_KEYS), _fix("ae", cfg.ae_init))
+    return widen_for_masks(state, cfg.model) if cfg.model.mask_channels and not paired else state
 
 
 def denoiser_prior(cfg: RunConfig) -> dict[str, torch.Tensor] | None:

@@ -29,9 +29,14 @@ INIT_NOTES = {
 }
 
 
-def init_note(init: str) -> str:
+def init_note(init: str, *, paired: bool = False) -> str:
     """Where a phase's weights started: a built-in start, or a prior file and its public source
-    (from its sidecar, when the file is readable where the report is written)."""
+    (from its sidecar, when the file is readable where the report is written). `paired`: the
+    autoencoder of an image/mask run (the shipped one then also saw the phantoms' masks)."""
+    if init == "public-phantoms" and paired:
+        return ("pretrained on public procedural phantoms and their lesion masks (no patient "
+                "data; where no paired prior ships for the architecture, the image-only one with "
+                "a blank mask channel), then fine-tuned on the sites' data")
     if init in INIT_NOTES:
         return INIT_NOTES[init]
     from ldm_core.pretrain import prior_meta
@@ -119,7 +124,8 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
         f"- Sampling: DDIM, {syn.ddim_steps} steps, classifier-free guidance "
         f"{syn.guidance_scale}; {syn.n} images, {syn.per_class} per class "
         f"({', '.join(cfg.class_names)}), class-balanced by design.",
-        f"- Starting weights: autoencoder {init_note(cfg.ae_init)}; denoiser "
+        f"- Starting weights: autoencoder "
+        f"{init_note(cfg.ae_init, paired=cfg.model.mask_channels > 0)}; denoiser "
         f"{init_note(cfg.dm_init)}.",
         "- Files: `<class>/syn_NNNNNN.png` (8-bit grayscale) and `manifest.csv` (path,label)"
         + ("; each image's lesion mask (0/255, pixel-aligned, decoded from the same latent) "

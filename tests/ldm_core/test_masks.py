@@ -135,6 +135,41 @@ def test_widened_prior_keeps_the_image_path_and_starts_masks_at_background() -> 
     assert out_bias.shape == (2,) and out_bias[1].item() == -1.0
 
 
+def test_the_mask_loss_weighs_lesion_and_background_alike() -> None:
+    """Golden values: one lesion pixel of four, drawn as background, costs as much as getting
+    the whole background wrong; a plain L1 would call it 0.5 and learn to draw no lesion."""
+    from ldm_core.losses import balanced_mask_l1
+
+    mask = torch.tensor([[[[1.0, -1.0], [-1.0, -1.0]]], [[[-1.0, -1.0], [-1.0, -1.0]]]])
+    empty = torch.full_like(mask, -1.0)
+    assert balanced_mask_l1(empty, mask).tolist() == [1.0, 0.0]
+    assert balanced_mask_l1(-empty, mask).tolist() == [1.0, 2.0]  # all lesion: bg wrong
+    assert balanced_mask_l1(mask, mask).tolist() == [0.0, 0.0]
+
+
+def test_a_paired_autoencoder_loss_scores_image_and_balanced_mask() -> None:
+    from ldm_core.losses import autoencoder_loss, balanced_mask_l1
+
+    cfg = build_config(preset="tiny", overrides={"model.mask_channels": 1}).model
+    torch.manual_seed(0)
+    ae = make_autoencoder(cfg).eval()
+    x = pair_channels(torch.rand(3, 1, 16, 16) * 2 - 1,
+                      (torch.rand(3, 1, 16, 16) > 0.9).float())
+    noise = torch.zeros(3, cfg.latent_channels, 8, 8)
+    with torch.no_grad():
+        got = autoencoder_loss(ae, x, kl_weight=0.0, noise=noise)
+        recon = ae.decode(ae.encode(x)[0])
+    want = ((recon[:, :1] - x[:, :1]).abs().flatten(1).mean(1)
+            + balanced_mask_l1(recon[:, 1:], x[:, 1:])) / 2
+    assert torch.allclose(got, want, atol=1e-6)
+    # Per sample (what DP-SGD clips): another mask for sample 0 moves loss 0 alone.
+    x2 = x.clone()
+    x2[0, 1] = -x2[0, 1]
+    with torch.no_grad():
+        moved = autoencoder_loss(ae, x2, kl_weight=0.0, noise=noise)
+    assert not torch.isclose(moved[0], got[0]) and torch.allclose(moved[1:], got[1:], atol=1e-6)
+
+
 def test_demo_phantoms_carry_lesion_masks(tmp_path: Path) -> None:
     images, masks, labels, *_ = render_demo_pairs(n_patients=40, slices_per_patient=2,
                                                   image_size=32, seed=1)

@@ -111,3 +111,21 @@ def test_pretrain_denoiser_round_trip_through_the_pretrained_dir(tmp_path, monke
         # same file name, different schedule: the sidecar's architecture check refuses it
         load_pretrained_denoiser(eps)
 
+
+
+def test_shipped_paired_autoencoder_draws_the_lesion_masks() -> None:
+    """A paired quick run starts from the prior pretrained on public phantoms and their masks:
+    its reconstructed masks outline the lesions (not the image-only prior's blank channel)."""
+    from ldm_core.pretrain import public_pairs
+
+    m = build_config(preset="quick", overrides={"model.mask_channels": 1}).model
+    assert pretrained_path(m).exists(), "the quick preset's paired autoencoder is missing"
+    ae = make_autoencoder(m).eval()
+    ae.load_state_dict(load_pretrained(m))
+    x = public_pairs(64, m.image_size, seed=99)
+    with torch.no_grad():
+        recon = ae.decode(ae.encode(x)[0])
+    truth, drawn = x[:, 1] > 0, recon[:, 1] > 0
+    dice = 2 * (truth & drawn).sum() / (truth.sum() + drawn.sum())
+    assert truth.any() and float(dice) > 0.6
+    assert float((recon[:, 0] - x[:, 0]).abs().mean()) < 0.1
