@@ -11,7 +11,9 @@ Arms (each a `fedldm simulate` at --epsilon on the private part, same sites and 
 
 * `shipped`: the quick preset's default start (autoencoder pretrained on phantoms);
 * `public-ae`: the autoencoder prior from the public part, denoiser from scratch;
-* `public-ae+dm`: both priors from the public part (the denoiser unconditional, labels unused).
+* `public-ae+dm`: both priors from the public part (the denoiser unconditional, labels unused);
+* `public-ae+dm+cond`: the same, DP fine-tuning only the denoiser's conditioning path (class
+  and time embeddings, their projections into each block, attention: `diffusion.train_only`).
 
 Finished run folders and priors are reused. Writes OUT/public_prior.md (printed) with the
 privacy-utility table's columns plus the autoencoder's reconstruction quality.
@@ -29,7 +31,8 @@ from pathlib import Path
 
 from privacy_utility import HEADER, _fmt, row  # the privacy-utility table's cells
 
-ARMS = ("shipped", "public-ae", "public-ae+dm")
+ARMS = ("shipped", "public-ae", "public-ae+dm", "public-ae+dm+cond")
+CONDITIONING = '["class_embedding", "time_emb", "attn"]'
 
 
 def split_public(data: Path, out: Path, fraction: float, key: str) -> tuple[Path, Path, int]:
@@ -94,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     if not ae.exists():
         subprocess.run([fedldm, "pretrain-ae", *common, "--data", str(public), "--steps",
                         str(args.ae_steps), "--out", str(ae)], check=True)
-    if "public-ae+dm" in args.arms and not dm.exists():
+    if any(a.startswith("public-ae+dm") for a in args.arms) and not dm.exists():
         subprocess.run([fedldm, "pretrain-dm", *common, "--data", str(public), "--autoencoder",
                         str(ae), "--steps", str(args.dm_steps), "--out", str(dm)], check=True)
     inits = {"shipped": [], "public-ae": ["--set", f"ae_init={ae}"],
              "public-ae+dm": ["--set", f"ae_init={ae}", "--set", f"dm_init={dm}"]}
+    inits["public-ae+dm+cond"] = [*inits["public-ae+dm"], "--set",
+                                  f"diffusion.train_only={CONDITIONING}"]
     rows = []
     for arm in args.arms:
         run = out / arm

@@ -160,9 +160,15 @@ class PhaseConfig:
     # iterates, so free in privacy; it averages out much of the injected noise.
     ema_decay: float = 0.0
     optimizer: str = "adam"
+    # Train only the parameters whose names contain one of these pieces (empty = all), e.g.
+    # ("class_embedding", "time_emb", "attn") for the denoiser's conditioning path on top of a
+    # public prior. Frozen parameters leave a site exactly as they came: nothing about the data.
+    train_only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 0, f"rounds must be >= 0, got {self.rounds}")
+        _check(all(isinstance(p, str) and p for p in self.train_only),
+               f"train_only must list non-empty parameter-name pieces, got {self.train_only!r}")
         _check(0 < self.sample_rate <= 1,
                f"sample_rate must be in (0, 1] (Poisson rate per patient), got {self.sample_rate}")
         _check(self.local_steps >= 1, f"local_steps must be >= 1, got {self.local_steps}")

@@ -185,9 +185,33 @@ def _quiet_opacus(fn: Callable[..., TrainStats]) -> Callable[..., TrainStats]:
 
 
 def _optimizer(module: nn.Module, phase: PhaseConfig) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
     if phase.optimizer == "sgd":
-        return torch.optim.SGD(module.parameters(), lr=phase.lr)
-    return torch.optim.Adam(module.parameters(), lr=phase.lr)
+        return torch.optim.SGD(params, lr=phase.lr)
+    return torch.optim.Adam(params, lr=phase.lr)
+
+
+def trainable_names(module: nn.Module, train_only: Sequence[str]) -> list[str]:
+    """The parameters a phase trains: all, or those whose names contain a `train_only` piece.
+
+    Why a subset: on top of a public prior, DP fine-tuning only the conditioning path spends the
+    clip norm (hence the signal each noisy step carries) on fewer coordinates and adds noise to
+    fewer of them. A piece that matches nothing is an error, not a silent full freeze.
+    """
+    names = [n for n, _ in module.named_parameters()]
+    if not train_only:
+        return names
+    unmatched = [piece for piece in train_only if not any(piece in n for n in names)]
+    if unmatched:
+        raise ValueError(f"train_only {list(unmatched)} match no parameter of "
+                         f"{type(module).__name__} (e.g. {names[:3]})")
+    return [n for n in names if any(piece in n for piece in train_only)]
+
+
+def _freeze_outside(module: nn.Module, train_only: Sequence[str]) -> None:
+    keep = set(trainable_names(module, train_only))
+    for name, p in module.named_parameters():
+        p.requires_grad_(name in keep)
 
 
 @_quiet_opacus
@@ -225,6 +249,10 @@ def dp_train(
     units = group_by_patient(tensors, groups, max_images=max_patient_images, generator=gen)
     per_patient = patient_loss(loss_fn, images_per_step)
     module.to(device).train()
+    _freeze_outside(module, phase.train_only)
+    # What is frozen goes back bit for bit (the EMA's float arithmetic would move it by a
+    # rounding error): it must leave the site exactly as the coordinator sent it.
+    frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     dataset = TensorDataset(*units.tensors, units.mask)
     optimizer = _optimizer(module, phase)
     losses: list[float] = []
@@ -300,6 +328,11 @@ def dp_train(
             _strip_opacus(module)
     bar.close()
     ema.copy_to(module)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name in frozen:
+                p.copy_(frozen[name])
+    module.requires_grad_(True)
     module.eval()
     if steps != plan.steps:
         raise RuntimeError(f"ran {steps} optimizer steps but the ledger was charged for "

@@ -215,3 +215,33 @@ def test_an_overflowing_record_cannot_turn_the_update_non_finite() -> None:
     dp_train(model, (x,), loss, phase=phase, plan=sampling_plan(phase), noise_multiplier=1.0,
              seed=0, device=CPU, show_progress=False, privacy_rng=PrivacyRng.secure())
     assert bool(torch.isfinite(model.weight).all())
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_train_only_moves_the_named_parameters_and_nothing_else(sigma: float) -> None:
+    """Frozen parameters come back bit for bit (also through the weight EMA); the trained ones
+    move, under DP with noise (two runs on the same data differ)."""
+    cfg, z, y, phase, loss = _setup(train_only=("class_embedding", "time_emb"), ema_decay=0.9)
+    torch.manual_seed(0)
+    start = make_denoiser(cfg.model).state_dict()
+    runs = []
+    for _ in range(2):
+        dm = make_denoiser(cfg.model)
+        dm.load_state_dict(start)
+        _train(dm, z, y, phase, loss, sigma=sigma)
+        runs.append(dm.state_dict())
+        assert all(p.requires_grad for p in dm.parameters())  # handed back trainable
+    trained = {n for n in start if "class_embedding" in n or "time_emb" in n}
+    assert trained and len(trained) < len(start)
+    for name, value in runs[0].items():
+        if name not in trained:
+            assert torch.equal(value, start[name]), name
+        elif sigma > 0:  # every trained coordinate carries fresh noise
+            assert not torch.equal(value, runs[1][name]), name
+    assert any(not torch.equal(runs[0][n], start[n]) for n in trained)
+
+
+def test_train_only_that_matches_nothing_is_an_error() -> None:
+    cfg, z, y, phase, loss = _setup(train_only=("no_such_layer",))
+    with pytest.raises(ValueError, match="no_such_layer"):
+        _train(make_denoiser(cfg.model), z, y, phase, loss)
