@@ -4,9 +4,11 @@ shipped phantom autoencoder, or from priors made by `fedldm pretrain-ae/-dm --da
     .venv/bin/python benchmarks/public_prior.py --data ../shared/data/brain-tumor-mri \\
         --out runs/public-prior
 
-The dataset's training images are split once, by a keyed hash of each file's path, into a
-"public" part (--public-fraction; labels never used) and the sites' private part; every test
-image stays private, so no test patient is in the prior and the two parts never overlap (checked).
+The dataset's training images are split once, by a keyed hash of each patient id (of each file's
+path where the data has no ids), into a "public" part (--public-fraction; labels never used) and
+the sites' private part; every test image stays private, so no test image is in the prior and
+the two parts never overlap (checked). Without patient ids (brain-tumor-mri has none) slices of
+one patient may fall on both sides: read the MIA and memorisation columns with that in mind.
 Arms (each a `fedldm simulate` at --epsilon on the private part, same sites and partition):
 
 * `shipped`: the quick preset's default start (autoencoder pretrained on phantoms);

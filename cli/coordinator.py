@@ -417,19 +417,19 @@ def run_config_from_args(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "round-timeout": float(args.round_timeout), "round-retries": args.round_retries,
         "accept": args.accept or "",
     }
-    from ldm_core.pretrain import check_priors
+    from ldm_core.phases import check_models
     from server.federation import FederationError
     from server.plan_check import check_plan_fits
     from server.server_app import config_from_run_config
 
     try:
         cfg = config_from_run_config(rc)[0]
-        check_priors(cfg)
+        check_models(cfg)
         # A fresh site that allows neither audit nor evaluation reserves the least: if even it
         # cannot hold the plan, every site would refuse its first round.
         check_plan_fits(cfg, cfg.privacy.epsilon, cfg.privacy.delta, audit=False,
                         evaluate=False)
-    except (OSError, ValueError, TypeError, KeyError, FederationError) as e:
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, FederationError) as e:
         raise CoordinatorCliError(f"run options rejected before submitting: {e}") from e
     try:
         check_plan_fits(cfg, cfg.privacy.epsilon, cfg.privacy.delta, audit=True, evaluate=True)

@@ -135,12 +135,12 @@ def preflight_simulation(args: argparse.Namespace, overrides: dict[str, Any]) ->
     cfg = build_config_from(args, overrides, class_names=class_names, epsilon=args.epsilon,
                             delta=args.delta, seed=args.seed, device=args.device)
     check_resume(out, to_dict(cfg))
-    from ldm_core.pretrain import check_priors
+    from ldm_core.phases import check_models
 
     try:
-        check_priors(cfg)
-    except (OSError, ValueError) as e:
-        raise LocalCliError(f"the run's starting weights (ae_init / dm_init): {e}") from e
+        check_models(cfg)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise LocalCliError(f"the run's models (ae_init / dm_init / train_only): {e}") from e
     unmasked = [r for r in records or () if r.mask is None] if cfg.model.mask_channels else []
     if unmasked:
         where = out / "demo-data" if args.data == "demo" else args.data
@@ -294,6 +294,10 @@ def pretrain(args: argparse.Namespace) -> int:
                             "prior (its masks are not read); drop the mask channel here, a "
                             "paired run widens the prior itself")
     dm = args.command == "pretrain-dm"
+    if dm and cfg.mask_channels:
+        raise LocalCliError("pretrain-dm with model.mask_channels: a denoiser prior is made for "
+                            "an image-only autoencoder's latents; a paired run's denoiser starts "
+                            "from scratch (dm_init=random)")
     ae_arg = getattr(args, "autoencoder", None)  # pretrain-dm only
     if ae_arg is not None and args.data is None:
         raise LocalCliError("--autoencoder applies with --data only (the shipped denoiser is "

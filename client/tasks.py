@@ -34,7 +34,7 @@ from ldm_core.privacy import (
     dp_sum_and_count,
     gaussian_mechanism_entry,
 )
-from ldm_core.training import SamplingPlan, dp_train, sampling_plan
+from ldm_core.training import SamplingPlan, dp_train, sampling_plan, trainable_names
 
 # Per-sample loss clip for the DP release of training-curve values (losses above are rare).
 LOSS_CLIP = 2.0
@@ -221,6 +221,8 @@ def train_round(
         raise ValueError(f"site slot {site_slot} outside the model's {cfg.model.site_slots} "
                          "site slots")
     check_permitted(site, cfg)
+    # A train_only piece that names no parameter fails here, before the charge, not in dp_train.
+    trainable_names(spec.make_model(cfg.model), spec.config(cfg).train_only)
     ledger = open_ledger(site)
     noise = plan_noise(site, cfg, ledger, run_id)
     sigma, plan = noise.phase_sigma(phase), noise.phase_plan(phase)

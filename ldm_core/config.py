@@ -167,7 +167,10 @@ class PhaseConfig:
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 0, f"rounds must be >= 0, got {self.rounds}")
-        _check(all(isinstance(p, str) and p for p in self.train_only),
+        if isinstance(self.train_only, str):  # `--set diffusion.train_only=attn`: one piece
+            object.__setattr__(self, "train_only", (self.train_only,))
+        _check(isinstance(self.train_only, tuple)
+               and all(isinstance(p, str) and p for p in self.train_only),
                f"train_only must list non-empty parameter-name pieces, got {self.train_only!r}")
         _check(0 < self.sample_rate <= 1,
                f"sample_rate must be in (0, 1] (Poisson rate per patient), got {self.sample_rate}")

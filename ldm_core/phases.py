@@ -236,6 +236,23 @@ PHASES: dict[str, Phase] = {p.name: p for p in (AUTOENCODER, DIFFUSION)}
 """Every phase by name, in training order."""
 
 
+def check_models(cfg: RunConfig) -> None:
+    """Build every phase's model, load its prior (strictly) and resolve its `train_only` pieces.
+
+    All of it depends on the configuration alone, so a missing or mismatched prior file, or a
+    piece that names no parameter, stops a run here, before any site is charged for a round
+    that would then fail.
+    """
+    from ldm_core.training import trainable_names
+
+    for p in PHASES.values():
+        model = p.make_model(cfg.model)
+        prior = p.initial_weights(cfg)
+        if prior is not None:
+            model.load_state_dict(prior)
+        trainable_names(model, p.config(cfg).train_only)
+
+
 def get_phase(name: str) -> Phase:
     """The registered phase called `name`; a clear error for anything else (e.g. a bad message)."""
     try:

@@ -25,8 +25,10 @@ manifest a user may legally use, and a run starts from them with `--set ae_init=
 --set dm_init=dm.safetensors` (`prior file`). Such a prior is public by assumption: nothing in
 it is charged to a site's budget, so it must never be made from the sites' own patients.
 
-Both files are reproducible with `fedldm pretrain-ae` / `fedldm pretrain-dm` (same seeds and
-steps); their JSON sidecar records the architecture they fit and the data they were made from.
+The shipped files are reproducible with `fedldm pretrain-ae` / `fedldm pretrain-dm` (same seeds
+and steps), the paired autoencoder (phantoms with their lesion masks, for image/mask runs) with
+`fedldm pretrain-ae --set model.mask_channels=1`; each JSON sidecar records the architecture it
+fits and the data it was made from.
 """
 
 from __future__ import annotations
@@ -238,7 +240,10 @@ def _read_checked(path: Path, arch: dict[str, object], fix: str) -> dict[str, to
                          f"written next to the weights by fedldm pretrain-ae/-dm; {fix}") from e
     if meta.get("arch") != arch:
         raise PriorError(f"{path} was made for {meta.get('arch')}, not this run's {arch}; {fix}")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise PriorError(f"{path}: not a readable safetensors file ({e}); {fix}") from e
 
 
 def _load(path: Path, arch: dict[str, object], how: str) -> dict[str, torch.Tensor]:
@@ -273,7 +278,8 @@ _MASK_BIAS = -1.0
 def widen_for_masks(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Add the mask channels to an image-only autoencoder's first and last convolutions.
 
-    Why: the public prior knows anatomy, not lesion masks, and no public masks ship. The new
+    Why: an image-only prior (a public-set prior file, or an architecture without a shipped
+    paired prior) knows anatomy, not lesion masks. The new
     input weights are zero, so the image path computes exactly what the prior computed (the
     mask is learnt under DP from there); the new output channel starts at "background".
     """
@@ -391,8 +397,3 @@ def denoiser_prior(cfg: RunConfig) -> dict[str, torch.Tensor] | None:
         raise PriorError(f"{path}: not a pretrain-dm prior (expected a single null class row)")
     return _every_class_from_null(state, cfg.model)
 
-
-def check_priors(cfg: RunConfig) -> None:
-    """Load every configured prior once, so a bad one stops a run before anything is written."""
-    autoencoder_prior(cfg)
-    denoiser_prior(cfg)

@@ -208,10 +208,13 @@ def trainable_names(module: nn.Module, train_only: Sequence[str]) -> list[str]:
     return [n for n in names if any(piece in n for piece in train_only)]
 
 
-def _freeze_outside(module: nn.Module, train_only: Sequence[str]) -> None:
+def _freeze_outside(module: nn.Module, train_only: Sequence[str]) -> dict[str, bool]:
+    """Freeze what `train_only` leaves out; returns every parameter's previous flag."""
     keep = set(trainable_names(module, train_only))
+    before = {name: p.requires_grad for name, p in module.named_parameters()}
     for name, p in module.named_parameters():
         p.requires_grad_(name in keep)
+    return before
 
 
 @_quiet_opacus
@@ -249,7 +252,7 @@ def dp_train(
     units = group_by_patient(tensors, groups, max_images=max_patient_images, generator=gen)
     per_patient = patient_loss(loss_fn, images_per_step)
     module.to(device).train()
-    _freeze_outside(module, phase.train_only)
+    flags = _freeze_outside(module, phase.train_only)
     # What is frozen goes back bit for bit (the EMA's float arithmetic would move it by a
     # rounding error): it must leave the site exactly as the coordinator sent it.
     frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
@@ -332,7 +335,8 @@ def dp_train(
         for name, p in module.named_parameters():
             if name in frozen:
                 p.copy_(frozen[name])
-    module.requires_grad_(True)
+    for name, p in module.named_parameters():
+        p.requires_grad_(flags[name])
     module.eval()
     if steps != plan.steps:
         raise RuntimeError(f"ran {steps} optimizer steps but the ledger was charged for "

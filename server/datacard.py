@@ -42,7 +42,10 @@ def init_note(init: str, *, paired: bool = False) -> str:
     from ldm_core.pretrain import prior_meta
 
     meta = prior_meta(init)
-    source = (f"{meta.get('images', '?')} public images from {meta['data']}" if "data" in meta
+    # The folder's name and a hash of its file list identify the set without publishing the
+    # coordinator's directory layout.
+    source = (f"{meta.get('images', '?')} public images from '{Path(str(meta['data'])).name}' "
+              f"(file-list sha256 {str(meta.get('listing_sha256', '?'))[:12]})" if "data" in meta
               else "a public set (the prior's sidecar is not readable here)")
     return (f"pretrained on {source} (prior file {Path(init).name}), then fine-tuned on the "
             "sites' data")

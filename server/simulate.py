@@ -33,7 +33,7 @@ from ldm_core.data import (
 )
 from ldm_core.dp_random import NOT_PRIVATE_NOTE
 from ldm_core.phantoms import generate_demo
-from ldm_core.pretrain import check_priors
+from ldm_core.phases import check_models
 from server.acceptance import AcceptanceError, check_feasible, parse_acceptance
 from server.evaluate import EvalOptions
 from server.federation import Coordinator, FederationError, ServerSettings
@@ -113,9 +113,9 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
                          overrides=opts.overrides)
     _check_plan_fits(early, opts)
     try:
-        check_priors(early)  # a missing or mismatched prior file, before anything is written
-    except (OSError, ValueError) as e:
-        raise FederationError(f"cannot start from the configured prior: {e}") from e
+        check_models(early)  # priors and train_only, before anything is written
+    except (OSError, ValueError, RuntimeError) as e:
+        raise FederationError(f"cannot build the run's models: {e}") from e
     data, partition = prepare_data(opts, out)  # creates OUT only for the demo data
     index = scan(data)
     eps = opts.epsilon

@@ -476,3 +476,14 @@ def test_a_paired_run_is_refused_without_the_sites_allow_masks(
     result = tasks.train_round(allowed, paired, phase="autoencoder", server_round=1, run_id="r",
                                weights=ae.state_dict())
     assert result.epsilon > 0
+
+
+def test_a_train_only_piece_naming_nothing_is_refused_before_the_charge(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig) -> None:
+    bad = dataclasses.replace(tiny_cfg, autoencoder=dataclasses.replace(
+        tiny_cfg.autoencoder, train_only=("no_such_layer",)))
+    site = _site(tmp_path, demo_manifest)
+    before = site.ledger_path.read_bytes()
+    with pytest.raises(ValueError, match="no_such_layer"):
+        _ae_round(site, bad)
+    assert site.ledger_path.read_bytes() == before

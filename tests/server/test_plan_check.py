@@ -9,10 +9,10 @@ from server.federation import FederationError
 from server.plan_check import check_plan_fits
 
 
-def _fits(eps: float, *, allow: bool) -> bool:
+def _fits(eps: float, *, audit: bool = False, evaluate: bool = False) -> bool:
     cfg = build_config(preset="quick", class_names=("a", "b"), epsilon=eps)
     try:
-        check_plan_fits(cfg, eps, 1e-5, audit=allow, evaluate=allow)
+        check_plan_fits(cfg, eps, 1e-5, audit=audit, evaluate=evaluate)
     except FederationError:
         return False
     return True
@@ -22,14 +22,15 @@ def test_a_budget_too_small_is_refused_naming_the_fix() -> None:
     cfg = build_config(preset="quick", class_names=("a", "b"), epsilon=0.2)
     with pytest.raises(FederationError, match=r"--epsilon 0.2 cannot hold.*ae_share"):
         check_plan_fits(cfg, 0.2, 1e-5, audit=False, evaluate=False)
-    assert _fits(8.0, allow=True)
+    assert _fits(8.0, audit=True, evaluate=True)
 
 
-def test_audits_and_evaluations_are_reserved_in_the_check() -> None:
-    """Between the smallest budget a site without audits can hold and the one a site with
-    audits and evaluations can hold lies a budget only the first can: the reserve is counted."""
+@pytest.mark.parametrize("reserve", ["audit", "evaluate"])
+def test_audits_and_evaluations_are_each_reserved_in_the_check(reserve: str) -> None:
+    """Just above the smallest budget a plain site can hold, a site that also allows audits
+    (or evaluations) cannot: each reserve is counted."""
     lo, hi = 0.2, 8.0
     for _ in range(20):  # bisect the smallest budget a plain site can hold
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if _fits(mid, allow=False) else (mid, hi)
-    assert _fits(hi, allow=False) and not _fits(hi, allow=True)
+        lo, hi = (lo, mid) if _fits(mid) else (mid, hi)
+    assert _fits(hi) and not _fits(hi, **{reserve: True})

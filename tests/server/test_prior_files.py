@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from cli.args import override
 from cli.main import main
 from ldm_core.config import ConfigError, build_config
-from ldm_core.phases import PHASES
-from ldm_core.pretrain import PriorError, check_priors, file_sha256
+from ldm_core.phases import PHASES, check_models
+from ldm_core.pretrain import PriorError, file_sha256
 from server.datacard import init_note
 
 COMMON = ["--preset", "tiny", "--image-size", "16", "--steps", "2"]
@@ -71,7 +71,7 @@ def test_a_denoiser_prior_refuses_another_autoencoder(priors: dict[str, Path],
     assert main(["pretrain-ae", *COMMON, "--seed", "1", "--data", str(priors["data"]),
                  "--out", str(other)]) == 0
     with pytest.raises(PriorError, match="another autoencoder"):
-        check_priors(_cfg(priors, ae_init=str(other)))
+        check_models(_cfg(priors, ae_init=str(other)))
 
 
 def test_a_prior_of_another_architecture_is_refused_naming_the_file(
@@ -79,7 +79,7 @@ def test_a_prior_of_another_architecture_is_refused_naming_the_file(
     cfg = build_config(preset="tiny", image_size=32, class_names=("a", "b"),
                        overrides={"ae_init": str(priors["ae"])})
     with pytest.raises(PriorError, match=str(priors["ae"].name)):
-        check_priors(cfg)
+        check_models(cfg)
 
 
 def test_init_values_are_validated() -> None:
@@ -98,5 +98,25 @@ def test_prior_paths_become_absolute_and_the_data_card_names_the_source(
     monkeypatch.chdir(priors["ae"].parent)
     assert override("ae_init=ae.safetensors") == ("ae_init", str(priors["ae"]))
     note = init_note(str(priors["ae"]))
-    assert str(priors["data"].resolve()) in note and "ae.safetensors" in note
+    assert f"'{priors['data'].name}'" in note and "ae.safetensors" in note
+    assert str(priors["data"].parent) not in note  # no coordinator paths in published files
     assert "not readable" in init_note("/nowhere/x.safetensors")
+
+
+def test_a_corrupt_prior_file_is_refused_naming_it(priors: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a tensor file")
+    bad.with_suffix(".json").write_text(priors["ae"].with_suffix(".json").read_text())
+    with pytest.raises(PriorError, match="bad.safetensors"):
+        check_models(build_config(preset="tiny", image_size=16, class_names=("a", "b"),
+                                  overrides={"ae_init": str(bad)}))
+
+
+def test_train_only_pieces_are_checked_with_the_models() -> None:
+    one = build_config(preset="tiny", overrides={"diffusion.train_only": "class_embedding"})
+    assert one.diffusion.train_only == ("class_embedding",)  # a bare --set value is one piece
+    check_models(one)
+    with pytest.raises(ValueError, match="clas_embedding"):
+        check_models(build_config(preset="tiny",
+                                  overrides={"diffusion.train_only": ["clas_embedding"]}))
