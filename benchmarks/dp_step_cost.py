@@ -7,6 +7,11 @@ own training loss, through `dp_train` itself: with Opacus (per-sample gradients,
 preset's noise multiplicity K, secure noise) and without DP, on random tensors of the preset's
 shapes, one logical batch per step.
 
+Two DP arms, in the same run: fedldm's path (`ldm_core.dp_fast`: Opacus' hooks and DP
+optimizer with fewer passes over the per-sample gradients, non-finite entries zeroed inside the
+clip) and the path before it: Opacus' upstream `make_private` objects plus a separate pass that
+zeroes non-finite per-sample entries before the clip (the same guard, computed the old way).
+
 A step's cost is the slope of wall time over local steps (`dp_train` with 1 and with 1 + S
 steps): the per-call set-up (Opacus' wrapping, the optimizer, the EMA copy) is reported
 separately, because a round pays it once, not per step. Peak memory is the resident-set growth
@@ -33,7 +38,37 @@ from ldm_core.training import dp_train, sampling_plan
 TARGET = 1.5
 
 
-def measure(preset: str, phase: str, sigma: float, batch: int, steps: int) -> dict[str, float]:
+def _use_upstream_opacus() -> None:
+    """This process trains the way fedldm did before ldm_core.dp_fast (the comparison arm):
+    Opacus' own engine, optimizer and accumulation, and a separate non-finite pass."""
+    import contextlib
+
+    import opacus
+    from opacus.optimizers.optimizer import DPOptimizer
+
+    from ldm_core import training
+    from ldm_core.dp_fast import zero_non_finite
+
+    class Guarded(DPOptimizer):
+        def clip_and_accumulate(self) -> None:
+            zero_non_finite([g for p in self.params for g in (
+                p.grad_sample if isinstance(p.grad_sample, list) else [p.grad_sample])])
+            super().clip_and_accumulate()
+
+    class Engine(opacus.PrivacyEngine):
+        def _prepare_optimizer(self, **kwargs):  # noqa: ANN003, ANN202
+            opt = super()._prepare_optimizer(**kwargs)
+            opt.__class__ = Guarded
+            return opt
+
+    training.LeanPrivacyEngine = Engine  # type: ignore[attr-defined,misc]
+    training.lean_accumulation = contextlib.nullcontext  # type: ignore[attr-defined,assignment]
+
+
+def measure(preset: str, phase: str, sigma: float, batch: int, steps: int,
+            upstream: bool = False) -> dict[str, float]:
+    if upstream:
+        _use_upstream_opacus()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = build_config(preset=preset, class_names=("a", "b", "c", "d"))
@@ -41,8 +76,9 @@ def measure(preset: str, phase: str, sigma: float, batch: int, steps: int) -> di
     x = torch.rand(batch, 1, m.image_size, m.image_size) * 2 - 1
     z = torch.randn(batch, m.latent_channels, m.latent_size, m.latent_size)
     y = torch.randint(0, m.n_classes, (batch,))
-    # Random stand-ins of each phase's train_inputs (images; latents + labels).
-    tensors = {"autoencoder": (x,), "diffusion": (z, y)}[phase]
+    s = torch.full((batch,), -1)  # no site slot ("any site")
+    # Random stand-ins of each phase's train_inputs (images; latents, labels, site slots).
+    tensors = {"autoencoder": (x,), "diffusion": (z, y, s)}[phase]
     spec = PHASES[phase]
     loss = spec.train_loss(cfg)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -61,7 +97,7 @@ def measure(preset: str, phase: str, sigma: float, batch: int, steps: int) -> di
     one, many = call(1), call(1 + steps)
     per_step = (many - one) / steps
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    return {"phase": phase, "dp": sigma > 0, "s_per_step": per_step,
+    return {"phase": phase, "dp": sigma > 0, "upstream": upstream, "s_per_step": per_step,
             "s_per_sample": per_step / batch, "setup_s": max(0.0, one - per_step),
             "peak_rss_mb": round(peak, 1)}
 
@@ -72,26 +108,30 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=4, help="extra steps timed for the slope")
     ap.add_argument("--one", nargs=2, metavar=("PHASE", "SIGMA"), help=argparse.SUPPRESS)
+    ap.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure(args.preset, args.one[0], float(args.one[1]), args.batch,
-                                 args.steps)))
+                                 args.steps, upstream=args.upstream)))
         return
-    res: dict[tuple[str, bool], dict[str, float]] = {}
+    res: dict[tuple[str, str], dict[str, float]] = {}
     for name in PHASES:
-        for sigma in (0.0, 1.0):
-            res[(name, sigma > 0)] = run_child(__file__, "--preset", args.preset, "--batch",
-                                             str(args.batch), "--steps", str(args.steps),
-                                             "--one", name, str(sigma))
+        for arm, sigma, extra in (("plain", "0", ()), ("dp", "1", ()),
+                                  ("upstream", "1", ("--upstream",))):
+            res[(name, arm)] = run_child(__file__, "--preset", args.preset, "--batch",
+                                         str(args.batch), "--steps", str(args.steps),
+                                         "--one", name, sigma, *extra)
     print(f"\npreset {args.preset}, batch {args.batch}, 1 thread, slope over {args.steps} steps")
-    print("| model | non-DP s/step | DP s/step | DP / non-DP per step | set-up non-DP / DP s | "
-          "peak MB non-DP / DP | target |\n|---|---|---|---|---|---|---|")
+    print("| model | non-DP s/step | DP s/step | DP / non-DP per step | before dp_fast: DP "
+          "s/step (x non-DP) | set-up non-DP / DP s | peak MB non-DP / DP / before | target |"
+          "\n|---|---|---|---|---|---|---|---|")
     for name in PHASES:
-        a, b = res[(name, False)], res[(name, True)]
+        a, b, u = res[(name, "plain")], res[(name, "dp")], res[(name, "upstream")]
         print(f"| {name} | {a['s_per_step']:.3f} | {b['s_per_step']:.3f} | "
-              f"{b['s_per_step'] / a['s_per_step']:.2f}x | {a['setup_s']:.2f} / "
-              f"{b['setup_s']:.2f} | {a['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} | "
-              f"<= {TARGET}x |")
+              f"{b['s_per_step'] / a['s_per_step']:.2f}x | {u['s_per_step']:.3f} "
+              f"({u['s_per_step'] / a['s_per_step']:.2f}x) | {a['setup_s']:.2f} / "
+              f"{b['setup_s']:.2f} | {a['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} / "
+              f"{u['peak_rss_mb']:.0f} | <= {TARGET}x |")
 
 
 if __name__ == "__main__":

@@ -29,13 +29,17 @@ def sample_latents(
     device: torch.device,
     clip: float = 3.0,
     site: int | None = None,
+    eta: float = 0.0,
 ) -> torch.Tensor:
-    """DDIM (eta=0) from Gaussian noise with classifier-free guidance.
+    """DDIM from Gaussian noise with classifier-free guidance.
 
     The denoiser's output (epsilon or velocity, per cfg.prediction_type) is guided as
     out = out_null + w * (out_label - out_null); both targets are linear in the score, so the
     same formula holds for either. ``labels`` are classes; ``site`` a site slot of a
-    site-conditional model (None: any site, models.embed_index).
+    site-conditional model (None: any site, models.embed_index). ``eta`` is DDIM's
+    stochasticity: 0 is the deterministic sampler, 1 the ancestral (DDPM-like) one, whose fresh
+    noise at every step is drawn from ``generator`` too (through a device generator seeded from
+    it), so a seed still fixes the images.
     """
     unet.eval().to(device)
     sched = make_sample_scheduler(cfg, steps, clip)
@@ -44,6 +48,10 @@ def sample_latents(
     z = torch.randn(shape, generator=generator).to(device)
     labels = embed_index(cfg, labels, site).to(device)
     null = torch.full_like(labels, null_label(cfg))
+    step_gen = None
+    if eta > 0:
+        step_gen = torch.Generator(device=device).manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=generator)))
     for t in sched.timesteps:
         tt = torch.full((b,), int(t), device=device, dtype=torch.long)
         if guidance_scale == 1.0:
@@ -53,7 +61,7 @@ def sample_latents(
                         class_labels=torch.cat([labels, null]))
             out_c, out_u = both.chunk(2)
             out = out_u + guidance_scale * (out_c - out_u)
-        z, _ = sched.step(out, int(t), z)
+        z, _ = sched.step(out, int(t), z, eta=eta, generator=step_gen)
     return z
 
 
@@ -74,6 +82,7 @@ def generate_images(
     clip: float = 3.0,
     site: int | None = None,
     all_channels: bool = False,
+    eta: float = 0.0,
 ) -> torch.Tensor:
     """Images in [-1, 1], shape [N, 1, H, W], one per label, deterministic given `seed`;
     ``site`` asks a site-conditional model for one site's style (None: any site).
@@ -96,6 +105,7 @@ def generate_images(
             device=device,
             clip=clip,
             site=site,
+            eta=eta,
         )
         x = ae.decode(z / scale_factor).clamp(-1, 1).cpu()
         out.append(x if all_channels else x[:, :1])

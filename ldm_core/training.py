@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from opacus import PrivacyEngine
 from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.optimizers.optimizer import DPOptimizer, _generate_noise
 from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ldm_core.config import PhaseConfig
 from ldm_core.data import rows_by_patient
+from ldm_core.dp_fast import LeanPrivacyEngine, lean_accumulation
 from ldm_core.dp_random import PrivacyRng
 
 LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Generator], torch.Tensor]
@@ -270,8 +270,6 @@ def dp_train(
         if loss.dim() != 1:
             raise ValueError(f"loss_fn must return per-sample losses [B], got {tuple(loss.shape)}")
         loss.mean().backward()
-        if noise_multiplier > 0:
-            _finite_grad_samples(module)
         losses.append(float(loss.detach().mean()))
 
     used_sigma, used_clip = 0.0, math.inf
@@ -291,7 +289,13 @@ def dp_train(
                     break
     else:
         assert privacy_rng is not None
-        engine = PrivacyEngine(accountant="rdp")
+        # Opacus' DP-SGD with fewer passes over the per-sample gradients (ldm_core.dp_fast);
+        # its clip also zeroes non-finite per-sample entries first: the coordinator chooses
+        # the weights, and weights crafted to overflow on one patient's images would give that
+        # patient an inf/NaN gradient; C / inf = 0 times inf is NaN, and a NaN update would
+        # tell, without noise, whether that patient was sampled. Zeroing is a per-record
+        # transformation before clipping, so the DP analysis is unchanged.
+        engine = LeanPrivacyEngine(accountant="rdp")
         noise_gen = privacy_rng.generator(device)
         dp_model, dp_opt, dp_loader = engine.make_private(
             module=module, optimizer=optimizer,
@@ -306,7 +310,7 @@ def dp_train(
         used_sigma, used_clip = float(dp_opt.noise_multiplier), float(dp_opt.max_grad_norm)
         logical = 0
         try:
-            with BatchMemoryManager(data_loader=dp_loader,
+            with lean_accumulation(), BatchMemoryManager(data_loader=dp_loader,
                                     max_physical_batch_size=phase.physical_batch_size,
                                     optimizer=dp_opt) as mem_loader:
                 for batch_tensors in mem_loader:
@@ -384,22 +388,6 @@ def _noise_only_step(dp_opt: DPOptimizer) -> None:
                                 secure_mode=dp_opt.secure_mode)
         p.grad = (noise / dp_opt.expected_batch_size).view_as(p)
     dp_opt.original_optimizer.step()
-
-
-def _finite_grad_samples(module: nn.Module) -> None:
-    """Zero every non-finite entry of the per-sample gradients before Opacus clips them.
-
-    Why: the coordinator chooses the weights. Weights crafted to overflow on one patient's
-    images would give that patient an inf/NaN gradient; Opacus' clip factor C / (inf + eps) = 0
-    times inf is NaN, and the whole update (noise included) turns NaN: whether the released
-    weights are finite would tell, without noise, whether that patient was sampled. Zeroing
-    is a per-record transformation before clipping, so the DP analysis is unchanged.
-    """
-    for p in module.parameters():
-        gs = getattr(p, "grad_sample", None)
-        for t in gs if isinstance(gs, list) else [gs]:
-            if isinstance(t, torch.Tensor):
-                torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _strip_opacus(module: nn.Module) -> None:

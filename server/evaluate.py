@@ -119,13 +119,15 @@ class Evaluation:
 
 def generate_synthetic(cfg: RunConfig, ae: torch.nn.Module, dm: torch.nn.Module, scale: float,
                        per_class: int, *, seed: int, device: torch.device, steps: int,
-                       guidance: float
+                       guidance: float, eta: float = 0.0
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Class-balanced images, labels, and for a paired model (mask_channels) their masks."""
+    """Class-balanced images, labels, and for a paired model (mask_channels) their masks.
+    ``eta`` > 0 samples stochastically (benchmarks/sampling_sweep.py: it did not pay)."""
     labels = torch.arange(cfg.model.n_classes).repeat_interleave(per_class)
     x = generate_images(ae, dm, cfg.model, labels, scale_factor=scale, steps=steps,
                         guidance_scale=guidance, seed=seed + 10_000, device=device,
-                        show_progress=True, clip=cfg.dm.clip_latent, all_channels=True)
+                        show_progress=True, clip=cfg.dm.clip_latent, all_channels=True,
+                        eta=eta)
     images, masks = split_channels(x)
     return images, labels, masks
 

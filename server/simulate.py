@@ -117,6 +117,9 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
     except (OSError, ValueError, RuntimeError) as e:
         raise FederationError(f"cannot build the run's models: {e}") from e
     data, partition = prepare_data(opts, out)  # creates OUT only for the demo data
+    # Absolute in run.json: `fedldm evaluate RUN` and the benchmarks rebuild the sites from it,
+    # from whatever directory they are started in.
+    data = str(Path(data).resolve())
     index = scan(data)
     eps = opts.epsilon
     cfg = build_config(preset=opts.preset, image_size=opts.image_size,

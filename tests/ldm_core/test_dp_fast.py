@@ -1,0 +1,132 @@
+"""The lean DP-SGD path computes what Opacus' own path computes, with fewer memory passes."""
+
+import contextlib
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.grad_sample import grad_sample_module as gsm_mod
+from opacus.optimizers.optimizer import DPOptimizer
+from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_are_correct
+
+from ldm_core import dp_fast
+from ldm_core.config import build_config
+from ldm_core.dp_fast import FiniteClipDPOptimizer, LeanPrivacyEngine, lean_accumulation
+from ldm_core.losses import multiplicity_diffusion_loss
+from ldm_core.models import make_denoiser, make_train_scheduler
+
+
+def _denoiser() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    cfg = build_config(preset="tiny", image_size=16).model
+    torch.manual_seed(0)
+    dm = make_denoiser(cfg)
+    with torch.no_grad():
+        for p in dm.parameters():  # MONAI zero-initialises some output convs
+            p.add_(0.05 * torch.randn_like(p))
+    return dm, torch.randn(5, cfg.latent_channels, 8, 8), torch.tensor([0, 1, 2, 0, 1])
+
+
+def _grad_samples(k: int, lean: bool) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of the tiny denoiser's K-draw loss (K forwards, one backward)."""
+    dm, z, y = _denoiser()
+    sched = make_train_scheduler(build_config(preset="tiny", image_size=16).model)
+    gsm = GradSampleModule(dm, loss_reduction="mean")
+    with lean_accumulation() if lean else contextlib.nullcontext():
+        loss = multiplicity_diffusion_loss(dm, sched, z, y, k=k,
+                                           generator=torch.Generator().manual_seed(3))
+        loss.mean().backward()
+    out = {n: p.grad_sample.clone() for n, p in dm.named_parameters()}
+    gsm._close()
+    return out
+
+
+class Denoise(torch.nn.Module):
+    def __init__(self, dm: torch.nn.Module) -> None:
+        super().__init__()
+        self.dm = dm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.full((x.shape[0],), 10, dtype=torch.long)
+        return self.dm(x, t, class_labels=torch.zeros(x.shape[0], dtype=torch.long))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_lean_accumulation_gives_opacus_per_sample_gradients(k: int) -> None:
+    """One draw (the buffer is the sampler's tensor) and K draws (summed out of place): the
+    same per-sample gradients as Opacus' zero-fill-and-copy accumulation."""
+    upstream, lean = _grad_samples(k, lean=False), _grad_samples(k, lean=True)
+    assert upstream.keys() == lean.keys() and len(lean) > 10
+    for name in upstream:
+        assert torch.allclose(upstream[name], lean[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_lean_accumulation_matches_the_microbatch_reference() -> None:
+    """Opacus' own checker (per-sample gradients vs one backward per sample) under the patch."""
+    dm, z, _ = _denoiser()
+    with lean_accumulation():
+        assert check_per_sample_gradients_are_correct(z, Denoise(dm), batch_first=True,
+                                                      atol=1e-5, rtol=1e-4)
+
+
+def test_lean_accumulation_is_undone_on_exit_and_on_error() -> None:
+    upstream = dp_fast._UPSTREAM_ACCUMULATE
+    assert upstream is not dp_fast._accumulate
+    assert gsm_mod.create_or_accumulate_grad_sample is upstream  # no earlier test left it
+    with lean_accumulation():
+        assert gsm_mod.create_or_accumulate_grad_sample is dp_fast._accumulate
+    assert gsm_mod.create_or_accumulate_grad_sample is upstream
+    with pytest.raises(RuntimeError), lean_accumulation():
+        raise RuntimeError("boom")
+    assert gsm_mod.create_or_accumulate_grad_sample is upstream
+
+
+def _optimizers(samples: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """summed_grad of upstream's DPOptimizer and of FiniteClipDPOptimizer for the same
+    per-sample gradients (clip 1.0)."""
+    results = []
+    for cls in (DPOptimizer, FiniteClipDPOptimizer):
+        params = [torch.nn.Parameter(torch.zeros(g.shape[1:])) for g in samples]
+        for p, g in zip(params, samples, strict=True):
+            p.grad_sample = g.clone()
+        opt = cls(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0,
+                  expected_batch_size=samples[0].shape[0])
+        opt.clip_and_accumulate()
+        results.append([p.summed_grad.clone() for p in params])
+    return results[0], results[1]
+
+
+def test_finite_clip_equals_opacus_clip() -> None:
+    torch.manual_seed(0)
+    samples = [torch.randn(6, 3, 4) * 3, torch.randn(6, 5) * 0.01, torch.randn(6, 2, 2, 2)]
+    for g in samples:  # samples 0 and 1 inside the clip bound (unscaled), the rest above it
+        g[:2] *= 1e-2
+    upstream, lean = _optimizers(samples)
+    for a, b in zip(upstream, lean, strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_finite_clip_zeroes_non_finite_entries_before_clipping() -> None:
+    """A sample with inf and NaN entries counts with its finite entries only: the summed
+    gradient is what upstream gives after zeroing those entries, and it is finite."""
+    torch.manual_seed(0)
+    samples = [torch.randn(4, 3, 3), torch.randn(4, 2)]
+    bad = [s.clone() for s in samples]
+    bad[0][1, 0, 0] = float("inf")
+    bad[1][2, 1] = float("nan")
+    zeroed = [torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0) for s in bad]
+    expected, _ = _optimizers(zeroed)
+    _, lean = _optimizers(bad)
+    for a, b in zip(expected, lean, strict=True):
+        assert bool(torch.isfinite(b).all())
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lean_engine_builds_the_finite_clip_optimizer() -> None:
+    model = torch.nn.Linear(3, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 3)),
+                                         batch_size=2)
+    _, opt, _ = LeanPrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+    assert type(opt) is FiniteClipDPOptimizer
+    assert opt.noise_multiplier == 1.0 and opt.max_grad_norm == 1.0
