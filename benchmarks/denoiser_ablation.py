@@ -71,6 +71,7 @@ def main() -> None:
     z = encode(ae, site.train.images, 1.0, torch.device("cpu"))
     scale = float(1.0 / z.pow(2).mean().sqrt())
     z, y = z * scale, site.train.labels
+    slots = torch.full_like(y, -1)  # no site conditioning: "any site"
     plan = sampling_plan(ph)
     steps = plan.steps * ph.rounds
     sigma = 0.0 if math.isinf(args.epsilon) else calibrate_noise(
@@ -83,7 +84,7 @@ def main() -> None:
     losses = []
     loss_fn = DIFFUSION.train_loss(cfg)
     for r in range(ph.rounds):
-        st = dp_train(dm, (z, y), loss_fn, phase=ph, plan=plan,
+        st = dp_train(dm, (z, y, slots), loss_fn, phase=ph, plan=plan,
                       noise_multiplier=sigma, seed=r, device=torch.device("cpu"),
                       privacy_rng=PrivacyRng.secure(),
                       desc=f"{args.name} round {r + 1}/{ph.rounds}")

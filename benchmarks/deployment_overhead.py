@@ -1,0 +1,162 @@
+"""What a federated round costs beyond the sites' training in a real deployment over loopback.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/deployment_overhead.py [--sites 3] \
+        [--dm-rounds 2] [--patients 4267]
+
+The same measurement as benchmarks/federation_overhead.py, but through the deployment path a
+consortium runs, all on 127.0.0.1: certificates from deploy/certs/generate.sh, `fedldm
+coordinator start` (SuperLink behind the Fleet-only TLS proxy), each site's key registered,
+`fedldm site init` + `fedldm site start` per site (a SuperNode with TLS and node
+authentication, its own demo data: `fedldm demo-data --patients P`, P = the simulation
+default's share), then `fedldm coordinator run --preset quick`. Per round, the coordinator's
+round wall time (metrics.json) against the time the sites spent in `train_round` (each site's
+own site.log). On 2 cores the sites do not all train at once, so the overhead is the part of
+the round in which no site was training. Target: overhead <= 5% of a round with >= 60 s of
+local compute. Prints JSON lines and a markdown table. Needs openssl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the deployment tests' process helpers
+
+from federation_overhead import TARGET, site_intervals, union_length  # noqa: E402
+
+from tests.deploy.procs import (  # noqa: E402
+    Proc,
+    fedldm_cmd,
+    fedldm_inprocess,
+    free_port,
+    wait_for_port,
+)
+
+GENERATE = REPO / "deploy" / "certs" / "generate.sh"
+
+
+def deploy_and_run(args: argparse.Namespace, root: Path) -> tuple[Path, Path, float]:
+    """Start the deployment, run one training run to the end; (run folder, states, wall s)."""
+    (root / "logs").mkdir(parents=True)
+    certs, states = root / "certs", root / "state"
+    names = [f"site-{i + 1}" for i in range(args.sites)]
+    subprocess.run(["bash", str(GENERATE), "--out", str(certs), "--sites", ",".join(names)],
+                   check=True, capture_output=True, timeout=120)
+    procs: dict[str, Proc] = {}
+    port, local = free_port(), free_port()
+    connection = ["--superlink", f"127.0.0.1:{local}", "--certs", str(certs)]
+    try:
+        procs["superlink"] = Proc("superlink", [
+            *fedldm_cmd(), "coordinator", "start", "--host", "127.0.0.1", "--port", str(port),
+            "--local-port", str(local), "--state-dir", str(root / "link"), "--certs",
+            str(certs)], root / "logs")
+        for i, name in enumerate(names):
+            data = root / "data" / name
+            code, _, err = fedldm_inprocess(
+                "demo-data", "--out", str(data), "--patients", str(args.patients), "--slices",
+                "1", "--sites", "1", "--image-size", "32", "--seed", str(i + 1))
+            if code != 0:
+                raise SystemExit(f"demo-data for {name} failed:\n{err}")
+        wait_for_port(port, procs["superlink"], timeout=120)
+        for name in names:
+            code, _, err = fedldm_inprocess("coordinator", "register-site",
+                                            str(certs / "sites" / name / "auth.key.pub"),
+                                            *connection, "--name", name)
+            if code != 0:
+                raise SystemExit(f"register-site {name} failed:\n{err}")
+            code, _, err = fedldm_inprocess("site", "init", "--state-dir", str(states / name),
+                                            "--site-id", name, "--epsilon", "8", "--delta",
+                                            "1e-5")
+            if code != 0:
+                raise SystemExit(f"site init {name} failed:\n{err}")
+            procs[name] = Proc(name, [
+                *fedldm_cmd(), "site", "start", "--superlink", f"127.0.0.1:{port}", "--data",
+                str(root / "data" / name), "--state-dir", str(states / name), "--site-id", name,
+                "--root-certificates", str(certs / "ca.crt"), "--auth-key",
+                str(certs / "sites" / name / "auth.key"), "--epsilon", "8", "--delta", "1e-5",
+                "--port", str(free_port())], root / "logs")
+        out = root / "runs" / "overhead"
+        t0 = time.monotonic()
+        procs["run"] = Proc("run", [
+            *fedldm_cmd(), "coordinator", "run", *connection, "--out", str(out), "--preset",
+            args.preset, "--dm-rounds", str(args.dm_rounds), "--min-sites", str(args.sites),
+            "--num-sites", str(args.sites), "--wait-for-sites", "300", "--timeout", "7200"],
+            root / "logs")
+        code = procs["run"].wait(timeout=7500)
+        wall = time.monotonic() - t0
+        if code != 0:
+            tails = "\n".join(f"--- {n}\n{p.tail(20)}" for n, p in procs.items())
+            raise SystemExit(f"coordinator run exited with {code}:\n{tails}")
+        return out, states, wall
+    finally:
+        for p in reversed(procs.values()):
+            p.stop()
+
+
+def rows_for(out: Path, states: Path, n_sites: int, wall: float) -> list[dict[str, object]]:
+    metrics = json.loads((out / "metrics.json").read_text())
+    trained = site_intervals(states)
+    rows = []
+    for r in metrics["rounds"]:
+        key = (r["phase"], int(r["round"]))
+        spans = trained.get(key, [])
+        if len(spans) != n_sites:
+            raise SystemExit(f"{key}: {len(spans)} site timings under {states}, expected "
+                             f"{n_sites}")
+        busy = union_length(spans)
+        slowest = max(e - s for s, e in spans)
+        seconds = float(r["seconds"])
+        rows.append({"mode": "deployment (loopback, TLS proxy, node auth)", "phase": key[0],
+                     "round": key[1], "round_s": round(seconds, 2),
+                     "site_compute_s": [round(e - s, 2) for s, e in spans],
+                     "busy_s": round(busy, 2), "overhead_s": round(seconds - busy, 2),
+                     "overhead_fraction": round((seconds - busy) / seconds, 4),
+                     "vs_slowest_fraction": round((seconds - slowest) / seconds, 4),
+                     "run_wall_s": round(wall, 1)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--dm-rounds", type=int, default=2)
+    ap.add_argument("--patients", type=int, default=4267,
+                    help="demo patients per site (simulate's default 12,800 over 3 sites)")
+    ap.add_argument("--keep", type=Path, help="work here and keep it (default: a temp dir)")
+    args = ap.parse_args(argv)
+    if shutil.which("openssl") is None:
+        raise SystemExit("openssl is not installed: deploy/certs/generate.sh needs it")
+    if args.keep:
+        out, states, wall = deploy_and_run(args, args.keep)
+        rows = rows_for(out, states, args.sites, wall)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fedldm-deploy-overhead-") as tmp:
+            out, states, wall = deploy_and_run(args, Path(tmp))
+            rows = rows_for(out, states, args.sites, wall)
+    for row in rows:
+        print(json.dumps(row))
+    print("\n| phase | round | round s | site compute s | any site training s | overhead s "
+          "| overhead / round | vs slowest site |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['phase']} | {r['round']} | {r['round_s']} | "
+              f"{' / '.join(str(x) for x in r['site_compute_s'])} | {r['busy_s']} | "
+              f"{r['overhead_s']} | {r['overhead_fraction']:.1%} | "
+              f"{r['vs_slowest_fraction']:.1%} |")
+    long = [r for r in rows if float(r["busy_s"]) >= 60.0]
+    met = bool(long) and all(float(r["overhead_fraction"]) <= TARGET for r in long)
+    print(f"\nrounds with >= 60 s of site compute: {len(long)}; overhead <= {TARGET:.0%} in all: "
+          f"{'yes' if met else 'no'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
