@@ -34,7 +34,7 @@ from ldm_core.privacy import (
     dp_sum_and_count,
     gaussian_mechanism_entry,
 )
-from ldm_core.training import SamplingPlan, dp_train, sampling_plan, trainable_names
+from ldm_core.training import SamplingPlan, dp_train, frozen_names, sampling_plan
 
 # Per-sample loss clip for the DP release of training-curve values (losses above are rare).
 LOSS_CLIP = 2.0
@@ -185,6 +185,8 @@ def _dp_mean(values: torch.Tensor, *, clip: float, sigma: float, rng: PrivacyRng
 
 @dataclass(frozen=True)
 class RoundResult:
+    # The phase's weights after the round, without the parameters `train_only` froze (those
+    # are the coordinator's own, returned bit for bit; they do not travel back).
     weights: dict[str, torch.Tensor]
     loss: float
     epsilon: float
@@ -221,8 +223,9 @@ def train_round(
         raise ValueError(f"site slot {site_slot} outside the model's {cfg.model.site_slots} "
                          "site slots")
     check_permitted(site, cfg)
+    model = spec.make_model(cfg.model)
     # A train_only piece that names no parameter fails here, before the charge, not in dp_train.
-    trainable_names(spec.make_model(cfg.model), spec.config(cfg).train_only)
+    frozen = frozen_names(model, spec.config(cfg).train_only)
     ledger = open_ledger(site)
     noise = plan_noise(site, cfg, ledger, run_id)
     sigma, plan = noise.phase_sigma(phase), noise.phase_plan(phase)
@@ -244,7 +247,6 @@ def train_round(
         ae.load_state_dict(ae_weights)
     tensors = spec.train_inputs(data.train, autoencoder=ae, scale_factor=scale_factor,
                                 device=device, site=site_slot)
-    model = spec.make_model(cfg.model)
     model.load_state_dict(weights)
     loss_fn = spec.train_loss(cfg)
     stats = dp_train(model, tensors, loss_fn, phase=phase_cfg, plan=plan, noise_multiplier=sigma,
@@ -263,7 +265,7 @@ def train_round(
     loss = _dp_mean(per_patient_mean(per_sample, groups), clip=LOSS_CLIP, sigma=noise.metric,
                     rng=rng)
     return RoundResult(
-        weights={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        weights={k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen},
         loss=loss, epsilon=ledger.epsilon(), budget_epsilon=ledger.budget_epsilon,
         delta=ledger.delta, noise_multiplier=sigma, steps=stats.steps,
         sample_rate=plan.sample_rate,

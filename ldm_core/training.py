@@ -208,6 +208,14 @@ def trainable_names(module: nn.Module, train_only: Sequence[str]) -> list[str]:
     return [n for n in names if any(piece in n for piece in train_only)]
 
 
+def frozen_names(module: nn.Module, train_only: Sequence[str]) -> set[str]:
+    """Parameters a phase leaves exactly as the coordinator sent them (none without
+    `train_only`). They stay out of a site's reply: the coordinator has them already, and only
+    the trained part of the model needs to travel."""
+    trained = set(trainable_names(module, train_only))
+    return {n for n, _ in module.named_parameters() if n not in trained}
+
+
 def _freeze_outside(module: nn.Module, train_only: Sequence[str]) -> dict[str, bool]:
     """Freeze what `train_only` leaves out; returns every parameter's previous flag."""
     keep = set(trainable_names(module, train_only))

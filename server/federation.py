@@ -41,6 +41,7 @@ from common.protocol import (
 from ldm_core.checkpoint import load_checkpoint, save_checkpoint
 from ldm_core.config import ConfigError, RunConfig, to_dict
 from ldm_core.phases import AUTOENCODER, DIFFUSION, PHASES, Phase
+from ldm_core.training import frozen_names
 from server.aggregate import (
     aggregate,
     check_update,
@@ -419,6 +420,10 @@ class Coordinator:
         phase = spec.name
         model = self.models[phase]
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # With train_only, only the trained part comes back (frozen parameters stay the
+        # coordinator's); a reply must hold exactly that part.
+        frozen = frozen_names(model, spec.config(self.cfg).train_only)
+        travels = {k: v for k, v in reference.items() if k not in frozen}
         arrays = ArrayRecord(model.state_dict())
         ae_arrays = ArrayRecord(self.ae.state_dict()) if spec.needs_autoencoder else None
         scale = float(self.state["scale_factor"]) if spec.needs_autoencoder else None
@@ -439,13 +444,13 @@ class Coordinator:
         vetted: dict[int, tuple[TrainReply, dict[str, torch.Tensor]]] = {}
         for r in replies:
             node = r.metadata.src_node_id
-            reply, update, why, flag = self._vet_train(node, r.content, reference)
+            reply, update, why, flag = self._vet_train(node, r.content, travels)
             if why or reply is None or update is None:
                 self._reject(stage, node, why or "unusable reply", flag)
                 continue
             vetted[node] = (reply, update)
         # Then against each other: an update far from its peers' is refused.
-        far = norm_outliers(reference, {n: u for n, (_, u) in vetted.items()},
+        far = norm_outliers(travels, {n: u for n, (_, u) in vetted.items()},
                             self.cfg.aggregation.norm_bound)
         for node, why in far.items():
             self._reject(stage, node, why)
@@ -459,11 +464,11 @@ class Coordinator:
                 send_ae.discard(node)
             self._record_site(reply.site_id, phase, rnd, reply)
         try:
-            agg, how = aggregate(reference, {n: u for n, (_, u) in vetted.items()},
+            agg, how = aggregate(travels, {n: u for n, (_, u) in vetted.items()},
                                  self.cfg.aggregation, rnd)
         except Exception as err:  # noqa: BLE001 - Flower's AggregationError, ValueError...
             raise FederationError(f"{stage}: aggregation failed: {err}") from err
-        model.load_state_dict(agg)
+        model.load_state_dict({**reference, **agg})
         loss = statistics.median(losses) if len(losses) >= 3 else sum(losses) / len(losses)
         self.metrics.rounds.append(RoundRecord(
             phase=phase, round=rnd, loss=loss, sites_ok=len(vetted),

@@ -221,3 +221,23 @@ def test_float16_delta_transfer_sends_half_precision_and_trains_the_same_model(
     plain = sorted((tmp_path / "a" / "sites").glob("site-0/replies/*/diffusion-1/arrays*"))
     assert all(v.dtype == torch.float32 for v in load_file(str(plain[0])).values()
                if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_with_train_only_only_the_trained_part_travels_and_the_rest_stays_as_sent(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig) -> None:
+    """A site's reply holds the trained parameters and nothing else (fewer bytes, and nothing
+    about the frozen ones to vet); the global model's frozen parameters stay bit for bit."""
+    from safetensors.torch import load_file
+
+    cfg = dataclasses.replace(tiny_cfg, diffusion=dataclasses.replace(
+        tiny_cfg.diffusion, train_only=("class_embedding",)))
+    coord = _federation(tmp_path, demo_manifest, cfg)
+    start = {k: v.clone() for k, v in coord.dm.state_dict().items()}
+    final = _final(coord)
+    trained = {k for k in start if "class_embedding" in k}
+    assert trained and len(trained) < len(start)
+    for k, v in final.items():
+        assert torch.equal(v, start[k]) == (k not in trained), k
+    stored = sorted((tmp_path / "sites").glob("site-0/replies/*/diffusion-1/arrays*"))
+    assert stored and set(load_file(str(stored[0]))) == trained
