@@ -18,7 +18,6 @@ local compute. Prints JSON lines and a markdown table. Needs openssl.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the deployment tests' process helpers
 
-from federation_overhead import TARGET, site_intervals, union_length  # noqa: E402
+from federation_overhead import print_rows, round_rows  # noqa: E402
 
 from tests.deploy.procs import (  # noqa: E402
     Proc,
@@ -100,29 +99,6 @@ def deploy_and_run(args: argparse.Namespace, root: Path) -> tuple[Path, Path, fl
             p.stop()
 
 
-def rows_for(out: Path, states: Path, n_sites: int, wall: float) -> list[dict[str, object]]:
-    metrics = json.loads((out / "metrics.json").read_text())
-    trained = site_intervals(states)
-    rows = []
-    for r in metrics["rounds"]:
-        key = (r["phase"], int(r["round"]))
-        spans = trained.get(key, [])
-        if len(spans) != n_sites:
-            raise SystemExit(f"{key}: {len(spans)} site timings under {states}, expected "
-                             f"{n_sites}")
-        busy = union_length(spans)
-        slowest = max(e - s for s, e in spans)
-        seconds = float(r["seconds"])
-        rows.append({"mode": "deployment (loopback, TLS proxy, node auth)", "phase": key[0],
-                     "round": key[1], "round_s": round(seconds, 2),
-                     "site_compute_s": [round(e - s, 2) for s, e in spans],
-                     "busy_s": round(busy, 2), "overhead_s": round(seconds - busy, 2),
-                     "overhead_fraction": round((seconds - busy) / seconds, 4),
-                     "vs_slowest_fraction": round((seconds - slowest) / seconds, 4),
-                     "run_wall_s": round(wall, 1)})
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sites", type=int, default=3)
@@ -136,25 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("openssl is not installed: deploy/certs/generate.sh needs it")
     if args.keep:
         out, states, wall = deploy_and_run(args, args.keep)
-        rows = rows_for(out, states, args.sites, wall)
+        rows = round_rows(out / "metrics.json", states, args.sites, wall)
     else:
         with tempfile.TemporaryDirectory(prefix="fedldm-deploy-overhead-") as tmp:
             out, states, wall = deploy_and_run(args, Path(tmp))
-            rows = rows_for(out, states, args.sites, wall)
-    for row in rows:
-        print(json.dumps(row))
-    print("\n| phase | round | round s | site compute s | any site training s | overhead s "
-          "| overhead / round | vs slowest site |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['phase']} | {r['round']} | {r['round_s']} | "
-              f"{' / '.join(str(x) for x in r['site_compute_s'])} | {r['busy_s']} | "
-              f"{r['overhead_s']} | {r['overhead_fraction']:.1%} | "
-              f"{r['vs_slowest_fraction']:.1%} |")
-    long = [r for r in rows if float(r["busy_s"]) >= 60.0]
-    met = bool(long) and all(float(r["overhead_fraction"]) <= TARGET for r in long)
-    print(f"\nrounds with >= 60 s of site compute: {len(long)}; overhead <= {TARGET:.0%} in all: "
-          f"{'yes' if met else 'no'}")
+            rows = round_rows(out / "metrics.json", states, args.sites, wall)
+    print_rows(rows)
     return 0
 
 

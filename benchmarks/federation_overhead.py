@@ -70,15 +70,21 @@ def run(args: argparse.Namespace, out: Path) -> list[dict[str, object]]:
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     wall = time.monotonic() - t0
-    metrics = json.loads((out / "metrics.json").read_text())
-    trained = site_intervals(out / "sites")
+    return round_rows(out / "metrics.json", out / "sites", args.sites, wall)
+
+
+def round_rows(metrics_path: Path, sites_dir: Path, n_sites: int, wall: float
+               ) -> list[dict[str, object]]:
+    """Per round: the coordinator's round time against the sites' training intervals."""
+    metrics = json.loads(metrics_path.read_text())
+    trained = site_intervals(sites_dir)
     rows = []
     for r in metrics["rounds"]:
         key = (r["phase"], int(r["round"]))
         spans = trained.get(key, [])
-        if len(spans) != args.sites:
-            raise SystemExit(f"{key}: {len(spans)} site timings in {out / 'sites'}, expected "
-                             f"{args.sites} (did a site answer from its reply store?)")
+        if len(spans) != n_sites:
+            raise SystemExit(f"{key}: {len(spans)} site timings in {sites_dir}, expected "
+                             f"{n_sites} (did a site answer from its reply store?)")
         busy = union_length(spans)
         slowest = max(e - s for s, e in spans)
         seconds = float(r["seconds"])
@@ -91,15 +97,8 @@ def run(args: argparse.Namespace, out: Path) -> list[dict[str, object]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--preset", default="quick")
-    ap.add_argument("--dm-rounds", type=int, default=2)
-    ap.add_argument("--demo-patients", type=int, default=0, help="0: the simulate default")
-    args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="fedldm-overhead-") as tmp:
-        rows = run(args, Path(tmp) / "run")
+def print_rows(rows: list[dict[str, object]]) -> None:
+    """JSON lines, the markdown table and the target's verdict."""
     for row in rows:
         print(json.dumps(row))
     print("\n| phase | round | round s | site compute s | any site training s | overhead s "
@@ -114,6 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     met = bool(long) and all(float(r["overhead_fraction"]) <= TARGET for r in long)
     print(f"\nrounds with >= 60 s of site compute: {len(long)}; overhead <= {TARGET:.0%} in all: "
           f"{'yes' if met else 'no'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--dm-rounds", type=int, default=2)
+    ap.add_argument("--demo-patients", type=int, default=0, help="0: the simulate default")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fedldm-overhead-") as tmp:
+        rows = run(args, Path(tmp) / "run")
+    print_rows(rows)
     return 0
 
 

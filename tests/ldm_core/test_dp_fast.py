@@ -14,6 +14,7 @@ from ldm_core.config import build_config
 from ldm_core.dp_fast import FiniteClipDPOptimizer, LeanPrivacyEngine, lean_accumulation
 from ldm_core.losses import multiplicity_diffusion_loss
 from ldm_core.models import make_denoiser, make_train_scheduler
+from tests.ldm_core.test_models import Denoise
 
 
 def _denoiser() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -38,16 +39,6 @@ def _grad_samples(k: int, lean: bool) -> dict[str, torch.Tensor]:
     out = {n: p.grad_sample.clone() for n, p in dm.named_parameters()}
     gsm._close()
     return out
-
-
-class Denoise(torch.nn.Module):
-    def __init__(self, dm: torch.nn.Module) -> None:
-        super().__init__()
-        self.dm = dm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = torch.full((x.shape[0],), 10, dtype=torch.long)
-        return self.dm(x, t, class_labels=torch.zeros(x.shape[0], dtype=torch.long))
 
 
 @pytest.mark.parametrize("k", [1, 3])
