@@ -1,7 +1,8 @@
 """Sampling knobs against utility and diversity, on a finished simulated run.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sampling_sweep.py RUN \
-        [--guidance 1,2,3,4,6] [--eta 0] [--steps 40] [--multiplier 1] [--epochs 12]
+        [--guidance 1,2,3,4,6] [--eta 0] [--steps 40] [--multiplier 1] [--epochs 12] \
+        [--average-last 1,3,5]
 
 Everything here is sampling, post-processing of the released model, so free in privacy; the
 real images are the simulated sites' own splits. Per (guidance scale, DDIM eta, DDIM steps):
@@ -12,13 +13,17 @@ trades diversity for typicality; eta > 0 adds fresh noise at every DDIM step (1 
 DDPM-like sampling), which often gives sharper, more varied samples than the deterministic
 sampler. ``--multiplier 1,5`` also trains the TSTR classifier on 5x as many synthetic images as
 the real training set holds (per class, same epochs, so 5x the steps): the report's TSTR is the
-matched-size one (1x); the larger set says how much a user gains by drawing more. Prints JSON
-lines and a markdown table.
+matched-size one (1x); the larger set says how much a user gains by drawing more.
+``--average-last 1,3,5`` samples from the mean of the last k rounds' global denoisers (read from
+the run's round checkpoints; 1 = the last round's model), what `diffusion.average_last` makes
+the coordinator release: post-processing of models the sites already received, so also free.
+Prints JSON lines and a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm_core.checkpoint import load_checkpoint
 from ldm_core.classifier import macro_auc, predict_proba, train_classifier
 from ldm_core.evaluation import (
     evaluate_utility,
@@ -35,6 +41,7 @@ from ldm_core.evaluation import (
 )
 from ldm_core.evaluation.utility import CLASSIFIER_RECIPE
 from ldm_core.models import resolve_device
+from server.aggregate import mean_state
 from server.evaluate import generate_synthetic
 from server.offline import simulated_sites
 from server.real_data import subsample
@@ -58,6 +65,14 @@ def _pick(syn_y: torch.Tensor, real_y: torch.Tensor, n_classes: int, mult: int,
     return torch.as_tensor(rng.permutation(np.concatenate(idx)))
 
 
+def _tail_mean(checkpoints: Path, rounds: int, k: int) -> dict[str, torch.Tensor]:
+    """The mean of the last `k` diffusion rounds' global denoisers."""
+    if not 1 <= k <= rounds:
+        raise SystemExit(f"--average-last {k}: the run has {rounds} diffusion rounds")
+    return mean_state(load_checkpoint(checkpoints / f"dm-round-{r:03d}")[0]["denoiser"]
+                      for r in range(rounds - k + 1, rounds + 1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path)
@@ -67,10 +82,14 @@ def main() -> None:
     ap.add_argument("--multiplier", default="1",
                     help="synthetic training-set sizes for TSTR, in multiples of the real one")
     ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--average-last", default="",
+                    help="release the mean of the last k rounds' denoisers, e.g. 1,3,5 "
+                         "(default: the run's final model as released)")
     args = ap.parse_args()
     run = Run(args.run)
     final = run.load_final()
     cfg = final.cfg
+    averages = [int(v) for v in args.average_last.split(",")] if args.average_last else [0]
     sites = simulated_sites(run)
     if sites is None:
         raise SystemExit(f"{args.run}: not a simulated run (its real data is not on this machine)")
@@ -84,50 +103,56 @@ def main() -> None:
     test_y = real.test[1].numpy().astype(np.int64)
     rows = []
     steps_list = [int(v) for v in args.steps.split(",")] if args.steps else [cfg.dm.ddim_steps]
-    for steps in steps_list:
-        for eta in _floats(args.eta):
-            for g in _floats(args.guidance):
-                t0 = time.monotonic()
-                x, y, _ = generate_synthetic(cfg, final.ae, final.dm, final.scale_factor,
-                                             per_class, seed=cfg.seed, device=device,
-                                             steps=steps, guidance=g, eta=eta)
-                sample_s = time.monotonic() - t0
-                u = evaluate_utility(real.train, (x, y), real.test, n_classes=n_classes,
-                                     seeds=(0,), epochs=args.epochs, device=device,
-                                     reference_model=ref)
-                f = fidelity_report(real.train[0], real.train[1], x, y,
-                                    extractors=feature_spaces(seed=0, classifier=ref),
-                                    seed=cfg.seed)
-                div = f["diversity"]
-                row = {"guidance": g, "eta": eta, "steps": steps, "tstr_auc": u["tstr_auc"],
-                       "tstr_auc_ci": u["tstr_auc_ci"], "trtr_auc": u["trtr_auc"],
-                       "ratio": u["ratio"], "tstr_acc": u["tstr_acc"],
-                       "ssim_synthetic": float(np.mean(list(div["synthetic"].values()))),
-                       "ssim_real": float(np.mean(list(div["real"].values()))),
-                       "precision": f["classifier"]["precision"],
-                       "recall": f["classifier"]["recall"], "sample_s": round(sample_s, 1),
-                       "n_generated": int(x.shape[0]), "run": str(args.run), "larger": {}}
-                for m in (m for m in mults if m != 1):
-                    pick = _pick(y, real.train[1], n_classes, m, np.random.default_rng(0))
-                    model = train_classifier(x[pick], y[pick], n_classes, epochs=args.epochs,
-                                             seed=0, device=device, **CLASSIFIER_RECIPE)
-                    proba = np.asarray(predict_proba(model, real.test[0]), dtype=np.float64)
-                    auc = macro_auc(test_y, proba)
-                    row["larger"][str(m)] = {
-                        "tstr_auc": auc, "ratio": auc / u["trtr_auc"],
-                        "tstr_acc": float((proba.argmax(1) == test_y).mean())}
-                row["seconds"] = round(time.monotonic() - t0, 1)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+    for k, steps, eta, g in itertools.product(averages, steps_list, _floats(args.eta),
+                                              _floats(args.guidance)):
+        if k:
+            final.dm.load_state_dict(_tail_mean(run.root / "checkpoints",
+                                                cfg.diffusion.rounds, k))
+        t0 = time.monotonic()
+        x, y, _ = generate_synthetic(cfg, final.ae, final.dm, final.scale_factor,
+                                     per_class, seed=cfg.seed, device=device,
+                                     steps=steps, guidance=g, eta=eta)
+        sample_s = time.monotonic() - t0
+        u = evaluate_utility(real.train, (x, y), real.test, n_classes=n_classes,
+                             seeds=(0,), epochs=args.epochs, device=device,
+                             reference_model=ref)
+        f = fidelity_report(real.train[0], real.train[1], x, y,
+                            extractors=feature_spaces(seed=0, classifier=ref),
+                            seed=cfg.seed)
+        div = f["diversity"]
+        row = {"average_last": k or "final", "guidance": g, "eta": eta,
+               "steps": steps, "tstr_auc": u["tstr_auc"],
+               "tstr_auc_ci": u["tstr_auc_ci"], "trtr_auc": u["trtr_auc"],
+               "ratio": u["ratio"], "tstr_acc": u["tstr_acc"],
+               "ssim_synthetic": float(np.mean(list(div["synthetic"].values()))),
+               "ssim_real": float(np.mean(list(div["real"].values()))),
+               "precision": f["classifier"]["precision"],
+               "recall": f["classifier"]["recall"], "sample_s": round(sample_s, 1),
+               "n_generated": int(x.shape[0]), "run": str(args.run), "larger": {}}
+        for m in (m for m in mults if m != 1):
+            pick = _pick(y, real.train[1], n_classes, m, np.random.default_rng(0))
+            model = train_classifier(x[pick], y[pick], n_classes, epochs=args.epochs,
+                                     seed=0, device=device, **CLASSIFIER_RECIPE)
+            proba = np.asarray(predict_proba(model, real.test[0]), dtype=np.float64)
+            auc = macro_auc(test_y, proba)
+            row["larger"][str(m)] = {
+                "tstr_auc": auc, "ratio": auc / u["trtr_auc"],
+                "tstr_acc": float((proba.argmax(1) == test_y).mean())}
+        row["seconds"] = round(time.monotonic() - t0, 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     print(f"\n{args.run}: TSTR one seed, {args.epochs} epochs, matched size unless noted")
     extra = [m for m in mults if m != 1]
     head = "".join(f" TSTR/TRTR with {m}x synthetic |" for m in extra)
-    print("| guidance | eta | steps | TSTR AUC [95% CI] | TSTR/TRTR | TSTR acc |" + head +
-          " within-class SSIM syn (real) | precision / recall (classifier space) |")
-    print("|---" * (8 + len(extra)) + "|")
+    print("| released | guidance | eta | steps | TSTR AUC [95% CI] | TSTR/TRTR | TSTR acc |" +
+          head + " within-class SSIM syn (real) | precision / recall (classifier space) |")
+    print("|---" * (9 + len(extra)) + "|")
     for r in rows:
         more = "".join(f" {r['larger'][str(m)]['ratio']:.3f} |" for m in extra)
-        print(f"| {r['guidance']:g} | {r['eta']:g} | {r['steps']} | {r['tstr_auc']:.3f} "
+        k = r["average_last"]
+        released = "final" if k == "final" else f"mean of last {k}"
+        print(f"| {released} | {r['guidance']:g} | {r['eta']:g} | {r['steps']} | "
+              f"{r['tstr_auc']:.3f} "
               f"[{r['tstr_auc_ci'][0]:.3f}, {r['tstr_auc_ci'][1]:.3f}] | {r['ratio']:.3f} | "
               f"{r['tstr_acc']:.3f} |{more} {r['ssim_synthetic']:.2f} ({r['ssim_real']:.2f}) | "
               f"{r['precision']:.2f} / {r['recall']:.2f} |")

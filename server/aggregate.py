@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
@@ -26,6 +26,25 @@ from ldm_core.evaluation.fidelity import PSNR_CAP_DB
 from ldm_core.privacy import pooled_scale_factor
 
 StateDict = dict[str, torch.Tensor]
+
+
+def mean_state(states: Iterable[Mapping[str, torch.Tensor]]) -> StateDict:
+    """The element-wise mean of state dicts with the same keys (a running sum in float64, so
+    only two are in memory); non-float entries (counters) are taken from the last one."""
+    total: dict[str, torch.Tensor] = {}
+    last: Mapping[str, torch.Tensor] = {}
+    n = 0
+    for state in states:
+        if n and set(state) != set(last):
+            raise ValueError("mean_state: the state dicts hold different parameters")
+        for k, v in state.items():
+            if v.is_floating_point():
+                total[k] = total[k] + v.double() if k in total else v.double().clone()
+        last, n = state, n + 1
+    if not n:
+        raise ValueError("mean_state: no state dicts to average")
+    return {k: (total[k] / n).to(v.dtype) if v.is_floating_point() else v.clone()
+            for k, v in last.items()}
 
 
 def resolve_method(method: str, n_updates: int) -> str:

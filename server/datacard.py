@@ -111,6 +111,14 @@ def _acceptance_lines(acc: Any) -> list[str]:
     return [*out, ""]
 
 
+def _released(meta: Any) -> list[tuple[str, str]]:
+    """(phase, "mean of rounds a-b") for each phase that released a tail average."""
+    if not isinstance(meta, dict):
+        return []
+    return [(phase, str(meta[f"{phase}_released"])) for phase in ("autoencoder", "diffusion")
+            if isinstance(meta.get(f"{phase}_released"), str)]
+
+
 def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
     """Write the synthetic set's DATACARD.md from metrics.json's typed blocks."""
     priv = PrivacyBlock.from_json(metrics.get("privacy"))
@@ -130,6 +138,9 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
         f"- Starting weights: autoencoder "
         f"{init_note(cfg.ae_init, paired=cfg.model.mask_channels > 0)}; denoiser "
         f"{init_note(cfg.dm_init)}.",
+        *(f"- Released {phase} model: {text} (the average of those rounds' global models; "
+          "each was already sent to the sites, so averaging costs no privacy)."
+          for phase, text in _released(metrics.get("meta"))),
         "- Files: `<class>/syn_NNNNNN.png` (8-bit grayscale) and `manifest.csv` (path,label)"
         + ("; each image's lesion mask (0/255, pixel-aligned, decoded from the same latent) "
            "at `masks/<class>/syn_NNNNNN.png`, column `mask`." if cfg.model.mask_channels

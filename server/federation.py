@@ -46,6 +46,7 @@ from server.aggregate import (
     aggregate,
     check_update,
     latent_stats_problem,
+    mean_state,
     norm_outliers,
     pooled_recon_quality,
     recon_quality_problem,
@@ -571,6 +572,7 @@ class Coordinator:
             if self.state["stage"] == spec.name:
                 rounds = spec.config(self.cfg).rounds
                 self._phase(spec, rounds, nodes, set(nodes) if spec.needs_autoencoder else set())
+                self._release_average(spec, rounds)
                 if spec is AUTOENCODER:
                     self.state["scale_factor"] = None
                     self._checkpoint(f"{spec.prefix}-final", LATENT_SCALE, 0)
@@ -585,6 +587,22 @@ class Coordinator:
         metrics = self.metrics.to_json()
         self.folder.save_metrics(metrics)
         return metrics
+
+    def _release_average(self, spec: Phase, rounds: int) -> None:
+        """Make the phase's model the mean of its last `average_last` global models.
+
+        Every model averaged was already sent to the sites, so the mean is post-processing and
+        costs no privacy. The models are read from the round checkpoints, so a run resumed
+        after its last round releases the same mean."""
+        k = min(spec.config(self.cfg).average_last, rounds)
+        if k <= 1:
+            return
+        chosen = range(rounds - k + 1, rounds + 1)
+        states = (load_checkpoint(self.folder.checkpoints / f"{spec.prefix}-round-{r:03d}")[0]
+                  [spec.checkpoint_key] for r in chosen)
+        self.models[spec.name].load_state_dict(mean_state(states))
+        self.metrics.meta[f"{spec.name}_released"] = f"mean of rounds {chosen[0]}-{chosen[-1]}"
+        self.log.info("%s: releasing the mean of rounds %d-%d", spec.name, chosen[0], chosen[-1])
 
     def audit(self) -> list[dict[str, Any]]:
         """Ask every site for its privacy audit of the final model.

@@ -37,6 +37,8 @@ def test_presets_build_and_round_trip_json(preset: str) -> None:
         lambda: build_config(overrides={"diffusion.nope": 1}),
         lambda: build_config(overrides={"nosection.rounds": 1}),
         lambda: build_config(preset="tiny", image_size=16, overrides={"diffusion.lr": -1.0}),
+        lambda: build_config(preset="tiny", image_size=16,
+                             overrides={"diffusion.average_last": 0}),
     ],
 )
 def test_bad_configs_raise(make) -> None:

@@ -112,6 +112,20 @@ def test_check_update_rejects_integer_weights_for_a_floating_model() -> None:
     assert check_update(ref, {"w": torch.ones(2, 3, dtype=torch.float64)}) is None
 
 
+def test_mean_state_averages_floats_keeps_the_last_counters_and_refuses_mismatches() -> None:
+    from server.aggregate import mean_state
+
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}
+    out = mean_state(iter([a, b]))
+    assert torch.equal(out["w"], torch.tensor([2.0, 4.0])) and out["w"].dtype == torch.float32
+    assert int(out["n"]) == 5
+    with pytest.raises(ValueError, match="different parameters"):
+        mean_state([a, {"w": a["w"]}])
+    with pytest.raises(ValueError, match="no state dicts"):
+        mean_state([])
+
+
 def test_robust_aggregation_bounds_one_site() -> None:
     from flwr.supercore.task_identity import TaskIdentity
 

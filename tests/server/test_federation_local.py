@@ -241,3 +241,39 @@ def test_with_train_only_only_the_trained_part_travels_and_the_rest_stays_as_sen
         assert torch.equal(v, start[k]) == (k not in trained), k
     stored = sorted((tmp_path / "sites").glob("site-0/replies/*/diffusion-1/arrays*"))
     assert stored and set(load_file(str(stored[0]))) == trained
+
+
+@pytest.mark.slow
+def test_the_released_denoiser_is_the_mean_of_the_last_rounds_also_after_a_resume(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`average_last=2` of 3 rounds releases the mean of rounds 2 and 3; killed just before
+    the final checkpoint, the resumed run releases the same mean (read from the round
+    checkpoints, not from a model in memory)."""
+    import server.federation as federation
+    from ldm_core.checkpoint import load_checkpoint
+
+    cfg = dataclasses.replace(tiny_cfg, diffusion=dataclasses.replace(
+        tiny_cfg.diffusion, rounds=3, average_last=2))
+    original = federation.save_checkpoint
+
+    def save(directory: Path, modules: dict, meta: dict) -> Path:
+        if Path(directory).name == "final":
+            raise _Killed
+        return original(directory, modules, meta)
+
+    monkeypatch.setattr(federation, "save_checkpoint", save)
+    with pytest.raises(_Killed):
+        _federation(tmp_path, demo_manifest, cfg).run()
+    monkeypatch.undo()
+    _federation(tmp_path, demo_manifest, cfg).run()
+    ck = tmp_path / "run" / "checkpoints"
+    r2, r3, final = (load_checkpoint(ck / name)[0]["denoiser"]
+                     for name in ("dm-round-002", "dm-round-003", "final"))
+    assert set(final) == set(r3)
+    for k, v in final.items():
+        assert torch.allclose(v, ((r2[k].double() + r3[k].double()) / 2).to(v.dtype),
+                              atol=1e-7), k
+    assert any(not torch.equal(final[k], r3[k]) for k in final if final[k].is_floating_point())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["meta"]["diffusion_released"] == "mean of rounds 2-3"

@@ -382,8 +382,12 @@ def test_datacard_states_audit_noise_and_limits(tmp_path: Path) -> None:
     assert "lower bounds on leakage" in card
     assert "std 0.020" in card
     assert "low fidelity" in card  # 0.01 near copies = the holdout's 0.01
+    assert "Released" not in card
     empty = write_datacard(tmp_path / "EMPTY.md", {"privacy": {}}, cfg).read_text()
     assert "not measured" in empty
+    averaged = write_datacard(tmp_path / "AVG.md", {
+        **_metrics(), "meta": {"diffusion_released": "mean of rounds 2-5"}}, cfg).read_text()
+    assert "Released diffusion model: mean of rounds 2-5 (the average" in averaged
 
 
 def test_federation_metrics_round_trip_keeps_every_key() -> None:
