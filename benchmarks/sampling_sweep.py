@@ -117,7 +117,8 @@ def main() -> None:
                              seeds=(0,), epochs=args.epochs, device=device,
                              reference_model=ref)
         f = fidelity_report(real.train[0], real.train[1], x, y,
-                            extractors=feature_spaces(seed=0, classifier=ref),
+                            extractors=feature_spaces(seed=0, classifier=ref,
+                                                  spatial_dims=cfg.model.spatial_dims),
                             seed=cfg.seed)
         div = f["diversity"]
         row = {"average_last": k or "final", "guidance": g, "eta": eta,

@@ -99,30 +99,33 @@ def build_config_from(args: argparse.Namespace, overrides: dict[str, Any], **kwa
 def preflight_simulation(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     """Everything `run_simulation` would refuse late, checked before anything is written."""
     from ldm_core.config import to_dict
-    from ldm_core.data import partition, scan
+    from ldm_core.data import DEMO_FOLDERS, partition, scan
     from ldm_core.phantoms import CLASS_NAMES
+    from server.simulate import SimulationOptions, demo_patients
 
     out = Path(args.out)
     _check_out_folder(out)
     _check_rare(args.demo_rare, "--demo-rare")
     if args.demo_rare is not None and args.data != "demo":
         raise LocalCliError(f"--demo-rare applies to --data demo only, not {args.data}")
-    if args.data == "demo":
-        manifest = out / "demo-data" / "manifest.csv"
+    if args.data in DEMO_FOLDERS:
+        manifest = out / DEMO_FOLDERS[args.data] / "manifest.csv"
+        n_demo = demo_patients(SimulationOptions(data=args.data,
+                                                 demo_patients=args.demo_patients))
         if manifest.exists() and args.demo_rare is not None:
             print(f"note: {manifest} exists and is reused as it is; --demo-rare applies to "
                   "newly generated demo data only")
         class_names = tuple(scan(manifest).class_names) if manifest.exists() else CLASS_NAMES
-        if not manifest.exists() and args.sites > args.demo_patients:
+        if not manifest.exists() and args.sites > n_demo:
             raise LocalCliError(f"--sites {args.sites}: more sites than --demo-patients "
-                                f"{args.demo_patients}")
+                                f"{n_demo}")
         scheme = "site" if args.partition == "auto" else args.partition
         records = scan(manifest).records if manifest.exists() else None
     else:
         data = Path(args.data).expanduser()
         if not data.exists():
             raise LocalCliError(f"--data {data}: no such file or folder ('demo' for the "
-                                "built-in phantoms)")
+                                "built-in phantoms, 'demo3d' for phantom head volumes)")
         index = scan(data)
         class_names = tuple(index.class_names)
         scheme = "iid" if args.partition == "auto" else args.partition
@@ -143,13 +146,13 @@ def preflight_simulation(args: argparse.Namespace, overrides: dict[str, Any]) ->
         raise LocalCliError(f"the run's models (ae_init / dm_init / train_only): {e}") from e
     unmasked = [r for r in records or () if r.mask is None] if cfg.model.mask_channels else []
     if unmasked:
-        where = out / "demo-data" if args.data == "demo" else args.data
+        where = out / DEMO_FOLDERS[args.data] if args.data in DEMO_FOLDERS else args.data
         raise LocalCliError(
             f"--set model.mask_channels=1: {len(unmasked)} of {len(records or ())} images in "
             f"{where} have no mask (first: {unmasked[0].path}); paired generation needs a "
             "'mask' column in the CSV manifest" + (
                 f" (demo data written by an older fedldm: delete {where} to regenerate it)"
-                if args.data == "demo" else ""))
+                if args.data in DEMO_FOLDERS else ""))
     if args.accept is not None:
         from server.acceptance import AcceptanceError, check_feasible, parse_acceptance
 
@@ -158,7 +161,7 @@ def preflight_simulation(args: argparse.Namespace, overrides: dict[str, Any]) ->
                            evaluate=not args.no_evaluate)
         except AcceptanceError as e:
             raise LocalCliError(str(e)) from e
-    if args.data != "demo":
+    if args.data not in DEMO_FOLDERS:
         _check_images([r.path for r in records or ()], str(args.data))
 
 
@@ -176,12 +179,20 @@ def _check_rare(rare: tuple[str, float] | None, flag: str) -> None:
 
 
 def simulate(args: argparse.Namespace) -> int:
+    from server.simulate import (
+        SimulationOptions,
+        run_simulation,
+        summary_lines,
+        with_volume_overrides,
+    )
+
     overrides = _overrides(args, (("ae_rounds", "autoencoder.rounds"),
                                   ("dm_rounds", "diffusion.rounds"),
                                   ("ae_steps", "autoencoder.local_steps"),
                                   ("dm_steps", "diffusion.local_steps")))
+    # Volumes (--data demo3d, or NIfTI / DICOM data) make a 3D run: the preflight checks that.
+    overrides = with_volume_overrides(args.data, overrides)
     preflight_simulation(args, overrides)
-    from server.simulate import SimulationOptions, run_simulation, summary_lines
 
     opts = SimulationOptions(data=args.data, sites=args.sites, partition=args.partition,
                              epsilon=args.epsilon, delta=args.delta, preset=args.preset,
@@ -358,7 +369,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `simulate`, `evaluate`, `demo-data`, `pretrain-ae`, `pretrain-dm`."""
     p = sub.add_parser("simulate", help="run a simulated federation end to end")
     p.add_argument("--data", default="demo",
-                   help="'demo' (built-in phantoms) or a class-folder tree / manifest.csv")
+                   help="'demo' (built-in phantoms), 'demo3d' (phantom head volumes: a 3D run) "
+                   "or a class-folder tree / manifest.csv (of images, or of NIfTI volumes / "
+                   "DICOM series folders: a 3D run)")
     p.add_argument("--sites", type=A.positive_int, default=3)
     p.add_argument("--partition", default="auto",
                    help="iid | dirichlet:ALPHA | site (auto: 'site' for demo, else iid)")
@@ -376,8 +389,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ae-steps", type=A.positive_int,
                    help="override autoencoder DP steps per round")
     p.add_argument("--dm-steps", type=A.positive_int, help="override diffusion DP steps per round")
-    p.add_argument("--demo-patients", type=A.positive_int, default=12800,
-                   help="demo data size (patients; --demo-slices images each)")
+    p.add_argument("--demo-patients", type=A.positive_int, default=None,
+                   help="demo data size (patients; --demo-slices images each; default 12800, "
+                   "600 volumes for demo3d)")
     p.add_argument("--demo-slices", type=A.positive_int, default=1,
                    help="demo images per patient (the DP unit is the patient)")
     p.add_argument("--demo-rare", type=A.rare_class, metavar="CLASS:FRACTION",

@@ -64,10 +64,26 @@ class ImageInfo:
     error: str | None = None
 
 
+def _decode_volume(path: Path) -> ImageInfo:
+    """Read a NIfTI file or DICOM series folder whole (width/height: its first two axes)."""
+    from ldm_core.data import DataError
+    from ldm_core.volumes import read_dicom_series, read_nifti
+
+    try:
+        data, _ = read_dicom_series(path) if path.is_dir() else read_nifti(path)
+    except (DataError, OSError, ValueError) as e:
+        return ImageInfo(path, error=str(e))
+    return ImageInfo(path, int(data.shape[0]), int(data.shape[1]), f"volume {data.shape}")
+
+
 def decode_image(path: Path) -> ImageInfo:
     """Open and fully decode one image (a truncated file fails here, not only a bad header)."""
     from PIL import Image
 
+    from ldm_core.volumes import is_volume_path
+
+    if is_volume_path(path):
+        return _decode_volume(path)
     try:
         if path.stat().st_size == 0:
             return ImageInfo(path, error="empty file (0 bytes)")

@@ -54,6 +54,7 @@ from ldm_core.evaluation.scores import autoencoder_scores, denoiser_scores
 from ldm_core.models import resolve_device
 from ldm_core.privacy import gaussian_mechanism_entry
 from ldm_core.sampling import generate_images
+from ldm_core.volumes import display_view
 
 __all__ = ["AUDIT_RELEASE_KEYS", "diagnostics_path", "site_audit"]
 
@@ -149,7 +150,7 @@ def site_audit(site: SiteConfig, cfg: RunConfig, ae: torch.nn.Module, dm: torch.
                                             posinf=NONFINITE_SCORE, neginf=-NONFINITE_SCORE)
     taus = {a: sample_threshold(scores[a]["samples"]) for a in ATTACKS}
 
-    extractor = random_feature_extractor(seed=0).to(device)
+    extractor = random_feature_extractor(seed=0, spatial_dims=cfg.model.spatial_dims).to(device)
     feats = {name: _features(extractor, x) for name, (x, _) in sets.items()}
     near = {name: near_copy_test(feats[name], feats["samples"])
             for name in ("members", "nonmembers")}
@@ -212,7 +213,9 @@ def _diagnostics(*, site: SiteConfig, run_id: str, rng: PrivacyRng, sigma: float
                       "samples_below_threshold": float((s["samples"] <= taus[a]).mean())}
     nm = near["members"]
     order = np.argsort(nm["d1"], kind="stable")[:N_PAIRS]
-    pixels = ((sample_images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
+    # Volumes: their three orthogonal mid slices (the figure's view), not 32^3 numbers a pair.
+    pixels = ((display_view(sample_images).clamp(-1, 1) + 1) * 127.5).round().to(
+        torch.uint8)[:, 0].numpy()
     pairs = [{"train_index": int(mem_idx[i]), "sample_index": int(nm["nearest"][i]),
               "distance": float(nm["d1"][i]), "second_distance": float(nm["d2"][i]),
               "near_copy": bool(nm["flags"][i]),

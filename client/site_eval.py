@@ -100,16 +100,17 @@ def site_evaluate(site: SiteConfig, cfg: RunConfig, classifier: dict[str, torch.
     # Everything that depends only on the coordinator's input is done (and may fail) here,
     # before the charge and the data: a failure after it could depend on the data (for
     # example only when the site has test patients) and would leak that without noise.
-    tstr = SmallCNN(n_classes)
+    dims = cfg.model.spatial_dims
+    tstr = SmallCNN(n_classes, spatial_dims=dims)
     tstr.load_state_dict(classifier)
-    size = cfg.model.image_size
-    if synthetic.ndim != 4 or tuple(synthetic.shape[1:]) != (1, size, size):
-        raise ValueError(f"synthetic images must be [N, 1, {size}, {size}] (the run's image "
-                         f"size), got {tuple(synthetic.shape)}")
-    extractor = random_feature_extractor(seed=0)
+    grid = (cfg.model.image_size,) * dims
+    if tuple(synthetic.shape[1:]) != (1, *grid):
+        raise ValueError(f"synthetic images must be [N, 1, {', '.join(map(str, grid))}] (the "
+                         f"run's image size), got {tuple(synthetic.shape)}")
+    extractor = random_feature_extractor(seed=0, spatial_dims=dims)
     manifold = SyntheticManifold.build(extract_features(extractor, synthetic))
     with torch.no_grad():
-        probe = tstr.eval()(torch.zeros(1, 1, size, size))
+        probe = tstr.eval()(torch.zeros(1, 1, *grid))
     if probe.shape != (1, n_classes):
         raise ValueError(f"the classifier returns {tuple(probe.shape)} for one image, expected "
                          f"(1, {n_classes})")
@@ -126,7 +127,7 @@ def site_evaluate(site: SiteConfig, cfg: RunConfig, classifier: dict[str, torch.
     sigma_trtr = cfg.privacy.eval_trtr_noise_multiplier if private else 0.0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        trtr = SmallCNN(n_classes)
+        trtr = SmallCNN(n_classes, spatial_dims=dims)
     if data.train.images.shape[0]:
         stats = dp_train(trtr, (data.train.images, data.train.labels), _ce, phase=phase,
                          plan=plan, noise_multiplier=sigma_trtr, seed=seed, device=device,

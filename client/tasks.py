@@ -93,11 +93,18 @@ def load_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
     check_permitted(site, cfg)
     scheme, n_sites = (("iid", 1) if site.partition == "all"
                        else (site.partition, site.n_sites))
-    return load_site(site.data, site_index=site.site_index if n_sites > 1 else 0,
+    data = load_site(site.data, site_index=site.site_index if n_sites > 1 else 0,
                      n_sites=n_sites, scheme=scheme, image_size=cfg.model.image_size,
                      seed=site.data_seed, holdout_fraction=site.holdout_fraction,
                      test_fraction=site.test_fraction, progress=site.show_progress,
                      masks=cfg.model.mask_channels > 0)
+    dims = data.train.images.ndim - 2
+    if dims != cfg.model.spatial_dims:
+        held, wanted = ("volumes", "2D images") if dims == 3 else ("2D images", "volumes")
+        raise ValueError(f"site {site.site_id}: {site.data} holds {held} but the run "
+                         f"(model.spatial_dims={cfg.model.spatial_dims}) trains on {wanted}; "
+                         "point the site at matching data or start a run of the other kind")
+    return data
 
 
 def check_classes(site: SiteConfig, cfg: RunConfig, data: SiteData) -> None:

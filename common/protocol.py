@@ -244,11 +244,12 @@ class EvaluateRequest:
                                _get(content, "arrays", ArrayRecord, where), syn)
 
     def synthetic_images(self) -> torch.Tensor:
-        """The synthetic images ``[N, 1, H, W]``, checked (finite, 4-D)."""
+        """The synthetic images ``[N, 1, H, W]`` (volumes ``[N, 1, D, H, W]``), checked (finite,
+        4-D or 5-D); the site checks the size against the run's grid."""
         x = self.synthetic.to_torch_state_dict()["images"]
-        if x.ndim != 4 or x.shape[1] != 1 or not x.is_floating_point():
-            raise ProtocolError(f"evaluate request: synthetic images must be float [N, 1, H, W],"
-                                f" got {x.dtype} {tuple(x.shape)}")
+        if x.ndim not in (4, 5) or x.shape[1] != 1 or not x.is_floating_point():
+            raise ProtocolError(f"evaluate request: synthetic images must be float [N, 1, H, W]"
+                                f" or [N, 1, D, H, W], got {x.dtype} {tuple(x.shape)}")
         if x.shape[0] > MAX_EVAL_SYNTHETIC:
             raise ProtocolError(f"evaluate request: {x.shape[0]} synthetic images, at most "
                                 f"{MAX_EVAL_SYNTHETIC}")

@@ -17,11 +17,12 @@ from torch import Tensor, nn
 __all__ = ["SmallCNN", "train_classifier", "predict_proba", "embed", "macro_auc"]
 
 
-def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-    """Conv 3x3 -> GroupNorm -> SiLU; stride 2 halves the resolution."""
+def _block(c_in: int, c_out: int, stride: int, dims: int = 2) -> nn.Sequential:
+    """Conv 3x3 (3x3x3 for volumes) -> GroupNorm -> SiLU; stride 2 halves the resolution."""
     groups = 8 if c_out % 8 == 0 else 1
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False),
+        conv(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False),
         nn.GroupNorm(groups, c_out),
         nn.SiLU(),
     )
@@ -33,23 +34,28 @@ class SmallCNN(nn.Module):
 
     About 157k parameters with the default ``width=24``; ``feature_dim = 8 * width``. Input
     ``[N, in_channels, H, W]`` with H, W >= 8; global pooling makes the output independent of
-    the input size.
+    the input size. ``spatial_dims=3``: the same network with 3D convolutions, for volumes
+    ``[N, in_channels, D, H, W]``.
     """
 
-    def __init__(self, n_classes: int, *, in_channels: int = 1, width: int = 24) -> None:
+    def __init__(self, n_classes: int, *, in_channels: int = 1, width: int = 24,
+                 spatial_dims: int = 2) -> None:
         super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"SmallCNN spatial_dims must be 2 or 3, got {spatial_dims}.")
         if n_classes < 2:
             raise ValueError(f"SmallCNN needs n_classes >= 2, got {n_classes}.")
         if width < 8 or width % 8:
             raise ValueError(f"SmallCNN width must be a multiple of 8 and >= 8, got {width}.")
-        w = width
+        w, d = width, spatial_dims
         self.n_classes = n_classes
+        self.spatial_dims = spatial_dims
         self.body = nn.Sequential(
-            _block(in_channels, w, 1),
-            _block(w, 2 * w, 2),
-            _block(2 * w, 2 * w, 1),
-            _block(2 * w, 4 * w, 2),
-            _block(4 * w, 4 * w, 2),
+            _block(in_channels, w, 1, d),
+            _block(w, 2 * w, 2, d),
+            _block(2 * w, 2 * w, 1, d),
+            _block(2 * w, 4 * w, 2, d),
+            _block(4 * w, 4 * w, 2, d),
         )
         self.feature_dim = 8 * w
         self.dropout = nn.Dropout(0.2)
@@ -57,15 +63,19 @@ class SmallCNN(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate features ``[N, D]`` (used for fidelity/nearest-neighbour metrics)."""
-        if x.ndim != 4:
-            raise ValueError(f"SmallCNN expects [N, C, H, W] images, got shape {tuple(x.shape)}.")
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(f"SmallCNN(spatial_dims={self.spatial_dims}) expects "
+                             f"{self.spatial_dims + 2}-D input [N, C, ...], got shape "
+                             f"{tuple(x.shape)}.")
         # Per-image standardisation: sites differ in gain/gamma, and the lesion is a local contrast,
         # so absolute intensity is mostly a nuisance (measured: it helps a lot on the demo sites).
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True)
+        every = tuple(range(1, x.ndim))
+        mean = x.mean(dim=every, keepdim=True)
+        std = x.std(dim=every, keepdim=True)
         h = self.body((x - mean) / (std + 1e-3))
         # Mean and max pooling: the max lets a small lesion decide, where the mean dilutes it.
-        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        space = tuple(range(2, h.ndim))
+        return torch.cat([h.mean(dim=space), h.amax(dim=space)], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``[N, n_classes]``."""
@@ -80,9 +90,11 @@ def _augment(x: Tensor, generator: torch.Generator, max_shift: int) -> Tensor:
     """
     n = x.shape[0]
     flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    x = torch.where(flip.view(n, *(1,) * (x.ndim - 1)), x.flip(-1), x)
     if max_shift <= 0:
         return x
+    if x.ndim == 5:
+        return _shift_volumes(x, generator, max_shift)
     h, w = x.shape[-2:]
     padded = F.pad(x, (max_shift,) * 4, mode="reflect")
     offs = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
@@ -93,11 +105,21 @@ def _augment(x: Tensor, generator: torch.Generator, max_shift: int) -> Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def _shift_volumes(x: Tensor, generator: torch.Generator, max_shift: int) -> Tensor:
+    """Integer shifts along each spatial axis of volumes [N, C, D, H, W] (reflect-padded)."""
+    n, size = x.shape[0], x.shape[2:]
+    padded = F.pad(x, (max_shift,) * 6, mode="reflect")
+    offs = torch.randint(0, 2 * max_shift + 1, (n, 3), generator=generator).tolist()
+    return torch.stack([padded[i, :, a:a + size[0], b:b + size[1], c:c + size[2]]
+                        for i, (a, b, c) in enumerate(offs)])
+
+
 def _check_images(images: Tensor, where: str) -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 1:
+    if not isinstance(images, Tensor) or images.ndim not in (4, 5) or images.shape[1] != 1:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"{where}: expected images as a [N, 1, H, W] tensor, got {shape}.")
-    if min(images.shape[-2:]) < 8:
+        raise ValueError(f"{where}: expected images as a [N, 1, H, W] tensor (volumes: "
+                         f"[N, 1, D, H, W]), got {shape}.")
+    if min(images.shape[2:]) < 8:
         raise ValueError(f"{where}: images must be at least 8x8 px, got {tuple(images.shape)}.")
 
 
@@ -136,7 +158,7 @@ def train_classifier(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SmallCNN(n_classes)
+        model = SmallCNN(n_classes, spatial_dims=images.ndim - 2)
     model.to(device)
     gen = torch.Generator().manual_seed(seed)
     x_all = images.float()

@@ -74,9 +74,8 @@ class ModelConfig:
     # is one more autoencoder channel, so image and mask share one latent and one denoiser and
     # come out aligned (ldm_core.sampling.generate_pairs). The sites' data must carry masks.
     mask_channels: int = 0
-    # 2: slices [N,C,H,W]; 3: volumes [N,C,D,H,W] (image_size voxels a side). The networks
-    # and the volume loaders (ldm_core.volumes) exist for 3; a run refuses it until the
-    # federation, sampling and evaluation read volumes (RunConfig).
+    # 2: slices [N,C,H,W]; 3: volumes [N,C,D,H,W] (image_size voxels a side; the data are
+    # NIfTI files or DICOM series, ldm_core.volumes). Same networks, federation and evaluation.
     spatial_dims: int = 2
 
     def __post_init__(self) -> None:
@@ -363,10 +362,11 @@ class RunConfig:
                f"dm_init {self.dm_init!r} has no site embeddings; site-conditional generation "
                "(model.site_slots > 0) needs dm_init 'random'")
         _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
-        _check(self.model.spatial_dims == 2,
-               "model.spatial_dims=3: 3D runs are not available yet (the 3D networks and the "
-               "NIfTI/DICOM loaders exist, but the federation, sampling and evaluation read "
-               "2D images); use 2D slices")
+        _check(self.model.spatial_dims == 2 or (self.ae_init, self.dm_init) == ("random",
+                                                                                 "random"),
+               f"model.spatial_dims=3 starts from scratch: the priors (ae_init "
+               f"{self.ae_init!r}, dm_init {self.dm_init!r}) are 2D networks; set "
+               "ae_init=random and dm_init=random")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         _check(
@@ -415,6 +415,26 @@ _SUBCONFIGS: dict[tuple[str, str], type] = {
 
 
 PRESET_IMAGE_SIZE = {"tiny": 16, "quick": 32, "standard": 64}
+
+
+def _volume_parts(preset: str, parts: dict[str, Any]) -> dict[str, Any]:
+    """A preset for volumes (`model.spatial_dims=3`): the same networks in 3D, from scratch
+    (the shipped priors are 2D), with memory-sized physical batches and a plan for cohorts of
+    hundreds of patients (one volume each) instead of thousands of slices."""
+    parts = {**parts, "model": dataclasses.replace(parts["model"], spatial_dims=3)}
+    parts.pop("ae_init", None)
+    parts.pop("dm_init", None)
+    if preset == "quick":
+        parts["autoencoder"] = PhaseConfig(rounds=2, sample_rate=1 / 4, local_steps=20,
+                                           batch_size=48, lr=2e-3, physical_batch_size=16)
+        parts["diffusion"] = PhaseConfig(rounds=4, sample_rate=1 / 4, local_steps=40,
+                                         batch_size=48, lr=2e-3, physical_batch_size=48,
+                                         average_last=3)
+        parts["privacy"] = {"ae_share": 0.4}
+    elif preset == "standard":
+        for phase in ("autoencoder", "diffusion"):
+            parts[phase] = dataclasses.replace(parts[phase], physical_batch_size=16)
+    return parts
 
 
 def _preset_parts(preset: str, image_size: int) -> dict[str, Any]:
@@ -521,6 +541,8 @@ def build_config(
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {PRESETS}")
     parts = _preset_parts(preset, image_size or PRESET_IMAGE_SIZE[preset])
+    if (overrides or {}).get("model.spatial_dims") == 3:
+        parts = _volume_parts(preset, parts)
     parts["model"] = dataclasses.replace(parts["model"], n_classes=len(class_names))
     parts["privacy"] = PrivacyConfig(epsilon=epsilon, delta=delta, **parts.get("privacy", {}))
     parts.setdefault("dm", DiffusionConfig())

@@ -60,6 +60,9 @@ __all__ = [
 # resumed or evaluated as if its sites held the same patients in the same splits.
 SPLIT_SCHEME = "patient-hash-v1"
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+# Volumes (3D runs): NIfTI files in class folders or manifest rows; a manifest row may also
+# name a folder holding one DICOM series.
+VOLUME_SUFFIXES = (".nii", ".nii.gz")
 SPLITS: tuple[str, ...] = ("train", "holdout", "test")
 _SPLIT_ALIASES = {
     "train": "train",
@@ -127,8 +130,9 @@ class DatasetIndex:
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Images ``[N,1,H,W]`` float32 in [-1, 1], labels ``[N]`` int64, one patient id per image,
-    and for paired generation the masks ``[N,1,H,W]`` float32 in {0, 1}."""
+    """Images ``[N,1,H,W]`` (volumes: ``[N,1,D,H,W]``) float32 in [-1, 1], labels ``[N]``
+    int64, one patient id per image, and for paired generation the masks, shaped like the
+    images, float32 in {0, 1}."""
 
     images: Tensor
     labels: Tensor
@@ -136,8 +140,9 @@ class ImageSet:
     masks: Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.shape[1] != 1:
-            raise ValueError(f"ImageSet.images must be [N,1,H,W], got {tuple(self.images.shape)}.")
+        if self.images.ndim not in (4, 5) or self.images.shape[1] != 1:
+            raise ValueError(f"ImageSet.images must be [N,1,H,W] or [N,1,D,H,W], got "
+                             f"{tuple(self.images.shape)}.")
         if self.masks is not None and (self.masks.shape != self.images.shape
                                        or self.masks.dtype != torch.float32):
             raise ValueError(f"ImageSet.masks must be float32 {tuple(self.images.shape)} like "
@@ -206,7 +211,7 @@ class SiteData:
     def __post_init__(self) -> None:
         if len(self.class_names) < 2:
             raise ValueError(f"SiteData needs >= 2 classes, got {self.class_names}.")
-        sizes = {s.images.shape[-2:] for s in (self.train, self.holdout, self.test)}
+        sizes = {s.images.shape[1:] for s in (self.train, self.holdout, self.test)}
         if len(sizes) != 1:
             raise ValueError(f"SiteData splits have different image sizes: {sizes}.")
 
@@ -228,8 +233,18 @@ def _sorted_class_names(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def _is_volume_file(p: Path) -> bool:
+    return p.name.lower().endswith(VOLUME_SUFFIXES)
+
+
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    return (p.is_file() and not p.name.startswith(".")
+            and (p.suffix.lower() in IMAGE_EXTENSIONS or _is_volume_file(p)))
+
+
+def _exists(p: Path) -> bool:
+    """A listed image: a file, or a folder (a DICOM series, read as a volume)."""
+    return p.is_file() or p.is_dir()
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -243,7 +258,8 @@ def _scan_class_tree(folder: Path, split: str | None) -> dict[str, list[tuple[Pa
         if not files:
             raise DataError(
                 f"{class_dir}: class folder holds no images "
-                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder."
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))}, or volumes: "
+                f"{', '.join(VOLUME_SUFFIXES)}); add images or remove the folder."
             )
         found[class_dir.name] = [(f, split) for f in files]
     return found
@@ -363,13 +379,13 @@ def _scan_manifest(manifest: Path) -> DatasetIndex:
         path = Path(row["path"])
         if not path.is_absolute():
             path = base / path
-        if not path.is_file():
+        if not _exists(path):
             missing_files.append(row["path"])
         patient, site = row.get("patient") or None, row.get("site") or None
         mask = None
         if row.get("mask"):
             mask = Path(row["mask"]) if Path(row["mask"]).is_absolute() else base / row["mask"]
-            if not mask.is_file():
+            if not _exists(mask):
                 missing_files.append(row["mask"])
         entries.append((path, row["label"], patient, split, site, mask))
     if missing_files:
@@ -748,10 +764,35 @@ def _load_pair(record: Record, image_size: int) -> tuple[np.ndarray, np.ndarray]
     return _fit(image, image_size, Image.Resampling.BILINEAR), mask
 
 
+def _volume_records(records: Sequence[Record]) -> bool:
+    """True when the records are volumes (NIfTI files, DICOM series folders); a mix of volumes
+    and 2D images is refused, naming one of each."""
+    kinds = [r.path.is_dir() or _is_volume_file(r.path) for r in records]
+    if any(kinds) and not all(kinds):
+        vol = records[kinds.index(True)].path
+        img = records[kinds.index(False)].path
+        raise DataError(f"{vol} is a volume but {img} is a 2D image; a dataset holds one or the "
+                        "other (3D runs read volumes only, 2D runs images only).")
+    return bool(kinds) and all(kinds)
+
+
+def _load_volume(r: Record, size: int, masks: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """A volume (and its mask) fitted to ``size`` voxels a side, already in [-1, 1]."""
+    from ldm_core.volumes import VolumeSpec, load_volume, load_volume_pair
+
+    spec = VolumeSpec(shape=(size, size, size), spacing=None)
+    if masks:
+        assert r.mask is not None  # _load checked
+        vol, mask = load_volume_pair(r.path, r.mask, spec)
+        return (vol.array + 1.0) / 2.0, mask.array
+    return (load_volume(r.path, spec).array + 1.0) / 2.0, None
+
+
 def load_images(
     records: Sequence[Record], image_size: int, *, progress: bool | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Read, grayscale, pad to square, resize and scale records to ``[N,1,S,S]`` in [-1, 1].
+    """Read, grayscale, pad to square, resize and scale records to ``[N,1,S,S]`` in [-1, 1]
+    (volumes: ``[N,1,S,S,S]``, reoriented to RAS and the field of view fitted to the grid).
 
     Returns ``(images float32, labels int64)``. Decoding runs on a few threads (PIL releases
     the GIL) and shows a progress bar above ~500 files.
@@ -782,11 +823,14 @@ def _load(records: Sequence[Record], image_size: int, *, progress: bool | None, 
                 "for every image: add a 'mask' column to the CSV manifest (path,label,mask,...)."
             )
     n = len(records)
-    images = np.empty((n, 1, image_size, image_size), dtype=np.float32)
+    volumes = _volume_records(records)
+    images = np.empty((n, 1, *(image_size,) * (3 if volumes else 2)), dtype=np.float32)
     mask_arr = np.empty_like(images) if masks else None
     workers = max(1, min(4, os.cpu_count() or 1))
 
     def one(r: Record) -> tuple[np.ndarray, np.ndarray | None]:
+        if volumes:
+            return _load_volume(r, image_size, masks)
         return _load_pair(r, image_size) if masks else (_load_one(r.path, image_size), None)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -951,18 +995,26 @@ def load_all_sites(
 
 
 DEMO_DATA = "demo"
+DEMO3D_DATA = "demo3d"
+# Where a simulation writes each built-in demo set, under its run folder.
+DEMO_FOLDERS = {DEMO_DATA: "demo-data", DEMO3D_DATA: "demo3d-data"}
 
 
 def simulation_source(data: str, out: str | os.PathLike[str], partition: str = "auto"
                       ) -> tuple[str, str]:
     """Where a simulated run's images are and how they are shared among its sites.
 
-    "demo" means the phantoms a simulation writes to ``OUT/demo-data/manifest.csv`` (shared by
-    site: each phantom site differs in acquisition); any other path is split "iid" unless a
-    scheme is given. One rule for the coordinator and the simulated sites, which resolve it in
-    different processes.
+    "demo" ("demo3d": head volumes) means the phantoms a simulation writes to
+    ``OUT/demo-data/manifest.csv`` (``OUT/demo3d-data/``), shared by site: each phantom site
+    differs in acquisition; any other path is split "iid" unless a scheme is given. One rule
+    for the coordinator and the simulated sites, which resolve it in different processes.
     """
-    if data == DEMO_DATA:
-        return (str(Path(out) / "demo-data" / "manifest.csv"),
+    if data in DEMO_FOLDERS:
+        return (str(Path(out) / DEMO_FOLDERS[data] / "manifest.csv"),
                 "site" if partition == "auto" else partition)
     return data, "iid" if partition == "auto" else partition
+
+
+def holds_volumes(path: str | os.PathLike[str]) -> bool:
+    """True when the dataset at `path` is volumes (a 3D run's data), from the file list."""
+    return _volume_records(scan(path).records)

@@ -110,8 +110,8 @@ def generate_images(
         x = ae.decode(z / scale_factor).clamp(-1, 1).cpu()
         out.append(x if all_channels else x[:, :1])
     if not out:
-        return torch.zeros(0, cfg.image_channels if all_channels else 1, cfg.image_size,
-                           cfg.image_size)
+        return torch.zeros(0, cfg.image_channels if all_channels else 1,
+                           *(cfg.image_size,) * cfg.spatial_dims)
     return torch.cat(out)
 
 

@@ -12,9 +12,9 @@ Refused with a `DataError` naming the file: unreadable files, not three spatial 
 or a series with missing slices (uneven positions along the slice normal), and a mask whose
 grid (shape or affine) differs from its image's.
 
-Status: the loaders, the writer and the 3D networks (``ModelConfig.spatial_dims = 3``) exist and
-are tested; the federation, sampling and evaluation of 3D runs are not wired yet (images are
-``[N,1,H,W]`` everywhere else).
+``ldm_core.data`` reads a volume wherever it would read an image (a NIfTI path or a DICOM
+series folder in a class folder or a manifest row) with ``spacing=None``: the whole field of
+view fitted to the run's grid, as the 2D loader fits a slice to its square.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import torch
 
 from ldm_core.data import DataError
 
-__all__ = ["NIFTI_SUFFIXES", "Volume", "VolumeSpec", "is_volume_path", "load_volume",
-           "load_volume_pair", "read_dicom_series", "read_nifti", "write_nifti"]
+__all__ = ["NIFTI_SUFFIXES", "Volume", "VolumeSpec", "display_view", "grid_affine",
+           "is_volume_path",
+           "load_volume", "load_volume_pair", "read_dicom_series", "read_nifti", "write_nifti"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Slice positions further apart than this many times the median step mean a missing slice.
@@ -42,13 +43,17 @@ class VolumeSpec:
     """The grid every volume is brought to: shape (voxels), spacing (mm), intensity percentiles."""
 
     shape: tuple[int, int, int]
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # None = fit the field of view: isotropic voxels of the volume's largest extent divided by
+    # the largest grid size, so the whole scan fits the grid (what the 2D loader does by
+    # padding to square and resizing).
+    spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0)
     percentiles: tuple[float, float] = (0.5, 99.5)
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or any(int(s) < 1 for s in self.shape):
             raise ValueError(f"VolumeSpec.shape must be 3 positive sizes, got {self.shape}")
-        if len(self.spacing) != 3 or any(not float(s) > 0 for s in self.spacing):
+        if self.spacing is not None and (len(self.spacing) != 3
+                                         or any(not float(s) > 0 for s in self.spacing)):
             raise ValueError(f"VolumeSpec.spacing must be 3 positive mm values, got "
                              f"{self.spacing}")
         lo, hi = self.percentiles
@@ -175,6 +180,15 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
                     "holding one DICOM series.")
 
 
+def _fit_spacing(shape: tuple[int, ...], affine: np.ndarray, spec: VolumeSpec
+                 ) -> tuple[float, float, float]:
+    """Isotropic spacing (mm) at which the volume's largest extent spans the largest grid size."""
+    voxel_mm = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    extent = float(max(v * n for v, n in zip(voxel_mm, shape, strict=True)))
+    s = extent / max(spec.shape)
+    return (s, s, s)
+
+
 def _to_grid(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, mask: bool
              ) -> tuple[torch.Tensor, np.ndarray]:
     from monai.data import MetaTensor
@@ -183,7 +197,8 @@ def _to_grid(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, mask: bo
     x = MetaTensor(torch.from_numpy(np.ascontiguousarray(data))[None], affine=torch.as_tensor(
         affine, dtype=torch.float64))
     x = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
-    x = Spacing(pixdim=spec.spacing, mode="nearest" if mask else "bilinear")(x)
+    x = Spacing(pixdim=spec.spacing or _fit_spacing(data.shape, affine, spec),
+                mode="nearest" if mask else "bilinear")(x)
     x = ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant")(x)
     return x.as_tensor()[0], np.asarray(x.affine, dtype=np.float64)
 
@@ -231,3 +246,28 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike[s
                     ).to_filename(str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def display_view(x: torch.Tensor) -> torch.Tensor:
+    """What a figure shows of a batch: images ``[N, C, H, W]`` as they are; cubic volumes
+    ``[N, C, X, Y, Z]`` (RAS, as loaded) as their three orthogonal mid slices side by side,
+    ``[N, C, S, 3S]``: axial, coronal, sagittal, each in radiological display (anterior or
+    superior up, the patient's right on the viewer's left), as a 2D demo slice is drawn."""
+    if x.ndim == 4:
+        return x
+    if x.ndim != 5 or len(set(x.shape[2:])) != 1:
+        raise ValueError(f"display_view: expected images [N,C,H,W] or cubic volumes "
+                         f"[N,C,S,S,S], got shape {tuple(x.shape)}")
+    mid = x.shape[2] // 2
+    views = (x[..., mid], x[:, :, :, mid, :], x[:, :, mid])  # axial, coronal, sagittal
+    return torch.cat([v.transpose(-1, -2).flip(-1, -2) for v in views], dim=-1)
+
+
+def grid_affine(size: int, spacing_mm: float = 1.0) -> np.ndarray:
+    """The RAS affine of a run's cubic grid (what a synthetic volume is written with): axes in
+    array order (the loaders reorient every volume to RAS), isotropic `spacing_mm`, centred on
+    the origin. The spacing is nominal: the loaders fit each scan's field of view to the grid."""
+    half = (size - 1) / 2 * spacing_mm
+    affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
+    affine[:3, 3] = -half
+    return affine

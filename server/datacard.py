@@ -111,6 +111,11 @@ def _acceptance_lines(acc: Any) -> list[str]:
     return [*out, ""]
 
 
+def _grid(cfg: RunConfig) -> str:
+    s = cfg.model.image_size
+    return f"{s}x{s} px" if cfg.model.spatial_dims == 2 else f"{s}x{s}x{s} voxel volumes"
+
+
 def _released(meta: Any) -> list[tuple[str, str]]:
     """(phase, "mean of rounds a-b") for each phase that released a tail average."""
     if not isinstance(meta, dict):
@@ -130,7 +135,7 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
         "# Synthetic dataset data card", "",
         "## What generated it",
         f"- A latent diffusion model (MONAI AutoencoderKL + DiffusionModelUNet, preset "
-        f"`{cfg.preset}`, {cfg.model.image_size}x{cfg.model.image_size} px) trained with "
+        f"`{cfg.preset}`, {_grid(cfg)}) trained with "
         "federated learning (Flower) across the sites below; no image left a site.",
         f"- Sampling: DDIM, {syn.ddim_steps} steps, classifier-free guidance "
         f"{syn.guidance_scale}; {syn.n} images, {syn.per_class} per class "
@@ -141,7 +146,11 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
         *(f"- Released {phase} model: {text} (the average of those rounds' global models; "
           "each was already sent to the sites, so averaging costs no privacy)."
           for phase, text in _released(metrics.get("meta"))),
-        "- Files: `<class>/syn_NNNNNN.png` (8-bit grayscale) and `manifest.csv` (path,label)"
+        ("- Files: `<class>/syn_NNNNNN.png` (8-bit grayscale) and `manifest.csv` (path,label)"
+         if cfg.model.spatial_dims == 2 else
+         "- Files: `<class>/syn_NNNNNN.nii.gz` (NIfTI, float32 values 0-255, RAS, nominal 1 mm "
+         "isotropic voxels: the sites' scans were each fitted to the grid, so the physical "
+         "voxel size is not one number) and `manifest.csv` (path,label)")
         + ("; each image's lesion mask (0/255, pixel-aligned, decoded from the same latent) "
            "at `masks/<class>/syn_NNNNNN.png`, column `mask`." if cfg.model.mask_channels
            else "."), "",

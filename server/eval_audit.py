@@ -18,6 +18,7 @@ import numpy as np
 
 from ldm_core.config import RunConfig
 from ldm_core.evaluation import ATTACKS, AUDIT_RELEASE_KEYS, audit_estimates
+from ldm_core.volumes import display_view
 from server import report
 from server.real_data import SimulatedSites
 from server.run_metrics import AuditSummary, PrivacyBlock
@@ -151,7 +152,7 @@ def _closest_pairs(diags: dict[str, dict[str, Any]], sites: SimulatedSites, cfg:
         train = sites.site_data(int(d["_index"]), cfg).train.images
         for p in found[:4]:
             sample = np.asarray(p["sample_uint8"], dtype=np.float64) / 127.5 - 1.0
-            pairs.append((sample, train[int(p["train_index"]), 0].numpy()))
+            pairs.append((sample, display_view(train[int(p["train_index"])][None])[0, 0].numpy()))
             dists.append(float(p["distance"]))
     if not pairs:
         return None

@@ -46,6 +46,7 @@ from ldm_core.evaluation.segmentation import segmentation_utility
 from ldm_core.evaluation.site_eval import Layout
 from ldm_core.models import resolve_device
 from ldm_core.sampling import generate_images
+from ldm_core.volumes import display_view, grid_affine, write_nifti
 from server import report
 from server.acceptance import acceptance_block, parse_acceptance
 from server.datacard import write_datacard
@@ -140,21 +141,32 @@ def export_synthetic(folder: Path, images: torch.Tensor, labels: torch.Tensor,
                      class_names: Sequence[str], masks: torch.Tensor | None = None) -> Path:
     """PNG per image under <class>/ plus manifest.csv (path,label) - the same layout fedldm
     reads, so the synthetic set can be fed straight back into `fedldm` or any loader. Paired
-    sets also write each mask (0/255) under masks/<class>/ and a `mask` column."""
+    sets also write each mask (0/255) under masks/<class>/ and a `mask` column. Volumes are
+    written as NIfTI (``syn_NNNNNN.nii.gz``, values 0-255 like the PNGs) on the grid's RAS
+    affine (ldm_core.volumes.grid_affine)."""
     folder.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(images)
     mask_px = None if masks is None else (masks[:, 0] > 0).to(torch.uint8).numpy() * 255
+    volume = images.ndim == 5
+    affine = grid_affine(images.shape[-1]) if volume else None
+
+    def save(arr: np.ndarray, path: Path) -> None:
+        if volume:
+            write_nifti(arr.astype(np.float32), affine, path)
+        else:
+            Image.fromarray(arr, mode="L").save(path)
+
     rows = []
     for i, (img, y) in enumerate(zip(pixels, labels.tolist(), strict=True)):
         name = class_names[y]
         (folder / name).mkdir(exist_ok=True)
-        rel = f"{name}/syn_{i:06d}.png"
-        Image.fromarray(img, mode="L").save(folder / rel)
+        rel = f"{name}/syn_{i:06d}" + (".nii.gz" if volume else ".png")
+        save(img, folder / rel)
         if mask_px is None:
             rows.append((rel, name))
             continue
         (folder / "masks" / name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(mask_px[i], mode="L").save(folder / "masks" / rel)
+        save(mask_px[i], folder / "masks" / rel)
         rows.append((rel, name, f"masks/{rel}"))
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
@@ -231,8 +243,8 @@ def step_segmentation(ev: Evaluation, real: RealSets | None, syn: Synthetic) -> 
     for c, n in enumerate(names):
         for kind, (x, y, m) in (("real", (real.train[0], real.train[1], real.train_masks)),
                                 ("synthetic", (syn.images, syn.labels, syn.masks))):
-            rows[f"{n} ({kind})"] = x[y == c][:8].numpy()
-            masks[f"{n} ({kind})"] = m[y == c][:8].numpy()
+            rows[f"{n} ({kind})"] = display_view(x[y == c][:8]).numpy()
+            masks[f"{n} ({kind})"] = display_view(m[y == c][:8]).numpy()
     ev.figures["segmentation_pairs"] = report.image_grid_figure(
         rows, "image/mask pairs: real (top) vs synthetic (bottom); red = mask outline",
         masks_by_class=masks)
@@ -242,7 +254,8 @@ def step_segmentation(ev: Evaluation, real: RealSets | None, syn: Synthetic) -> 
 def step_fidelity(ev: Evaluation, real: RealSets, syn: Synthetic, ref_clf: Any) -> Fidelity:
     ev.say("fidelity: FID/KID, precision/recall, density/coverage, SSIM diversity")
     raw = fidelity_report(real.train[0], real.train[1], syn.images, syn.labels,
-                          extractors=feature_spaces(seed=0, classifier=ref_clf),
+                          extractors=feature_spaces(seed=0, classifier=ref_clf,
+                                                    spatial_dims=ev.cfg.model.spatial_dims),
                           seed=ev.cfg.seed)
     ev.figures["samples"] = _real_vs_synthetic(real.train, (syn.images, syn.labels),
                                                ev.cfg.class_names)
@@ -404,6 +417,6 @@ def _real_vs_synthetic(real: tuple[torch.Tensor, torch.Tensor],
                        syn: tuple[torch.Tensor, torch.Tensor], names: Sequence[str]) -> Any:
     rows: dict[str, np.ndarray] = {}
     for c, n in enumerate(names):
-        rows[f"{n} (real)"] = real[0][real[1] == c][:8].numpy()
-        rows[f"{n} (synthetic)"] = syn[0][syn[1] == c][:8].numpy()
+        rows[f"{n} (real)"] = display_view(real[0][real[1] == c][:8]).numpy()
+        rows[f"{n} (synthetic)"] = display_view(syn[0][syn[1] == c][:8]).numpy()
     return report.image_grid_figure(rows, "real (top) vs synthetic (bottom), per class")

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 from ldm_core.config import RunConfig  # noqa: E402
 from ldm_core.sampling import generate_images  # noqa: E402
+from ldm_core.volumes import display_view  # noqa: E402
 
 
 def class_grid(images: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...],
@@ -50,7 +51,7 @@ def write_samples_png(path: Path, cfg: RunConfig, ae: torch.nn.Module, dm: torch
     images = generate_images(ae, dm, cfg.model, labels, scale_factor=scale_factor,
                              steps=cfg.dm.ddim_steps, guidance_scale=cfg.dm.guidance_scale,
                              seed=seed, device=device, clip=cfg.dm.clip_latent)
-    grid = class_grid(images, labels, cfg.class_names, per_class)
+    grid = class_grid(display_view(images), labels, cfg.class_names, per_class)
     save_grid_png(path, grid, cfg.class_names, title or "class-conditional samples (DDIM + CFG)",
                   cfg.model.image_size)
     return images

@@ -106,7 +106,7 @@ def _simulated_main(grid: Grid, rc: Mapping[str, Any]) -> None:
         seed=int(rc.get("seed", 0)), out=Path(str(rc.get("out", "runs/flwr-run"))),
         device=str(rc.get("device", "auto")),
         overrides=json.loads(str(rc.get("overrides", "{}")) or "{}"),
-        demo_patients=int(rc.get("demo-patients", 12800)),
+        demo_patients=int(rc.get("demo-patients", 0)) or None,
         demo_slices=int(rc.get("demo-slices", 1)),
         demo_rare=_rare(str(rc.get("demo-rare", ""))),
         reproducible=bool(rc.get("reproducible", False)), show_progress=False,

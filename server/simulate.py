@@ -24,15 +24,18 @@ from client.client_app import SimulationSites, make_client_app
 from client.ledger import PrivacyLedger
 from ldm_core.config import PRESET_IMAGE_SIZE, RunConfig, build_config, to_dict
 from ldm_core.data import (
+    DEMO3D_DATA,
     DEMO_DATA,
     SPLIT_SCHEME,
     DataError,
+    holds_volumes,
     missing_test_classes,
     scan,
     simulation_source,
 )
 from ldm_core.dp_random import NOT_PRIVATE_NOTE
 from ldm_core.phantoms import generate_demo
+from ldm_core.phantoms3d import generate_demo3d
 from ldm_core.phases import check_models
 from server.acceptance import AcceptanceError, check_feasible, parse_acceptance
 from server.evaluate import EvalOptions
@@ -42,6 +45,11 @@ from server.plan_check import check_plan_fits
 from server.run_folder import Run, RunInfo
 from server.run_metrics import PrivacyBlock, RoundRecord, SitePrivacy
 from server.server_app import make_server_app
+
+# Demo sizes: 2D, one slice per patient; 3D, one head volume per patient (a 32^3 volume costs
+# about as much to train on as 32 slices).
+DEMO_PATIENTS = 12800
+DEMO3D_PATIENTS = 600
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,9 @@ class SimulationOptions:
     device: str = "auto"
     overrides: Mapping[str, Any] | None = None
     # One slice per demo patient: the DP unit is the patient, and the demo should show what
-    # 12,800 privacy units buy (multi-slice patients are exercised by the tests).
-    demo_patients: int = 12800
+    # 12,800 privacy units buy (multi-slice patients are exercised by the tests). None: that,
+    # or DEMO3D_PATIENTS head volumes for --data demo3d.
+    demo_patients: int | None = None
     demo_slices: int = 1
     # (class, fraction): make one demo class rare at the sites (to show `fedldm augment`).
     demo_rare: tuple[str, float] | None = None
@@ -72,14 +81,36 @@ class SimulationOptions:
     show_progress: bool = True
 
 
+def demo_patients(opts: SimulationOptions) -> int:
+    """Patients in the demo set `opts.data` names (its default when not given)."""
+    if opts.demo_patients is not None:
+        return opts.demo_patients
+    return DEMO3D_PATIENTS if opts.data == DEMO3D_DATA else DEMO_PATIENTS
+
+
+def with_volume_overrides(data: str, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A run on volumes is a 3D run: `--data demo3d`, or a dataset of NIfTI files / DICOM
+    series, sets ``model.spatial_dims=3`` (which also selects the preset's 3D plan) unless the
+    user set it; 2D data keeps the overrides as given."""
+    out = dict(overrides or {})
+    path = Path(data).expanduser()
+    if "model.spatial_dims" not in out and (
+            data == DEMO3D_DATA or (data != DEMO_DATA and path.exists() and holds_volumes(path))):
+        out["model.spatial_dims"] = 3
+    return out
+
+
 def prepare_data(opts: SimulationOptions, out: Path) -> tuple[str, str]:
     """Resolve --data (generating the demo set if asked) and the partition scheme."""
     data, partition = simulation_source(opts.data, out, opts.partition)
+    size = opts.image_size or PRESET_IMAGE_SIZE[opts.preset]
     if opts.data == DEMO_DATA and not Path(data).exists():
-        generate_demo(Path(data).parent, n_patients=opts.demo_patients,
+        generate_demo(Path(data).parent, n_patients=demo_patients(opts),
                       slices_per_patient=opts.demo_slices, n_sites=opts.sites,
-                      image_size=max(32, opts.image_size or PRESET_IMAGE_SIZE[opts.preset]),
-                      seed=opts.seed, rare=opts.demo_rare)
+                      image_size=max(32, size), seed=opts.seed, rare=opts.demo_rare)
+    elif opts.data == DEMO3D_DATA and not Path(data).exists():
+        generate_demo3d(Path(data).parent, n_patients=demo_patients(opts), n_sites=opts.sites,
+                        size=size, seed=opts.seed)
     return data, partition
 
 
@@ -108,6 +139,7 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
     run = Run(out)
     # The noise plan needs only the configuration (not the classes): checked before the demo
     # data is written.
+    opts = replace(opts, overrides=with_volume_overrides(opts.data, opts.overrides))
     early = build_config(preset=opts.preset, image_size=opts.image_size, epsilon=opts.epsilon,
                          delta=opts.delta, seed=opts.seed, device=opts.device,
                          overrides=opts.overrides)

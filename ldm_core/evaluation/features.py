@@ -30,8 +30,9 @@ def _check_images(images: Tensor, in_channels: int | None = None) -> None:
     """Raise a ValueError saying what to fix when ``images`` is not a [N,C,H,W] float batch."""
     if not isinstance(images, Tensor):
         raise ValueError(f"images must be a torch.Tensor [N,C,H,W], got {type(images).__name__}")
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape [N,C,H,W], got shape {tuple(images.shape)}")
+    if images.ndim not in (4, 5):
+        raise ValueError(f"images must have shape [N,C,H,W] (volumes: [N,C,D,H,W]), got shape "
+                         f"{tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point in [-1,1], got dtype {images.dtype}")
     if in_channels is not None and images.shape[1] != in_channels:
@@ -40,9 +41,10 @@ def _check_images(images: Tensor, in_channels: int | None = None) -> None:
         )
 
 
-def _block(c_in: int, c_out: int, stride: int, groups: int) -> nn.Sequential:
+def _block(c_in: int, c_out: int, stride: int, groups: int, dims: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1),
+        (nn.Conv2d if dims == 2 else nn.Conv3d)(c_in, c_out, kernel_size=3, stride=stride,
+                                                padding=1),
         nn.GroupNorm(min(groups, c_out), c_out),
         nn.SiLU(),
     )
@@ -53,24 +55,30 @@ class RandomConvFeatures(nn.Module):
 
     GroupNorm rather than BatchNorm so that a sample's features never depend on the other samples
     in its batch (features must not change with ``batch_size``). Output dim is ``8 * width``.
+    ``spatial_dims=3``: 3D convolutions, for volumes (a feature space of its own: 2D and 3D
+    figures are not comparable).
     """
 
-    def __init__(self, in_channels: int = 1, width: int = 32) -> None:
+    def __init__(self, in_channels: int = 1, width: int = 32, spatial_dims: int = 2) -> None:
         super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.in_channels = in_channels
         self.out_dim = 8 * width
+        d = spatial_dims
         self.body = nn.Sequential(
-            _block(in_channels, width, 1, 8),
-            _block(width, 2 * width, 2, 8),
-            _block(2 * width, 4 * width, 2, 8),
-            _block(4 * width, 8 * width, 2, 8),
+            _block(in_channels, width, 1, 8, d),
+            _block(width, 2 * width, 2, 8, d),
+            _block(2 * width, 4 * width, 2, 8, d),
+            _block(4 * width, 8 * width, 2, 8, d),
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x).mean(dim=(2, 3))
+        return self.body(x).flatten(2).mean(dim=2)
 
 
-def random_feature_extractor(seed: int = 0, in_channels: int = 1, width: int = 32) -> nn.Module:
+def random_feature_extractor(seed: int = 0, in_channels: int = 1, width: int = 32,
+                             spatial_dims: int = 2) -> nn.Module:
     """Build the fixed random-init feature network for ``seed`` (eval mode, no gradients).
 
     The weights are drawn from an explicit ``torch.Generator`` so the extractor is identical on
@@ -81,11 +89,11 @@ def random_feature_extractor(seed: int = 0, in_channels: int = 1, width: int = 3
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
-    model = RandomConvFeatures(in_channels=in_channels, width=width)
+    model = RandomConvFeatures(in_channels=in_channels, width=width, spatial_dims=spatial_dims)
     gen = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=gen)
                 nn.init.zeros_(module.bias)
     model.requires_grad_(False)
@@ -117,14 +125,16 @@ def extract_features(model: nn.Module, images: Tensor, batch_size: int = 256) ->
 
 
 def feature_spaces(
-    seed: int = 0, in_channels: int = 1, classifier: nn.Module | None = None
+    seed: int = 0, in_channels: int = 1, classifier: nn.Module | None = None,
+    spatial_dims: int = 2,
 ) -> dict[str, Callable[[Tensor], np.ndarray]]:
     """Standard feature spaces for ``fidelity_report``: ``random_cnn`` (+ ``classifier`` if given).
 
     ``classifier`` is a trained ``ldm_core.classifier.SmallCNN`` (e.g. the TRTR reference model);
     its penultimate-layer embedding is used via ``ldm_core.classifier.embed``.
     """
-    extractor = random_feature_extractor(seed=seed, in_channels=in_channels)
+    extractor = random_feature_extractor(seed=seed, in_channels=in_channels,
+                                         spatial_dims=spatial_dims)
     spaces: dict[str, Callable[[Tensor], np.ndarray]] = {
         "random_cnn": lambda images: extract_features(extractor, images)
     }

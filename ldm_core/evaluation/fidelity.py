@@ -140,11 +140,15 @@ def prdc(real: np.ndarray, fake: np.ndarray, *, k: int = 5) -> dict[str, float]:
     }
 
 
-def _gaussian_window(size: int, sigma: float) -> Tensor:
+def _gaussian_window(size: int, sigma: float, dims: int = 2) -> Tensor:
+    """The separable Gaussian window of SSIM: `size` taps along each of `dims` axes."""
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
     g = torch.exp(-(coords**2) / (2.0 * sigma**2))
     g = g / g.sum()
-    return (g[:, None] * g[None, :]).to(torch.float32)
+    window = g
+    for _ in range(dims - 1):
+        window = window[..., None] * g
+    return window.to(torch.float32)
 
 
 def psnr(x: Tensor, y: Tensor) -> Tensor:
@@ -178,26 +182,32 @@ def reconstruction_quality(ae: torch.nn.Module, images: Tensor, device: torch.de
 
 
 def ssim(x: Tensor, y: Tensor, *, window_size: int = 11, sigma: float = 1.5) -> Tensor:
-    """Per-pair SSIM ``[N]`` for images ``[N, C, H, W]`` in [-1, 1] (data range 2).
+    """Per-pair SSIM ``[N]`` for images ``[N, C, H, W]`` or volumes ``[N, C, D, H, W]`` in
+    [-1, 1] (data range 2).
 
-    Gaussian-window SSIM (Wang et al. 2004) with 'valid' filtering; the window shrinks to the
-    largest odd size that fits images smaller than ``window_size``. Channels are averaged.
+    Gaussian-window SSIM (Wang et al. 2004) with 'valid' filtering (a cubic window for
+    volumes); the window shrinks to the largest odd size that fits images smaller than
+    ``window_size``. Channels are averaged.
     """
     if x.shape != y.shape:
         raise ValueError(f"ssim needs equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if x.ndim != 4:
-        raise ValueError(f"ssim needs images [N,C,H,W], got shape {tuple(x.shape)}")
-    size = min(window_size, x.shape[-1], x.shape[-2])
+    if x.ndim not in (4, 5):
+        raise ValueError(f"ssim needs images [N,C,H,W] or volumes [N,C,D,H,W], got shape "
+                         f"{tuple(x.shape)}")
+    dims = x.ndim - 2
+    size = min(window_size, *x.shape[2:])
     size = size if size % 2 == 1 else size - 1
     if size < 1:
         raise ValueError(f"images of shape {tuple(x.shape)} are too small for SSIM")
     channels = x.shape[1]
-    window = _gaussian_window(size, sigma).to(x.device).expand(channels, 1, size, size)
+    window = _gaussian_window(size, sigma, dims).to(x.device).expand(channels, 1,
+                                                                     *(size,) * dims)
+    conv = F.conv2d if dims == 2 else F.conv3d
     x = x.float()
     y = y.float()
 
     def filt(t: Tensor) -> Tensor:
-        return F.conv2d(t, window, groups=channels)
+        return conv(t, window, groups=channels)
 
     c1, c2 = (0.01 * 2.0) ** 2, (0.03 * 2.0) ** 2
     mu_x, mu_y = filt(x), filt(y)
@@ -206,7 +216,7 @@ def ssim(x: Tensor, y: Tensor, *, window_size: int = 11, sigma: float = 1.5) -> 
     cov = filt(x * y) - mu_x * mu_y
     num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
     den = (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
-    return (num / den).mean(dim=(1, 2, 3))
+    return (num / den).flatten(1).mean(dim=1)
 
 
 def ssim_diversity(
@@ -218,9 +228,9 @@ def ssim_diversity(
     collapse or memorisation of one image). Classes with fewer than two images are left out.
     Uses all pairs when a class has at most ``pairs`` distinct pairs, else ``pairs`` random ones.
     """
-    if images.ndim != 4 or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+    if images.ndim not in (4, 5) or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(
-            "ssim_diversity needs images [N,C,H,W] and labels [N] of equal N, got "
+            "ssim_diversity needs images [N,C,H,W] (or volumes) and labels [N] of equal N, got "
             f"{tuple(images.shape)} and {tuple(labels.shape)}"
         )
     if pairs < 1:

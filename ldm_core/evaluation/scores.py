@@ -55,9 +55,10 @@ def denoiser_timesteps(cfg: ModelConfig,
 
 
 def _check_batch(images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+    if not isinstance(images, torch.Tensor) or images.ndim not in (4, 5):
         shape = getattr(images, "shape", type(images).__name__)
-        raise ValueError(f"images must be a [N,1,H,W] tensor, got {shape}")
+        raise ValueError(f"images must be a [N,1,H,W] (volumes: [N,1,D,H,W]) tensor, got "
+                         f"{shape}")
     if labels is not None and labels.shape != (images.shape[0],):
         raise ValueError(f"{images.shape[0]} images but labels of shape {tuple(labels.shape)}: "
                          "pass one class label per image")

@@ -54,8 +54,8 @@ CLASSIFIER_RECIPE: dict[str, float | int] = {"batch_size": 32, "lr": 2e-3}
 
 
 def _check_split(images: Tensor, labels: Tensor, n_classes: int, name: str) -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4:
-        raise ValueError(f"{name} images must be a tensor [N,1,H,W]")
+    if not isinstance(images, Tensor) or images.ndim not in (4, 5):
+        raise ValueError(f"{name} images must be a tensor [N,1,H,W] (volumes: [N,1,D,H,W])")
     if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"{name} labels must be a tensor [N] matching {images.shape[0]} images")
     if images.shape[0] == 0:

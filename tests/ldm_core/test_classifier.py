@@ -46,8 +46,10 @@ def test_shapes(size: int, n_classes: int) -> None:
 def test_bad_constructor_and_inputs() -> None:
     with pytest.raises(ValueError, match="n_classes"):
         SmallCNN(1)
-    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+    with pytest.raises(ValueError, match="expects 4-D input"):
         SmallCNN(2).features(torch.zeros(1, 16, 16))
+    with pytest.raises(ValueError, match="expects 5-D input"):
+        SmallCNN(2, spatial_dims=3).features(torch.zeros(1, 1, 16, 16))
     x, y = _toy(8, 16, 0)
     with pytest.raises(ValueError, match="labels must lie"):
         train_classifier(x, y + 5, 2, epochs=1)
@@ -100,3 +102,25 @@ def test_macro_auc_bad_inputs() -> None:
         macro_auc(np.array([0, 1]), np.full((3, 2), 0.5))
     with pytest.raises(ValueError, match="labels must lie"):
         macro_auc(np.array([0, 3]), np.full((2, 2), 0.5))
+
+
+def test_a_3d_classifier_learns_a_bright_cube_in_volumes() -> None:
+    """Volumes [N, 1, D, H, W]: 3D convolutions, 3D shifts and flips, same recipe."""
+    g = torch.Generator().manual_seed(0)
+
+    def toy(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = 0.1 * torch.randn(n, 1, 12, 12, 12, generator=g) - 0.5
+        y = torch.arange(n) % 2
+        pos = torch.randint(0, 8, (n, 3), generator=g).tolist()
+        for i, (a, b, c) in enumerate(pos):
+            if y[i]:
+                x[i, 0, a:a + 4, b:b + 4, c:c + 4] += 1.2
+        return x.clamp(-1, 1), y
+
+    x, y = toy(64)
+    x_test, y_test = toy(32)
+    model = train_classifier(x, y, 2, epochs=6, batch_size=16, lr=3e-3, seed=0)
+    assert model.spatial_dims == 3
+    assert any(isinstance(m, torch.nn.Conv3d) for m in model.modules())
+    assert macro_auc(y_test.numpy(), predict_proba(model, x_test)) > 0.9
+    assert embed(model, x_test).shape == (32, model.feature_dim)

@@ -550,3 +550,33 @@ def test_a_sites_split_seed_does_not_depend_on_its_share() -> None:
     for gone in ("p0", "p17", "p49"):
         fewer = _split_of(_site_splits([r for r in records if r.patient != gone], 1, **kw))
         assert fewer == {k: v for k, v in full.items() if k != gone}
+
+
+def test_volumes_load_as_5d_sets_with_aligned_masks_and_a_mix_is_refused(
+        tmp_path: Path) -> None:
+    """A manifest of NIfTI volumes (demo3d) loads through the same site split as images:
+    [N, 1, S, S, S] in [-1, 1], masks alongside; volumes and 2D images never mix."""
+    from ldm_core.data import holds_volumes, load_images, load_site, scan
+    from ldm_core.phantoms3d import generate_demo3d
+
+    manifest = generate_demo3d(tmp_path / "d3", n_patients=45, n_sites=3, size=16, seed=0)
+    assert holds_volumes(manifest)
+    site = load_site(manifest, site_index=0, n_sites=3, scheme="site", image_size=16,
+                     masks=True)
+    x, m = site.train.images, site.train.masks
+    assert x.ndim == 5 and x.shape[1:] == (1, 16, 16, 16) and m is not None
+    assert m.shape == x.shape and set(m.unique().tolist()) <= {0.0, 1.0}
+    assert -1.0 <= float(x.min()) < 0 < float(x.max()) <= 1.0
+    assert len(site.train) + len(site.holdout) + len(site.test) == 15
+    # Class folders of volumes scan like class folders of images.
+    tree = tmp_path / "tree"
+    for name in ("a", "b"):
+        (tree / name).mkdir(parents=True)
+        for i in range(2):
+            (tree / name / f"{i}.nii.gz").write_bytes(
+                (tmp_path / "d3" / scan(manifest).records[i].path.relative_to(
+                    tmp_path / "d3")).read_bytes())
+    assert load_images(scan(tree).records, 16)[0].shape == (4, 1, 16, 16, 16)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tree / "a" / "2.png")
+    with pytest.raises(DataError, match="is a volume but .*2.png is a 2D image"):
+        load_images(scan(tree).records, 16)

@@ -140,6 +140,19 @@ def test_ssim_identical_is_one_and_noise_is_low() -> None:
         ssim(x, y[:3])
 
 
+def test_ssim_of_volumes_constant_in_depth_equals_ssim_of_their_slice() -> None:
+    """The 3D SSIM (cubic window) reduces to the 2D one when nothing changes along depth."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 16, 16, generator=gen) * 2 - 1
+    y = (x + 0.3 * torch.randn(3, 1, 16, 16, generator=gen)).clamp(-1, 1)
+    depth = (3, 1, 16, 16, 16)
+    three = ssim(x[:, :, None].expand(depth), y[:, :, None].expand(depth))
+    torch.testing.assert_close(three, ssim(x, y))
+    assert float(three.max()) < 0.95
+    with pytest.raises(ValueError, match="volumes"):
+        ssim(x[0], y[0])
+
+
 def test_ssim_diversity_per_class() -> None:
     gen = torch.Generator().manual_seed(0)
     copies = (torch.rand(1, 1, 16, 16, generator=gen) * 2 - 1).repeat(8, 1, 1, 1)

@@ -173,3 +173,43 @@ def test_demo3d_volumes_carry_aligned_lesion_masks_and_read_back(tmp_path: Path)
     want = (np.clip(raw, lo, hi) - lo) / (hi - lo) * 2 - 1  # the loader's intensity scaling
     assert np.abs(img.array - want).max() < 1e-4
     assert np.array_equal(m.array > 0, masks[0].transpose(2, 1, 0)[::-1, ::-1, :] > 0)
+
+
+def test_fitted_grid_and_display_view_show_the_demo_slice_as_the_2d_demo_draws_it(
+        tmp_path: Path) -> None:
+    """`spacing=None` fits the whole head to the grid (here: the demo's own spacing), and the
+    figure's axial view of the RAS volume is the slice as rendered: anterior up, the patient's
+    right on the viewer's left."""
+    import torch
+
+    from ldm_core.phantoms3d import HEAD_EXTENT_MM, generate_demo3d, render_demo3d
+    from ldm_core.volumes import display_view
+
+    volumes, *_ = render_demo3d(n_patients=3, size=16, seed=0)
+    manifest = generate_demo3d(tmp_path, n_patients=3, size=16, seed=0)
+    rel = manifest.read_text().splitlines()[1].split(",")[0]
+    fitted = load_volume(tmp_path / rel, VolumeSpec(shape=(16, 16, 16), spacing=None))
+    fixed = load_volume(tmp_path / rel, VolumeSpec(shape=(16, 16, 16),
+                                                   spacing=(HEAD_EXTENT_MM / 16,) * 3))
+    assert np.allclose(fitted.array, fixed.array, atol=1e-5)
+    view = display_view(torch.from_numpy(fitted.array)[None, None])
+    assert view.shape == (1, 1, 16, 48)
+    raw = volumes[0].astype(np.float64)
+    lo, hi = np.percentile(raw, (0.5, 99.5))
+    axial = (np.clip(raw[8], lo, hi) - lo) / (hi - lo) * 2 - 1  # slice z = 8, [H, W]
+    assert np.abs(view[0, 0, :, :16].numpy() - axial).max() < 1e-4
+    with pytest.raises(ValueError, match="cubic volumes"):
+        display_view(torch.zeros(1, 1, 4, 4, 5))
+
+
+def test_a_volume_on_the_grid_affine_reads_back_unchanged(tmp_path: Path) -> None:
+    from ldm_core.volumes import grid_affine
+
+    rng = np.random.default_rng(0)
+    vol = rng.uniform(-1, 1, (8, 8, 8)).astype(np.float32)
+    write_nifti(vol, grid_affine(8), tmp_path / "v.nii.gz")
+    back = load_volume(tmp_path / "v.nii.gz", VolumeSpec(shape=(8, 8, 8), spacing=None,
+                                                         percentiles=(0, 100)))
+    want = (vol - vol.min()) / (vol.max() - vol.min()) * 2 - 1  # percentiles 0-100: min-max
+    assert np.allclose(back.array, want, atol=1e-5)
+    assert np.allclose(back.affine, grid_affine(8))
