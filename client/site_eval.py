@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from client import tasks
 from client.site_config import SiteConfig
-from ldm_core.classifier import SmallCNN, predict_proba
+from ldm_core.classifier import make_classifier, predict_proba
 from ldm_core.config import PhaseConfig, RunConfig
 from ldm_core.data import SiteData
 from ldm_core.dp_random import PrivacyRng
@@ -85,7 +85,8 @@ def site_evaluate(site: SiteConfig, cfg: RunConfig, classifier: dict[str, torch.
                   synthetic: torch.Tensor, *, run_id: str, rng: PrivacyRng, seed: int,
                   data: SiteData | None = None) -> EvalRelease:
     """Evaluate at this site; see the module doc for the steps. ``classifier`` is the state
-    dict of a ``SmallCNN(n_classes)`` trained by the coordinator on the synthetic set.
+    dict of a ``make_classifier(n_classes, spatial_dims)`` trained by the coordinator on the
+    synthetic set.
 
     Raises ``PermissionError`` when the site disallows evaluations and lets
     ``BudgetExceededError`` through (nothing is read then).
@@ -101,7 +102,7 @@ def site_evaluate(site: SiteConfig, cfg: RunConfig, classifier: dict[str, torch.
     # before the charge and the data: a failure after it could depend on the data (for
     # example only when the site has test patients) and would leak that without noise.
     dims = cfg.model.spatial_dims
-    tstr = SmallCNN(n_classes, spatial_dims=dims)
+    tstr = make_classifier(n_classes, dims)
     tstr.load_state_dict(classifier)
     grid = (cfg.model.image_size,) * dims
     if tuple(synthetic.shape[1:]) != (1, *grid):
@@ -127,7 +128,7 @@ def site_evaluate(site: SiteConfig, cfg: RunConfig, classifier: dict[str, torch.
     sigma_trtr = cfg.privacy.eval_trtr_noise_multiplier if private else 0.0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        trtr = SmallCNN(n_classes, spatial_dims=dims)
+        trtr = make_classifier(n_classes, dims)
     if data.train.images.shape[0]:
         stats = dp_train(trtr, (data.train.images, data.train.labels), _ce, phase=phase,
                          plan=plan, noise_multiplier=sigma_trtr, seed=seed, device=device,

@@ -487,3 +487,18 @@ def test_a_train_only_piece_naming_nothing_is_refused_before_the_charge(
     with pytest.raises(ValueError, match="no_such_layer"):
         _ae_round(site, bad)
     assert site.ledger_path.read_bytes() == before
+
+
+def test_a_site_refuses_a_run_of_the_other_dimensionality_naming_both(
+        tmp_path: Path, tiny_cfg: RunConfig) -> None:
+    """Volumes at a site and a 2D run (or images and a 3D run) fail with what to fix, not with
+    a shape error deep inside a network."""
+    from ldm_core.phantoms3d import generate_demo3d
+
+    volumes = generate_demo3d(tmp_path / "d3", n_patients=24, n_sites=2, size=16, seed=0)
+    site = _site(tmp_path, volumes)
+    with pytest.raises(ValueError, match="holds volumes but the run .*spatial_dims=2"):
+        tasks.load_data(site, tiny_cfg)
+    cfg3d = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model,
+                                                                    spatial_dims=3))
+    assert tasks.load_data(site, cfg3d).train.images.ndim == 5

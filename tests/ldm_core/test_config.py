@@ -58,3 +58,15 @@ def test_unknown_key_in_saved_config_raises() -> None:
     d["model"]["bogus"] = 1
     with pytest.raises(ConfigError, match="bogus"):
         RunConfig.from_dict(d)
+
+
+def test_a_3d_run_gets_the_presets_volume_plan_from_scratch_and_refuses_a_2d_prior() -> None:
+    cfg = build_config(preset="quick", overrides={"model.spatial_dims": 3})
+    assert cfg.model.spatial_dims == 3 and (cfg.ae_init, cfg.dm_init) == ("random", "random")
+    assert cfg.model.ae_channels == (8, 16, 32) and cfg.model.latent_shape == (8, 8, 8, 8)
+    assert cfg.autoencoder.physical_batch_size == 16
+    two_d = build_config(preset="quick")
+    assert two_d.model.spatial_dims == 2 and two_d.ae_init == "public-phantoms"
+    with pytest.raises(ConfigError, match="spatial_dims=3 starts from scratch"):
+        build_config(preset="quick", overrides={"model.spatial_dims": 3,
+                                                "ae_init": "public-phantoms"})

@@ -176,3 +176,15 @@ def test_a_tiny_3d_federation_on_demo3d_writes_nifti_volumes_and_slices(tmp_path
     assert (out / "samples.png").stat().st_size > 0
     assert (out / "report.html").read_text().count("data:image/png;base64") >= 4
     assert "nii.gz" in (out / "synthetic" / "DATACARD.md").read_text()
+
+
+def test_volume_data_make_a_3d_run_unless_the_user_says_otherwise(tmp_path: Path) -> None:
+    from ldm_core.phantoms3d import generate_demo3d
+    from server.simulate import with_volume_overrides
+
+    assert with_volume_overrides("demo3d", None) == {"model.spatial_dims": 3}
+    assert with_volume_overrides("demo", {"a.b": 1}) == {"a.b": 1}
+    manifest = generate_demo3d(tmp_path, n_patients=6, size=16, seed=0)
+    assert with_volume_overrides(str(manifest), {})["model.spatial_dims"] == 3
+    assert with_volume_overrides(str(manifest), {"model.spatial_dims": 2}) == {
+        "model.spatial_dims": 2}
