@@ -426,10 +426,11 @@ def _volume_parts(preset: str, parts: dict[str, Any]) -> dict[str, Any]:
     parts.pop("dm_init", None)
     if preset == "quick":
         # Sized for 2 CPU cores and the 600-patient demo3d (~140 training volumes a site, 35
-        # a step at q = 1/4): a 32^3 autoencoder step costs ~0.27 s a volume under DP, so half
-        # the 2D widths and 32 steps; the 8^3 latent denoiser is cheap (~0.015 s), so 256.
+        # a step at q = 1/4): Opacus' per-sample gradients of 3D convolutions make a 32^3
+        # autoencoder round of 16 DP steps take ~9 minutes for 3 sites, so half the 2D widths
+        # and one round; the 8^3 latent denoiser is cheap (~0.015 s a volume), so 256 steps.
         parts["model"] = dataclasses.replace(parts["model"], ae_channels=(8, 16, 32))
-        parts["autoencoder"] = PhaseConfig(rounds=2, sample_rate=1 / 4, local_steps=16,
+        parts["autoencoder"] = PhaseConfig(rounds=1, sample_rate=1 / 4, local_steps=16,
                                            batch_size=36, lr=2e-3, physical_batch_size=16)
         parts["diffusion"] = PhaseConfig(rounds=4, sample_rate=1 / 4, local_steps=64,
                                          batch_size=36, lr=2e-3, physical_batch_size=64,
