@@ -216,10 +216,9 @@ def test_opacus_per_sample_gradients_3d() -> None:
                                                   atol=1e-5, rtol=1e-4)
 
 
-def test_a_3d_run_is_refused_until_it_is_wired() -> None:
+def test_only_2d_and_3d_runs_are_accepted() -> None:
     from ldm_core.config import ConfigError
 
-    with pytest.raises(ConfigError, match="3D runs are not available yet"):
-        build_config(preset="tiny", overrides={"model.spatial_dims": 3})
+    assert build_config(preset="tiny", overrides={"model.spatial_dims": 3}).model.spatial_dims == 3
     with pytest.raises(ConfigError, match="spatial_dims must be 2 or 3"):
         build_config(preset="tiny", overrides={"model.spatial_dims": 4})
