@@ -495,9 +495,9 @@ def _preset_parts(preset: str, image_size: int) -> dict[str, Any]:
             # 0.659 (guidance 4), 0.719 (lr 4e-3, guidance 4), 0.668 (lr 8e-3); guidance is
             # sampling, free in privacy. A (32, 64) denoiser reached 0.748 at 3x the time.
             # The released denoiser is the mean of rounds 2-5 (average_last=4, free in
-            # privacy): on two `make demo` models it lifted TSTR AUC from 0.566 / 0.625 (last
-            # round) to 0.660 / 0.661 (benchmarks/sampling_sweep.py --average-last); round 1,
-            # the least trained, added nothing on one of them.
+            # privacy): on three `make demo` models it moved TSTR AUC from 0.566 / 0.625 / 0.626
+            # (last round) to 0.660 / 0.661 / 0.631 (benchmarks/sampling_sweep.py
+            # --average-last); round 1, the least trained, helped one model and hurt another.
             "diffusion": PhaseConfig(
                 rounds=5,
                 sample_rate=1 / 8,
