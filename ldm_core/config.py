@@ -497,7 +497,8 @@ def _preset_parts(preset: str, image_size: int) -> dict[str, Any]:
             # The released denoiser is the mean of rounds 2-5 (average_last=4, free in
             # privacy): on three `make demo` models it moved TSTR AUC from 0.566 / 0.625 / 0.626
             # (last round) to 0.660 / 0.661 / 0.631 (benchmarks/sampling_sweep.py
-            # --average-last); round 1, the least trained, helped one model and hurt another.
+            # --average-last; a tie on a fourth, 10-round model); round 1, the least trained,
+            # helped one model and hurt another.
             "diffusion": PhaseConfig(
                 rounds=5,
                 sample_rate=1 / 8,
