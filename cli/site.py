@@ -67,10 +67,10 @@ class ImageInfo:
 def _decode_volume(path: Path) -> ImageInfo:
     """Read a NIfTI file or DICOM series folder whole (width/height: its first two axes)."""
     from ldm_core.data import DataError
-    from ldm_core.volumes import read_dicom_series, read_nifti
+    from ldm_core.volumes import read_volume
 
     try:
-        data, _ = read_dicom_series(path) if path.is_dir() else read_nifti(path)
+        data, _ = read_volume(path)
     except (DataError, OSError, ValueError) as e:
         return ImageInfo(path, error=str(e))
     return ImageInfo(path, int(data.shape[0]), int(data.shape[1]), f"volume {data.shape}")

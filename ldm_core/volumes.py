@@ -30,7 +30,8 @@ from ldm_core.data import DataError
 
 __all__ = ["NIFTI_SUFFIXES", "Volume", "VolumeSpec", "display_view", "grid_affine",
            "is_volume_path",
-           "load_volume", "load_volume_pair", "read_dicom_series", "read_nifti", "write_nifti"]
+           "load_volume", "load_volume_pair", "read_dicom_series", "read_nifti", "read_volume",
+           "write_nifti"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Slice positions further apart than this many times the median step mean a missing slice.
@@ -171,7 +172,8 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return vol.astype(np.float32), ras
 
 
-def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The raw array and affine of a NIfTI file or a DICOM series folder (no regridding)."""
     if path.is_dir():
         return read_dicom_series(path)
     if path.name.lower().endswith(NIFTI_SUFFIXES):
@@ -206,7 +208,7 @@ def _to_grid(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, mask: bo
 def load_volume(path: str | os.PathLike[str], spec: VolumeSpec) -> Volume:
     """Read a NIfTI file or DICOM series folder and bring it to the spec's grid (module doc)."""
     path = Path(path)
-    data, affine = _read(path)
+    data, affine = read_volume(path)
     lo, hi = np.percentile(data, spec.percentiles)
     scaled = (np.clip(data, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0 if hi > lo else \
         np.full_like(data, -1.0)
@@ -220,8 +222,8 @@ def load_volume_pair(image: str | os.PathLike[str], mask: str | os.PathLike[str]
     """An image and its lesion mask (non-zero = lesion) on the same grid; the mask must share
     the image's voxel grid on disk (shape and affine), or it would outline the wrong place."""
     image, mask = Path(image), Path(mask)
-    img_data, img_affine = _read(image)
-    m_data, m_affine = _read(mask)
+    img_data, img_affine = read_volume(image)
+    m_data, m_affine = read_volume(mask)
     if m_data.shape != img_data.shape or not np.allclose(m_affine, img_affine,
                                                          atol=_AFFINE_ATOL_MM):
         raise DataError(f"{mask}: mask grid (shape {m_data.shape}, affine "

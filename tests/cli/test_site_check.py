@@ -71,3 +71,16 @@ def test_every_unreadable_image_is_listed_at_once(tmp_path: Path,
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fedldm site check: ")
     assert "3 image(s) cannot be decoded" in err[0] and "Traceback" not in captured.err
+
+
+def test_site_check_decodes_volumes_and_names_a_broken_one(tmp_path: Path) -> None:
+    """`fedldm site check` reads a NIfTI volume whole, as it decodes an image."""
+    from cli.site import decode_image
+    from ldm_core.volumes import grid_affine, write_nifti
+
+    good = write_nifti(np.zeros((8, 8, 8), np.float32), grid_affine(8), tmp_path / "v.nii.gz")
+    info = decode_image(good)
+    assert info.error is None and (info.width, info.height) == (8, 8)
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(good.read_bytes()[:40])
+    assert decode_image(bad).error
