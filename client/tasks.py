@@ -23,7 +23,7 @@ import torch
 from client.ledger import PrivacyLedger
 from client.site_config import SiteConfig
 from ldm_core.config import RunConfig
-from ldm_core.data import ImageSet, SiteData, load_site, rows_by_patient
+from ldm_core.data import ImageSet, SiteData, holds_volumes, load_site, rows_by_patient
 from ldm_core.dp_random import PrivacyRng, privacy_rng_for
 from ldm_core.evaluation.fidelity import PSNR_CAP_DB, reconstruction_quality
 from ldm_core.models import encode, resolve_device
@@ -89,22 +89,28 @@ def check_permitted(site: SiteConfig, cfg: RunConfig) -> None:
             "allow-masks=false); start the site with --allow-masks to train on its masks")
 
 
+def check_data_kind(site: SiteConfig, cfg: RunConfig) -> None:
+    """Refuse, before any charge, a run of the other dimensionality (a 3D run at a site of 2D
+    images, or the reverse), from the file list alone (no pixel is read), so a misconfigured
+    run costs the site no budget."""
+    volumes = holds_volumes(site.data)
+    if volumes != (cfg.model.spatial_dims == 3):
+        held, wanted = ("volumes", "2D images") if volumes else ("2D images", "volumes")
+        raise ValueError(f"site {site.site_id}: {site.data} holds {held} but the run "
+                         f"(model.spatial_dims={cfg.model.spatial_dims}) trains on {wanted}; "
+                         "point the site at matching data or start a run of the other kind")
+
+
 def load_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
     check_permitted(site, cfg)
+    check_data_kind(site, cfg)
     scheme, n_sites = (("iid", 1) if site.partition == "all"
                        else (site.partition, site.n_sites))
-    data = load_site(site.data, site_index=site.site_index if n_sites > 1 else 0,
+    return load_site(site.data, site_index=site.site_index if n_sites > 1 else 0,
                      n_sites=n_sites, scheme=scheme, image_size=cfg.model.image_size,
                      seed=site.data_seed, holdout_fraction=site.holdout_fraction,
                      test_fraction=site.test_fraction, progress=site.show_progress,
                      masks=cfg.model.mask_channels > 0)
-    dims = data.train.images.ndim - 2
-    if dims != cfg.model.spatial_dims:
-        held, wanted = ("volumes", "2D images") if dims == 3 else ("2D images", "volumes")
-        raise ValueError(f"site {site.site_id}: {site.data} holds {held} but the run "
-                         f"(model.spatial_dims={cfg.model.spatial_dims}) trains on {wanted}; "
-                         "point the site at matching data or start a run of the other kind")
-    return data
 
 
 def check_classes(site: SiteConfig, cfg: RunConfig, data: SiteData) -> None:
@@ -230,6 +236,7 @@ def train_round(
         raise ValueError(f"site slot {site_slot} outside the model's {cfg.model.site_slots} "
                          "site slots")
     check_permitted(site, cfg)
+    check_data_kind(site, cfg)
     model = spec.make_model(cfg.model)
     # A train_only piece that names no parameter fails here, before the charge, not in dp_train.
     frozen = frozen_names(model, spec.config(cfg).train_only)
@@ -306,6 +313,7 @@ def latent_stats(site: SiteConfig, cfg: RunConfig, *, run_id: str,
     so parallel composition would allow charging one; both are charged (conservative).
     """
     check_permitted(site, cfg)
+    check_data_kind(site, cfg)
     ledger = open_ledger(site)
     noise = plan_noise(site, cfg, ledger, run_id)
     ledger.charge([gaussian_mechanism_entry(noise.scale)] * LATENT_RELEASES if noise.scale > 0

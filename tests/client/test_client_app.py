@@ -499,6 +499,11 @@ def test_a_site_refuses_a_run_of_the_other_dimensionality_naming_both(
     site = _site(tmp_path, volumes)
     with pytest.raises(ValueError, match="holds volumes but the run .*spatial_dims=2"):
         tasks.load_data(site, tiny_cfg)
+    # ...and before the charge: a misconfigured run costs the site no budget.
+    before = site.ledger_path.read_bytes()
+    with pytest.raises(ValueError, match="holds volumes but the run .*spatial_dims=2"):
+        _ae_round(site, tiny_cfg)
+    assert site.ledger_path.read_bytes() == before
     cfg3d = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model,
                                                                     spatial_dims=3))
     assert tasks.load_data(site, cfg3d).train.images.ndim == 5
