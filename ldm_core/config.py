@@ -167,9 +167,20 @@ class PhaseConfig:
     # last one; capped at `rounds`). Each of them was already sent to the sites, so the mean is
     # post-processing, free in privacy: it smooths the DP noise of the last rounds' updates.
     average_last: int = 1
+    # Server momentum across rounds (FedAvgM): the coordinator moves the global model by
+    # `server_lr` x a running sum of the rounds' averaged updates, each weighted
+    # `server_momentum` per round of age (0 and 1 = plain averaging). Post-processing of the
+    # sites' DP updates, free in privacy.
+    server_momentum: float = 0.0
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 0, f"rounds must be >= 0, got {self.rounds}")
+        _check(0 <= self.server_momentum < 1,
+               f"server_momentum must be in [0, 1) (0 = plain averaging), got "
+               f"{self.server_momentum}")
+        _check(0 < self.server_lr <= 10,
+               f"server_lr must be in (0, 10] (1 = plain averaging), got {self.server_lr}")
         _check(self.average_last >= 1, f"average_last must be >= 1 (1 = release the last "
                f"round's model), got {self.average_last}")
         if isinstance(self.train_only, str):  # `--set diffusion.train_only=attn`: one piece

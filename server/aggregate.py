@@ -47,6 +47,34 @@ def mean_state(states: Iterable[Mapping[str, torch.Tensor]]) -> StateDict:
             for k, v in last.items()}
 
 
+def server_step(reference: Mapping[str, torch.Tensor], aggregated: Mapping[str, torch.Tensor],
+                buffer: Mapping[str, torch.Tensor] | None, *, momentum: float, lr: float
+                ) -> tuple[StateDict, StateDict]:
+    """FedAvgM: the next global model and momentum buffer from this round's aggregate.
+
+    The round's pseudo-gradient is ``aggregated - reference``; the buffer is
+    ``momentum * buffer + pseudo-gradient`` and the model moves ``lr * buffer`` from the
+    reference. Under DP every update is already noised at its site, so the buffer, a running
+    sum of released aggregates, is post-processing and free in privacy; what it buys is that the
+    directions the rounds agree on add up while their independent DP noise partly cancels.
+    With momentum 0 and lr 1 this is the aggregate itself. Non-floating entries (counters) are
+    taken from the aggregate and have no buffer.
+    """
+    new_buffer: StateDict = {}
+    out: StateDict = {}
+    for k, agg in aggregated.items():
+        ref = reference[k]
+        if not agg.is_floating_point():
+            out[k] = agg.clone()
+            continue
+        step = agg.double() - ref.double()
+        if buffer is not None and k in buffer:
+            step = step + momentum * buffer[k].double()
+        new_buffer[k] = step.to(ref.dtype)
+        out[k] = (ref.double() + lr * step).to(ref.dtype)
+    return out, new_buffer
+
+
 def resolve_method(method: str, n_updates: int) -> str:
     """The method actually used for `n_updates` usable updates ("auto": trimmed-mean from 3)."""
     if method == "auto":

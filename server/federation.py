@@ -51,6 +51,7 @@ from server.aggregate import (
     pooled_recon_quality,
     recon_quality_problem,
     robust_scale_factor,
+    server_step,
 )
 from server.run_folder import RunFolder
 from server.run_metrics import (
@@ -137,6 +138,9 @@ class Coordinator:
         self.folder = RunFolder(settings.out)
         # Build the models before touching the disk: a bad config leaves no empty run folder.
         self.models = _initial_models(cfg)
+        # The running phase's FedAvgM buffer (server_momentum > 0), saved with every round
+        # checkpoint so a resumed run continues the same trajectory.
+        self.momentum: dict[str, dict[str, torch.Tensor]] = {}
         self.folder.create()
         self.log = self.folder.logger()
         self.spend = SpendRegistry(settings.spend_registry or self.folder.root / "site-spend.json")
@@ -168,6 +172,8 @@ class Coordinator:
             tensors, _ = load_checkpoint(self.folder.checkpoints / saved["checkpoint"])
             for p in PHASES.values():
                 self.models[p.name].load_state_dict(tensors[p.checkpoint_key])
+                if _momentum_key(p) in tensors:
+                    self.momentum[p.name] = tensors[_momentum_key(p)]
         saved_metrics = self.folder.load_metrics()
         if saved_metrics:
             self.metrics = _committed(FederationMetrics.from_json(saved_metrics),
@@ -189,9 +195,10 @@ class Coordinator:
     def _checkpoint(self, name: str, stage: str, rnd: int) -> None:
         meta = {"config": to_dict(self.cfg), "stage": stage, "round": rnd,
                 "scale_factor": self.state.get("scale_factor"), "run_name": self.state["run_name"]}
-        save_checkpoint(self.folder.checkpoints / name,
-                        {p.checkpoint_key: self.models[p.name].state_dict()
-                         for p in PHASES.values()}, meta)
+        modules = {p.checkpoint_key: self.models[p.name].state_dict() for p in PHASES.values()}
+        modules.update({_momentum_key(PHASES[phase]): buf for phase, buf in self.momentum.items()
+                        if buf})
+        save_checkpoint(self.folder.checkpoints / name, modules, meta)
         # metrics.json first, state.json last: the state is the commit point. A kill between
         # the two leaves metrics one round ahead, which the resume trims (`_committed`); the
         # other order lost a finished round's record for good.
@@ -469,6 +476,11 @@ class Coordinator:
                                  self.cfg.aggregation, rnd)
         except Exception as err:  # noqa: BLE001 - Flower's AggregationError, ValueError...
             raise FederationError(f"{stage}: aggregation failed: {err}") from err
+        pc = spec.config(self.cfg)
+        if pc.server_momentum > 0 or pc.server_lr != 1:
+            agg, self.momentum[phase] = server_step(travels, agg, self.momentum.get(phase),
+                                                    momentum=pc.server_momentum, lr=pc.server_lr)
+            how += f", server momentum {pc.server_momentum:g} lr {pc.server_lr:g}"
         model.load_state_dict({**reference, **agg})
         loss = statistics.median(losses) if len(losses) >= 3 else sum(losses) / len(losses)
         self.metrics.rounds.append(RoundRecord(
@@ -573,6 +585,7 @@ class Coordinator:
                 rounds = spec.config(self.cfg).rounds
                 self._phase(spec, rounds, nodes, set(nodes) if spec.needs_autoencoder else set())
                 self._release_average(spec, rounds)
+                self.momentum.pop(spec.name, None)  # the phase is over: its buffer is spent
                 if spec is AUTOENCODER:
                     self.state["scale_factor"] = None
                     self._checkpoint(f"{spec.prefix}-final", LATENT_SCALE, 0)
@@ -659,6 +672,11 @@ class Coordinator:
                             eps="-" if eps is None else f"{eps:.2f}")
             self._checkpoint(f"{spec.prefix}-round-{rnd:03d}", spec.name, rnd)
         bar.close()
+
+
+def _momentum_key(spec: Phase) -> str:
+    """The checkpoint entry holding a phase's FedAvgM buffer."""
+    return f"momentum-{spec.checkpoint_key}"
 
 
 def _committed(metrics: FederationMetrics, stage: str, rnd: int) -> FederationMetrics:

@@ -39,6 +39,9 @@ def test_presets_build_and_round_trip_json(preset: str) -> None:
         lambda: build_config(preset="tiny", image_size=16, overrides={"diffusion.lr": -1.0}),
         lambda: build_config(preset="tiny", image_size=16,
                              overrides={"diffusion.average_last": 0}),
+        lambda: PhaseConfig(server_momentum=1.0),
+        lambda: PhaseConfig(server_momentum=-0.1),
+        lambda: PhaseConfig(server_lr=0.0),
     ],
 )
 def test_bad_configs_raise(make) -> None:

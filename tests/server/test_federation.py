@@ -112,6 +112,25 @@ def test_check_update_rejects_integer_weights_for_a_floating_model() -> None:
     assert check_update(ref, {"w": torch.ones(2, 3, dtype=torch.float64)}) is None
 
 
+def test_server_step_is_fedavgm_with_golden_values() -> None:
+    from server.aggregate import server_step
+
+    ref0 = {"w": torch.tensor([0.0, 0.0]), "n": torch.tensor(1)}
+    agg1 = {"w": torch.tensor([1.0, -2.0]), "n": torch.tensor(2)}
+    # Plain averaging: momentum 0, lr 1 is the aggregate itself.
+    out, _ = server_step(ref0, agg1, None, momentum=0.0, lr=1.0)
+    assert torch.equal(out["w"], agg1["w"]) and int(out["n"]) == 2
+    # Round 1 has no buffer: the step is the pull; lr scales it.
+    out1, buf1 = server_step(ref0, agg1, None, momentum=0.5, lr=0.5)
+    assert torch.equal(out1["w"], torch.tensor([0.5, -1.0])) and "n" not in buf1
+    # Round 2: buffer = 0.5 x [1, -2] + (agg2 - ref) = [0.5, -1] + [2, 2] = [2.5, 1].
+    agg2 = {"w": torch.tensor([2.5, 1.0]), "n": torch.tensor(3)}
+    out2, buf2 = server_step(out1, agg2, buf1, momentum=0.5, lr=0.5)
+    assert torch.equal(buf2["w"], torch.tensor([2.5, 1.0]))
+    assert torch.equal(out2["w"], torch.tensor([1.75, -0.5]))
+    assert out2["w"].dtype == torch.float32
+
+
 def test_mean_state_averages_floats_keeps_the_last_counters_and_refuses_mismatches() -> None:
     from server.aggregate import mean_state
 

@@ -277,3 +277,51 @@ def test_the_released_denoiser_is_the_mean_of_the_last_rounds_also_after_a_resum
     assert any(not torch.equal(final[k], r3[k]) for k in final if final[k].is_floating_point())
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["meta"]["diffusion_released"] == "mean of rounds 2-3"
+
+
+@pytest.mark.slow
+def test_server_momentum_adds_the_previous_step_also_after_a_resume(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedAvgM with momentum 0.5, lr 1: round 3's global model is round 2's plus the mean of
+    the sites' round-3 updates' pull plus half of round 2's step. Killed while saving round 3,
+    the resumed run (the sites answer from their stored replies) must take the buffer from the
+    round-2 checkpoint: a buffer lost on resume gives plain averaging and fails here."""
+    from safetensors.torch import load_file
+
+    import server.federation as federation
+    from ldm_core.checkpoint import load_checkpoint
+
+    cfg = dataclasses.replace(tiny_cfg, diffusion=dataclasses.replace(
+        tiny_cfg.diffusion, rounds=3, server_momentum=0.5))
+    original = federation.save_checkpoint
+
+    def save(directory: Path, modules: dict, meta: dict) -> Path:
+        if Path(directory).name == "dm-round-003":
+            raise _Killed
+        return original(directory, modules, meta)
+
+    monkeypatch.setattr(federation, "save_checkpoint", save)
+    with pytest.raises(_Killed):
+        _federation(tmp_path, demo_manifest, cfg).run()
+    monkeypatch.undo()
+    _federation(tmp_path, demo_manifest, cfg).run()
+    ck = tmp_path / "run" / "checkpoints"
+    r1, r2, r3 = (load_checkpoint(ck / f"dm-round-00{r}")[0]["denoiser"] for r in (1, 2, 3))
+    sites = [load_file(str(p)) for p in
+             sorted((tmp_path / "sites").glob("site-*/replies/*/diffusion-3/arrays*"))]
+    assert len(sites) == 2
+    moved = 0.0
+    for k, v in r3.items():
+        if not v.is_floating_point():
+            continue
+        mean3 = (sites[0][k].double() + sites[1][k].double()) / 2
+        want = mean3 + 0.5 * (r2[k].double() - r1[k].double())
+        assert torch.allclose(v.double(), want, atol=1e-6), k
+        moved += float((r2[k].double() - r1[k].double()).abs().sum())
+    assert moved > 0  # the momentum term was not trivially zero
+    assert "momentum-denoiser" in load_checkpoint(ck / "dm-round-002")[0]
+    assert "momentum-denoiser" not in load_checkpoint(ck / "final")[0]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "server momentum 0.5" in [r for r in metrics["rounds"]
+                                     if r["phase"] == "diffusion"][-1]["aggregation"]
