@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
-__all__ = ["SmallCNN", "make_classifier", "train_classifier", "predict_proba", "embed", "macro_auc"]
+__all__ = ["SmallCNN", "make_classifier", "train_classifier", "predict_proba", "embed", "macro_auc",
+           "left_right_axis"]
 
 
 def _block(c_in: int, c_out: int, stride: int, dims: int = 2) -> nn.Sequential:
@@ -90,15 +91,22 @@ def make_classifier(n_classes: int, spatial_dims: int = 2) -> SmallCNN:
     return SmallCNN(n_classes, spatial_dims=spatial_dims, width=24 if spatial_dims == 2 else 8)
 
 
+def left_right_axis(ndim: int) -> int:
+    """The left-right axis of a batch: an image's width ([N, C, H, W]), a volume's first axis
+    ([N, C, X, Y, Z] on the RAS grid every loader produces). Flipping it keeps a label; flipping
+    a volume's last axis would turn the head upside down."""
+    return -1 if ndim == 4 else 2
+
+
 def _augment(x: Tensor, generator: torch.Generator, max_shift: int) -> Tensor:
-    """Random horizontal flips and integer shifts (reflect-padded), drawn from ``generator``.
+    """Random left-right flips and integer shifts (reflect-padded), drawn from ``generator``.
 
     Brain slices are roughly left-right symmetric and not perfectly centred, so these two keep
     the label intact while making the small network less sensitive to position.
     """
     n = x.shape[0]
     flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip.view(n, *(1,) * (x.ndim - 1)), x.flip(-1), x)
+    x = torch.where(flip.view(n, *(1,) * (x.ndim - 1)), x.flip(left_right_axis(x.ndim)), x)
     if max_shift <= 0:
         return x
     if x.ndim == 5:

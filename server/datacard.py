@@ -152,7 +152,8 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
          "isotropic voxels: the sites' scans were each fitted to the grid, so the physical "
          "voxel size is not one number) and `manifest.csv` (path,label)")
         + ("; each image's lesion mask (0/255, pixel-aligned, decoded from the same latent) "
-           "at `masks/<class>/syn_NNNNNN.png`, column `mask`." if cfg.model.mask_channels
+           f"at `masks/<class>/syn_NNNNNN.{'png' if cfg.model.spatial_dims == 2 else 'nii.gz'}`"
+           ", column `mask`." if cfg.model.mask_channels
            else "."), "",
         *_acceptance_lines(metrics.get("acceptance")),
         "## Privacy",

@@ -124,3 +124,19 @@ def test_a_3d_classifier_learns_a_bright_cube_in_volumes() -> None:
     assert any(isinstance(m, torch.nn.Conv3d) for m in model.modules())
     assert macro_auc(y_test.numpy(), predict_proba(model, x_test)) > 0.9
     assert embed(model, x_test).shape == (32, model.feature_dim)
+
+
+def test_augmentation_flips_volumes_left_right_not_upside_down() -> None:
+    """On the RAS grid a volume's left-right axis is its first (X); a flip of the last axis
+    (Z, inferior-superior) would train the judge on upside-down heads."""
+    from ldm_core.classifier import _augment
+
+    x = torch.arange(3 * 4 * 5, dtype=torch.float32).view(1, 1, 3, 4, 5).repeat(16, 1, 1, 1, 1)
+    out = _augment(x, torch.Generator().manual_seed(0), max_shift=0)
+    lr = [bool(torch.equal(o, x[0].flip(1))) for o in out]  # x[0] is [C, X, Y, Z]
+    same = [bool(torch.equal(o, x[0])) for o in out]
+    assert all(a or b for a, b in zip(lr, same, strict=True))
+    assert any(lr) and any(same)
+    img = torch.arange(4 * 5, dtype=torch.float32).view(1, 1, 4, 5).repeat(16, 1, 1, 1)
+    out2 = _augment(img, torch.Generator().manual_seed(0), max_shift=0)
+    assert all(torch.equal(o, img[0]) or torch.equal(o, img[0].flip(-1)) for o in out2)
