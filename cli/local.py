@@ -288,8 +288,12 @@ def pretrain(args: argparse.Namespace) -> int:
     """`pretrain-ae` / `pretrain-dm`: remake a shipped public prior (no patient data), or make
     one from a public set of the user's own modality (`--data PUBLIC`)."""
     from ldm_core import pretrain as pt
+    from server.simulate import with_volume_overrides
 
-    cfg = build_config_from(args, dict(args.set)).model
+    overrides = dict(args.set)
+    if args.data is not None:  # a public set of volumes makes a 3D prior, as in simulate
+        overrides = with_volume_overrides(str(args.data), overrides)
+    cfg = build_config_from(args, overrides).model
     if args.data is not None and args.out is None:
         raise LocalCliError("--data: give --out FILE.safetensors for the prior (the shipped "
                             "priors in the package are made from phantoms only)")
@@ -305,6 +309,10 @@ def pretrain(args: argparse.Namespace) -> int:
                             "prior (its masks are not read); drop the mask channel here, a "
                             "paired run widens the prior itself")
     dm = args.command == "pretrain-dm"
+    if dm and cfg.spatial_dims == 3:
+        raise LocalCliError("pretrain-dm makes 2D denoiser priors only; a 3D run's denoiser "
+                            "starts from scratch (dm_init=random), its autoencoder can start "
+                            "from a 3D prior (pretrain-ae --set model.spatial_dims=3)")
     if dm and cfg.mask_channels:
         raise LocalCliError("pretrain-dm with model.mask_channels: a denoiser prior is made for "
                             "an image-only autoencoder's latents; a paired run's denoiser starts "
@@ -341,7 +349,9 @@ def pretrain(args: argparse.Namespace) -> int:
         state = pt.pretrain_autoencoder(cfg, steps=args.steps, seed=args.seed, images=images)
         path = args.out or pt.pretrained_path(cfg)
         if images is None:
-            meta.update(public_seed=pt.PUBLIC_SEED, data="procedural phantoms (ldm_core.phantoms)")
+            meta.update(public_seed=pt.PUBLIC_SEED,
+                        data="procedural phantom volumes (ldm_core.phantoms3d)"
+                        if cfg.spatial_dims == 3 else "procedural phantoms (ldm_core.phantoms)")
     else:
         if ae_state is None:
             ae_state = pt.load_pretrained(cfg)

@@ -373,11 +373,10 @@ class RunConfig:
                f"dm_init {self.dm_init!r} has no site embeddings; site-conditional generation "
                "(model.site_slots > 0) needs dm_init 'random'")
         _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
-        _check(self.model.spatial_dims == 2 or (self.ae_init, self.dm_init) == ("random",
-                                                                                 "random"),
-               f"model.spatial_dims=3 starts from scratch: the priors (ae_init "
-               f"{self.ae_init!r}, dm_init {self.dm_init!r}) are 2D networks; set "
-               "ae_init=random and dm_init=random")
+        _check(self.model.spatial_dims == 2 or self.dm_init == "random",
+               f"model.spatial_dims=3: the denoiser priors (dm_init {self.dm_init!r}) are 2D "
+               "networks; set dm_init=random (an autoencoder prior made from volumes fits: "
+               "the shipped 3D one, or fedldm pretrain-ae --data PUBLIC_VOLUMES)")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         _check(

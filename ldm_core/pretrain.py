@@ -64,12 +64,15 @@ def _arch_key(cfg: ModelConfig, keys: tuple[str, ...] = _AE_KEYS) -> dict[str, o
 
 def _ae_tag(cfg: ModelConfig) -> str:
     ch = "-".join(str(c) for c in cfg.ae_channels)
-    return f"{cfg.image_size}px-{ch}-l{cfg.latent_channels}-rb{cfg.ae_res_blocks}"
+    dims = "-3d" if cfg.spatial_dims == 3 else ""
+    return f"{cfg.image_size}px-{ch}-l{cfg.latent_channels}-rb{cfg.ae_res_blocks}{dims}"
 
 
 def _ae_keys(cfg: ModelConfig) -> tuple[str, ...]:
-    """A paired prior's sidecar also records its mask channels (image-only ones predate it)."""
-    return _AE_KEYS + ("mask_channels",) if cfg.mask_channels else _AE_KEYS
+    """A paired prior's sidecar also records its mask channels, a volume prior its spatial
+    dimensions (2D image-only sidecars predate both, so a 2D prior never fits a 3D run)."""
+    return (_AE_KEYS + (("mask_channels",) if cfg.mask_channels else ())
+            + (("spatial_dims",) if cfg.spatial_dims == 3 else ()))
 
 
 def pretrained_path(cfg: ModelConfig) -> Path:
@@ -99,6 +102,21 @@ def public_images(n: int, image_size: int, seed: int = PUBLIC_SEED, *,
     return torch.from_numpy(imgs[:n]).float().unsqueeze(1) / 127.5 - 1.0
 
 
+def public_volumes(n: int, size: int, seed: int = PUBLIC_SEED) -> torch.Tensor:
+    """[N,1,S,S,S] in [-1,1]: public phantom head volumes (ldm_core.phantoms3d, all classes),
+    written as NIfTI and read back through the sites' own loader, so they arrive in the same
+    RAS orientation and intensity scaling as a site's volumes."""
+    import tempfile
+
+    from ldm_core.data import load_images, scan
+    from ldm_core.phantoms3d import generate_demo3d
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = generate_demo3d(Path(tmp), n_patients=n, n_sites=4, size=size, seed=seed)
+        x, _ = load_images(scan(manifest).records, size, progress=False)
+    return x
+
+
 def public_pairs(n: int, image_size: int, seed: int = PUBLIC_SEED) -> torch.Tensor:
     """[N,2,H,W]: public phantoms with their lesion masks, as a paired model reads them."""
     from ldm_core.data import pair_channels
@@ -109,33 +127,45 @@ def public_pairs(n: int, image_size: int, seed: int = PUBLIC_SEED) -> torch.Tens
     return pair_channels(x, torch.from_numpy(masks[:n] > 0).float().unsqueeze(1))
 
 
-def pretrain_autoencoder(cfg: ModelConfig, *, steps: int = 600, batch_size: int = 64,
+def pretrain_autoencoder(cfg: ModelConfig, *, steps: int = 600, batch_size: int | None = None,
                          lr: float = 2e-3, kl_weight: float = 1e-3, n_images: int = 4000,
                          seed: int = 0, show_progress: bool = True,
                          images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Plain (non-DP) training on public images; returns the state dict.
 
-    `images` ([N,1,S,S] in [-1, 1], a public set's) replaces the shipped phantoms.
+    `images` ([N,1,S,S] in [-1, 1], a public set's; [N,1,S,S,S] for a volume model) replaces
+    the shipped phantoms. A volume model (spatial_dims 3) without `images` trains on public
+    phantom volumes (`public_volumes`, n_images // 8 of them: each is a whole head).
     """
+    # A 32^3 volume is 32 slices of work: batches of 16 volumes (64 images in 2D).
+    batch_size = batch_size or (64 if cfg.spatial_dims == 2 else 16)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if images is not None and images.shape[1] != cfg.image_channels:
         raise ValueError(f"public images have {images.shape[1]} channel(s), the autoencoder "
                          f"reads {cfg.image_channels}; a public set trains an image-only prior "
                          "(a paired run widens it for its mask channel)")
+    if images is None and cfg.spatial_dims == 3 and cfg.mask_channels:
+        raise ValueError("no paired public phantom volumes: a paired 3D run widens the image-only "
+                         "3D prior for its mask channel (pretrain without model.mask_channels)")
+    if images is not None and images.ndim - 2 != cfg.spatial_dims:
+        raise ValueError(f"public data are {images.ndim - 2}D but the autoencoder is "
+                         f"{cfg.spatial_dims}D (model.spatial_dims); pretrain a volume prior on "
+                         "volumes and an image prior on images")
     x = images if images is not None else (
-        public_pairs(n_images, cfg.image_size) if cfg.mask_channels
+        public_volumes(max(1, n_images // 8), cfg.image_size) if cfg.spatial_dims == 3
+        else public_pairs(n_images, cfg.image_size) if cfg.mask_channels
         else public_images(n_images, cfg.image_size))
     ae = make_autoencoder(cfg).train()
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     what = (f"{x.shape[0]} public images" if images is not None else
+            f"{x.shape[0]} public phantom volumes" if cfg.spatial_dims == 3 else
             "public phantoms with masks" if cfg.mask_channels else "public phantoms")
     bar = tqdm(range(steps), desc=f"pretrain autoencoder ({what})", disable=not show_progress)
     for _ in bar:
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
-        noise = torch.randn((batch_size, cfg.latent_channels, cfg.latent_size, cfg.latent_size),
-                            generator=gen)
+        noise = torch.randn((batch_size, *cfg.latent_shape), generator=gen)
         loss = autoencoder_loss(ae, x[idx], kl_weight=kl_weight, noise=noise).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -264,10 +294,11 @@ def load_pretrained(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     if cfg.mask_channels and any(p.exists() for p in _candidates(pretrained_path(cfg).name)):
         return _load(pretrained_path(cfg), _arch_key(cfg, _ae_keys(cfg)), "")
     image_only = dataclasses.replace(cfg, mask_channels=0)
-    state = _load(pretrained_path(image_only), _arch_key(cfg),
+    state = _load(pretrained_path(image_only), _arch_key(image_only, _ae_keys(image_only)),
                   f"create it with `fedldm pretrain-ae --image-size {cfg.image_size} --set "
-                  f"model.ae_channels={list(cfg.ae_channels)} ...`, or set autoencoder init to "
-                  "'random'")
+                  f"model.ae_channels={list(cfg.ae_channels)} "
+                  + ("--set model.spatial_dims=3 " if cfg.spatial_dims == 3 else "")
+                  + "...`, or set autoencoder init to 'random'")
     return widen_for_masks(state, cfg) if cfg.mask_channels else state
 
 
@@ -372,8 +403,8 @@ def autoencoder_prior(cfg: RunConfig) -> dict[str, torch.Tensor] | None:
         return load_pretrained(cfg.model)
     path = Path(cfg.ae_init)
     paired = "mask_channels" in (prior_meta(path).get("arch") or {})  # made with masks
-    state = _read_checked(path, _arch_key(cfg.model, _ae_keys(cfg.model) if paired
-                                          else _AE_KEYS), _fix("ae", cfg.ae_init))
+    model = cfg.model if paired else dataclasses.replace(cfg.model, mask_channels=0)
+    state = _read_checked(path, _arch_key(model, _ae_keys(model)), _fix("ae", cfg.ae_init))
     return widen_for_masks(state, cfg.model) if cfg.model.mask_channels and not paired else state
 
 

@@ -129,3 +129,37 @@ def test_shipped_paired_autoencoder_draws_the_lesion_masks() -> None:
     dice = 2 * (truth & drawn).sum() / (truth.sum() + drawn.sum())
     assert truth.any() and float(dice) > 0.6
     assert float((recon[:, 0] - x[:, 0]).abs().mean()) < 0.1
+
+
+def test_a_volume_prior_round_trips_and_priors_never_cross_dimensions(tmp_path) -> None:
+    """`pretrain-ae` on volumes makes a 3D prior that a 3D run loads; a 2D prior file is
+    refused by a 3D run and a 3D one by a 2D run (the sidecar records spatial_dims 3), and
+    images of the wrong dimensionality never train an autoencoder."""
+    from ldm_core.pretrain import (
+        PriorError,
+        autoencoder_prior,
+        pretrain_autoencoder,
+        save_pretrained,
+    )
+
+    cfg3 = build_config(preset="tiny", image_size=16, overrides={"model.spatial_dims": 3})
+    m3 = cfg3.model
+    vols = torch.rand(6, 1, 16, 16, 16) * 2 - 1
+    state = pretrain_autoencoder(m3, steps=2, batch_size=2, images=vols, show_progress=False)
+    assert any(v.ndim == 5 for v in state.values())
+    prior3 = tmp_path / "ae3d.safetensors"
+    save_pretrained(prior3, m3, state, {"steps": 2})
+    assert "-3d" in pretrained_path(m3).name
+    loaded = autoencoder_prior(dataclasses.replace(cfg3, ae_init=str(prior3)))
+    assert loaded is not None and all(torch.equal(loaded[k], state[k]) for k in state)
+
+    cfg2 = build_config(preset="tiny", image_size=16)
+    prior2 = tmp_path / "ae2d.safetensors"
+    save_pretrained(prior2, cfg2.model, make_autoencoder(cfg2.model).state_dict(), {})
+    with pytest.raises(PriorError, match="spatial_dims"):
+        autoencoder_prior(dataclasses.replace(cfg3, ae_init=str(prior2)))
+    with pytest.raises(PriorError, match="spatial_dims"):
+        autoencoder_prior(dataclasses.replace(cfg2, ae_init=str(prior3)))
+    with pytest.raises(ValueError, match="2D but the autoencoder is 3D"):
+        pretrain_autoencoder(m3, steps=1, images=torch.zeros(4, 1, 16, 16),
+                             show_progress=False)
