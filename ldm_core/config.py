@@ -428,13 +428,15 @@ PRESET_IMAGE_SIZE = {"tiny": 16, "quick": 32, "standard": 64}
 
 
 def _volume_parts(preset: str, parts: dict[str, Any]) -> dict[str, Any]:
-    """A preset for volumes (`model.spatial_dims=3`): the same networks in 3D, from scratch
-    (the shipped priors are 2D), with memory-sized physical batches and a plan for cohorts of
-    hundreds of patients (one volume each) instead of thousands of slices."""
+    """A preset for volumes (`model.spatial_dims=3`): the same networks in 3D, with memory-sized
+    physical batches and a plan for cohorts of hundreds of patients (one volume each) instead
+    of thousands of slices. The denoiser starts from scratch (its priors are 2D); the quick
+    autoencoder from the shipped 3D prior (public phantom volumes), the others from scratch."""
     parts = {**parts, "model": dataclasses.replace(parts["model"], spatial_dims=3)}
     parts.pop("ae_init", None)
     parts.pop("dm_init", None)
     if preset == "quick":
+        parts["ae_init"] = "public-phantoms"
         # Sized for 2 CPU cores and the 600-patient demo3d (~140 training volumes a site, 35
         # a step at q = 1/4): Opacus' per-sample gradients of 3D convolutions make a 32^3
         # autoencoder round of 16 DP steps take ~9 minutes for 3 sites, so half the 2D widths

@@ -102,19 +102,24 @@ def public_images(n: int, image_size: int, seed: int = PUBLIC_SEED, *,
     return torch.from_numpy(imgs[:n]).float().unsqueeze(1) / 127.5 - 1.0
 
 
-def public_volumes(n: int, size: int, seed: int = PUBLIC_SEED) -> torch.Tensor:
+def public_volumes(n: int, size: int, seed: int = PUBLIC_SEED, *, masks: bool = False
+                   ) -> torch.Tensor:
     """[N,1,S,S,S] in [-1,1]: public phantom head volumes (ldm_core.phantoms3d, all classes),
     written as NIfTI and read back through the sites' own loader, so they arrive in the same
-    RAS orientation and intensity scaling as a site's volumes."""
+    RAS orientation and intensity scaling as a site's volumes. With `masks`, [N,2,S,S,S]: each
+    volume with its lesion mask, as a paired model reads them."""
     import tempfile
 
-    from ldm_core.data import load_images, scan
+    from ldm_core.data import load_images, load_pairs, pair_channels, scan
     from ldm_core.phantoms3d import generate_demo3d
 
     with tempfile.TemporaryDirectory() as tmp:
         manifest = generate_demo3d(Path(tmp), n_patients=n, n_sites=4, size=size, seed=seed)
-        x, _ = load_images(scan(manifest).records, size, progress=False)
-    return x
+        records = scan(manifest).records
+        if not masks:
+            return load_images(records, size, progress=False)[0]
+        x, _, m = load_pairs(records, size, progress=False)
+    return pair_channels(x, m)
 
 
 def public_pairs(n: int, image_size: int, seed: int = PUBLIC_SEED) -> torch.Tensor:
@@ -145,22 +150,21 @@ def pretrain_autoencoder(cfg: ModelConfig, *, steps: int = 600, batch_size: int 
         raise ValueError(f"public images have {images.shape[1]} channel(s), the autoencoder "
                          f"reads {cfg.image_channels}; a public set trains an image-only prior "
                          "(a paired run widens it for its mask channel)")
-    if images is None and cfg.spatial_dims == 3 and cfg.mask_channels:
-        raise ValueError("no paired public phantom volumes: a paired 3D run widens the image-only "
-                         "3D prior for its mask channel (pretrain without model.mask_channels)")
     if images is not None and images.ndim - 2 != cfg.spatial_dims:
         raise ValueError(f"public data are {images.ndim - 2}D but the autoencoder is "
                          f"{cfg.spatial_dims}D (model.spatial_dims); pretrain a volume prior on "
                          "volumes and an image prior on images")
     x = images if images is not None else (
-        public_volumes(max(1, n_images // 8), cfg.image_size) if cfg.spatial_dims == 3
+        public_volumes(max(1, n_images // 8), cfg.image_size, masks=bool(cfg.mask_channels))
+        if cfg.spatial_dims == 3
         else public_pairs(n_images, cfg.image_size) if cfg.mask_channels
         else public_images(n_images, cfg.image_size))
     ae = make_autoencoder(cfg).train()
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     what = (f"{x.shape[0]} public images" if images is not None else
-            f"{x.shape[0]} public phantom volumes" if cfg.spatial_dims == 3 else
+            f"{x.shape[0]} public phantom volumes"
+            + (" with masks" if cfg.mask_channels else "") if cfg.spatial_dims == 3 else
             "public phantoms with masks" if cfg.mask_channels else "public phantoms")
     bar = tqdm(range(steps), desc=f"pretrain autoencoder ({what})", disable=not show_progress)
     for _ in bar:

@@ -63,13 +63,21 @@ def test_unknown_key_in_saved_config_raises() -> None:
         RunConfig.from_dict(d)
 
 
-def test_a_3d_run_gets_the_presets_volume_plan_from_scratch_and_refuses_a_2d_prior() -> None:
+def test_a_3d_run_gets_the_presets_volume_plan_and_refuses_a_2d_denoiser_prior() -> None:
+    from ldm_core.pretrain import load_pretrained, pretrained_path
+
     cfg = build_config(preset="quick", overrides={"model.spatial_dims": 3})
-    assert cfg.model.spatial_dims == 3 and (cfg.ae_init, cfg.dm_init) == ("random", "random")
+    assert cfg.model.spatial_dims == 3
+    assert (cfg.ae_init, cfg.dm_init) == ("public-phantoms", "random")
     assert cfg.model.ae_channels == (8, 16, 32) and cfg.model.latent_shape == (8, 8, 8, 8)
     assert cfg.autoencoder.physical_batch_size == 16
+    # The shipped 3D prior is a 3D network (the 2D one cannot load into it).
+    assert "-3d" in pretrained_path(cfg.model).name
+    assert any(v.ndim == 5 for v in load_pretrained(cfg.model).values())
+    tiny = build_config(preset="tiny", image_size=16, overrides={"model.spatial_dims": 3})
+    assert (tiny.ae_init, tiny.dm_init) == ("random", "random")
     two_d = build_config(preset="quick")
     assert two_d.model.spatial_dims == 2 and two_d.ae_init == "public-phantoms"
-    with pytest.raises(ConfigError, match="spatial_dims=3 starts from scratch"):
+    with pytest.raises(ConfigError, match="dm_init=random"):
         build_config(preset="quick", overrides={"model.spatial_dims": 3,
-                                                "ae_init": "public-phantoms"})
+                                                "dm_init": "public-healthy-phantoms"})
