@@ -105,6 +105,8 @@ def site_audit(site: SiteConfig, cfg: RunConfig, ae: torch.nn.Module, dm: torch.
                               "allow-audit=false); set allow-audit=true at the site to permit one")
     _check_run_id(run_id)
     tasks.check_permitted(site, cfg)
+    if data is None:  # before the charge: a mismatched site pays nothing
+        tasks.check_data_kind(site, cfg)
     sigma = float(cfg.privacy.audit_noise_multiplier)
     # Charge first: a crash after this line over-counts, never under-counts; a budget that
     # cannot afford the release stops us before any private record is read.

@@ -116,6 +116,8 @@ def site_evaluate(site: SiteConfig, cfg: RunConfig, classifier: dict[str, torch.
         raise ValueError(f"the classifier returns {tuple(probe.shape)} for one image, expected "
                          f"(1, {n_classes})")
     tasks.check_permitted(site, cfg)
+    if data is None:  # before the charge: a mismatched site pays nothing
+        tasks.check_data_kind(site, cfg)
     ledger = tasks.open_ledger(site)
     # Charge first: a crash after this line over-counts, never under-counts.
     entries = tasks.evaluation_entries(cfg) if private else [(0.0, 1.0, 1)]

@@ -95,6 +95,9 @@ def left_right_axis(ndim: int) -> int:
     """The left-right axis of a batch: an image's width ([N, C, H, W]), a volume's first axis
     ([N, C, X, Y, Z] on the RAS grid every loader produces). Flipping it keeps a label; flipping
     a volume's last axis would turn the head upside down."""
+    if ndim not in (4, 5):
+        raise ValueError(f"expected a batch of images [N,C,H,W] or volumes [N,C,X,Y,Z], got "
+                         f"{ndim} dimensions")
     return -1 if ndim == 4 else 2
 
 

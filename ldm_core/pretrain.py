@@ -143,7 +143,8 @@ def pretrain_autoencoder(cfg: ModelConfig, *, steps: int = 600, batch_size: int 
     phantom volumes (`public_volumes`, n_images // 8 of them: each is a whole head).
     """
     # A 32^3 volume is 32 slices of work: batches of 16 volumes (64 images in 2D).
-    batch_size = batch_size or (64 if cfg.spatial_dims == 2 else 16)
+    if batch_size is None:
+        batch_size = 64 if cfg.spatial_dims == 2 else 16
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if images is not None and images.shape[1] != cfg.image_channels:

@@ -478,8 +478,15 @@ class Coordinator:
             raise FederationError(f"{stage}: aggregation failed: {err}") from err
         pc = spec.config(self.cfg)
         if pc.server_momentum > 0 or pc.server_lr != 1:
-            agg, self.momentum[phase] = server_step(travels, agg, self.momentum.get(phase),
-                                                    momentum=pc.server_momentum, lr=pc.server_lr)
+            agg, buffer = server_step(travels, agg, self.momentum.get(phase),
+                                      momentum=pc.server_momentum, lr=pc.server_lr)
+            if pc.server_momentum > 0:  # without momentum there is nothing to carry over
+                self.momentum[phase] = buffer
+            if not all(torch.isfinite(v).all() for v in agg.values() if v.is_floating_point()):
+                raise FederationError(f"{stage}: the server step (momentum "
+                                      f"{pc.server_momentum:g}, lr {pc.server_lr:g}, an "
+                                      f"effective step of up to lr / (1 - momentum)) diverged "
+                                      "to non-finite weights; lower diffusion.server_lr")
             how += f", server momentum {pc.server_momentum:g} lr {pc.server_lr:g}"
         model.load_state_dict({**reference, **agg})
         loss = statistics.median(losses) if len(losses) >= 3 else sum(losses) / len(losses)

@@ -62,6 +62,14 @@ def _check_pairs(images: Tensor, masks: Tensor, where: str) -> None:
         raise ValueError(f"{where}: masks must be binary (0/1)")
 
 
+def _random_flip(x: Tensor, m: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Mirror each pair left-right with probability 1/2 (anatomy allows it; the axis is
+    `ldm_core.classifier.left_right_axis`), image and mask together."""
+    axis = left_right_axis(x.ndim)
+    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).view(-1, *[1] * (x.ndim - 1))
+    return torch.where(flip, x.flip(axis), x), torch.where(flip, m.flip(axis), m)
+
+
 def make_segmenter(spatial_dims: int = 2) -> UNet:
     """The judge: a 2-level MONAI UNet, instance norm, one logit per pixel (voxel). In 3D the
     channels are halved: a volume has D times the voxels of a slice, and the judge must train
@@ -102,14 +110,10 @@ def train_segmenter(images: Tensor, masks: Tensor, *, seed: int, device: torch.d
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
                                                 pct_start=0.15)
     n = images.shape[0]
-    lr_axis = left_right_axis(images.ndim)
     for _ in range(steps):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
         x, m = images[idx], masks[idx]
-        # Left-right (anatomy allows it; ldm_core.classifier.left_right_axis).
-        flip = (torch.rand(idx.shape[0], generator=gen) < 0.5).view(-1, *[1] * (x.ndim - 1))
-        x = torch.where(flip, x.flip(lr_axis), x)
-        m = torch.where(flip, m.flip(lr_axis), m)
+        x, m = _random_flip(x, m, gen)
         loss = _loss(model(x.to(device)), m.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()

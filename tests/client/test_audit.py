@@ -76,6 +76,7 @@ def in_memory(monkeypatch: pytest.MonkeyPatch, phantoms: tuple) -> dict[str, Sit
     x, y, names = phantoms
     table = {"site-0": _site_data(x, y, names, 40, 40)}
     monkeypatch.setattr(tasks, "load_data", lambda site, cfg: table[site.site_id])
+    monkeypatch.setattr(tasks, "check_data_kind", lambda *a: None)  # no files
     return table
 
 
@@ -165,6 +166,7 @@ def test_budget_exceeded_loads_no_data(tmp_path: Path, monkeypatch: pytest.Monke
         pytest.fail("load_data was called although the ledger refused the audit charge")
 
     monkeypatch.setattr(tasks, "load_data", forbidden)
+    monkeypatch.setattr(tasks, "check_data_kind", lambda *a: None)  # no files
     site = _site(tmp_path, epsilon=0.01)  # one sigma=8 release costs far more than 0.01
     with pytest.raises(BudgetExceededError):
         _audit(site, _cfg(class_names))
@@ -279,6 +281,7 @@ def test_planted_leak_is_flagged_and_untrained_model_is_not(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: tuple) -> None:
     cfg, data, ae, dm, scale = planted
     monkeypatch.setattr(tasks, "load_data", lambda site, cfg: data)
+    monkeypatch.setattr(tasks, "check_data_kind", lambda *a: None)  # no files
     site = _site(tmp_path, epsilon=math.inf)
     rng = PrivacyRng.reproducible(0, "planted")
     site_audit(site, cfg, ae, dm, scale, run_id="leak", rng=rng, seed=0)

@@ -490,20 +490,44 @@ def test_a_train_only_piece_naming_nothing_is_refused_before_the_charge(
 
 
 def test_a_site_refuses_a_run_of_the_other_dimensionality_naming_both(
-        tmp_path: Path, tiny_cfg: RunConfig) -> None:
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig) -> None:
     """Volumes at a site and a 2D run (or images and a 3D run) fail with what to fix, not with
     a shape error deep inside a network."""
     from ldm_core.phantoms3d import generate_demo3d
 
     volumes = generate_demo3d(tmp_path / "d3", n_patients=24, n_sites=2, size=16, seed=0)
     site = _site(tmp_path, volumes)
-    with pytest.raises(ValueError, match="holds volumes but the run .*spatial_dims=2"):
-        tasks.load_data(site, tiny_cfg)
-    # ...and before the charge: a misconfigured run costs the site no budget.
-    before = site.ledger_path.read_bytes()
-    with pytest.raises(ValueError, match="holds volumes but the run .*spatial_dims=2"):
-        _ae_round(site, tiny_cfg)
-    assert site.ledger_path.read_bytes() == before
     cfg3d = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model,
                                                                     spatial_dims=3))
+    with pytest.raises(ValueError, match="holds volumes but the run .*spatial_dims=2"):
+        tasks.load_data(site, tiny_cfg)
+    # ...and before any charge: a misconfigured run costs the site no budget, whichever
+    # release it asks for (a round, the latent statistics, an audit, an evaluation).
+    from client.audit import site_audit
+    from client.site_eval import site_evaluate
+    from ldm_core.classifier import make_classifier
+    from ldm_core.dp_random import PrivacyRng
+
+    site = dataclasses.replace(site, allow_audit=True, allow_evaluate=True)
+    before = site.ledger_path.read_bytes()
+    ae, dm = make_autoencoder(tiny_cfg.model), make_denoiser(tiny_cfg.model)
+    attempts = [
+        lambda: _ae_round(site, tiny_cfg),
+        lambda: tasks.latent_stats(site, tiny_cfg, run_id="r", ae_weights=ae.state_dict()),
+        lambda: site_audit(site, tiny_cfg, ae, dm, 1.0, run_id="r",
+                           rng=PrivacyRng.secure(), seed=0),
+        lambda: site_evaluate(site, tiny_cfg,
+                              make_classifier(tiny_cfg.model.n_classes).state_dict(),
+                              torch.rand(12, 1, 16, 16), run_id="r", rng=PrivacyRng.secure(),
+                              seed=0),
+    ]
+    for attempt in attempts:
+        with pytest.raises(ValueError, match="holds volumes but the run .*spatial_dims=2"):
+            attempt()
+        assert site.ledger_path.read_bytes() == before
+    # The reverse: a 3D run at a site of 2D images.
+    images = _site(tmp_path, demo_manifest, name="images")
+    with pytest.raises(ValueError, match="holds 2D images but the run .*spatial_dims=3"):
+        tasks.train_round(images, cfg3d, phase="autoencoder", server_round=1, run_id="r",
+                          weights=make_autoencoder(cfg3d.model).state_dict())
     assert tasks.load_data(site, cfg3d).train.images.ndim == 5

@@ -112,6 +112,7 @@ def test_the_charge_is_durable_before_the_data_is_read(tmp_path: Path, data: Sit
         raise OSError("disk gone")
 
     monkeypatch.setattr(tasks, "load_data", boom)
+    monkeypatch.setattr(tasks, "check_data_kind", lambda *a: None)  # no files
     with pytest.raises(OSError, match="disk gone"):
         _call(site, _cfg(data.class_names), None)
     cfg = _cfg(data.class_names)
@@ -125,6 +126,7 @@ def test_a_budget_that_cannot_afford_it_stops_before_the_data(tmp_path: Path, da
                                                              ) -> None:
     site = _site(tmp_path, epsilon=0.05)
     monkeypatch.setattr(tasks, "load_data", lambda *a: pytest.fail("data read"))
+    monkeypatch.setattr(tasks, "check_data_kind", lambda *a: None)  # no files
     with pytest.raises(BudgetExceededError):
         _call(site, _cfg(data.class_names, epsilon=0.05), None)
 

@@ -163,3 +163,18 @@ def test_a_volume_prior_round_trips_and_priors_never_cross_dimensions(tmp_path) 
     with pytest.raises(ValueError, match="2D but the autoencoder is 3D"):
         pretrain_autoencoder(m3, steps=1, images=torch.zeros(4, 1, 16, 16),
                              show_progress=False)
+
+
+def test_shipped_3d_autoencoder_reconstructs_phantom_volumes_it_never_saw() -> None:
+    """The quick 3D plan starts from the shipped 3D prior; on volumes of another seed it must
+    reconstruct far beyond a random network (measured: PSNR 19.2 dB against 4.7)."""
+    from ldm_core.pretrain import public_volumes
+
+    m = build_config(preset="quick", overrides={"model.spatial_dims": 3}).model
+    ae = make_autoencoder(m).eval()
+    ae.load_state_dict(load_pretrained(m))
+    x = public_volumes(6, m.image_size, seed=99)
+    with torch.no_grad():
+        recon = ae.decode(ae.encode(x)[0])
+    psnr = 10 * torch.log10(4.0 / (recon - x).pow(2).mean())
+    assert float(psnr) > 16.0

@@ -101,3 +101,17 @@ def test_volumes_segment_in_3d_and_misaligned_masks_still_fall() -> None:
     assert aligned["trtr_dice"] > 0.6 and aligned["tstr_dice"] > 0.6
     assert broken["tstr_dice"] < 0.5 * aligned["tstr_dice"]
     assert broken["alignment_dice"] < 0.5 * aligned["alignment_dice"]
+
+
+
+def test_the_judge_flips_volumes_left_right_only() -> None:
+    """On the RAS grid a volume's left-right axis is its first; the judge's training flips
+    must mirror that one (image and mask together), never turn a head upside down."""
+    from ldm_core.evaluation.segmentation import _random_flip
+
+    x = torch.arange(3 * 4 * 5, dtype=torch.float32).view(1, 1, 3, 4, 5).repeat(16, 1, 1, 1, 1)
+    fx, fm = _random_flip(x, x + 100, torch.Generator().manual_seed(0))
+    assert torch.equal(fm, fx + 100)  # the mask follows its image
+    lr = [bool(torch.equal(o, x[0].flip(1))) for o in fx]  # x[0] is [C, X, Y, Z]
+    same = [bool(torch.equal(o, x[0])) for o in fx]
+    assert all(a or b for a, b in zip(lr, same, strict=True)) and any(lr) and any(same)
