@@ -2,9 +2,10 @@
 
 Public pretraining, then DP fine-tuning, is among what makes DP generators work
 (docs/architecture.md).
-Two priors are shipped with the package (`ldm_core/pretrained/`), both made from phantoms
-rendered from a fixed public seed, and both only *starting points* that the sites then fine-tune
-under DP:
+The priors shipped with the package (`ldm_core/pretrained/`) are all made from phantoms
+rendered from a fixed public seed, and all only *starting points* that the sites then fine-tune
+under DP (besides the two below: the paired autoencoder, trained on phantoms with their lesion
+masks, and the 3D autoencoder of the quick 3D plan, trained on phantom volumes):
 
 * the autoencoder, a generic compressor, pretrained on phantoms of every kind;
 * the denoiser, pretrained *unconditionally* on HEALTHY phantoms only (the `normal` class): it
@@ -365,7 +366,8 @@ def _every_class_from_null(state: dict[str, torch.Tensor], cfg: ModelConfig
 
 def load_public(path: str | Path, image_size: int, *, progress: bool = True
                 ) -> tuple[torch.Tensor, dict[str, object]]:
-    """Every image of a public folder or CSV manifest, [N,1,S,S] in [-1, 1], and its source
+    """Every image of a public folder or CSV manifest, [N,1,S,S] in [-1, 1] ([N,1,S,S,S] for
+    volumes), and its source
     record for the prior's sidecar. Labels, splits and masks are not used: a prior learns what
     the modality looks like, the sites teach the classes."""
     from ldm_core.data import load_images, scan

@@ -178,3 +178,19 @@ def test_shipped_3d_autoencoder_reconstructs_phantom_volumes_it_never_saw() -> N
         recon = ae.decode(ae.encode(x)[0])
     psnr = 10 * torch.log10(4.0 / (recon - x).pow(2).mean())
     assert float(psnr) > 16.0
+
+
+def test_a_paired_3d_run_starts_from_the_shipped_paired_3d_prior() -> None:
+    """`--data demo3d --set model.mask_channels=1`: the autoencoder starts from the prior
+    trained on public phantom volumes with their masks (two input channels, 5D weights), not
+    from the image-only one widened with an untrained mask channel."""
+    from ldm_core.pretrain import widen_for_masks
+
+    m = build_config(preset="quick", overrides={"model.spatial_dims": 3,
+                                                "model.mask_channels": 1}).model
+    assert pretrained_path(m).name.endswith("-3d-m1.safetensors") and pretrained_path(m).exists()
+    state = load_pretrained(m)
+    first = state["encoder.blocks.0.conv.weight"]
+    assert first.ndim == 5 and first.shape[1] == 2
+    widened = widen_for_masks(load_pretrained(dataclasses.replace(m, mask_channels=0)), m)
+    assert not torch.equal(first[:, 1], widened["encoder.blocks.0.conv.weight"][:, 1])
