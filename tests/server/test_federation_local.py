@@ -92,6 +92,26 @@ class _Killed(BaseException):
     """A SIGKILL stand-in that no `except Exception` in the coordinator can swallow."""
 
 
+def _kill_at_checkpoint_then_resume(tmp: Path, manifest: Path, cfg: RunConfig, name: str,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run until the coordinator starts writing checkpoint `name`, die there, then resume the
+    same run folder to the end."""
+    import server.federation as federation
+
+    original = federation.save_checkpoint
+
+    def save(directory: Path, modules: dict, meta: dict) -> Path:
+        if Path(directory).name == name:
+            raise _Killed
+        return original(directory, modules, meta)
+
+    monkeypatch.setattr(federation, "save_checkpoint", save)
+    with pytest.raises(_Killed):
+        _federation(tmp, manifest, cfg).run()
+    monkeypatch.undo()
+    _federation(tmp, manifest, cfg).run()
+
+
 def test_a_kill_between_the_checkpoint_writes_loses_and_doubles_no_round(
         tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -250,23 +270,11 @@ def test_the_released_denoiser_is_the_mean_of_the_last_rounds_also_after_a_resum
     """`average_last=2` of 3 rounds releases the mean of rounds 2 and 3; killed just before
     the final checkpoint, the resumed run releases the same mean (read from the round
     checkpoints, not from a model in memory)."""
-    import server.federation as federation
     from ldm_core.checkpoint import load_checkpoint
 
     cfg = dataclasses.replace(tiny_cfg, diffusion=dataclasses.replace(
         tiny_cfg.diffusion, rounds=3, average_last=2))
-    original = federation.save_checkpoint
-
-    def save(directory: Path, modules: dict, meta: dict) -> Path:
-        if Path(directory).name == "final":
-            raise _Killed
-        return original(directory, modules, meta)
-
-    monkeypatch.setattr(federation, "save_checkpoint", save)
-    with pytest.raises(_Killed):
-        _federation(tmp_path, demo_manifest, cfg).run()
-    monkeypatch.undo()
-    _federation(tmp_path, demo_manifest, cfg).run()
+    _kill_at_checkpoint_then_resume(tmp_path, demo_manifest, cfg, "final", monkeypatch)
     ck = tmp_path / "run" / "checkpoints"
     r2, r3, final = (load_checkpoint(ck / name)[0]["denoiser"]
                      for name in ("dm-round-002", "dm-round-003", "final"))
@@ -289,23 +297,11 @@ def test_server_momentum_adds_the_previous_step_also_after_a_resume(
     round-2 checkpoint: a buffer lost on resume gives plain averaging and fails here."""
     from safetensors.torch import load_file
 
-    import server.federation as federation
     from ldm_core.checkpoint import load_checkpoint
 
     cfg = dataclasses.replace(tiny_cfg, diffusion=dataclasses.replace(
         tiny_cfg.diffusion, rounds=3, server_momentum=0.5))
-    original = federation.save_checkpoint
-
-    def save(directory: Path, modules: dict, meta: dict) -> Path:
-        if Path(directory).name == "dm-round-003":
-            raise _Killed
-        return original(directory, modules, meta)
-
-    monkeypatch.setattr(federation, "save_checkpoint", save)
-    with pytest.raises(_Killed):
-        _federation(tmp_path, demo_manifest, cfg).run()
-    monkeypatch.undo()
-    _federation(tmp_path, demo_manifest, cfg).run()
+    _kill_at_checkpoint_then_resume(tmp_path, demo_manifest, cfg, "dm-round-003", monkeypatch)
     ck = tmp_path / "run" / "checkpoints"
     r1, r2, r3 = (load_checkpoint(ck / f"dm-round-00{r}")[0]["denoiser"] for r in (1, 2, 3))
     sites = [load_file(str(p)) for p in
