@@ -5,8 +5,8 @@ through the whole head for each patient: one patient's slices share their smooth
 (cortical folding, texture, bias field), so the anatomy is continuous across slices, while the
 acquisition noise stays independent per voxel. Sites differ in acquisition exactly as in 2D.
 
-Status: the volumes, masks and manifest are written and read back by ``ldm_core.volumes``; a
-3D federation on them (``--data demo3d``) is not wired yet.
+Used by ``fedldm simulate --data demo3d`` (the sites' data) and, from another seed, by the
+shipped 3D autoencoder priors (``ldm_core.pretrain.public_volumes``).
 """
 
 from __future__ import annotations
