@@ -269,17 +269,28 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def demo_data(args: argparse.Namespace) -> int:
     _check_out_folder(args.out)
-    if args.image_size < 16:
+    if args.image_size is not None and args.image_size < 16:
         raise LocalCliError(f"--image-size {args.image_size}: must be >= 16")
     _check_rare(args.rare, "--rare")
     if args.sites > args.patients:
         raise LocalCliError(f"--sites {args.sites} exceeds --patients {args.patients}: every "
                             "site needs at least one patient")
+    if args.volumes:
+        if args.rare is not None or args.slices is not None:
+            raise LocalCliError("--volumes writes one whole head volume per patient (no "
+                                "--slices) with the demo's class mix (no --rare)")
+        from ldm_core.phantoms3d import generate_demo3d
+
+        manifest = generate_demo3d(args.out, n_patients=args.patients, n_sites=args.sites,
+                                   size=args.image_size or 32, seed=args.seed)
+        print(f"wrote {manifest}")
+        return 0
     from ldm_core.phantoms import generate_demo
 
-    manifest = generate_demo(args.out, n_patients=args.patients, slices_per_patient=args.slices,
-                             n_sites=args.sites, image_size=args.image_size, seed=args.seed,
-                             rare=args.rare)
+    manifest = generate_demo(args.out, n_patients=args.patients,
+                             slices_per_patient=args.slices or 4,
+                             n_sites=args.sites, image_size=args.image_size or 64,
+                             seed=args.seed, rare=args.rare)
     print(f"wrote {manifest}")
     return 0
 
@@ -422,9 +433,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo-data", help="write the procedural demo phantoms")
     d.add_argument("--out", type=A.path, required=True)
     d.add_argument("--patients", type=A.positive_int, default=3200)
-    d.add_argument("--slices", type=A.positive_int, default=4)
+    d.add_argument("--slices", type=A.positive_int, default=None,
+                   help="images per patient (default 4; not with --volumes)")
     d.add_argument("--sites", type=A.positive_int, default=3)
-    d.add_argument("--image-size", type=A.positive_int, default=64)
+    d.add_argument("--image-size", type=A.positive_int, default=None,
+                   help="pixels (voxels) a side; default 64 for images, 32 for --volumes")
+    d.add_argument("--volumes", action="store_true",
+                   help="write 3D phantom head volumes (NIfTI) with lesion masks, one per "
+                   "patient: the data of `simulate --data demo3d`")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--rare", type=A.rare_class, metavar="CLASS:FRACTION",
                    help="make one class rare, e.g. tumor:0.03 (for `fedldm augment`)")

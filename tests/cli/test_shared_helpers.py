@@ -172,3 +172,20 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch,
     err = capsys.readouterr().err
     assert "Traceback" in err and "ZeroDivisionError: a bug" in err
     assert err.strip().splitlines()[-1].startswith("fedldm demo-data: unexpected error")
+
+
+def test_demo_data_volumes_writes_the_demo3d_set(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`fedldm demo-data --volumes`: NIfTI head volumes with masks and a manifest that a 3D
+    run reads; image-only options are refused with what to drop."""
+    from ldm_core.data import holds_volumes, scan
+
+    out = tmp_path / "d3"
+    assert main(["demo-data", "--volumes", "--out", str(out), "--patients", "6", "--sites", "2",
+                 "--image-size", "16"]) == 0
+    records = scan(out).records
+    assert len(records) == 6 and all(r.mask is not None for r in records)
+    assert holds_volumes(out)
+    assert main(["demo-data", "--volumes", "--out", str(tmp_path / "x"), "--slices",
+                 "2"]) == 2
+    assert "--volumes" in capsys.readouterr().err
