@@ -71,6 +71,7 @@ def test_a_3d_run_gets_the_presets_volume_plan_and_refuses_a_2d_denoiser_prior()
     assert (cfg.ae_init, cfg.dm_init) == ("public-phantoms", "random")
     assert cfg.model.ae_channels == (8, 16, 32) and cfg.model.latent_shape == (8, 8, 8, 8)
     assert cfg.autoencoder.physical_batch_size == 16
+    assert cfg.privacy.scale_clip == 2.0  # small cohorts: the 2D clip drowns the scale release
     # The shipped 3D prior is a 3D network (the 2D one cannot load into it).
     assert "-3d" in pretrained_path(cfg.model).name
     assert any(v.ndim == 5 for v in load_pretrained(cfg.model).values())
