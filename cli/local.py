@@ -352,7 +352,7 @@ def pretrain(args: argparse.Namespace) -> int:
         data = Path(args.data).expanduser()
         if not data.exists():
             raise LocalCliError(f"--data {data}: no such file or folder")
-        images, source = pt.load_public(data, cfg.image_size)
+        images, source = pt.load_public(data, cfg.image_size, voxel_mm=cfg.voxel_mm)
         meta.update(source, kind="denoiser" if dm else "autoencoder",
                     note="a user-supplied public set; never the sites' own patients (a prior is "
                          "not charged to any privacy budget)")

@@ -110,7 +110,7 @@ def load_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
                      n_sites=n_sites, scheme=scheme, image_size=cfg.model.image_size,
                      seed=site.data_seed, holdout_fraction=site.holdout_fraction,
                      test_fraction=site.test_fraction, progress=site.show_progress,
-                     masks=cfg.model.mask_channels > 0)
+                     masks=cfg.model.mask_channels > 0, voxel_mm=cfg.model.voxel_mm)
 
 
 def check_classes(site: SiteConfig, cfg: RunConfig, data: SiteData) -> None:

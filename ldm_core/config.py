@@ -77,10 +77,24 @@ class ModelConfig:
     # 2: slices [N,C,H,W]; 3: volumes [N,C,D,H,W] (image_size voxels a side; the data are
     # NIfTI files or DICOM series, ldm_core.volumes). Same networks, federation and evaluation.
     spatial_dims: int = 2
+    # Volumes only: the voxel size (mm, isotropic) every scan is resampled to before it is
+    # cropped or padded (centred) to image_size voxels a side, so anatomy keeps its physical
+    # size across sites and scanners (a lesion of 10 mm spans the same voxels everywhere).
+    # None fits each scan's field of view to the grid instead: nothing is cropped, but
+    # scans of different extents end up at different scales.
+    voxel_mm: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.spatial_dims in (2, 3), f"spatial_dims must be 2 or 3, got "
                f"{self.spatial_dims!r}")
+        if self.voxel_mm is not None:
+            _check(self.spatial_dims == 3, f"voxel_mm={self.voxel_mm} sets the voxel size of "
+                   "volumes; this run reads 2D images (set model.spatial_dims=3 for volumes, "
+                   "or drop model.voxel_mm)")
+            _check(isinstance(self.voxel_mm, (int, float)) and not isinstance(
+                self.voxel_mm, bool) and 0.05 <= float(self.voxel_mm) <= 50.0,
+                f"voxel_mm must be a voxel size in mm in [0.05, 50] (or None to fit each "
+                f"scan's field of view), got {self.voxel_mm!r}")
         _check(self.mask_channels in (0, 1), f"mask_channels must be 0 (images only) or 1 "
                f"(image + binary mask), got {self.mask_channels!r}")
         _check(0 <= self.site_slots <= 64, f"site_slots must be in [0, 64], got "

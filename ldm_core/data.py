@@ -776,11 +776,14 @@ def _volume_records(records: Sequence[Record]) -> bool:
     return bool(kinds) and all(kinds)
 
 
-def _load_volume(r: Record, size: int, masks: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """A volume (and its mask) fitted to ``size`` voxels a side, already in [-1, 1]."""
+def _load_volume(r: Record, size: int, masks: bool, voxel_mm: float | None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A volume (and its mask) on a grid of ``size`` voxels a side, in [0, 1]: resampled to
+    ``voxel_mm`` and cropped or padded (centred), or with None its field of view fitted."""
     from ldm_core.volumes import VolumeSpec, load_volume, load_volume_pair
 
-    spec = VolumeSpec(shape=(size, size, size), spacing=None)
+    spacing = None if voxel_mm is None else (float(voxel_mm),) * 3
+    spec = VolumeSpec(shape=(size, size, size), spacing=spacing)
     if masks:
         assert r.mask is not None  # _load checked
         vol, mask = load_volume_pair(r.path, r.mask, spec)
@@ -789,29 +792,32 @@ def _load_volume(r: Record, size: int, masks: bool) -> tuple[np.ndarray, np.ndar
 
 
 def load_images(
-    records: Sequence[Record], image_size: int, *, progress: bool | None = None
+    records: Sequence[Record], image_size: int, *, progress: bool | None = None,
+    voxel_mm: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Read, grayscale, pad to square, resize and scale records to ``[N,1,S,S]`` in [-1, 1]
-    (volumes: ``[N,1,S,S,S]``, reoriented to RAS and the field of view fitted to the grid).
+    (volumes: ``[N,1,S,S,S]``, reoriented to RAS, then resampled to ``voxel_mm`` and cropped
+    or padded, or with None the field of view fitted to the grid).
 
     Returns ``(images float32, labels int64)``. Decoding runs on a few threads (PIL releases
     the GIL) and shows a progress bar above ~500 files.
     """
-    x, y, _ = _load(records, image_size, progress=progress, masks=False)
+    x, y, _ = _load(records, image_size, progress=progress, masks=False, voxel_mm=voxel_mm)
     return x, y
 
 
 def load_pairs(
-    records: Sequence[Record], image_size: int, *, progress: bool | None = None
+    records: Sequence[Record], image_size: int, *, progress: bool | None = None,
+    voxel_mm: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """As `load_images`, plus each record's mask ``[N,1,S,S]`` in {0, 1} (pixel-aligned)."""
-    x, y, m = _load(records, image_size, progress=progress, masks=True)
+    x, y, m = _load(records, image_size, progress=progress, masks=True, voxel_mm=voxel_mm)
     assert m is not None
     return x, y, m
 
 
-def _load(records: Sequence[Record], image_size: int, *, progress: bool | None, masks: bool
-          ) -> tuple[Tensor, Tensor, Tensor | None]:
+def _load(records: Sequence[Record], image_size: int, *, progress: bool | None, masks: bool,
+          voxel_mm: float | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     if not isinstance(image_size, (int, np.integer)) or image_size < 8:
         raise ValueError(f"load_images: image_size must be an integer >= 8, got {image_size!r}.")
     if masks:
@@ -824,13 +830,16 @@ def _load(records: Sequence[Record], image_size: int, *, progress: bool | None, 
             )
     n = len(records)
     volumes = _volume_records(records)
+    if voxel_mm is not None and records and not volumes:
+        raise DataError(f"{records[0].path} is a 2D image; a voxel size (voxel_mm={voxel_mm}) "
+                        "applies to volumes only (drop model.voxel_mm for a 2D run).")
     images = np.empty((n, 1, *(image_size,) * (3 if volumes else 2)), dtype=np.float32)
     mask_arr = np.empty_like(images) if masks else None
     workers = max(1, min(4, os.cpu_count() or 1))
 
     def one(r: Record) -> tuple[np.ndarray, np.ndarray | None]:
         if volumes:
-            return _load_volume(r, image_size, masks)
+            return _load_volume(r, image_size, masks, voxel_mm)
         return _load_pair(r, image_size) if masks else (_load_one(r.path, image_size), None)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -848,9 +857,9 @@ def _load(records: Sequence[Record], image_size: int, *, progress: bool | None, 
 
 def _image_set(
     records: Sequence[Record], image_size: int, root: Path, progress: bool | None = None,
-    masks: bool = False,
+    masks: bool = False, voxel_mm: float | None = None,
 ) -> ImageSet:
-    x, y, m = _load(records, image_size, progress=progress, masks=masks)
+    x, y, m = _load(records, image_size, progress=progress, masks=masks, voxel_mm=voxel_mm)
     patients = []
     for r in records:
         if r.patient is not None:
@@ -904,6 +913,7 @@ def _site_data(
     test_fraction: float,
     progress: bool | None = None,
     masks: bool = False,
+    voxel_mm: float | None = None,
 ) -> SiteData:
     splits = _site_splits(share, site_index, seed=seed, holdout_fraction=holdout_fraction,
                           test_fraction=test_fraction)
@@ -918,9 +928,9 @@ def _site_data(
     return SiteData(
         site_id=site_id,
         class_names=index.class_names,
-        train=_image_set(splits["train"], image_size, index.root, progress, masks),
-        holdout=_image_set(splits["holdout"], image_size, index.root, progress, masks),
-        test=_image_set(splits["test"], image_size, index.root, progress, masks),
+        train=_image_set(splits["train"], image_size, index.root, progress, masks, voxel_mm),
+        holdout=_image_set(splits["holdout"], image_size, index.root, progress, masks, voxel_mm),
+        test=_image_set(splits["test"], image_size, index.root, progress, masks, voxel_mm),
         has_patient_ids=index.has_patient_ids,
     )
 
@@ -937,6 +947,7 @@ def load_site(
     test_fraction: float = 0.15,
     progress: bool | None = None,
     masks: bool = False,
+    voxel_mm: float | None = None,
 ) -> SiteData:
     """Load one site's share: scan, assign patients to sites, split by patient, read pixels
     (and each image's mask with ``masks``: paired generation).
@@ -960,6 +971,7 @@ def load_site(
         test_fraction=test_fraction,
         progress=progress,
         masks=masks,
+        voxel_mm=voxel_mm,
     )
 
 
@@ -973,6 +985,7 @@ def load_all_sites(
     holdout_fraction: float = 0.15,
     test_fraction: float = 0.15,
     masks: bool = False,
+    voxel_mm: float | None = None,
 ) -> list[SiteData]:
     """All sites at once (simulation, central evaluation); same result as :func:`load_site`."""
     _check_fractions(holdout_fraction, test_fraction)
@@ -989,6 +1002,7 @@ def load_all_sites(
             holdout_fraction=holdout_fraction,
             test_fraction=test_fraction,
             masks=masks,
+            voxel_mm=voxel_mm,
         )
         for i, share in enumerate(shares)
     ]

@@ -364,8 +364,8 @@ def _every_class_from_null(state: dict[str, torch.Tensor], cfg: ModelConfig
 # ae_init / dm_init. Only the coordinator reads them (the initial global weights).
 
 
-def load_public(path: str | Path, image_size: int, *, progress: bool = True
-                ) -> tuple[torch.Tensor, dict[str, object]]:
+def load_public(path: str | Path, image_size: int, *, progress: bool = True,
+                voxel_mm: float | None = None) -> tuple[torch.Tensor, dict[str, object]]:
     """Every image of a public folder or CSV manifest, [N,1,S,S] in [-1, 1] ([N,1,S,S,S] for
     volumes), and its source
     record for the prior's sidecar. Labels, splits and masks are not used: a prior learns what
@@ -373,10 +373,11 @@ def load_public(path: str | Path, image_size: int, *, progress: bool = True
     from ldm_core.data import load_images, scan
 
     index = scan(path)
-    x, _ = load_images(index.records, image_size, progress=progress)
+    x, _ = load_images(index.records, image_size, progress=progress, voxel_mm=voxel_mm)
     listing = "\n".join(sorted(str(r.path.relative_to(index.root)) if r.path.is_relative_to(
         index.root) else str(r.path) for r in index.records))
     source = {"data": str(Path(path).expanduser().resolve()), "images": int(x.shape[0]),
+              **({} if voxel_mm is None else {"voxel_mm": float(voxel_mm)}),
               "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
     return x, source
 

@@ -150,7 +150,13 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
          if cfg.model.spatial_dims == 2 else
          "- Files: `<class>/syn_NNNNNN.nii.gz` (NIfTI, float32 values 0-255, RAS, nominal 1 mm "
          "isotropic voxels: the sites' scans were each fitted to the grid, so the physical "
-         "voxel size is not one number) and `manifest.csv` (path,label)")
+         "voxel size is not one number) and `manifest.csv` (path,label)"
+         if cfg.model.voxel_mm is None else
+         f"- Files: `<class>/syn_NNNNNN.nii.gz` (NIfTI, float32 values 0-255, RAS, "
+         f"{cfg.model.voxel_mm:g} mm isotropic voxels, the grid every site resampled its scans "
+         f"to: {cfg.model.image_size} voxels = "
+         f"{cfg.model.image_size * cfg.model.voxel_mm:g} mm a side) and `manifest.csv` "
+         "(path,label)")
         + ("; each image's lesion mask (0/255, pixel-aligned, decoded from the same latent) "
            f"at `masks/<class>/syn_NNNNNN.{'png' if cfg.model.spatial_dims == 2 else 'nii.gz'}`"
            ", column `mask`." if cfg.model.mask_channels

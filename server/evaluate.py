@@ -138,17 +138,19 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def export_synthetic(folder: Path, images: torch.Tensor, labels: torch.Tensor,
-                     class_names: Sequence[str], masks: torch.Tensor | None = None) -> Path:
+                     class_names: Sequence[str], masks: torch.Tensor | None = None,
+                     voxel_mm: float | None = None) -> Path:
     """PNG per image under <class>/ plus manifest.csv (path,label) - the same layout fedldm
     reads, so the synthetic set can be fed straight back into `fedldm` or any loader. Paired
     sets also write each mask (0/255) under masks/<class>/ and a `mask` column. Volumes are
     written as NIfTI (``syn_NNNNNN.nii.gz``, values 0-255 like the PNGs) on the grid's RAS
-    affine (ldm_core.volumes.grid_affine)."""
+    affine (ldm_core.volumes.grid_affine): voxels of the run's `voxel_mm`, or a nominal 1 mm
+    where each scan's field of view was fitted to the grid."""
     folder.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(images)
     mask_px = None if masks is None else (masks[:, 0] > 0).to(torch.uint8).numpy() * 255
     volume = images.ndim == 5
-    affine = grid_affine(images.shape[-1]) if volume else None
+    affine = grid_affine(images.shape[-1], voxel_mm or 1.0) if volume else None
 
     def save(arr: np.ndarray, path: Path) -> None:
         if volume:
@@ -197,7 +199,8 @@ def step_generate(ev: Evaluation, real: RealSets | None) -> Synthetic:
     f = ev.final
     x, y, m = generate_synthetic(cfg, f.ae, f.dm, f.scale_factor, per_class, seed=cfg.seed,
                                  device=ev.device, steps=steps, guidance=guidance)
-    export_synthetic(ev.run.synthetic, x, y, cfg.class_names, masks=m)
+    export_synthetic(ev.run.synthetic, x, y, cfg.class_names, masks=m,
+                     voxel_mm=cfg.model.voxel_mm)
     return Synthetic(x, y, SyntheticInfo(int(x.shape[0]), per_class, steps, guidance), masks=m)
 
 

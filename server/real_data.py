@@ -98,12 +98,13 @@ class ReferenceSet:
             split_by_patient(index.records, holdout_fraction=0.0, seed=0)
         patients = tuple(str(r.patient or r.path) for r in splits["test"])
         source = f"coordinator reference set {self.path}"
+        vox = cfg.model.voxel_mm  # the sites' grid, so real and synthetic volumes compare
         if cfg.model.mask_channels and all(r.mask is not None for r in index.records):
-            tx, ty, tm = load_pairs(splits["train"], cfg.model.image_size)
-            ex, ey, em = load_pairs(splits["test"], cfg.model.image_size)
+            tx, ty, tm = load_pairs(splits["train"], cfg.model.image_size, voxel_mm=vox)
+            ex, ey, em = load_pairs(splits["test"], cfg.model.image_size, voxel_mm=vox)
             return RealSets((tx, ty), (ex, ey, patients), source, train_masks=tm, test_masks=em)
-        tr = load_images(splits["train"], cfg.model.image_size)
-        te = load_images(splits["test"], cfg.model.image_size)
+        tr = load_images(splits["train"], cfg.model.image_size, voxel_mm=vox)
+        te = load_images(splits["test"], cfg.model.image_size, voxel_mm=vox)
         return RealSets(tr, (te[0], te[1], patients), source)
 
 

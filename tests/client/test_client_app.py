@@ -531,3 +531,22 @@ def test_a_site_refuses_a_run_of_the_other_dimensionality_naming_both(
         tasks.train_round(images, cfg3d, phase="autoencoder", server_round=1, run_id="r",
                           weights=make_autoencoder(cfg3d.model).state_dict())
     assert tasks.load_data(site, cfg3d).train.images.ndim == 5
+
+
+def test_a_site_resamples_its_volumes_to_the_runs_voxel_size(tmp_path: Path,
+                                                              tiny_cfg: RunConfig) -> None:
+    """`model.voxel_mm` reaches the site's loader: at twice the demo's voxel size the heads
+    fill the grid's centre half and the rest is padding; without it they fill the grid."""
+    from ldm_core.phantoms3d import HEAD_EXTENT_MM, generate_demo3d
+
+    volumes = generate_demo3d(tmp_path / "d3", n_patients=24, n_sites=2, size=16, seed=0)
+    site = _site(tmp_path, volumes)
+    model = dataclasses.replace(tiny_cfg.model, spatial_dims=3)
+    fitted = tasks.load_data(site, dataclasses.replace(tiny_cfg, model=model)).train.images
+    coarse = dataclasses.replace(model, voxel_mm=2 * HEAD_EXTENT_MM / 16)
+    x = tasks.load_data(site, dataclasses.replace(tiny_cfg, model=coarse)).train.images
+    assert x.shape == fitted.shape and x.shape[2:] == (16, 16, 16)
+    border = torch.ones(16, 16, 16, dtype=torch.bool)
+    border[4:12, 4:12, 4:12] = False
+    assert (x[:, 0][:, border] == -1.0).all()  # padding outside the 8-voxel centre
+    assert (fitted[:, 0][:, border] > -1.0).any()  # the fitted heads reach it

@@ -82,3 +82,17 @@ def test_a_3d_run_gets_the_presets_volume_plan_and_refuses_a_2d_denoiser_prior()
     with pytest.raises(ConfigError, match="dm_init=random"):
         build_config(preset="quick", overrides={"model.spatial_dims": 3,
                                                 "dm_init": "public-healthy-phantoms"})
+
+
+def test_a_voxel_size_is_for_volumes_only_and_must_be_a_size_in_mm() -> None:
+    cfg = build_config(preset="quick", overrides={"model.spatial_dims": 3,
+                                                  "model.voxel_mm": 1.5})
+    assert cfg.model.voxel_mm == 1.5
+    assert RunConfig.from_dict(__import__("json").loads(cfg.to_json())) == cfg
+    assert build_config(preset="quick", overrides={"model.spatial_dims": 3}).model.voxel_mm \
+        is None  # default: each scan's field of view fitted to the grid
+    with pytest.raises(ConfigError, match="voxel_mm=1.5 sets the voxel size of volumes"):
+        build_config(preset="quick", overrides={"model.voxel_mm": 1.5})
+    for bad in (0.0, -1.0, 100.0, True, "1.5"):
+        with pytest.raises(ConfigError, match="voxel_mm must be a voxel size in mm"):
+            ModelConfig(image_size=16, ae_channels=(8, 8), spatial_dims=3, voxel_mm=bad)

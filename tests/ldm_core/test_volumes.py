@@ -213,3 +213,66 @@ def test_a_volume_on_the_grid_affine_reads_back_unchanged(tmp_path: Path) -> Non
     want = (vol - vol.min()) / (vol.max() - vol.min()) * 2 - 1  # percentiles 0-100: min-max
     assert np.allclose(back.array, want, atol=1e-5)
     assert np.allclose(back.affine, grid_affine(8))
+
+
+def _cube_scan(path: Path, fov_voxels: int, voxel: float = 1.0, cube_mm: float = 8.0) -> Path:
+    """A scan of `fov_voxels` voxels of `voxel` mm a side with a bright cube of `cube_mm`
+    at its centre: the same anatomy seen through different fields of view."""
+    c = (np.arange(fov_voxels) - (fov_voxels - 1) / 2) * voxel
+    inside = np.abs(c) < cube_mm / 2
+    data = np.zeros((fov_voxels,) * 3, np.float32)
+    data[np.ix_(inside, inside, inside)] = 100.0
+    affine = np.diag([voxel, voxel, voxel, 1.0])
+    affine[:3, 3] = -(fov_voxels - 1) / 2 * voxel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_nifti(data, affine, path)
+
+
+def _cube_side(array: np.ndarray) -> float:
+    """The bright cube's side in voxels (its volume's cube root)."""
+    return float((array > 0.0).sum()) ** (1 / 3)
+
+
+def test_a_fixed_voxel_size_keeps_anatomy_the_same_size_across_fields_of_view(
+        tmp_path: Path) -> None:
+    """The same 8 mm cube in a 16 mm and a 32 mm scan (and a 2 mm-voxel scan): fitting each
+    field of view to the grid draws it at two sizes; `model.voxel_mm` draws it 8 mm everywhere,
+    cropping the larger scan around its centre and padding the smaller one."""
+    from ldm_core.data import load_images, scan
+
+    _cube_scan(tmp_path / "a" / "small.nii.gz", 16)
+    _cube_scan(tmp_path / "a" / "large.nii.gz", 32)
+    _cube_scan(tmp_path / "b" / "coarse.nii.gz", 12, voxel=2.0)
+    records = sorted(scan(tmp_path).records, key=lambda r: r.path.name)
+    names = [r.path.name for r in records]
+    assert names == ["coarse.nii.gz", "large.nii.gz", "small.nii.gz"]
+
+    fitted, _ = load_images(records, 16, progress=False)
+    sides = {n: _cube_side(fitted[i, 0].numpy()) for i, n in enumerate(names)}
+    assert sides["small.nii.gz"] == pytest.approx(8, abs=0.6)
+    assert sides["large.nii.gz"] == pytest.approx(4, abs=0.6)  # a field of view twice as big
+
+    fixed, _ = load_images(records, 16, progress=False, voxel_mm=1.0)
+    assert fixed.shape == (3, 1, 16, 16, 16)
+    for i, n in enumerate(names):
+        # within a voxel: the 2 mm scan's edges are interpolated
+        assert _cube_side(fixed[i, 0].numpy()) == pytest.approx(8, abs=1.1), n
+    # at 2 mm voxels the grid spans 32 mm: the cube spans 4 voxels in every scan, and the
+    # 16 mm scan is padded with the darkest value
+    half, _ = load_images(records, 16, progress=False, voxel_mm=2.0)
+    for i, n in enumerate(names):
+        assert _cube_side(half[i, 0].numpy()) == pytest.approx(4, abs=1.1), n
+    small = half[names.index("small.nii.gz"), 0]
+    assert (small[:4] == -1.0).all() and (small[-4:] == -1.0).all()  # 16 mm padded to 32 mm
+
+
+def test_a_voxel_size_for_2d_images_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from ldm_core.data import load_images, scan
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("L", (8, 8), 100).save(tmp_path / c / "x.png")
+    with pytest.raises(DataError, match=r"x\.png is a 2D image.*voxel_mm"):
+        load_images(scan(tmp_path).records, 8, voxel_mm=1.0)

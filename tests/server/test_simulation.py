@@ -151,12 +151,15 @@ def test_a_tiny_3d_federation_on_demo3d_writes_nifti_volumes_and_slices(tmp_path
     import nibabel as nib
     import numpy as np
 
+    from ldm_core.phantoms3d import HEAD_EXTENT_MM
     from ldm_core.volumes import grid_affine
 
     out = tmp_path / "run3d"
+    voxel = HEAD_EXTENT_MM / 16  # the demo heads' own voxel size: `model.voxel_mm` end to end
     metrics = run_simulation(SimulationOptions(
         data="demo3d", sites=2, epsilon=8.0, preset="tiny", image_size=16, out=out,
         device="cpu", show_progress=False, demo_patients=80,
+        overrides={"model.voxel_mm": voxel},
         eval_options=EvalOptions(per_class=4, utility_seeds=(0,), utility_epochs=1)))
     cfg = json.loads((out / "run.json").read_text())["config"]
     assert cfg["model"]["spatial_dims"] == 3 and cfg["ae_init"] == "random"
@@ -167,7 +170,8 @@ def test_a_tiny_3d_federation_on_demo3d_writes_nifti_volumes_and_slices(tmp_path
     assert rows[0] == "path,label" and len(rows) == 1 + 4 * len(cfg["class_names"])
     first = nib.load(str(out / "synthetic" / rows[1].split(",")[0]))
     assert first.shape == (16, 16, 16)
-    assert np.allclose(first.affine, grid_affine(16))
+    assert np.allclose(first.affine, grid_affine(16, voxel))
+    assert np.allclose(np.diag(first.affine)[:3], voxel)
     for key in ("tstr_auc", "trtr_auc", "ratio"):
         assert key in metrics["utility"], key
     for key in ("fid", "precision", "recall"):
@@ -175,7 +179,8 @@ def test_a_tiny_3d_federation_on_demo3d_writes_nifti_volumes_and_slices(tmp_path
     assert "mia_auc" in metrics["privacy"]
     assert (out / "samples.png").stat().st_size > 0
     assert (out / "report.html").read_text().count("data:image/png;base64") >= 4
-    assert "nii.gz" in (out / "synthetic" / "DATACARD.md").read_text()
+    card = (out / "synthetic" / "DATACARD.md").read_text()
+    assert "nii.gz" in card and f"{voxel:g} mm isotropic voxels" in card
 
 
 def test_volume_data_make_a_3d_run_unless_the_user_says_otherwise(tmp_path: Path) -> None:
