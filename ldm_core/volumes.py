@@ -268,7 +268,8 @@ def display_view(x: torch.Tensor) -> torch.Tensor:
 def grid_affine(size: int, spacing_mm: float = 1.0) -> np.ndarray:
     """The RAS affine of a run's cubic grid (what a synthetic volume is written with): axes in
     array order (the loaders reorient every volume to RAS), isotropic `spacing_mm`, centred on
-    the origin. The spacing is nominal: the loaders fit each scan's field of view to the grid."""
+    the origin. `spacing_mm` is the run's `model.voxel_mm`, or a nominal 1 mm where the loaders
+    fitted each scan's field of view to the grid."""
     half = (size - 1) / 2 * spacing_mm
     affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
     affine[:3, 3] = -half

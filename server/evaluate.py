@@ -417,7 +417,8 @@ def _say(show: bool, log: Any) -> Callable[[str], None]:
 
 def _by_class(x: torch.Tensor, y: torch.Tensor, names: Sequence[str], k: int = 8
               ) -> dict[str, np.ndarray]:
-    return {n: x[y == c][:k].numpy() for c, n in enumerate(names)}
+    """Up to k images per class as a figure shows them (volumes: their orthogonal mid slices)."""
+    return {n: display_view(x[y == c][:k]).numpy() for c, n in enumerate(names)}
 
 
 def _real_vs_synthetic(real: tuple[torch.Tensor, torch.Tensor],

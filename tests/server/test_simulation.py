@@ -181,6 +181,15 @@ def test_a_tiny_3d_federation_on_demo3d_writes_nifti_volumes_and_slices(tmp_path
     assert (out / "report.html").read_text().count("data:image/png;base64") >= 4
     card = (out / "synthetic" / "DATACARD.md").read_text()
     assert "nii.gz" in card and f"{voxel:g} mm isotropic voxels" in card
+    # A deployment's evaluation (no real volume at the coordinator, utility measured at the
+    # sites): the sample figure shows volumes as slices there too.
+    from server.offline import evaluate_existing_run
+
+    at_sites = evaluate_existing_run(out, audit=False, show_progress=False, options=EvalOptions(
+        per_class=4, utility_seeds=(0,), utility_epochs=1, at_sites=True))
+    assert at_sites["utility"]["measured_at"] == "sites"
+    assert at_sites["utility"]["sites"] == ["site-0", "site-1"]
+    assert "Measured at the sites" in (out / "report.html").read_text()
 
 
 def test_volume_data_make_a_3d_run_unless_the_user_says_otherwise(tmp_path: Path) -> None:
