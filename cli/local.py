@@ -491,11 +491,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("run", type=A.path, metavar="RUN")
     t.add_argument("--model", type=A.path, required=True, metavar="PATH",
                    help="TorchScript file, torch.export program (.pt2), or a state dict (.pt "
-                   "weights-only / .safetensors) with --arch; input [N,1,H,W] in [-1,1], "
-                   "output one logit per class")
+                   "weights-only / .safetensors) with --arch; input [N,1,H,W] in [-1,1] (a 3D "
+                   "run's volumes: [N,1,D,H,W]), output one logit per class")
     t.add_argument("--arch", choices=("smallcnn", "densenet121", "resnet18"),
-                   help="architecture of a state dict (MONAI DenseNet121 / resnet18, 2D, one "
-                   "channel; smallcnn = fedldm's utility judge)")
+                   help="architecture of a state dict (MONAI DenseNet121 / resnet18, one "
+                   "channel, 2D or 3D as the run; smallcnn = fedldm's utility judge)")
     t.add_argument("--per-class", type=A.positive_int, default=50,
                    help="synthetic images per class per setting")
     t.add_argument("--guidance", type=A.float_list, metavar="G1,G2,...",

@@ -66,19 +66,21 @@ class StressOptions:
     show_progress: bool = True
 
 
-def _build(arch: str, n_classes: int) -> torch.nn.Module:
+def _build(arch: str, n_classes: int, spatial_dims: int = 2) -> torch.nn.Module:
     if arch == "smallcnn":
-        return SmallCNN(n_classes)
+        return SmallCNN(n_classes, spatial_dims=spatial_dims)
     from monai.networks import nets
 
     if arch == "densenet121":
-        return nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=n_classes)
-    return nets.resnet18(spatial_dims=2, n_input_channels=1, num_classes=n_classes)
+        return nets.DenseNet121(spatial_dims=spatial_dims, in_channels=1, out_channels=n_classes)
+    return nets.resnet18(spatial_dims=spatial_dims, n_input_channels=1, num_classes=n_classes)
 
 
-def load_user_model(path: Path, arch: str | None, n_classes: int, image_size: int
-                    ) -> torch.nn.Module:
-    """The user's classifier in eval mode, checked to map [N,1,H,W] to [N, n_classes] logits."""
+def load_user_model(path: Path, arch: str | None, n_classes: int, image_size: int,
+                    spatial_dims: int = 2) -> torch.nn.Module:
+    """The user's classifier in eval mode, checked to map [N,1,H,W] (a 3D run's volumes:
+    [N,1,D,H,W]) to [N, n_classes] logits; a --arch state dict is built in the run's
+    dimensionality."""
     if not path.is_file():
         raise StressError(f"--model {path}: no such file")
     if arch is None and path.suffix == ".pt2":
@@ -109,7 +111,7 @@ def load_user_model(path: Path, arch: str | None, n_classes: int, image_size: in
                               f"{str(e).splitlines()[0] if str(e) else ''})") from e
         if not isinstance(state, dict):
             raise StressError(f"--model {path}: holds a {type(state).__name__}, not a state dict")
-        model = _build(arch, n_classes)
+        model = _build(arch, n_classes, spatial_dims)
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
@@ -117,12 +119,14 @@ def load_user_model(path: Path, arch: str | None, n_classes: int, image_size: in
                               f"classes: {' '.join(str(e).split())[:400]}") from e
     with contextlib.suppress(NotImplementedError):  # torch.export modules have no eval switch
         model.eval()
+    probe = (2, 1, *(image_size,) * spatial_dims)
     with torch.no_grad():
         try:
-            out = model(torch.zeros(2, 1, image_size, image_size))
+            out = model(torch.zeros(probe))
         except Exception as e:  # noqa: BLE001 - the user's model may raise anything
-            raise StressError(f"--model {path}: fails on a [2, 1, {image_size}, {image_size}] "
-                              f"batch: {type(e).__name__}: {e}") from e
+            kind = "volumes" if spatial_dims == 3 else "images"
+            raise StressError(f"--model {path}: fails on a batch of the run's {kind} "
+                              f"{list(probe)}: {type(e).__name__}: {e}") from e
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, n_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise StressError(f"--model {path}: must return logits [N, {n_classes}] (one per class "
@@ -176,7 +180,8 @@ def stress_run(run_dir: Path, opts: StressOptions) -> dict[str, Any]:
     out = _check(run, opts)
     final = run.load_final()
     cfg = final.cfg
-    model = load_user_model(opts.model, opts.arch, cfg.model.n_classes, cfg.model.image_size)
+    model = load_user_model(opts.model, opts.arch, cfg.model.n_classes, cfg.model.image_size,
+                            cfg.model.spatial_dims)
     say = (lambda m: print(f"[stress] {m}", flush=True)) if opts.show_progress else (
         lambda m: None)
     device = resolve_device(cfg.device)

@@ -4,7 +4,8 @@ A model that holds up on its own test set may still break on a scanner with more
 kernel or another contrast. The synthetic generator gives an unlimited, labelled supply to probe
 that with: the same labelled images, shifted in one controlled way at a time. The shifts here are
 deterministic given a generator (a reproducible probe, not a privacy mechanism), act on images in
-[-1, 1] ``[N, 1, H, W]`` and return images in the same range.
+[-1, 1] ``[N, 1, H, W]`` (or volumes ``[N, 1, D, H, W]``: the blur is then isotropic in 3D) and
+return images in the same range.
 
 Scores are macro one-vs-rest AUC and accuracy of the user's model, with 95 % intervals from a
 bootstrap over images (synthetic images are independent draws, there are no patients to group).
@@ -38,13 +39,20 @@ class Shift:
 
 
 def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur along every spatial axis (2 for images, 3 for volumes), edges
+    replicated: a softer reconstruction kernel acts on the whole grid, not slice by slice."""
     radius = max(1, int(round(3 * sigma)))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
-    pad = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-    out = F.conv2d(pad, k.view(1, 1, 1, -1).expand(x.shape[1], 1, 1, -1), groups=x.shape[1])
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(x.shape[1], 1, -1, 1), groups=x.shape[1])
+    dims, channels = x.ndim - 2, x.shape[1]
+    conv = F.conv2d if dims == 2 else F.conv3d
+    out = F.pad(x, (radius, radius) * dims, mode="replicate")
+    for axis in reversed(range(dims)):  # last axis first, as the 2D probe always did
+        shape = [1] * dims
+        shape[axis] = -1
+        out = conv(out, k.view(1, 1, *shape).expand(channels, 1, *shape), groups=channels)
+    return out
 
 
 def _noise(x: Tensor, level: float, g: torch.Generator) -> Tensor:
@@ -85,8 +93,9 @@ def apply_shift(images: Tensor, shift: Shift, generator: torch.Generator) -> Ten
         raise ValueError(f"unknown shift family {shift.family!r}; known: {sorted(_FAMILIES)}")
     if not shift.level > 0:
         raise ValueError(f"shift level must be > 0, got {shift.level}")
-    if images.ndim != 4:
-        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if images.ndim not in (4, 5):
+        raise ValueError(f"images must be [N, C, H, W] or volumes [N, C, D, H, W], got shape "
+                         f"{tuple(images.shape)}")
     return _FAMILIES[shift.family](images.float(), shift.level, generator).clamp(-1, 1)
 
 

@@ -45,6 +45,44 @@ def test_blur_keeps_a_flat_image_and_smooths_an_edge() -> None:
     torch.testing.assert_close(out.mean(), edge.mean(), atol=1e-6, rtol=0)
 
 
+def _reference_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Not separable: one convolution with the full outer-product Gaussian kernel."""
+    import torch.nn.functional as F
+
+    r = max(1, round(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    k1 = torch.exp(-0.5 * (t / sigma) ** 2)
+    k1 = k1 / k1.sum()
+    dims = x.ndim - 2
+    k = k1
+    for _ in range(dims - 1):
+        k = k[..., None] * k1
+    pad = F.pad(x.double(), (r, r) * dims, mode="replicate")
+    return (F.conv2d if dims == 2 else F.conv3d)(pad, k[None, None]).float()
+
+
+def test_blur_is_the_full_gaussian_for_images_and_isotropic_for_volumes() -> None:
+    g = torch.Generator().manual_seed(1)
+    img = torch.rand(2, 1, 12, 12, generator=g) * 2 - 1
+    vol = torch.rand(2, 1, 10, 10, 10, generator=g) * 2 - 1
+    for x in (img, vol):
+        torch.testing.assert_close(apply_shift(x, Shift("blur", 1.0), _gen()),
+                                   _reference_blur(x, 1.0).clamp(-1, 1), atol=1e-5, rtol=0)
+    # A volume that does not vary along depth blurs like its slice...
+    flat_depth = img[:1, :, None].expand(1, 1, 6, 12, 12).contiguous()
+    out = apply_shift(flat_depth, Shift("blur", 1.0), _gen())
+    for d in range(6):
+        torch.testing.assert_close(out[:, :, d], apply_shift(img[:1], Shift("blur", 1.0), _gen()),
+                                   atol=1e-5, rtol=0)
+    # ...and an edge across depth is smoothed too: the blur is 3D, not slice by slice.
+    edge = torch.full((1, 1, 16, 8, 8), -1.0)
+    edge[:, :, 8:] = 1.0
+    across = apply_shift(edge, Shift("blur", 1.0), _gen())
+    assert -1 < float(across[0, 0, 7, 4, 4]) < 0 < float(across[0, 0, 8, 4, 4]) < 1
+    with pytest.raises(ValueError, match=r"\[N, C, D, H, W\]"):
+        apply_shift(torch.zeros(2, 8, 8), Shift("blur", 1.0), _gen())
+
+
 def test_contrast_and_intensity_golden_values() -> None:
     x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 1, 1, 3)
     # gamma 2 on [0, 1]: 0.5 -> 0.25, i.e. 0 -> -0.5 in [-1, 1]; the ends stay.

@@ -190,6 +190,27 @@ def test_a_tiny_3d_federation_on_demo3d_writes_nifti_volumes_and_slices(tmp_path
     assert at_sites["utility"]["measured_at"] == "sites"
     assert at_sites["utility"]["sites"] == ["site-0", "site-1"]
     assert "Measured at the sites" in (out / "report.html").read_text()
+    # `fedldm stress` on volumes: a 3D state dict built in the run's dimensionality, every
+    # shift (the blur isotropic in 3D) scored; a 2D model is refused naming the volume batch.
+    import torch
+
+    from ldm_core.classifier import SmallCNN
+    from ldm_core.evaluation.stress import Shift
+    from server.stress import StressError, StressOptions, stress_run
+
+    n_classes = len(cfg["class_names"])
+    state = tmp_path / "judge3d.pt"
+    torch.save(SmallCNN(n_classes, spatial_dims=3).state_dict(), state)
+    stressed = stress_run(out, StressOptions(
+        model=state, arch="smallcnn", per_class=2, guidance=(1.0,),
+        shifts=(Shift("blur", 1.0), Shift("noise", 0.1)), out=tmp_path / "stress",
+        show_progress=False))
+    assert [r["name"] for r in stressed["rows"]][-2:] == ["blur 1", "noise 0.1"]
+    assert all(r["n"] == 2 * n_classes for r in stressed["rows"])
+    flat = tmp_path / "judge2d.pt"
+    torch.save(SmallCNN(n_classes).state_dict(), flat)
+    with pytest.raises(StressError, match=r"does not fit --arch smallcnn"):
+        stress_run(out, StressOptions(model=flat, arch="smallcnn", out=tmp_path / "s2"))
 
 
 def test_volume_data_make_a_3d_run_unless_the_user_says_otherwise(tmp_path: Path) -> None:
