@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from ldm_core.config import AggregationConfig
 from ldm_core.evaluation.fidelity import PSNR_CAP_DB
-from ldm_core.privacy import pooled_scale_factor
+from ldm_core.privacy import clamp_note, pooled_scale_factor
 
 StateDict = dict[str, torch.Tensor]
 
@@ -267,4 +267,5 @@ def robust_scale_factor(stats: Sequence[tuple[float, float]], *, clip: float, me
     if not means:
         return 1.0, ("the DP latent statistics were swamped by noise (no site has a positive "
                      "count); used the default scale factor 1.0")
-    return 1.0 / math.sqrt(statistics.median(means)), None
+    median = statistics.median(means)
+    return 1.0 / math.sqrt(median), clamp_note(median, clip)

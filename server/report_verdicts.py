@@ -150,6 +150,15 @@ def _verdict_autoencoder(m: Mapping[str, Any]) -> tuple[str, str] | None:
                     "cannot be sharper than this.")
 
 
+def _verdict_latent_scale(m: Mapping[str, Any]) -> tuple[str, str] | None:
+    """A row only when the scale factor's DP release went wrong (clamped or swamped): a run
+    then looks fine in every log line while its denoiser learned mis-scaled latents."""
+    note = (m.get("latent_scale") or {}).get("note")
+    if not note:
+        return None
+    return "WEAK", f"Latent scale factor: {note[0].upper()}{note[1:]}."
+
+
 def _verdict_diversity(m: Mapping[str, Any]) -> tuple[str, str] | None:
     div = (m.get("fidelity") or {}).get("diversity")
     if not div or not div.get("real") or not div.get("synthetic"):
@@ -298,6 +307,9 @@ def _shortfall(aspect: str, m: Mapping[str, Any]) -> str:
             return ("the autoencoder loses detail of real images "
                     f"(holdout SSIM {float(m['reconstruction']['ssim']):.2f}), which caps "
                     "fidelity and utility")
+        if aspect == "Latent scale":
+            return ("the latent scale factor is a guess (its DP release was swamped by noise), "
+                    "so the denoiser trained on mis-scaled latents")
         if aspect == "Diversity":
             return "images within a class are more alike than real ones (mode collapse or copies)"
         if aspect == "Formal privacy (DP)":
@@ -333,6 +345,7 @@ def verdicts(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ("Utility", _verdict_utility(metrics)),
         ("Fidelity", _verdict_fidelity(metrics)),
         ("Autoencoder", _verdict_autoencoder(metrics)),
+        ("Latent scale", _verdict_latent_scale(metrics)),
         ("Diversity", _verdict_diversity(metrics)),
         ("Formal privacy (DP)", _verdict_epsilon(metrics)),
         ("Membership inference", _verdict_mia(metrics)),

@@ -175,10 +175,33 @@ def test_robust_scale_factor_and_latent_checks() -> None:
     honest = [(40.0, 100.0), (45.0, 110.0), (1e12, 100.0)]
     scale, _ = robust_scale_factor(honest, clip=10.0, method="auto")
     assert 1.4 < scale < 1.7  # the median site's mean ~0.4, not the liar's
+    assert _ is None  # an honest release lands inside [0.01, clip]: no note
     assert latent_stats_problem(1e12, 100.0, clip=10.0, noise_multiplier=20.0)
     assert latent_stats_problem(40.0, -1e6, clip=10.0, noise_multiplier=20.0)
     assert latent_stats_problem(40.0, 100.0, clip=10.0, noise_multiplier=20.0) is None
     assert latent_stats_problem(-300.0, -200.0, clip=10.0, noise_multiplier=20.0) is None
+
+
+def test_a_latent_scale_release_at_its_clamp_is_named_not_silent() -> None:
+    """The paired 3D run that generated blank masks had released E[z^2] at the clip: the scale
+    factor was a guess and nothing said so. Both pooling rules now name it, either clamp."""
+    import math
+
+    from ldm_core.privacy import pooled_scale_factor
+    from server.aggregate import robust_scale_factor
+
+    honest = [(130.0, 100.0), (120.0, 110.0), (125.0, 90.0)]
+    assert pooled_scale_factor(honest, clip=2.0)[1] is None
+    assert robust_scale_factor(honest, clip=2.0, method="median")[1] is None
+    # noise made the pooled mean 1950 / 210 = 9.3 against a clip of 2
+    scale, note = pooled_scale_factor([(2000.0, 100.0), (-50.0, 110.0)], clip=2.0)
+    assert scale == pytest.approx(1 / math.sqrt(2.0))
+    assert note and "clamp" in note and "9.29" in note and "privacy.scale_clip" in note
+    _, low = pooled_scale_factor([(0.5, 100.0), (0.3, 110.0)], clip=2.0)  # 0.0038 < 0.01
+    assert low and "clamp" in low
+    scale, note = robust_scale_factor([(900.0, 100.0), (800.0, 90.0), (10.0, 100.0)],
+                                      clip=2.0, method="median")
+    assert scale == pytest.approx(1 / math.sqrt(2.0)) and note and "clamp" in note
 
 
 def test_privacy_figures_are_checked_and_only_believed_when_accepted(tmp_path: Path) -> None:

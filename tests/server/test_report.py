@@ -296,6 +296,19 @@ def test_verdict_thresholds(change: dict, aspect: str, status: str) -> None:
     assert rows[aspect] == status
 
 
+def test_a_clamped_latent_scale_release_gets_a_verdict_row_and_a_good_one_none() -> None:
+    from ldm_core.privacy import pooled_scale_factor
+
+    good = {aspect for aspect, _, _ in verdicts(_metrics())}
+    assert "Latent scale" not in good
+    scale, note = pooled_scale_factor([(2000.0, 100.0), (-50.0, 110.0)], clip=2.0)
+    rows = {a: (s, t) for a, s, t in verdicts(
+        {**_metrics(), "latent_scale": {"scale_factor": scale, "note": note}})}
+    status, text = rows["Latent scale"]
+    assert status == "WEAK" and "clamp" in text and "privacy.scale_clip" in text
+    assert "mis-scaled latents" in rows["Where it falls short"][1]
+
+
 def test_missing_blocks_are_reported_not_crashing(tmp_path: Path) -> None:
     path = write_report(tmp_path / "empty-run", {}, {})
     text = path.read_text(encoding="utf-8")
