@@ -131,7 +131,8 @@ def augment_run(run_dir: Path, opts: AugmentOptions) -> dict[str, Any]:
                         "did not leave it",
     })
     with files.staged_folder(out) as tmp:
-        export_synthetic(tmp / "synthetic", images, labels, cfg.class_names)
+        export_synthetic(tmp / "synthetic", images, labels, cfg.class_names,
+                         voxel_mm=cfg.model.voxel_mm)
         files.write_bytes_atomic(tmp / "augment.png", png_bytes(augment_figure(result)))
         files.write_json_atomic(tmp / "augment.json", result)
     result["out"] = str(out)

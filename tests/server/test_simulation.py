@@ -190,6 +190,21 @@ def test_a_tiny_3d_federation_on_demo3d_writes_nifti_volumes_and_slices(tmp_path
     assert at_sites["utility"]["measured_at"] == "sites"
     assert at_sites["utility"]["sites"] == ["site-0", "site-1"]
     assert "Measured at the sites" in (out / "report.html").read_text()
+    # `fedldm augment` on volumes: NIfTI extras on the run's voxel grid, a 3D judge per arm.
+    from server.augment import AugmentOptions, augment_run
+    from server.offline import simulated_sites
+    from server.run_folder import Run
+
+    final_cfg = Run(out).load_final().cfg
+    in_test = simulated_sites(Run(out)).load(final_cfg).test[1]  # type: ignore[union-attr]
+    target = final_cfg.class_names[int(in_test[0])]
+    aug = augment_run(out, AugmentOptions(class_name=target, count=4, out=tmp_path / "aug",
+                                          seeds=(0,), epochs=1, show_progress=False))
+    assert aug["target"] == target and aug["n_extra"] == 4
+    extra = (tmp_path / "aug" / "synthetic" / "manifest.csv").read_text().splitlines()
+    assert len(extra) == 5 and extra[1].split(",")[0].endswith(".nii.gz")
+    assert np.allclose(nib.load(str(tmp_path / "aug" / "synthetic" / extra[1].split(",")[0])
+                               ).affine, grid_affine(16, voxel))
     # `fedldm stress` on volumes: a 3D state dict built in the run's dimensionality, every
     # shift (the blur isotropic in 3D) scored; a 2D model is refused naming the volume batch.
     import torch
