@@ -45,7 +45,8 @@ def main() -> None:
     for k in range(n_sites):
         d = load_site(info["data"], site_index=k, n_sites=n_sites, scheme=info["partition"],
                       image_size=cfg.model.image_size, seed=int(info.get("data_seed", 0)),
-                      masks=cfg.model.mask_channels > 0, progress=False)
+                      masks=cfg.model.mask_channels > 0, progress=False,
+                      voxel_mm=cfg.model.voxel_mm)
         with torch.no_grad():
             z = ae.encode(d.train.model_input())[0]
         per_site.append(per_patient_mean(z.pow(2).flatten(1).mean(1), d.train.patients))

@@ -194,11 +194,20 @@ def _fit_spacing(shape: tuple[int, ...], affine: np.ndarray, spec: VolumeSpec
 def _to_grid(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, mask: bool
              ) -> tuple[torch.Tensor, np.ndarray]:
     from monai.data import MetaTensor
-    from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
+    from monai.transforms import CenterSpatialCrop, Orientation, ResizeWithPadOrCrop, Spacing
 
     x = MetaTensor(torch.from_numpy(np.ascontiguousarray(data))[None], affine=torch.as_tensor(
         affine, dtype=torch.float64))
     x = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
+    if spec.spacing is not None:
+        # Crop to the grid's field of view (plus a voxel each side for the interpolation)
+        # before resampling, not after: resampling a 256 mm scan to 0.1 mm voxels first would
+        # build a 2560^3 array, a way for a bad `model.voxel_mm` to exhaust a site's memory.
+        voxel = np.linalg.norm(np.asarray(x.affine, dtype=np.float64)[:3, :3], axis=0)
+        need = np.ceil(np.asarray(spec.shape) * np.asarray(spec.spacing) / voxel).astype(int)
+        keep = np.minimum(np.asarray(x.shape[1:]), need + 2)
+        if (keep < np.asarray(x.shape[1:])).any():
+            x = CenterSpatialCrop(roi_size=tuple(int(k) for k in keep))(x)
     x = Spacing(pixdim=spec.spacing or _fit_spacing(data.shape, affine, spec),
                 mode="nearest" if mask else "bilinear")(x)
     x = ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant")(x)

@@ -267,5 +267,5 @@ def robust_scale_factor(stats: Sequence[tuple[float, float]], *, clip: float, me
     if not means:
         return 1.0, ("the DP latent statistics were swamped by noise (no site has a positive "
                      "count); used the default scale factor 1.0")
-    median = statistics.median(means)
-    return 1.0 / math.sqrt(median), clamp_note(median, clip)
+    raw = statistics.median(s / c for s, c in stats if c > 0)  # the note shows it unclamped
+    return 1.0 / math.sqrt(statistics.median(means)), clamp_note(raw, clip)

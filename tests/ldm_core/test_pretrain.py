@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +195,19 @@ def test_a_paired_3d_run_starts_from_the_shipped_paired_3d_prior() -> None:
     assert first.ndim == 5 and first.shape[1] == 2
     widened = widen_for_masks(load_pretrained(dataclasses.replace(m, mask_channels=0)), m)
     assert not torch.equal(first[:, 1], widened["encoder.blocks.0.conv.weight"][:, 1])
+
+
+def test_public_volumes_for_a_prior_are_read_on_the_runs_voxel_grid(tmp_path: Path) -> None:
+    """`fedldm pretrain-ae --data PUBLIC --set model.voxel_mm=X`: the prior learns volumes on
+    the grid the sites will use, and its sidecar records that voxel size."""
+    from ldm_core.phantoms3d import HEAD_EXTENT_MM, generate_demo3d
+    from ldm_core.pretrain import load_public
+
+    manifest = generate_demo3d(tmp_path / "pub", n_patients=6, n_sites=2, size=16, seed=5)
+    x, source = load_public(manifest, 16, progress=False, voxel_mm=2 * HEAD_EXTENT_MM / 16)
+    assert x.shape == (6, 1, 16, 16, 16) and source["voxel_mm"] == 2 * HEAD_EXTENT_MM / 16
+    border = torch.ones(16, 16, 16, dtype=torch.bool)
+    border[4:12, 4:12, 4:12] = False
+    assert (x[:, 0][:, border] == -1.0).all()
+    fitted, plain = load_public(manifest, 16, progress=False)
+    assert "voxel_mm" not in plain and (fitted[:, 0][:, border] > -1.0).any()

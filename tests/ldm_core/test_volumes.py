@@ -276,3 +276,39 @@ def test_a_voxel_size_for_2d_images_is_refused_naming_the_file(tmp_path: Path) -
         Image.new("L", (8, 8), 100).save(tmp_path / c / "x.png")
     with pytest.raises(DataError, match=r"x\.png is a 2D image.*voxel_mm"):
         load_images(scan(tmp_path).records, 8, voxel_mm=1.0)
+
+
+def test_a_fine_voxel_size_crops_before_it_resamples(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 256 mm scan asked for at 0.25 mm voxels on a 16-voxel grid: resampling first would
+    build a 1024^3 array; the crop to the grid's 4 mm field of view comes first, so the
+    resampler never sees more than a few voxels a side, and the result is the scan's centre."""
+    import monai.transforms
+
+    seen: list[tuple[int, ...]] = []
+    real = monai.transforms.Spacing
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __call__(self, img, *a, **k):  # type: ignore[no-untyped-def]
+            out = super().__call__(img, *a, **k)
+            seen.append(tuple(out.shape[1:]))
+            return out
+
+    monkeypatch.setattr(monai.transforms, "Spacing", Recording)
+    # A 32 mm scan at 1 mm on a 16 mm grid: cropped to 18 voxels (a margin each side) before
+    # resampling, and the result is exactly its centre, as cropping after would give.
+    mid = _cube_scan(tmp_path / "mid.nii.gz", 32)
+    cropped = load_volume(mid, VolumeSpec(shape=(16, 16, 16), spacing=(1.0, 1.0, 1.0)))
+    assert seen == [(18, 18, 18)]
+    data, affine = nib.load(str(mid)).get_fdata(), nib.load(str(mid)).affine
+    lo, hi = np.percentile(data, (0.5, 99.5))
+    want = (np.clip(data, lo, hi) - lo) / (hi - lo) * 2 - 1
+    assert np.allclose(cropped.array, want[8:24, 8:24, 8:24], atol=1e-5)
+    assert np.allclose(cropped.affine[:3, 3], affine[:3, 3] + 8.0)
+    # The 256 mm scan: the resampler never sees more than a few source voxels a side.
+    seen.clear()
+    path = _cube_scan(tmp_path / "big.nii.gz", 64, voxel=4.0, cube_mm=128.0)
+    vol = load_volume(path, VolumeSpec(shape=(16, 16, 16), spacing=(0.25, 0.25, 0.25)))
+    assert vol.array.shape == (16, 16, 16)
+    assert seen and max(max(s) for s in seen) <= 16 + 8 * 4  # a few source voxels, not 1024
+    assert (vol.array > 0.9).all()  # the grid's 4 mm sit inside the 128 mm cube

@@ -318,3 +318,23 @@ def test_a_site_conditional_run_gives_each_site_a_slot_and_stress_probes_each_si
     finally:
         monkey.undo()
     assert sites_asked[-2:] == [0, 1] and all(s is None for s in sites_asked[:-2])
+
+
+def test_a_reference_set_of_volumes_is_read_on_the_runs_voxel_grid(tmp_path: Path,
+                                                                   tiny_cfg: Any) -> None:
+    """`fedldm evaluate --reference` reads volumes as the sites do: at twice the demo's voxel
+    size the heads fill the grid's centre half, so real and synthetic volumes compare."""
+    import torch
+
+    from ldm_core.phantoms3d import HEAD_EXTENT_MM, generate_demo3d
+    from server.real_data import ReferenceSet
+
+    manifest = generate_demo3d(tmp_path / "ref", n_patients=16, n_sites=2, size=16, seed=3)
+    model = dataclasses.replace(tiny_cfg.model, spatial_dims=3,
+                                voxel_mm=2 * HEAD_EXTENT_MM / 16)
+    real = ReferenceSet(manifest).load(dataclasses.replace(tiny_cfg, model=model))
+    x = torch.cat([real.train[0], real.test[0]])
+    assert x.shape[1:] == (1, 16, 16, 16)
+    border = torch.ones(16, 16, 16, dtype=torch.bool)
+    border[4:12, 4:12, 4:12] = False
+    assert (x[:, 0][:, border] == -1.0).all() and (x[:, 0][:, ~border] > -1.0).any()

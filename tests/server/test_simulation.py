@@ -155,7 +155,9 @@ def test_a_tiny_3d_federation_on_demo3d_writes_nifti_volumes_and_slices(tmp_path
     from ldm_core.volumes import grid_affine
 
     out = tmp_path / "run3d"
-    voxel = HEAD_EXTENT_MM / 16  # the demo heads' own voxel size: `model.voxel_mm` end to end
+    # twice the demo heads' own voxel size: every site trains on heads filling the centre
+    # half of the grid (what the sites load is checked in tests/client); here the run's files
+    voxel = 2 * HEAD_EXTENT_MM / 16
     metrics = run_simulation(SimulationOptions(
         data="demo3d", sites=2, epsilon=8.0, preset="tiny", image_size=16, out=out,
         device="cpu", show_progress=False, demo_patients=80,
