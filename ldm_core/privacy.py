@@ -362,7 +362,8 @@ def pooled_scale_factor(stats: Sequence[tuple[float, float]], *, clip: float
 
 def clamp_note(raw_mean: float, clip: float) -> str | None:
     """Why a released mean E[z^2] that lands at its clamp deserves a warning: the scale factor
-    is then a guess (latents up to sqrt(clip) times off scale, which the denoiser cannot undo).
+    is then set by the clamp, not measured (latents off scale by as much as the clamp allows,
+    which the denoiser cannot undo).
     The usual cause is small sites with a generous clip: the noise grows with the clip, the sum
     only with the patients. The rarer one, at the top: latents whose per-patient E[z^2] really
     is at the clip, which the clip then caps."""
@@ -370,8 +371,8 @@ def clamp_note(raw_mean: float, clip: float) -> str | None:
         return None
     return (f"the DP latent second moment landed at its clamp (noisy mean {raw_mean:.3g}, "
             f"allowed [0.01, {clip:g}]), so the scale factor "
-            f"{1.0 / math.sqrt(min(max(raw_mean, 1e-2), clip)):.3g} is a guess and the denoiser "
-            "trains on mis-scaled latents; usually the release noise outweighed small sites' "
-            "sums: lower privacy.scale_clip toward the latents' per-patient E[z^2] (~1-2 for "
-            "the shipped priors) or pool more patients; if the autoencoder's latents really "
-            "are that large, raise it")
+            f"{1.0 / math.sqrt(min(max(raw_mean, 1e-2), clip)):.3g} is set by the clamp, not "
+            "measured, and the denoiser may train on mis-scaled latents; usually the release "
+            "noise outweighed small sites' sums: lower privacy.scale_clip toward the latents' "
+            "per-patient E[z^2] (~1-2 for the shipped priors) or pool more patients; if the "
+            "autoencoder's latents really are that large, raise it")

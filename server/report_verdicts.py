@@ -308,8 +308,9 @@ def _shortfall(aspect: str, m: Mapping[str, Any]) -> str:
                     f"(holdout SSIM {float(m['reconstruction']['ssim']):.2f}), which caps "
                     "fidelity and utility")
         if aspect == "Latent scale":
-            return ("the latent scale factor is a guess (its DP release was swamped by noise), "
-                    "so the denoiser trained on mis-scaled latents")
+            return ("the latent scale factor was set by its clamp, not measured (its DP release "
+                    "was swamped by noise), so the denoiser may have trained on mis-scaled "
+                    "latents")
         if aspect == "Diversity":
             return "images within a class are more alike than real ones (mode collapse or copies)"
         if aspect == "Formal privacy (DP)":
