@@ -15,6 +15,7 @@ The unit of privacy is the patient when the data has patient ids, else the image
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,9 +24,17 @@ import torch
 from client.ledger import PrivacyLedger
 from client.site_config import SiteConfig
 from ldm_core.config import RunConfig
-from ldm_core.data import ImageSet, SiteData, holds_volumes, load_site, rows_by_patient
+from ldm_core.data import (
+    DataWarning,
+    ImageSet,
+    SiteData,
+    holds_volumes,
+    load_site,
+    rows_by_patient,
+)
 from ldm_core.dp_random import PrivacyRng, privacy_rng_for
 from ldm_core.evaluation.fidelity import PSNR_CAP_DB, reconstruction_quality
+from ldm_core.logs import file_logger
 from ldm_core.models import encode, resolve_device
 from ldm_core.phases import AUTOENCODER, PHASES, get_phase
 from ldm_core.privacy import (
@@ -101,16 +110,32 @@ def check_data_kind(site: SiteConfig, cfg: RunConfig) -> None:
                          "point the site at matching data or start a run of the other kind")
 
 
+# DataWarnings already written to a site's log by this process (each load would repeat them).
+_LOGGED: set[tuple[str, str]] = set()
+
+
 def load_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
+    """The site's splits, with the loader's warnings (e.g. scans cropped by the run's voxel
+    size) also written to the site's own site.log: the operator reads that, not the daemon's
+    console, and the coordinator never sees it."""
     check_permitted(site, cfg)
     check_data_kind(site, cfg)
     scheme, n_sites = (("iid", 1) if site.partition == "all"
                        else (site.partition, site.n_sites))
-    return load_site(site.data, site_index=site.site_index if n_sites > 1 else 0,
-                     n_sites=n_sites, scheme=scheme, image_size=cfg.model.image_size,
-                     seed=site.data_seed, holdout_fraction=site.holdout_fraction,
-                     test_fraction=site.test_fraction, progress=site.show_progress,
-                     masks=cfg.model.mask_channels > 0, voxel_mm=cfg.model.voxel_mm)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_site(site.data, site_index=site.site_index if n_sites > 1 else 0,
+                         n_sites=n_sites, scheme=scheme, image_size=cfg.model.image_size,
+                         seed=site.data_seed, holdout_fraction=site.holdout_fraction,
+                         test_fraction=site.test_fraction, progress=site.show_progress,
+                         masks=cfg.model.mask_channels > 0, voxel_mm=cfg.model.voxel_mm)
+    for w in caught:
+        key = (str(site.ledger_path), str(w.message))
+        if issubclass(w.category, DataWarning) and key not in _LOGGED:
+            _LOGGED.add(key)
+            file_logger(site.state_dir / "site.log").warning("data: %s", w.message)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return data
 
 
 def check_classes(site: SiteConfig, cfg: RunConfig, data: SiteData) -> None:

@@ -23,6 +23,7 @@ import csv
 import hashlib
 import os
 import re
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from tqdm import tqdm
 
 __all__ = [
     "DataError",
+    "DataWarning",
     "Record",
     "DatasetIndex",
     "ImageSet",
@@ -82,6 +84,16 @@ _DIRICHLET_TRIES = 20
 
 class DataError(ValueError):
     """The data on disk cannot be used as given; the message names the file and the fix."""
+
+
+class DataWarning(UserWarning):
+    """The data can be used, but something about it costs quality the site should know about
+    (it is a warning, not an error: it stays at the site, in its console and site.log)."""
+
+
+# Warn when a volume loses more than this share of its tissue to the grid's field of view
+# (any lost lesion voxel is always reported).
+CUT_TISSUE_WARN = 0.01
 
 
 @dataclass(frozen=True)
@@ -777,9 +789,10 @@ def _volume_records(records: Sequence[Record]) -> bool:
 
 
 def _load_volume(r: Record, size: int, masks: bool, voxel_mm: float | None
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
+                 ) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float]]:
     """A volume (and its mask) on a grid of ``size`` voxels a side, in [0, 1]: resampled to
-    ``voxel_mm`` and cropped or padded (centred), or with None its field of view fitted."""
+    ``voxel_mm`` and cropped or padded (centred), or with None its field of view fitted.
+    Also the shares of its tissue and of its lesion cropped away (`Volume.cut`)."""
     from ldm_core.volumes import VolumeSpec, load_volume, load_volume_pair
 
     spacing = None if voxel_mm is None else (float(voxel_mm),) * 3
@@ -787,8 +800,36 @@ def _load_volume(r: Record, size: int, masks: bool, voxel_mm: float | None
     if masks:
         assert r.mask is not None  # _load checked
         vol, mask = load_volume_pair(r.path, r.mask, spec)
-        return (vol.array + 1.0) / 2.0, mask.array
-    return (load_volume(r.path, spec).array + 1.0) / 2.0, None
+        return (vol.array + 1.0) / 2.0, mask.array, (vol.cut, mask.cut)
+    vol = load_volume(r.path, spec)
+    return (vol.array + 1.0) / 2.0, None, (vol.cut, 0.0)
+
+
+def _warn_cut(records: Sequence[Record], cuts: Sequence[tuple[float, float]], size: int,
+              voxel_mm: float, what: str) -> None:
+    """One warning for the volumes that lose tissue or lesion to the grid's field of view.
+
+    Why: with a fixed voxel size the grid covers ``size * voxel_mm`` mm; anatomy beyond it is
+    cropped without error, and a lesion cropped away leaves an image labelled with a finding it
+    no longer shows. Shares only, never pixel data; the warning stays at the site."""
+    tissue = [(c[0], r) for c, r in zip(cuts, records, strict=True) if c[0] > CUT_TISSUE_WARN]
+    lesion = [(c[1], r) for c, r in zip(cuts, records, strict=True) if c[1] > 0.0]
+    if not tissue and not lesion:
+        return
+    fov = f"{size} x {voxel_mm:g} mm = {size * voxel_mm:g} mm a side"
+    parts = []
+    if tissue:
+        worst, r = max(tissue, key=lambda t: t[0])
+        parts.append(f"{len(tissue)} of {len(records)} {what}volume(s) lose more than "
+                     f"{CUT_TISSUE_WARN:.0%} of their tissue (worst {worst:.0%}: {r.path})")
+    if lesion:
+        worst, r = max(lesion, key=lambda t: t[0])
+        parts.append(f"{len(lesion)} lose lesion voxels (worst {worst:.0%} of the lesion: "
+                     f"{r.mask})")
+    warnings.warn(DataWarning(
+        f"the grid's field of view ({fov}) is smaller than the scans: {'; '.join(parts)}. "
+        "Raise model.voxel_mm or model.image_size so the anatomy fits, or leave voxel_mm unset "
+        "to fit each scan's field of view."), stacklevel=3)
 
 
 def load_images(
@@ -817,7 +858,7 @@ def load_pairs(
 
 
 def _load(records: Sequence[Record], image_size: int, *, progress: bool | None, masks: bool,
-          voxel_mm: float | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+          voxel_mm: float | None = None, what: str = "") -> tuple[Tensor, Tensor, Tensor | None]:
     if not isinstance(image_size, (int, np.integer)) or image_size < 8:
         raise ValueError(f"load_images: image_size must be an integer >= 8, got {image_size!r}.")
     if masks:
@@ -837,19 +878,27 @@ def _load(records: Sequence[Record], image_size: int, *, progress: bool | None, 
     mask_arr = np.empty_like(images) if masks else None
     workers = max(1, min(4, os.cpu_count() or 1))
 
-    def one(r: Record) -> tuple[np.ndarray, np.ndarray | None]:
+    cuts: list[tuple[float, float]] = []
+    none_cut = (0.0, 0.0)
+
+    def one(r: Record) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float]]:
         if volumes:
             return _load_volume(r, image_size, masks, voxel_mm)
-        return _load_pair(r, image_size) if masks else (_load_one(r.path, image_size), None)
+        if masks:
+            return (*_load_pair(r, image_size), none_cut)
+        return _load_one(r.path, image_size), None, none_cut
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(one, records)
         quiet = n <= _PROGRESS_THRESHOLD if progress is None else not progress
         bar = tqdm(results, total=n, desc="loading images", disable=quiet)
-        for i, (arr, m) in enumerate(bar):
+        for i, (arr, m, cut) in enumerate(bar):
+            cuts.append(cut)
             images[i, 0] = arr
             if mask_arr is not None:
                 mask_arr[i, 0] = m
+    if volumes and voxel_mm is not None:
+        _warn_cut(records, cuts, image_size, voxel_mm, what)
     x = torch.from_numpy(images).mul_(2.0).sub_(1.0)
     y = torch.tensor([r.label for r in records], dtype=torch.int64)
     return x, y, None if mask_arr is None else torch.from_numpy(mask_arr)
@@ -857,9 +906,10 @@ def _load(records: Sequence[Record], image_size: int, *, progress: bool | None, 
 
 def _image_set(
     records: Sequence[Record], image_size: int, root: Path, progress: bool | None = None,
-    masks: bool = False, voxel_mm: float | None = None,
+    masks: bool = False, voxel_mm: float | None = None, split: str = "",
 ) -> ImageSet:
-    x, y, m = _load(records, image_size, progress=progress, masks=masks, voxel_mm=voxel_mm)
+    x, y, m = _load(records, image_size, progress=progress, masks=masks, voxel_mm=voxel_mm,
+                    what=f"{split} " if split else "")
     patients = []
     for r in records:
         if r.patient is not None:
@@ -928,9 +978,12 @@ def _site_data(
     return SiteData(
         site_id=site_id,
         class_names=index.class_names,
-        train=_image_set(splits["train"], image_size, index.root, progress, masks, voxel_mm),
-        holdout=_image_set(splits["holdout"], image_size, index.root, progress, masks, voxel_mm),
-        test=_image_set(splits["test"], image_size, index.root, progress, masks, voxel_mm),
+        train=_image_set(splits["train"], image_size, index.root, progress, masks, voxel_mm,
+                        "train"),
+        holdout=_image_set(splits["holdout"], image_size, index.root, progress, masks, voxel_mm,
+                        "holdout"),
+        test=_image_set(splits["test"], image_size, index.root, progress, masks, voxel_mm,
+                        "test"),
         has_patient_ids=index.has_patient_ids,
     )
 

@@ -5,7 +5,8 @@ model needs one grid. Every volume (and its mask) goes through the same steps, w
 transforms that track the affine: reorient to RAS, resample to `VolumeSpec.spacing` (mm),
 clip intensities to percentiles and scale to [-1, 1] (images only), then crop or pad to
 `VolumeSpec.shape` around the centre. The output keeps its affine, so a synthetic volume can be
-written back as NIfTI that viewers place correctly.
+written back as NIfTI that viewers place correctly, and the share of the scan's tissue (or
+lesion) the crop cut away (`Volume.cut`), so a too-small field of view is reported, not silent.
 
 Refused with a `DataError` naming the file: unreadable files, not three spatial dimensions
 (a 4D file with one frame is accepted), non-finite voxels, a DICOM folder holding several series
@@ -70,6 +71,11 @@ class Volume:
 
     array: np.ndarray
     affine: np.ndarray
+    # The share of the scan's foreground (images: tissue above a tenth of the intensity range;
+    # masks: lesion voxels) outside the grid's field of view, so cropped away. Always 0 with a
+    # fitted field of view; with a fixed voxel size a scan larger than the grid loses its edges,
+    # and the site should know before a lesion at the edge silently disappears.
+    cut: float = 0.0
 
 
 def is_volume_path(path: Path) -> bool:
@@ -191,19 +197,45 @@ def _fit_spacing(shape: tuple[int, ...], affine: np.ndarray, spec: VolumeSpec
     return (s, s, s)
 
 
+# Image voxels above this share of the clipped intensity range count as tissue for `Volume.cut`.
+_TISSUE_LEVEL = 0.1
+
+
+def _outside_share(x: np.ndarray, voxel_mm: np.ndarray, spec: VolumeSpec, level: float
+                   ) -> float:
+    """Share of the voxels above `level` whose centres lie outside the field of view
+    (``spec.shape * spec.spacing`` mm, centred on the scan, as the centred crops keep it)."""
+    fg = x > level
+    total = int(fg.sum())
+    if total == 0 or spec.spacing is None:
+        return 0.0
+    inside = np.ones(x.shape, dtype=bool)
+    for axis, (n, v, size, step) in enumerate(zip(x.shape, voxel_mm, spec.shape, spec.spacing,
+                                                  strict=True)):
+        offset = np.abs((np.arange(n) - (n - 1) / 2.0) * v)
+        keep = offset <= size * step / 2.0 + 1e-6
+        shape = [1, 1, 1]
+        shape[axis] = n
+        inside &= keep.reshape(shape)
+    return 1.0 - float((fg & inside).sum()) / total
+
+
 def _to_grid(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, mask: bool
-             ) -> tuple[torch.Tensor, np.ndarray]:
+             ) -> tuple[torch.Tensor, np.ndarray, float]:
     from monai.data import MetaTensor
     from monai.transforms import CenterSpatialCrop, Orientation, ResizeWithPadOrCrop, Spacing
 
     x = MetaTensor(torch.from_numpy(np.ascontiguousarray(data))[None], affine=torch.as_tensor(
         affine, dtype=torch.float64))
     x = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
+    cut = 0.0
     if spec.spacing is not None:
         # Crop to the grid's field of view (plus a voxel each side for the interpolation)
         # before resampling, not after: resampling a 256 mm scan to 0.1 mm voxels first would
         # build a 2560^3 array, a way for a bad `model.voxel_mm` to exhaust a site's memory.
         voxel = np.linalg.norm(np.asarray(x.affine, dtype=np.float64)[:3, :3], axis=0)
+        cut = _outside_share(x.as_tensor()[0].numpy(), voxel, spec,
+                             0.5 if mask else 2.0 * _TISSUE_LEVEL)
         need = np.ceil(np.asarray(spec.shape) * np.asarray(spec.spacing) / voxel).astype(int)
         keep = np.minimum(np.asarray(x.shape[1:]), need + 2)
         if (keep < np.asarray(x.shape[1:])).any():
@@ -211,7 +243,7 @@ def _to_grid(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, mask: bo
     x = Spacing(pixdim=spec.spacing or _fit_spacing(data.shape, affine, spec),
                 mode="nearest" if mask else "bilinear")(x)
     x = ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant")(x)
-    return x.as_tensor()[0], np.asarray(x.affine, dtype=np.float64)
+    return x.as_tensor()[0], np.asarray(x.affine, dtype=np.float64), cut
 
 
 def load_volume(path: str | os.PathLike[str], spec: VolumeSpec) -> Volume:
@@ -222,8 +254,8 @@ def load_volume(path: str | os.PathLike[str], spec: VolumeSpec) -> Volume:
     scaled = (np.clip(data, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0 if hi > lo else \
         np.full_like(data, -1.0)
     # Pad value -1 = the darkest intensity, like the 2D loader's black padding.
-    grid, out_affine = _to_grid(scaled + 1.0, affine, spec, mask=False)
-    return Volume((grid.numpy() - 1.0).astype(np.float32), out_affine)
+    grid, out_affine, cut = _to_grid(scaled + 1.0, affine, spec, mask=False)
+    return Volume((grid.numpy() - 1.0).astype(np.float32), out_affine, cut)
 
 
 def load_volume_pair(image: str | os.PathLike[str], mask: str | os.PathLike[str],
@@ -240,8 +272,8 @@ def load_volume_pair(image: str | os.PathLike[str], mask: str | os.PathLike[str]
                         f"(shape {img_data.shape}, affine {np.round(img_affine, 3).tolist()}); "
                         "a mask must be saved on its image's voxel grid.")
     vol = load_volume(image, spec)
-    grid, affine = _to_grid((m_data > 0).astype(np.float32), m_affine, spec, mask=True)
-    return vol, Volume((grid.numpy() > 0.5).astype(np.float32), affine)
+    grid, affine, cut = _to_grid((m_data > 0).astype(np.float32), m_affine, spec, mask=True)
+    return vol, Volume((grid.numpy() > 0.5).astype(np.float32), affine, cut)
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike[str]) -> Path:

@@ -550,3 +550,32 @@ def test_a_site_resamples_its_volumes_to_the_runs_voxel_size(tmp_path: Path,
     border[4:12, 4:12, 4:12] = False
     assert (x[:, 0][:, border] == -1.0).all()  # padding outside the 8-voxel centre
     assert (fitted[:, 0][:, border] > -1.0).any()  # the fitted heads reach it
+
+
+def test_a_site_is_told_in_its_own_log_when_the_voxel_size_crops_its_scans(
+        tmp_path: Path, tiny_cfg: RunConfig) -> None:
+    """At half the demo's voxel size the 16-voxel grid covers half of each head: the loader's
+    DataWarning reaches the site's console and its site.log (once a split, not once a load); a
+    voxel size at which the heads fit writes nothing."""
+    from ldm_core.data import DataWarning
+    from ldm_core.phantoms3d import HEAD_EXTENT_MM, generate_demo3d
+
+    volumes = generate_demo3d(tmp_path / "d3", n_patients=24, n_sites=2, size=16, seed=0)
+    site = _site(tmp_path, volumes)
+    log = site.state_dir / "site.log"
+    model = dataclasses.replace(tiny_cfg.model, spatial_dims=3)
+    fits = dataclasses.replace(tiny_cfg, model=dataclasses.replace(
+        model, voxel_mm=2 * HEAD_EXTENT_MM / 16))
+    tasks.load_data(site, fits)
+    assert not log.exists() or "field of view" not in log.read_text()
+    fine = dataclasses.replace(tiny_cfg, model=dataclasses.replace(
+        model, voxel_mm=HEAD_EXTENT_MM / 32))
+    for _ in range(2):
+        with pytest.warns(DataWarning, match="field of view"):
+            tasks.load_data(site, fine)
+    lines = [ln for ln in log.read_text().splitlines() if "field of view" in ln]
+    # one line per split, each written once although the data was loaded twice
+    assert len(lines) == 3
+    for split, line in zip(("train", "holdout", "test"), lines, strict=True):
+        assert "WARNING data:" in line and f"{split} volume(s) lose more than 1% of their " \
+            "tissue" in line

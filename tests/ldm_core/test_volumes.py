@@ -312,3 +312,39 @@ def test_a_fine_voxel_size_crops_before_it_resamples(tmp_path: Path,
     assert vol.array.shape == (16, 16, 16)
     assert seen and max(max(s) for s in seen) <= 16 + 8 * 4  # a few source voxels, not 1024
     assert (vol.array > 0.9).all()  # the grid's 4 mm sit inside the 128 mm cube
+
+
+def test_a_volume_reports_the_share_of_its_tissue_and_lesion_outside_the_grid(
+        tmp_path: Path) -> None:
+    """A 24 mm cube in a 32 mm scan on a 16 mm grid: the grid keeps its central 16 mm, so
+    1 - (16/24)^3 of the cube is cut; an 8 mm cube fits (nothing cut), and so does anything with
+    the field of view fitted. A lesion outside the grid is reported as the mask's cut."""
+    big = _cube_scan(tmp_path / "big.nii.gz", 32, cube_mm=24.0)
+    small = _cube_scan(tmp_path / "small.nii.gz", 32, cube_mm=8.0)
+    spec = VolumeSpec(shape=(16, 16, 16), spacing=(1.0, 1.0, 1.0))
+    assert load_volume(big, spec).cut == pytest.approx(1 - (16 / 24) ** 3, abs=1e-6)
+    assert load_volume(small, spec).cut == 0.0
+    assert load_volume(big, VolumeSpec(shape=(16, 16, 16), spacing=None)).cut == 0.0
+    # a lesion 4 voxels wide, half of it beyond the grid's +8 mm edge along x
+    lesion = np.zeros((32, 32, 32), np.float32)
+    lesion[22:26, 14:18, 14:18] = 1.0  # voxel centres at +6.5..+9.5 mm
+    mask = write_nifti(lesion, nib.load(str(small)).affine, tmp_path / "mask.nii.gz")
+    image, m = load_volume_pair(small, mask, spec)
+    assert image.cut == 0.0 and m.cut == pytest.approx(0.5)
+
+
+def test_the_loader_warns_once_naming_the_worst_cropped_volume(tmp_path: Path) -> None:
+    import warnings
+
+    from ldm_core.data import DataWarning, load_images, scan
+
+    _cube_scan(tmp_path / "a" / "fits.nii.gz", 32, cube_mm=8.0)
+    _cube_scan(tmp_path / "b" / "cut.nii.gz", 32, cube_mm=24.0)
+    records = scan(tmp_path).records
+    with pytest.warns(DataWarning, match=r"16 x 1 mm = 16 mm a side.*1 of 2 volume\(s\) lose "
+                      r"more than 1% of their tissue \(worst 70%: .*cut\.nii\.gz\).*voxel_mm"):
+        load_images(records, 16, progress=False, voxel_mm=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        load_images(records, 16, progress=False)  # fitted: nothing is cut, no warning
+        load_images(records, 16, progress=False, voxel_mm=2.0)  # 32 mm: both fit
