@@ -450,7 +450,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--reference", type=A.path, help="extra real reference set at the "
                    "coordinator")
     e.add_argument("--per-class", type=A.positive_int, help="synthetic images per class")
-    e.add_argument("--utility-epochs", type=A.positive_int, default=12)
+    e.add_argument("--utility-epochs", type=A.positive_int,
+                   help="epochs of each utility classifier (default: 12 for images, 60 for "
+                   "volumes)")
     e.add_argument("--utility-seeds", type=A.positive_int, default=3)
     e.add_argument("--no-audit", action="store_true", help="skip the site privacy audits")
     e.add_argument("--at-sites", action="store_true",

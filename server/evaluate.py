@@ -44,6 +44,7 @@ from ldm_core.evaluation import (
 )
 from ldm_core.evaluation.segmentation import segmentation_utility
 from ldm_core.evaluation.site_eval import Layout
+from ldm_core.evaluation.utility import judge_epochs
 from ldm_core.models import resolve_device
 from ldm_core.sampling import generate_images
 from ldm_core.volumes import display_view, grid_affine, write_nifti
@@ -82,7 +83,9 @@ class EvalOptions:
     # subsample of what the generator saw): keeps the evaluation to minutes on a CPU.
     max_real_train: int = 1000
     utility_seeds: tuple[int, ...] = (0, 1, 2)
-    utility_epochs: int = 12
+    # None: the judge's default for the run's data (12 epochs for images, 60 for volumes,
+    # ldm_core.evaluation.utility.judge_epochs).
+    utility_epochs: int | None = None
     ddim_steps: int | None = None
     guidance_scale: float | None = None
     reference: Path | None = None
@@ -204,17 +207,21 @@ def step_generate(ev: Evaluation, real: RealSets | None) -> Synthetic:
     return Synthetic(x, y, SyntheticInfo(int(x.shape[0]), per_class, steps, guidance), masks=m)
 
 
+def _epochs(ev: Evaluation) -> int:
+    return judge_epochs(ev.cfg.model.spatial_dims, ev.opts.utility_epochs)
+
+
 def step_utility(ev: Evaluation, real: RealSets, syn: Synthetic) -> tuple[Utility, Any]:
     """TRTR / TSTR / TRS; also returns the TRTR classifier (a fidelity feature space)."""
     opts, cfg = ev.opts, ev.cfg
     ev.say(f"utility: TRTR / TSTR / TRS over seeds {list(opts.utility_seeds)} "
-           f"({opts.utility_epochs} epochs each)")
+           f"({_epochs(ev)} epochs each)")
     ref_clf = train_reference_classifier(real.train, n_classes=cfg.model.n_classes,
                                          seed=opts.utility_seeds[0],
-                                         epochs=opts.utility_epochs, device=ev.device)
+                                         epochs=_epochs(ev), device=ev.device)
     result = evaluate_utility(real.train, (syn.images, syn.labels), real.test,
                               n_classes=cfg.model.n_classes, seeds=opts.utility_seeds,
-                              epochs=opts.utility_epochs, device=ev.device,
+                              epochs=_epochs(ev), device=ev.device,
                               reference_model=ref_clf, show_progress=ev.show_progress)
     utility = Utility.from_json({**result, "real_source": real.source})
     assert utility is not None
@@ -270,10 +277,10 @@ def step_site_utility(ev: Evaluation, syn: Synthetic, site_eval: SiteEvalFn,
     """Utility and recall measured at the sites (deployment without a reference set)."""
     cfg, opts = ev.cfg, ev.opts
     ev.say(f"utility at the sites: training the TSTR classifier on {syn.images.shape[0]} "
-           f"synthetic images ({opts.utility_epochs} epochs), then each site that allows it "
+           f"synthetic images ({_epochs(ev)} epochs), then each site that allows it "
            "scores it and one it trains with DP-SGD on its own test patients (one DP release)")
     clf = tstr_classifier(syn.images, syn.labels, cfg.model.n_classes,
-                          seed=opts.utility_seeds[0], epochs=opts.utility_epochs,
+                          seed=opts.utility_seeds[0], epochs=_epochs(ev),
                           device=ev.device)
     results = site_eval(clf, synthetic_for_sites(syn.images, syn.labels))
     add_audit_epsilon(privacy, [r for r in results if "error" not in r], release="evaluation")
@@ -282,7 +289,7 @@ def step_site_utility(ev: Evaluation, syn: Synthetic, site_eval: SiteEvalFn,
         utility, fidelity = site_utility(
             results, Layout(cfg.model.n_classes, cfg.privacy.eval_bins),
             n_synthetic=int(syn.images.shape[0]), seed=opts.utility_seeds[0],
-            epochs=opts.utility_epochs)
+            epochs=_epochs(ev))
     except ValueError:
         note = ("not measured: no site returned an evaluation (a site must allow it with "
                 "allow-evaluate=true" + (f"; replies: {missing}" if missing else "") + ")")

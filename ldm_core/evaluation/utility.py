@@ -38,6 +38,7 @@ __all__ = [
     "ARMS",
     "ArmPredictions",
     "evaluate_utility",
+    "judge_epochs",
     "summarise_arms",
     "train_arms",
     "train_reference_classifier",
@@ -51,6 +52,22 @@ ARMS = ("trtr", "tstr", "trs")
 # a ~1000-image training set underfits (measured AUC 0.64-0.70 vs 0.93-0.95 on the demo data,
 # benchmarks/demo_difficulty.py), which would make TSTR/TRTR ratios meaningless.
 CLASSIFIER_RECIPE: dict[str, float | int] = {"batch_size": 32, "lr": 2e-3}
+
+# Epochs of the judge when the caller names none. Images: a run's ~1000 real training images
+# make ~375 steps in 12 epochs (TRTR AUC ~0.91 on the demo). Volumes come a few hundred a run
+# (~15 steps an epoch): after 12 epochs the 3D judge was at AUC ~0.6 on the 3D demo's test
+# patients, a yardstick too weak for any ratio to mean something; after 60 it reaches
+# 0.85-0.95 (`benchmarks/demo_difficulty.py --volumes`, docs/benchmarks.md section 12).
+JUDGE_EPOCHS = {2: 12, 3: 60}
+
+
+def judge_epochs(spatial_dims: int, epochs: int | None = None) -> int:
+    """`epochs` when given, else the judge's default for images (2) or volumes (3)."""
+    if epochs is not None:
+        return int(epochs)
+    if spatial_dims not in JUDGE_EPOCHS:
+        raise ValueError(f"judge_epochs: spatial_dims must be 2 or 3, got {spatial_dims}")
+    return JUDGE_EPOCHS[spatial_dims]
 
 
 def _check_split(images: Tensor, labels: Tensor, n_classes: int, name: str) -> None:
