@@ -451,7 +451,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "coordinator")
     e.add_argument("--per-class", type=A.positive_int, help="synthetic images per class")
     e.add_argument("--utility-epochs", type=A.positive_int,
-                   help="epochs of each utility classifier (default: 12 for images, 60 for "
+                   help="epochs of each utility classifier (default: 12 for images, 90 for "
                    "volumes)")
     e.add_argument("--utility-seeds", type=A.positive_int, default=3)
     e.add_argument("--no-audit", action="store_true", help="skip the site privacy audits")

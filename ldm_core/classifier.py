@@ -91,7 +91,7 @@ def make_classifier(n_classes: int, spatial_dims: int = 2) -> SmallCNN:
 
     Volumes get width 8, a ninth of the 2D judge's multiply-adds per layer, since a 32^3 volume
     holds 32 slices' worth of voxels, and the early stride, which halves a step's time again:
-    a 3D judge needs ~60 epochs on a few hundred volumes to find the lesions (see
+    a 3D judge needs ~90 epochs on a few hundred volumes to find the lesions (see
     ``ldm_core.evaluation.utility.judge_epochs``), and this is what makes that affordable."""
     if spatial_dims == 2:
         return SmallCNN(n_classes, spatial_dims=2, width=24)

@@ -83,7 +83,7 @@ class EvalOptions:
     # subsample of what the generator saw): keeps the evaluation to minutes on a CPU.
     max_real_train: int = 1000
     utility_seeds: tuple[int, ...] = (0, 1, 2)
-    # None: the judge's default for the run's data (12 epochs for images, 60 for volumes,
+    # None: the judge's default for the run's data (12 epochs for images, 90 for volumes,
     # ldm_core.evaluation.utility.judge_epochs).
     utility_epochs: int | None = None
     ddim_steps: int | None = None

@@ -128,7 +128,7 @@ def test_a_3d_classifier_learns_a_bright_cube_in_volumes() -> None:
 
 def test_the_3d_judge_strides_early_and_trains_longer_by_default() -> None:
     """The volume judge halves the resolution in its first block (the 2D judge in its second),
-    with the same total downsampling; and names no epochs -> 12 for images, 60 for volumes
+    with the same total downsampling; and names no epochs -> 12 for images, 90 for volumes
     (12 left the 3D judge at AUC ~0.6 on the 3D demo, docs/benchmarks.md section 12)."""
     from ldm_core.classifier import make_classifier
     from ldm_core.evaluation.utility import judge_epochs
@@ -140,7 +140,7 @@ def test_the_3d_judge_strides_early_and_trains_longer_by_default() -> None:
     assert judge3d(torch.zeros(2, 1, 32, 32, 32)).shape == (2, 4)
     assert judge3d.body[0](torch.zeros(2, 1, 32, 32, 32)).shape[2:] == (16, 16, 16)
     assert sum(s[0] for s in strides3d) == sum(b[0].stride[0] for b in judge2d.body)
-    assert (judge_epochs(2), judge_epochs(3), judge_epochs(3, 5)) == (12, 60, 5)
+    assert (judge_epochs(2), judge_epochs(3), judge_epochs(3, 5)) == (12, 90, 5)
     with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
         judge_epochs(4)
 
