@@ -39,7 +39,7 @@ from ldm_core.evaluation import (
     fidelity_report,
     train_reference_classifier,
 )
-from ldm_core.evaluation.utility import CLASSIFIER_RECIPE
+from ldm_core.evaluation.utility import CLASSIFIER_RECIPE, judge_epochs
 from ldm_core.models import resolve_device
 from server.aggregate import mean_state
 from server.evaluate import generate_synthetic
@@ -81,7 +81,8 @@ def main() -> None:
     ap.add_argument("--steps", default="", help="DDIM step counts (default: the run's)")
     ap.add_argument("--multiplier", default="1",
                     help="synthetic training-set sizes for TSTR, in multiples of the real one")
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int,
+                    help="default: the utility judge's (12 for images, 90 for volumes)")
     ap.add_argument("--average-last", default="",
                     help="release the mean of the last k rounds' denoisers, e.g. 1,3,5 "
                          "(default: the run's final model as released)")
@@ -89,6 +90,7 @@ def main() -> None:
     run = Run(args.run)
     final = run.load_final()
     cfg = final.cfg
+    args.epochs = judge_epochs(cfg.model.spatial_dims, args.epochs)
     averages = [int(v) for v in args.average_last.split(",")] if args.average_last else [0]
     sites = simulated_sites(run)
     if sites is None:

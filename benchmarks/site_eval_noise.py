@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--out", type=Path, default=None, help="copy of RUN (default RUN-at-sites)")
     ap.add_argument("--per-class", type=int, default=None)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int,
+                    help="default: the utility judge's (12 for images, 90 for volumes)")
     args = ap.parse_args()
     exact = json.loads((args.run / "metrics.json").read_text())
     if "utility" not in exact or exact["utility"].get("measured_at") == "sites":

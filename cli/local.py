@@ -259,7 +259,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
     opts = EvalOptions(per_class=args.per_class, reference=args.reference,
                        utility_epochs=args.utility_epochs,
-                       utility_seeds=tuple(range(args.utility_seeds)), at_sites=args.at_sites)
+                       utility_seeds=None if args.utility_seeds is None
+                       else tuple(range(args.utility_seeds)), at_sites=args.at_sites)
     metrics = evaluate_existing_run(run, options=opts, audit=not args.no_audit)
     u = metrics.get("utility") or {}
     print(f"wrote {run / 'report.html'} and {run / 'metrics.json'}"
@@ -453,7 +454,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--utility-epochs", type=A.positive_int,
                    help="epochs of each utility classifier (default: 12 for images, 90 for "
                    "volumes)")
-    e.add_argument("--utility-seeds", type=A.positive_int, default=3)
+    e.add_argument("--utility-seeds", type=A.positive_int,
+                   help="classifier seeds per utility arm (default: 3 for images, 1 for volumes)")
     e.add_argument("--no-audit", action="store_true", help="skip the site privacy audits")
     e.add_argument("--at-sites", action="store_true",
                    help="simulated run: measure utility and recall as a deployment does, at "
@@ -482,7 +484,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "uses its sites' splits")
     g.add_argument("--out", type=A.path, help="result folder (default RUN/augment/NAME-N)")
     g.add_argument("--seeds", type=A.positive_int, default=3, help="classifier seeds per arm")
-    g.add_argument("--epochs", type=A.positive_int, default=12)
+    g.add_argument("--epochs", type=A.positive_int,
+                   help="epochs per classifier (default: 12 for images, 90 for volumes)")
     g.add_argument("--specificity", type=float, default=0.90,
                    help="operating point for the sensitivity column")
     g.add_argument("--max-real-train", type=A.positive_int, default=1000,
@@ -497,7 +500,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "run's volumes: [N,1,D,H,W]), output one logit per class")
     t.add_argument("--arch", choices=("smallcnn", "densenet121", "resnet18"),
                    help="architecture of a state dict (MONAI DenseNet121 / resnet18, one "
-                   "channel, 2D or 3D as the run; smallcnn = fedldm's utility judge)")
+                   "channel, 2D or 3D as the run; smallcnn = ldm_core.classifier.SmallCNN with its "
+                   "defaults, the 2D utility judge's network)")
     t.add_argument("--per-class", type=A.positive_int, default=50,
                    help="synthetic images per class per setting")
     t.add_argument("--guidance", type=A.float_list, metavar="G1,G2,...",

@@ -14,10 +14,12 @@ The unit of privacy is the patient when the data has patient ids, else the image
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -110,14 +112,30 @@ def check_data_kind(site: SiteConfig, cfg: RunConfig) -> None:
                          "point the site at matching data or start a run of the other kind")
 
 
-# DataWarnings already written to a site's log by this process (each load would repeat them).
-_LOGGED: set[tuple[str, str]] = set()
+# Hashes of the DataWarnings already written to a site's log, kept in its state dir: in a
+# deployment every message runs in a fresh process, so memory cannot remember them.
+_LOGGED_NAME = "data-warnings.sha256"
+
+
+def _log_data_warning(site: SiteConfig, message: str) -> bool:
+    """Write `message` to the site's site.log unless it is there already; True if new."""
+    digest = hashlib.sha256(message.encode()).hexdigest()
+    seen = site.state_dir / _LOGGED_NAME
+    if seen.exists() and digest in seen.read_text().split():
+        return False
+    file_logger(site.state_dir / "site.log").warning("data: %s", message)
+    with seen.open("a") as f:
+        f.write(digest + "\n")
+    return True
+
+
+_REGISTRY: dict[Any, Any] = {}  # other warnings keep their once-per-place default
 
 
 def load_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
-    """The site's splits, with the loader's warnings (e.g. scans cropped by the run's voxel
-    size) also written to the site's own site.log: the operator reads that, not the daemon's
-    console, and the coordinator never sees it."""
+    """The site's splits, with the loader's DataWarnings (e.g. scans cropped by the run's voxel
+    size) written once to the site's own site.log and console: the operator reads those, the
+    coordinator never sees them."""
     check_permitted(site, cfg)
     check_data_kind(site, cfg)
     scheme, n_sites = (("iid", 1) if site.partition == "all"
@@ -130,11 +148,13 @@ def load_data(site: SiteConfig, cfg: RunConfig) -> SiteData:
                          test_fraction=site.test_fraction, progress=site.show_progress,
                          masks=cfg.model.mask_channels > 0, voxel_mm=cfg.model.voxel_mm)
     for w in caught:
-        key = (str(site.ledger_path), str(w.message))
-        if issubclass(w.category, DataWarning) and key not in _LOGGED:
-            _LOGGED.add(key)
-            file_logger(site.state_dir / "site.log").warning("data: %s", w.message)
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if not issubclass(w.category, DataWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
+                                   registry=_REGISTRY)
+        elif _log_data_warning(site, str(w.message)):
+            # Shown, never raised (even under -W error): whether a site's data triggers it must
+            # not decide whether its reply succeeds, which the coordinator would see.
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return data
 
 

@@ -824,8 +824,8 @@ def _warn_cut(records: Sequence[Record], cuts: Sequence[tuple[float, float]], si
                      f"{CUT_TISSUE_WARN:.0%} of their tissue (worst {worst:.0%}: {r.path})")
     if lesion:
         worst, r = max(lesion, key=lambda t: t[0])
-        parts.append(f"{len(lesion)} lose lesion voxels (worst {worst:.0%} of the lesion: "
-                     f"{r.mask})")
+        parts.append(f"{len(lesion)} of {len(records)} {what}volume(s) lose lesion voxels "
+                     f"(worst {worst:.0%} of the lesion: {r.mask})")
     warnings.warn(DataWarning(
         f"the grid's field of view ({fov}) is smaller than the scans: {'; '.join(parts)}. "
         "Raise model.voxel_mm or model.image_size so the anatomy fits, or leave voxel_mm unset "

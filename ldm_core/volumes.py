@@ -201,23 +201,26 @@ def _fit_spacing(shape: tuple[int, ...], affine: np.ndarray, spec: VolumeSpec
 _TISSUE_LEVEL = 0.1
 
 
-def _outside_share(x: np.ndarray, voxel_mm: np.ndarray, spec: VolumeSpec, level: float
-                   ) -> float:
-    """Share of the voxels above `level` whose centres lie outside the field of view
-    (``spec.shape * spec.spacing`` mm, centred on the scan, as the centred crops keep it)."""
-    fg = x > level
+def _outside_share(fg: np.ndarray, src_affine: np.ndarray, out_affine: np.ndarray,
+                   shape: tuple[int, int, int]) -> float:
+    """Share of the foreground voxels (`fg`, on the source grid `src_affine`) whose centres
+    land outside the output grid (`out_affine`, `shape`): what the resampling and crops cut.
+
+    Measured through the output affine, not assumed: MONAI's `Spacing` starts its grid at the
+    first source voxel and `ResizeWithPadOrCrop` crops from the floor, so the kept box can sit
+    a voxel or more off the scan's centre."""
     total = int(fg.sum())
-    if total == 0 or spec.spacing is None:
+    if total == 0:
         return 0.0
-    inside = np.ones(x.shape, dtype=bool)
-    for axis, (n, v, size, step) in enumerate(zip(x.shape, voxel_mm, spec.shape, spec.spacing,
-                                                  strict=True)):
-        offset = np.abs((np.arange(n) - (n - 1) / 2.0) * v)
-        keep = offset <= size * step / 2.0 + 1e-6
-        shape = [1, 1, 1]
-        shape[axis] = n
-        inside &= keep.reshape(shape)
-    return 1.0 - float((fg & inside).sum()) / total
+    to_out = np.linalg.inv(out_affine) @ src_affine
+    hi = np.asarray(shape, dtype=np.float64) - 0.5
+    kept = 0
+    for i0 in range(0, fg.shape[0], 16):  # slabs: bounded memory for a large scan
+        ijk = np.argwhere(fg[i0:i0 + 16]).astype(np.float64)
+        ijk[:, 0] += i0
+        out = ijk @ to_out[:3, :3].T + to_out[:3, 3]
+        kept += int(np.all((out >= -0.5) & (out < hi), axis=1).sum())
+    return 1.0 - kept / total
 
 
 def _to_grid(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, mask: bool
@@ -228,14 +231,14 @@ def _to_grid(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, mask: bo
     x = MetaTensor(torch.from_numpy(np.ascontiguousarray(data))[None], affine=torch.as_tensor(
         affine, dtype=torch.float64))
     x = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
-    cut = 0.0
+    fg = src_affine = None
     if spec.spacing is not None:
         # Crop to the grid's field of view (plus a voxel each side for the interpolation)
         # before resampling, not after: resampling a 256 mm scan to 0.1 mm voxels first would
         # build a 2560^3 array, a way for a bad `model.voxel_mm` to exhaust a site's memory.
         voxel = np.linalg.norm(np.asarray(x.affine, dtype=np.float64)[:3, :3], axis=0)
-        cut = _outside_share(x.as_tensor()[0].numpy(), voxel, spec,
-                             0.5 if mask else 2.0 * _TISSUE_LEVEL)
+        fg = x.as_tensor()[0].numpy() > (0.5 if mask else 2.0 * _TISSUE_LEVEL)
+        src_affine = np.asarray(x.affine, dtype=np.float64)
         need = np.ceil(np.asarray(spec.shape) * np.asarray(spec.spacing) / voxel).astype(int)
         keep = np.minimum(np.asarray(x.shape[1:]), need + 2)
         if (keep < np.asarray(x.shape[1:])).any():
@@ -243,7 +246,11 @@ def _to_grid(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, mask: bo
     x = Spacing(pixdim=spec.spacing or _fit_spacing(data.shape, affine, spec),
                 mode="nearest" if mask else "bilinear")(x)
     x = ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant")(x)
-    return x.as_tensor()[0], np.asarray(x.affine, dtype=np.float64), cut
+    out_affine = np.asarray(x.affine, dtype=np.float64)
+    # Only a fixed voxel size crops anatomy (a fitted field of view holds the whole scan).
+    cut = 0.0 if fg is None or src_affine is None else _outside_share(fg, src_affine,
+                                                                      out_affine, spec.shape)
+    return x.as_tensor()[0], out_affine, cut
 
 
 def load_volume(path: str | os.PathLike[str], spec: VolumeSpec) -> Volume:

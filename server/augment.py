@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 
 from common import files
 from ldm_core.evaluation.augment import AUGMENT_ARMS, evaluate_augmentation
+from ldm_core.evaluation.utility import judge_epochs
 from ldm_core.models import resolve_device
 from ldm_core.sampling import generate_images
 from server.evaluate import export_synthetic
@@ -51,7 +52,7 @@ class AugmentOptions:
     reference: Path | None = None
     out: Path | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 12
+    epochs: int | None = None  # None: the utility judge's (12 for images, 90 for volumes)
     specificity: float = 0.90
     # Real training images per arm (class-stratified subsample): keeps it to minutes on a CPU.
     max_real_train: int = 1000
@@ -117,7 +118,8 @@ def augment_run(run_dir: Path, opts: AugmentOptions) -> dict[str, Any]:
     try:
         result = evaluate_augmentation(
             real.train, (images, labels), real.test, n_classes=cfg.model.n_classes,
-            target=target, seeds=opts.seeds, epochs=opts.epochs, specificity=opts.specificity,
+            target=target, seeds=opts.seeds,
+            epochs=judge_epochs(cfg.model.spatial_dims, opts.epochs), specificity=opts.specificity,
             device=device, show_progress=opts.show_progress)
     except ValueError as exc:
         raise AugmentError(f"{real.source}: {exc}") from exc

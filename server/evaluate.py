@@ -82,7 +82,9 @@ class EvalOptions:
     # Real training images used per utility arm and for fidelity (a seeded, class-stratified
     # subsample of what the generator saw): keeps the evaluation to minutes on a CPU.
     max_real_train: int = 1000
-    utility_seeds: tuple[int, ...] = (0, 1, 2)
+    # None: three seeds for images, one for volumes (a 3D judge costs ~10x a 2D one per image
+    # on a CPU and trains 90 epochs; the interval is then the bootstrap one over test patients).
+    utility_seeds: tuple[int, ...] | None = None
     # None: the judge's default for the run's data (12 epochs for images, 90 for volumes,
     # ldm_core.evaluation.utility.judge_epochs).
     utility_epochs: int | None = None
@@ -211,16 +213,22 @@ def _epochs(ev: Evaluation) -> int:
     return judge_epochs(ev.cfg.model.spatial_dims, ev.opts.utility_epochs)
 
 
+def _seeds(ev: Evaluation) -> tuple[int, ...]:
+    seeds = ev.opts.utility_seeds
+    assert seeds is not None, "evaluate_run resolves the default seeds"
+    return seeds
+
+
 def step_utility(ev: Evaluation, real: RealSets, syn: Synthetic) -> tuple[Utility, Any]:
     """TRTR / TSTR / TRS; also returns the TRTR classifier (a fidelity feature space)."""
-    opts, cfg = ev.opts, ev.cfg
-    ev.say(f"utility: TRTR / TSTR / TRS over seeds {list(opts.utility_seeds)} "
+    cfg = ev.cfg
+    ev.say(f"utility: TRTR / TSTR / TRS over seeds {list(_seeds(ev))} "
            f"({_epochs(ev)} epochs each)")
     ref_clf = train_reference_classifier(real.train, n_classes=cfg.model.n_classes,
-                                         seed=opts.utility_seeds[0],
+                                         seed=_seeds(ev)[0],
                                          epochs=_epochs(ev), device=ev.device)
     result = evaluate_utility(real.train, (syn.images, syn.labels), real.test,
-                              n_classes=cfg.model.n_classes, seeds=opts.utility_seeds,
+                              n_classes=cfg.model.n_classes, seeds=_seeds(ev),
                               epochs=_epochs(ev), device=ev.device,
                               reference_model=ref_clf, show_progress=ev.show_progress)
     utility = Utility.from_json({**result, "real_source": real.source})
@@ -238,12 +246,11 @@ def step_segmentation(ev: Evaluation, real: RealSets | None, syn: Synthetic) -> 
     if real.train_masks is None or real.test_masks is None:
         return {"not_measured": f"{real.source} has no masks"}
     assert syn.masks is not None
-    opts = ev.opts
-    ev.say(f"segmentation utility: TRTR / TSTR Dice over seeds {list(opts.utility_seeds)}")
+    ev.say(f"segmentation utility: TRTR / TSTR Dice over seeds {list(_seeds(ev))}")
     try:
         result = segmentation_utility(
             (real.train[0], real.train_masks), (syn.images, syn.masks),
-            (real.test[0], real.test_masks, real.test[2]), seeds=opts.utility_seeds,
+            (real.test[0], real.test_masks, real.test[2]), seeds=_seeds(ev),
             device=ev.device, show_progress=ev.show_progress)
     except ValueError as exc:
         return {"not_measured": str(exc)}
@@ -275,12 +282,12 @@ def step_fidelity(ev: Evaluation, real: RealSets, syn: Synthetic, ref_clf: Any) 
 def step_site_utility(ev: Evaluation, syn: Synthetic, site_eval: SiteEvalFn,
                       privacy: PrivacyBlock) -> dict[str, Any]:
     """Utility and recall measured at the sites (deployment without a reference set)."""
-    cfg, opts = ev.cfg, ev.opts
+    cfg = ev.cfg
     ev.say(f"utility at the sites: training the TSTR classifier on {syn.images.shape[0]} "
            f"synthetic images ({_epochs(ev)} epochs), then each site that allows it "
            "scores it and one it trains with DP-SGD on its own test patients (one DP release)")
     clf = tstr_classifier(syn.images, syn.labels, cfg.model.n_classes,
-                          seed=opts.utility_seeds[0], epochs=_epochs(ev),
+                          seed=_seeds(ev)[0], epochs=_epochs(ev),
                           device=ev.device)
     results = site_eval(clf, synthetic_for_sites(syn.images, syn.labels))
     add_audit_epsilon(privacy, [r for r in results if "error" not in r], release="evaluation")
@@ -288,7 +295,7 @@ def step_site_utility(ev: Evaluation, syn: Synthetic, site_eval: SiteEvalFn,
     try:
         utility, fidelity = site_utility(
             results, Layout(cfg.model.n_classes, cfg.privacy.eval_bins),
-            n_synthetic=int(syn.images.shape[0]), seed=opts.utility_seeds[0],
+            n_synthetic=int(syn.images.shape[0]), seed=_seeds(ev)[0],
             epochs=_epochs(ev))
     except ValueError:
         note = ("not measured: no site returned an evaluation (a site must allow it with "
@@ -345,10 +352,9 @@ def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
     run = run if isinstance(run, Run) else Run(run)
     final = final or run.load_final()
     opts = options or EvalOptions()
-    if options is None and final.cfg.model.spatial_dims == 3:
-        # A 3D classifier costs ~10x a 2D one per image on a CPU: one seed keeps the utility
-        # arms to minutes (the interval is then the bootstrap one over test patients).
-        opts = replace(opts, utility_seeds=(0,))
+    if opts.utility_seeds is None:
+        opts = replace(opts, utility_seeds=(0, 1, 2) if final.cfg.model.spatial_dims == 2
+                       else (0,))
     log = run.logger()
     t0 = time.monotonic()
     ev = Evaluation(run, final, opts, resolve_device(final.cfg.device), _say(show_progress, log),

@@ -553,10 +553,12 @@ def test_a_site_resamples_its_volumes_to_the_runs_voxel_size(tmp_path: Path,
 
 
 def test_a_site_is_told_in_its_own_log_when_the_voxel_size_crops_its_scans(
-        tmp_path: Path, tiny_cfg: RunConfig) -> None:
+        tmp_path: Path, tiny_cfg: RunConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     """At half the demo's voxel size the 16-voxel grid covers half of each head: the loader's
     DataWarning reaches the site's console and its site.log (once a split, not once a load); a
     voxel size at which the heads fit writes nothing."""
+    import warnings
+
     from ldm_core.data import DataWarning
     from ldm_core.phantoms3d import HEAD_EXTENT_MM, generate_demo3d
 
@@ -570,12 +572,24 @@ def test_a_site_is_told_in_its_own_log_when_the_voxel_size_crops_its_scans(
     assert not log.exists() or "field of view" not in log.read_text()
     fine = dataclasses.replace(tiny_cfg, model=dataclasses.replace(
         model, voxel_mm=HEAD_EXTENT_MM / 32))
-    for _ in range(2):
-        with pytest.warns(DataWarning, match="field of view"):
-            tasks.load_data(site, fine)
+    with pytest.warns(DataWarning, match="field of view"):
+        tasks.load_data(site, fine)
+    # A deployment answers each message in a fresh process: what was logged is remembered in
+    # the state dir, not in memory, and a warning is never raised, even under -W error.
+    monkeypatch.setattr(tasks, "_REGISTRY", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tasks.load_data(site, fine)
     lines = [ln for ln in log.read_text().splitlines() if "field of view" in ln]
     # one line per split, each written once although the data was loaded twice
     assert len(lines) == 3
     for split, line in zip(("train", "holdout", "test"), lines, strict=True):
         assert "WARNING data:" in line and f"{split} volume(s) lose more than 1% of their " \
             "tissue" in line
+    # A first sighting under -W error (another state dir): shown and logged, not raised.
+    other = dataclasses.replace(site, state_dir=tmp_path / "other-state")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tasks.load_data(other, fine)
+    logged = (other.state_dir / "site.log").read_text().splitlines()
+    assert len([ln for ln in logged if "field of view" in ln]) == 3

@@ -333,6 +333,32 @@ def test_a_volume_reports_the_share_of_its_tissue_and_lesion_outside_the_grid(
     assert image.cut == 0.0 and m.cut == pytest.approx(0.5)
 
 
+def test_the_reported_cut_matches_what_lands_on_an_off_centre_grid(tmp_path: Path) -> None:
+    """A 41-voxel 1 mm scan onto 8 voxels of 3 mm: MONAI's grid is not centred on the scan (it
+    keeps about -15..+9 mm here, not +-12). A lesion slab three voxels wide, slid across the
+    scan: wherever the cut says 1 the output mask is empty, wherever it says 0 the lesion is
+    on the grid, and the 'all lost' positions are not symmetric about the centre."""
+    n = 41
+    affine = np.eye(4)
+    affine[:3, 3] = -(n - 1) / 2
+    image = write_nifti(np.random.default_rng(0).uniform(0, 10, (n,) * 3).astype(np.float32),
+                        affine, tmp_path / "image.nii.gz")
+    spec = VolumeSpec(shape=(8, 8, 8), spacing=(3.0, 3.0, 3.0))
+    lost_at = []
+    for start in range(n - 2):
+        lesion = np.zeros((n,) * 3, np.float32)
+        lesion[start:start + 3, 17:24, 17:24] = 1.0
+        mask = write_nifti(lesion, affine, tmp_path / "mask.nii.gz")
+        _, m = load_volume_pair(image, mask, spec)
+        if m.cut == 1.0:
+            assert m.array.sum() == 0, start
+            lost_at.append(start + 1 - n // 2)  # the slab's centre, mm from the scan's centre
+        elif m.cut == 0.0:
+            assert m.array.sum() > 0, start
+    near = min(lost_at, key=abs)
+    assert lost_at and -near not in lost_at  # one side loses a lesion the other side keeps
+
+
 def test_the_loader_warns_once_naming_the_worst_cropped_volume(tmp_path: Path) -> None:
     import warnings
 
@@ -342,8 +368,10 @@ def test_the_loader_warns_once_naming_the_worst_cropped_volume(tmp_path: Path) -
     _cube_scan(tmp_path / "b" / "cut.nii.gz", 32, cube_mm=24.0)
     records = scan(tmp_path).records
     with pytest.warns(DataWarning, match=r"16 x 1 mm = 16 mm a side.*1 of 2 volume\(s\) lose "
-                      r"more than 1% of their tissue \(worst 70%: .*cut\.nii\.gz\).*voxel_mm"):
+                      r"more than 1% of their tissue \(worst 70%: .*cut\.nii\.gz\).*voxel_mm"
+                      ) as caught:
         load_images(records, 16, progress=False, voxel_mm=1.0)
+    assert len([w for w in caught if issubclass(w.category, DataWarning)]) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         load_images(records, 16, progress=False)  # fitted: nothing is cut, no warning
