@@ -231,14 +231,14 @@ def _to_grid(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, mask: bo
     x = MetaTensor(torch.from_numpy(np.ascontiguousarray(data))[None], affine=torch.as_tensor(
         affine, dtype=torch.float64))
     x = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
-    fg = src_affine = None
+    source: tuple[np.ndarray, np.ndarray] | None = None  # foreground and its grid, for the cut
     if spec.spacing is not None:
         # Crop to the grid's field of view (plus a voxel each side for the interpolation)
         # before resampling, not after: resampling a 256 mm scan to 0.1 mm voxels first would
         # build a 2560^3 array, a way for a bad `model.voxel_mm` to exhaust a site's memory.
-        voxel = np.linalg.norm(np.asarray(x.affine, dtype=np.float64)[:3, :3], axis=0)
-        fg = x.as_tensor()[0].numpy() > (0.5 if mask else 2.0 * _TISSUE_LEVEL)
         src_affine = np.asarray(x.affine, dtype=np.float64)
+        voxel = np.linalg.norm(src_affine[:3, :3], axis=0)
+        source = (x.as_tensor()[0].numpy() > (0.5 if mask else 2.0 * _TISSUE_LEVEL), src_affine)
         need = np.ceil(np.asarray(spec.shape) * np.asarray(spec.spacing) / voxel).astype(int)
         keep = np.minimum(np.asarray(x.shape[1:]), need + 2)
         if (keep < np.asarray(x.shape[1:])).any():
@@ -248,8 +248,7 @@ def _to_grid(data: np.ndarray, affine: np.ndarray, spec: VolumeSpec, *, mask: bo
     x = ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant")(x)
     out_affine = np.asarray(x.affine, dtype=np.float64)
     # Only a fixed voxel size crops anatomy (a fitted field of view holds the whole scan).
-    cut = 0.0 if fg is None or src_affine is None else _outside_share(fg, src_affine,
-                                                                      out_affine, spec.shape)
+    cut = 0.0 if source is None else _outside_share(*source, out_affine, spec.shape)
     return x.as_tensor()[0], out_affine, cut
 
 

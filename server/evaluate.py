@@ -209,27 +209,23 @@ def step_generate(ev: Evaluation, real: RealSets | None) -> Synthetic:
     return Synthetic(x, y, SyntheticInfo(int(x.shape[0]), per_class, steps, guidance), masks=m)
 
 
-def _epochs(ev: Evaluation) -> int:
-    return judge_epochs(ev.cfg.model.spatial_dims, ev.opts.utility_epochs)
-
-
-def _seeds(ev: Evaluation) -> tuple[int, ...]:
-    seeds = ev.opts.utility_seeds
-    assert seeds is not None, "evaluate_run resolves the default seeds"
-    return seeds
+def _with_defaults(opts: EvalOptions, spatial_dims: int) -> EvalOptions:
+    """The options with the utility judge's defaults for the run's data filled in, once."""
+    return replace(opts, utility_epochs=judge_epochs(spatial_dims, opts.utility_epochs),
+                   utility_seeds=opts.utility_seeds or ((0, 1, 2) if spatial_dims == 2 else (0,)))
 
 
 def step_utility(ev: Evaluation, real: RealSets, syn: Synthetic) -> tuple[Utility, Any]:
     """TRTR / TSTR / TRS; also returns the TRTR classifier (a fidelity feature space)."""
-    cfg = ev.cfg
-    ev.say(f"utility: TRTR / TSTR / TRS over seeds {list(_seeds(ev))} "
-           f"({_epochs(ev)} epochs each)")
+    opts, cfg = ev.opts, ev.cfg
+    ev.say(f"utility: TRTR / TSTR / TRS over seeds {list(opts.utility_seeds)} "
+           f"({opts.utility_epochs} epochs each)")
     ref_clf = train_reference_classifier(real.train, n_classes=cfg.model.n_classes,
-                                         seed=_seeds(ev)[0],
-                                         epochs=_epochs(ev), device=ev.device)
+                                         seed=opts.utility_seeds[0],
+                                         epochs=opts.utility_epochs, device=ev.device)
     result = evaluate_utility(real.train, (syn.images, syn.labels), real.test,
-                              n_classes=cfg.model.n_classes, seeds=_seeds(ev),
-                              epochs=_epochs(ev), device=ev.device,
+                              n_classes=cfg.model.n_classes, seeds=opts.utility_seeds,
+                              epochs=opts.utility_epochs, device=ev.device,
                               reference_model=ref_clf, show_progress=ev.show_progress)
     utility = Utility.from_json({**result, "real_source": real.source})
     assert utility is not None
@@ -246,11 +242,12 @@ def step_segmentation(ev: Evaluation, real: RealSets | None, syn: Synthetic) -> 
     if real.train_masks is None or real.test_masks is None:
         return {"not_measured": f"{real.source} has no masks"}
     assert syn.masks is not None
-    ev.say(f"segmentation utility: TRTR / TSTR Dice over seeds {list(_seeds(ev))}")
+    opts = ev.opts
+    ev.say(f"segmentation utility: TRTR / TSTR Dice over seeds {list(opts.utility_seeds)}")
     try:
         result = segmentation_utility(
             (real.train[0], real.train_masks), (syn.images, syn.masks),
-            (real.test[0], real.test_masks, real.test[2]), seeds=_seeds(ev),
+            (real.test[0], real.test_masks, real.test[2]), seeds=opts.utility_seeds,
             device=ev.device, show_progress=ev.show_progress)
     except ValueError as exc:
         return {"not_measured": str(exc)}
@@ -282,12 +279,12 @@ def step_fidelity(ev: Evaluation, real: RealSets, syn: Synthetic, ref_clf: Any) 
 def step_site_utility(ev: Evaluation, syn: Synthetic, site_eval: SiteEvalFn,
                       privacy: PrivacyBlock) -> dict[str, Any]:
     """Utility and recall measured at the sites (deployment without a reference set)."""
-    cfg = ev.cfg
+    cfg, opts = ev.cfg, ev.opts
     ev.say(f"utility at the sites: training the TSTR classifier on {syn.images.shape[0]} "
-           f"synthetic images ({_epochs(ev)} epochs), then each site that allows it "
+           f"synthetic images ({opts.utility_epochs} epochs), then each site that allows it "
            "scores it and one it trains with DP-SGD on its own test patients (one DP release)")
     clf = tstr_classifier(syn.images, syn.labels, cfg.model.n_classes,
-                          seed=_seeds(ev)[0], epochs=_epochs(ev),
+                          seed=opts.utility_seeds[0], epochs=opts.utility_epochs,
                           device=ev.device)
     results = site_eval(clf, synthetic_for_sites(syn.images, syn.labels))
     add_audit_epsilon(privacy, [r for r in results if "error" not in r], release="evaluation")
@@ -295,8 +292,8 @@ def step_site_utility(ev: Evaluation, syn: Synthetic, site_eval: SiteEvalFn,
     try:
         utility, fidelity = site_utility(
             results, Layout(cfg.model.n_classes, cfg.privacy.eval_bins),
-            n_synthetic=int(syn.images.shape[0]), seed=_seeds(ev)[0],
-            epochs=_epochs(ev))
+            n_synthetic=int(syn.images.shape[0]), seed=opts.utility_seeds[0],
+            epochs=opts.utility_epochs)
     except ValueError:
         note = ("not measured: no site returned an evaluation (a site must allow it with "
                 "allow-evaluate=true" + (f"; replies: {missing}" if missing else "") + ")")
@@ -351,10 +348,7 @@ def evaluate_run(run: Run | Path, *, final: FinalModel | None = None,
     """
     run = run if isinstance(run, Run) else Run(run)
     final = final or run.load_final()
-    opts = options or EvalOptions()
-    if opts.utility_seeds is None:
-        opts = replace(opts, utility_seeds=(0, 1, 2) if final.cfg.model.spatial_dims == 2
-                       else (0,))
+    opts = _with_defaults(options or EvalOptions(), final.cfg.model.spatial_dims)
     log = run.logger()
     t0 = time.monotonic()
     ev = Evaluation(run, final, opts, resolve_device(final.cfg.device), _say(show_progress, log),

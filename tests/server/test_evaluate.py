@@ -338,3 +338,15 @@ def test_a_reference_set_of_volumes_is_read_on_the_runs_voxel_grid(tmp_path: Pat
     border = torch.ones(16, 16, 16, dtype=torch.bool)
     border[4:12, 4:12, 4:12] = False
     assert (x[:, 0][:, border] == -1.0).all() and (x[:, 0][:, ~border] > -1.0).any()
+
+
+def test_the_judge_defaults_follow_the_runs_dimensionality() -> None:
+    """Images: 3 seeds of 12 epochs; volumes: 1 seed of 90 (a 3D judge costs ~10x per image);
+    what the caller names is kept."""
+    from server.evaluate import EvalOptions, _with_defaults
+
+    images, volumes = _with_defaults(EvalOptions(), 2), _with_defaults(EvalOptions(), 3)
+    assert (images.utility_seeds, images.utility_epochs) == ((0, 1, 2), 12)
+    assert (volumes.utility_seeds, volumes.utility_epochs) == ((0,), 90)
+    named = _with_defaults(EvalOptions(utility_seeds=(4, 5), utility_epochs=2), 3)
+    assert (named.utility_seeds, named.utility_epochs) == ((4, 5), 2)
