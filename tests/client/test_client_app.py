@@ -233,6 +233,42 @@ def test_reconstruction_release_is_charged_first_and_noisy(
     assert [e["run_id"] for e in entries].count("r3") == 2  # both charged before any data
 
 
+def test_every_release_is_charged_before_the_site_reads_its_data(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The latent-scale release, the audit and the evaluation read the data only after their
+    ledger entry is written (as a training round does, tested above): a crash or a refusal
+    after the read must over-count, never under-count."""
+    from client.audit import site_audit
+    from client.site_eval import site_evaluate
+    from ldm_core.classifier import make_classifier
+    from ldm_core.dp_random import PrivacyRng
+
+    site = dataclasses.replace(_site(tmp_path, demo_manifest), allow_audit=True,
+                               allow_evaluate=True)
+    real_load = tasks.load_data
+    loads: list[str] = []
+    expect: list[str] = []
+
+    def load(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        phases = [e["phase"] for e in PrivacyLedger.open(
+            site.ledger_path, budget_epsilon=8.0, delta=1e-5, site_id="site-0").entries()]
+        assert expect[-1] in phases, f"data read before the {expect[-1]} release was charged"
+        loads.append(expect[-1])
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(tasks, "load_data", load)
+    ae, dm = make_autoencoder(tiny_cfg.model), make_denoiser(tiny_cfg.model)
+    expect.append("latent-scale")
+    tasks.latent_stats(site, tiny_cfg, run_id="r", ae_weights=ae.state_dict())
+    expect.append("audit")
+    site_audit(site, tiny_cfg, ae, dm, 1.0, run_id="r", rng=PrivacyRng.secure(), seed=0)
+    expect.append("evaluate")
+    site_evaluate(site, tiny_cfg, make_classifier(tiny_cfg.model.n_classes).state_dict(),
+                  torch.rand(12, 1, 16, 16), run_id="r", rng=PrivacyRng.secure(), seed=0)
+    assert loads == ["latent-scale", "audit", "evaluate"]
+
+
 def test_training_never_sees_test_or_holdout_images(
         tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig,
         monkeypatch: pytest.MonkeyPatch) -> None:
