@@ -31,6 +31,7 @@ from common.protocol import (
     ERR_BUDGET,
     ERR_REFUSED,
     ERR_SITE,
+    ERR_VERSION,
     ERROR_REASONS,
     AuditReply,
     AuditRequest,
@@ -38,6 +39,7 @@ from common.protocol import (
     EvaluateRequest,
     LatentStatsReply,
     LatentStatsRequest,
+    ProtocolVersionError,
     RunRef,
     TrainReply,
     TrainRequest,
@@ -60,7 +62,8 @@ def _log(site: SiteConfig) -> logging.Logger:
 def _error_reply(msg: Message, site: SiteConfig | None, exc: Exception) -> Message:
     """A fixed, data-independent reason per error kind; the details go to site.log only."""
     code = (ERR_BUDGET if isinstance(exc, BudgetExceededError)
-            else ERR_REFUSED if isinstance(exc, PermissionError) else ERR_SITE)
+            else ERR_REFUSED if isinstance(exc, PermissionError)
+            else ERR_VERSION if isinstance(exc, ProtocolVersionError) else ERR_SITE)
     if site is not None:
         _log(site).error("message %s refused/failed: %s", msg.metadata.message_type, exc,
                          exc_info=code == ERR_SITE)

@@ -37,6 +37,15 @@ from ldm_core.phases import PHASES as _REGISTRY
 PHASES: tuple[str, ...] = tuple(_REGISTRY)
 
 
+# The version of what a request means: its records, the models its weights load into (layer
+# shapes AND the strides and norms shapes do not show), and how a site uses them. A site answers
+# only requests of its own version, so a coordinator and a site on different fedldm releases
+# fail with a reason instead of loading each other's weights into a model that means something
+# else. Bump it with any such change; `tests/common/test_protocol_version.py` fingerprints the
+# models and replies and goes red when they change under the same version.
+PROTOCOL_VERSION = 1
+
+
 class ProtocolError(ValueError):
     """A message does not match its declaration; the text says which field and why."""
 
@@ -55,14 +64,22 @@ class FieldSpec:
     doc: str
 
 
+class ProtocolVersionError(ProtocolError):
+    """A request of another protocol version (another fedldm release at the coordinator)."""
+
+
 # Reply error codes and their fixed, data-independent reasons. Details stay in site.log.
 ERR_BUDGET = 4001
 ERR_SITE = 4002
 ERR_REFUSED = 4003
+ERR_VERSION = 4004
 ERROR_REASONS = {
     ERR_BUDGET: "privacy budget exhausted: this round would exceed the site's epsilon budget",
     ERR_SITE: "the site failed; details are in site.log in the site's state directory",
     ERR_REFUSED: "the site does not allow this request (its own settings)",
+    ERR_VERSION: (f"this site runs fedldm protocol {PROTOCOL_VERSION} and the request is of "
+                  "another version: install the same fedldm release at the coordinator and "
+                  "at every site"),
 }
 
 # ------------------------------------------------------------------------------------ helpers
@@ -103,6 +120,25 @@ def _records(content: RecordDict, allowed: set[str], where: str) -> None:
 # ------------------------------------------------------------------------------------ requests
 
 
+def _check_version(conf: ConfigRecord, where: str) -> None:
+    version = conf.get("protocol")
+    if isinstance(version, bool) or version != PROTOCOL_VERSION:
+        sent = "none (a fedldm release older than protocol 1)" if version is None \
+            else repr(version)
+        raise ProtocolVersionError(f"{where}: protocol version {sent}, this site speaks "
+                                   f"{PROTOCOL_VERSION}")
+
+
+def check_version(content: RecordDict, where: str) -> None:
+    """Refuse a request of another protocol version before anything else in it is read, so a
+    newer coordinator's new phase, task or record is answered with the version reason rather
+    than a confusing 'unknown' one."""
+    conf = content.get("config") if isinstance(content, RecordDict) else None
+    if not isinstance(conf, ConfigRecord):
+        raise ProtocolError(f"{where}: no config record")
+    _check_version(conf, where)
+
+
 @dataclass(frozen=True)
 class RunRef:
     """What every request carries: the run's config (JSON), its name, and the seed.
@@ -116,7 +152,8 @@ class RunRef:
     seed: int
 
     def items(self) -> dict[str, Any]:
-        return {"run-config": self.run_config, "run-name": self.run_name, "seed": self.seed}
+        return {"run-config": self.run_config, "run-name": self.run_name, "seed": self.seed,
+                "protocol": PROTOCOL_VERSION}
 
     @staticmethod
     def parse(conf: ConfigRecord, where: str) -> RunRef:
@@ -152,6 +189,7 @@ class TrainRequest:
     @staticmethod
     def from_record(content: RecordDict) -> TrainRequest:
         where = "train request"
+        check_version(content, where)
         _records(content, {"arrays", "config", "autoencoder"}, where)
         conf = _get(content, "config", ConfigRecord, where)
         phase = str(conf.get("phase", ""))
@@ -183,6 +221,7 @@ class LatentStatsRequest:
     @staticmethod
     def from_record(content: RecordDict) -> LatentStatsRequest:
         where = "latent-stats request"
+        check_version(content, where)
         _records(content, {"autoencoder", "config"}, where)
         conf = _get(content, "config", ConfigRecord, where)
         return LatentStatsRequest(RunRef.parse(conf, where),
@@ -207,6 +246,7 @@ class AuditRequest:
     @staticmethod
     def from_record(content: RecordDict) -> AuditRequest:
         where = "audit request"
+        check_version(content, where)
         _records(content, {"arrays", "autoencoder", "config"}, where)
         conf = _get(content, "config", ConfigRecord, where)
         return AuditRequest(RunRef.parse(conf, where), _get(content, "arrays", ArrayRecord, where),
@@ -235,6 +275,7 @@ class EvaluateRequest:
     @staticmethod
     def from_record(content: RecordDict) -> EvaluateRequest:
         where = "evaluate request"
+        check_version(content, where)
         _records(content, {"arrays", "synthetic", "config"}, where)
         conf = _get(content, "config", ConfigRecord, where)
         syn = _get(content, "synthetic", ArrayRecord, where)
@@ -260,6 +301,7 @@ class EvaluateRequest:
 
 def query_task(content: RecordDict) -> str:
     """Which query a QUERY message is ("latent-stats", "audit" or "evaluate")."""
+    check_version(content, "query")
     conf = _get(content, "config", ConfigRecord, "query")
     task = str(conf.get("task", ""))
     if task not in ("latent-stats", "audit", "evaluate"):

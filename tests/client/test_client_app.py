@@ -15,7 +15,15 @@ from client import tasks
 from client.client_app import make_client_app
 from client.ledger import PrivacyLedger
 from client.site_config import SiteConfig, SiteConfigError
-from common.protocol import ERR_BUDGET, ERR_REFUSED, ERR_SITE, ERROR_REASONS, TRAIN_REPLY_FIELDS
+from common.protocol import (
+    ERR_BUDGET,
+    ERR_REFUSED,
+    ERR_SITE,
+    ERR_VERSION,
+    ERROR_REASONS,
+    PROTOCOL_VERSION,
+    TRAIN_REPLY_FIELDS,
+)
 from ldm_core.config import RunConfig
 from ldm_core.models import make_autoencoder, make_denoiser
 
@@ -48,7 +56,8 @@ def _context() -> Context:
 
 
 def _msg(cfg: RunConfig, kind: str, records: dict, **conf: object) -> Message:
-    config = {"run-config": cfg.to_json(), "run-name": "run-test", "seed": 0, **conf}
+    config = {"run-config": cfg.to_json(), "run-name": "run-test", "seed": 0,
+              "protocol": PROTOCOL_VERSION, **conf}
     return Message(RecordDict({**records, "config": ConfigRecord(config)}), dst_node_id=1,
                    message_type=kind)
 
@@ -118,6 +127,37 @@ def test_round_beyond_the_plan_is_refused_with_a_budget_error(
     ledger = PrivacyLedger.open(site.ledger_path, budget_epsilon=8.0, delta=1e-5,
                                 site_id="site-0")
     assert ledger.epsilon() <= 8.0
+
+
+@pytest.mark.parametrize("version", [None, PROTOCOL_VERSION + 1, str(PROTOCOL_VERSION), True])
+def test_a_request_of_another_protocol_version_is_refused_before_anything_runs(
+        tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig, version: object) -> None:
+    """A coordinator on another fedldm release gets the version reason, and the site neither
+    trains nor charges: its weights would load into a model that means something else."""
+    site = _site(tmp_path, demo_manifest)
+    app = make_client_app(lambda ctx: site)
+    ae = make_autoencoder(tiny_cfg.model)
+    msg = _msg(tiny_cfg, "train", {"arrays": ArrayRecord(ae.state_dict())},
+               phase="autoencoder", **{"server-round": 1})
+    conf = msg.content["config"]
+    if version is None:
+        del conf["protocol"]
+    else:
+        conf["protocol"] = version
+    reply = app(msg, _context())
+    assert reply.has_error() and reply.error.code == ERR_VERSION
+    assert ERROR_REASONS[ERR_VERSION] in reply.error.reason
+    assert f"protocol {PROTOCOL_VERSION}" in reply.error.reason
+    assert not site.ledger_path.exists() or PrivacyLedger.open(
+        site.ledger_path, budget_epsilon=8.0, delta=1e-5, site_id="site-0").entries() == []
+    # A query of another version (here a task this release does not know) gets the same reason.
+    q = _msg(tiny_cfg, "query", {}, task="a-task-of-a-newer-release",
+             protocol=PROTOCOL_VERSION + 1)
+    reply = app(q, _context())
+    assert reply.has_error() and reply.error.code == ERR_VERSION
+    # The same request of this version is answered.
+    conf["protocol"] = PROTOCOL_VERSION
+    assert not app(msg, _context()).has_error()
 
 
 def test_site_errors_do_not_leak_details(tmp_path: Path, demo_manifest: Path,
