@@ -387,6 +387,10 @@ class RunConfig:
                f"dm_init {self.dm_init!r} has no site embeddings; site-conditional generation "
                "(model.site_slots > 0) needs dm_init 'random'")
         _check(self.preset in PRESETS, f"preset must be one of {PRESETS}, got {self.preset!r}")
+        _check(self.autoencoder.rounds > 0 or self.ae_init != "random",
+               "autoencoder.rounds=0 keeps the autoencoder as it starts, and ae_init is "
+               "'random': every latent would be noise. Give it rounds (--ae-rounds N) or start "
+               "from a prior (ae_init=public-phantoms, or a fedldm pretrain-ae file)")
         _check(self.model.spatial_dims == 2 or self.dm_init == "random",
                f"model.spatial_dims=3: the denoiser priors (dm_init {self.dm_init!r}) are 2D "
                "networks; set dm_init=random (an autoencoder prior made from volumes fits: "

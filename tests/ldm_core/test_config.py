@@ -96,3 +96,13 @@ def test_a_voxel_size_is_for_volumes_only_and_must_be_a_size_in_mm() -> None:
     for bad in (0.0, -1.0, 100.0, True, "1.5"):
         with pytest.raises(ConfigError, match="voxel_mm must be a voxel size in mm"):
             ModelConfig(image_size=16, ae_channels=(8, 8), spatial_dims=3, voxel_mm=bad)
+
+
+def test_an_autoencoder_that_is_neither_trained_nor_pretrained_is_refused() -> None:
+    """Zero autoencoder rounds keep the starting weights: fine for a prior, noise for 'random'."""
+    frozen = build_config(preset="quick", overrides={"autoencoder.rounds": 0})
+    assert frozen.autoencoder.rounds == 0 and frozen.ae_init == "public-phantoms"
+    with pytest.raises(ConfigError, match="every latent would be noise"):
+        build_config(preset="tiny", image_size=16, overrides={"autoencoder.rounds": 0})
+    with pytest.raises(ConfigError, match="every latent would be noise"):
+        build_config(preset="quick", overrides={"autoencoder.rounds": 0, "ae_init": "random"})
