@@ -75,7 +75,9 @@ def main() -> None:
     plan = sampling_plan(ph)
     steps = plan.steps * ph.rounds
     sigma = 0.0 if math.isinf(args.epsilon) else calibrate_noise(
-        [(plan.sample_rate, steps)], target_epsilon=args.epsilon * (1 - cfg.privacy.ae_share),
+        # The denoiser's share: all of it when the autoencoder runs no round (the quick preset).
+        [(plan.sample_rate, steps)], target_epsilon=args.epsilon * (
+            1 - (cfg.privacy.ae_share if cfg.autoencoder.rounds else 0.0)),
         delta=cfg.privacy.delta, shares=[1.0])[0]
     dm = make_denoiser(m)
     if cfg.dm_init != "random":

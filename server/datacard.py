@@ -19,26 +19,34 @@ from server.run_metrics import (
 # Where the weights started (public pretraining is a prior, not a release of private data).
 INIT_NOTES = {
     "random": "random initialisation",
-    "public-phantoms": "pretrained on public procedural phantoms (no patient data), then "
-                       "fine-tuned on the sites' data",
+    "public-phantoms": "pretrained on public procedural phantoms (no patient data)",
     "public-healthy-phantoms": "pretrained without labels on healthy public phantoms (anatomy, "
-                               "no lesion, no label), then fine-tuned on the sites' data; on "
-                               "the built-in demo data those phantoms come from the demo's own "
-                               "generator, so the demo's anatomy owes much to public data and "
-                               "only lesions and labels must be learned privately",
+                               "no lesion, no label){then}; on the built-in demo data those "
+                               "phantoms come from the demo's own generator, so the demo's "
+                               "anatomy owes much to public data and only lesions and labels "
+                               "must be learned privately",
 }
+FINE_TUNED = ", then fine-tuned on the sites' data"
+NOT_TRAINED = (", used as it is: not trained on the sites' data (0 rounds, no privacy budget "
+               "spent on it)")
 
 
-def init_note(init: str, *, paired: bool = False) -> str:
+def init_note(init: str, *, paired: bool = False, trained: bool = True) -> str:
     """Where a phase's weights started: a built-in start, or a prior file and its public source
     (from its sidecar, when the file is readable where the report is written). `paired`: the
-    autoencoder of an image/mask run (the shipped one then also saw the phantoms' masks)."""
+    autoencoder of an image/mask run (the shipped one then also saw the phantoms' masks).
+    `trained`: whether the phase ran any round on the sites' data (a prior kept frozen did
+    not, and the card must not say it was fine-tuned)."""
+    then = FINE_TUNED if trained else NOT_TRAINED
     if init == "public-phantoms" and paired:
         return ("pretrained on public procedural phantoms and their lesion masks (no patient "
                 "data; where no paired prior ships for the architecture, the image-only one with "
-                "a blank mask channel), then fine-tuned on the sites' data")
-    if init in INIT_NOTES:
+                f"a blank mask channel){then}")
+    if init == "random":
         return INIT_NOTES[init]
+    if init in INIT_NOTES:
+        text = INIT_NOTES[init]
+        return text.format(then=then) if "{then}" in text else text + then
     from ldm_core.pretrain import prior_meta
 
     meta = prior_meta(init)
@@ -47,8 +55,7 @@ def init_note(init: str, *, paired: bool = False) -> str:
     source = (f"{meta.get('images', '?')} public images from '{Path(str(meta['data'])).name}' "
               f"(file-list sha256 {str(meta.get('listing_sha256', '?'))[:12]})" if "data" in meta
               else "a public set (the prior's sidecar is not readable here)")
-    return (f"pretrained on {source} (prior file {Path(init).name}), then fine-tuned on the "
-            "sites' data")
+    return f"pretrained on {source} (prior file {Path(init).name}){then}"
 
 
 def _f(x: Any, nd: int = 3) -> str:
@@ -140,9 +147,9 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
         f"- Sampling: DDIM, {syn.ddim_steps} steps, classifier-free guidance "
         f"{syn.guidance_scale}; {syn.n} images, {syn.per_class} per class "
         f"({', '.join(cfg.class_names)}), class-balanced by design.",
-        f"- Starting weights: autoencoder "
-        f"{init_note(cfg.ae_init, paired=cfg.model.mask_channels > 0)}; denoiser "
-        f"{init_note(cfg.dm_init)}.",
+        "- Starting weights: autoencoder " + init_note(
+            cfg.ae_init, paired=cfg.model.mask_channels > 0, trained=cfg.autoencoder.rounds > 0)
+        + f"; denoiser {init_note(cfg.dm_init, trained=cfg.diffusion.rounds > 0)}.",
         *(f"- Released {phase} model: {text} (the average of those rounds' global models; "
           "each was already sent to the sites, so averaging costs no privacy)."
           for phase, text in _released(metrics.get("meta"))),

@@ -81,6 +81,7 @@ def run_table(metrics: dict[str, Any], cfg: RunConfig, out: Path) -> dict[str, A
         "delta": cfg.privacy.delta, "latent scale factor":
             (metrics.get("latent_scale") or {}).get("scale_factor"),
         "patient ids": meta.get("patient_note") or "yes",
-        "autoencoder start": init_note(cfg.ae_init, paired=cfg.model.mask_channels > 0),
-        "denoiser start": init_note(cfg.dm_init),
+        "autoencoder start": init_note(cfg.ae_init, paired=cfg.model.mask_channels > 0,
+                                       trained=cfg.autoencoder.rounds > 0),
+        "denoiser start": init_note(cfg.dm_init, trained=cfg.diffusion.rounds > 0),
     }

@@ -429,3 +429,19 @@ def test_federation_metrics_round_trip_keeps_every_key() -> None:
         "utility": {"ratio": 0.8}, "a-newer-key": [1, 2],
     }
     assert FederationMetrics.from_json(doc).to_json() == doc
+
+
+def test_datacard_says_a_frozen_prior_was_not_trained_on_the_sites(tmp_path: Path) -> None:
+    """A prior kept as it is (0 rounds) must not be described as fine-tuned on patient data."""
+    from ldm_core.config import build_config
+    from server.datacard import write_datacard
+
+    for rounds, said, unsaid in ((0, "not trained on the sites' data", "fine-tuned"),
+                                 (1, "then fine-tuned on the sites' data", "not trained")):
+        cfg = build_config(preset="quick", class_names=("a", "b"),
+                           overrides={"autoencoder.rounds": rounds})
+        card = write_datacard(tmp_path / f"C{rounds}.md", _metrics(), cfg).read_text()
+        line = next(x for x in card.splitlines() if x.startswith("- Starting weights"))
+        auto, den = line.split("; denoiser ")
+        assert said in auto and unsaid not in auto
+        assert den.startswith("random initialisation")
