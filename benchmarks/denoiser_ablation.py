@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from cli.args import override
+from client.site_config import SiteConfig
+from client.tasks import plan_for
 from ldm_core.classifier import macro_auc, predict_proba, train_classifier
 from ldm_core.config import build_config
 from ldm_core.data import load_site
@@ -41,7 +43,6 @@ from ldm_core.models import encode, make_autoencoder, make_denoiser
 from ldm_core.phantoms import CLASS_NAMES, generate_demo
 from ldm_core.phases import DIFFUSION
 from ldm_core.pretrain import load_pretrained, load_pretrained_denoiser
-from ldm_core.privacy import calibrate_noise
 from ldm_core.sampling import generate_images
 from ldm_core.training import dp_train, sampling_plan
 from server.samples import class_grid, save_grid_png
@@ -74,11 +75,12 @@ def main() -> None:
     slots = torch.full_like(y, -1)  # no site conditioning: "any site"
     plan = sampling_plan(ph)
     steps = plan.steps * ph.rounds
-    sigma = 0.0 if math.isinf(args.epsilon) else calibrate_noise(
-        # The denoiser's share: all of it when the autoencoder runs no round (the quick preset).
-        [(plan.sample_rate, steps)], target_epsilon=args.epsilon * (
-            1 - (cfg.privacy.ae_share if cfg.autoencoder.rounds else 0.0)),
-        delta=cfg.privacy.delta, shares=[1.0])[0]
+    # The sigma a real site of this plan uses (every phase, fixed release and retry reserve
+    # planned; a fresh site that allows audits, as in `make demo`).
+    site_cfg = SiteConfig(site_id="ablation", data="-", state_dir=Path("-"),
+                          epsilon=args.epsilon, delta=cfg.privacy.delta, allow_audit=True)
+    sigma = 0.0 if math.isinf(args.epsilon) else plan_for(site_cfg, cfg, []).phase_sigma(
+        DIFFUSION.name)
     dm = make_denoiser(m)
     if cfg.dm_init != "random":
         dm.load_state_dict(load_pretrained_denoiser(m))

@@ -122,9 +122,9 @@ def _records(content: RecordDict, allowed: set[str], where: str) -> None:
 
 def _check_version(conf: ConfigRecord, where: str) -> None:
     version = conf.get("protocol")
-    if isinstance(version, bool) or version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not 1.0, not True
         sent = "none (a fedldm release older than protocol 1)" if version is None \
-            else repr(version)
+            else repr(version)[:40]
         raise ProtocolVersionError(f"{where}: protocol version {sent}, this site speaks "
                                    f"{PROTOCOL_VERSION}")
 

@@ -457,11 +457,12 @@ def _volume_parts(preset: str, parts: dict[str, Any]) -> dict[str, Any]:
         parts["ae_init"] = "public-phantoms"
         # Sized for 2 CPU cores and the 600-patient demo3d (~140 training volumes a site, 35
         # a step at q = 1/4): Opacus' per-sample gradients of 3D convolutions make a 32^3
-        # autoencoder round of 16 DP steps take ~9 minutes for 3 sites, so half the 2D widths
-        # and one round; the 8^3 latent denoiser is cheap (~0.015 s a volume), so 256 steps.
+        # autoencoder round of 16 DP steps take ~9-11 minutes for 3 sites, so half the 2D
+        # widths (and, below, no round by default); the 8^3 latent denoiser is cheap (~0.015 s
+        # a volume), so 256 steps.
         parts["model"] = dataclasses.replace(parts["model"], ae_channels=(8, 16, 32))
         # The shipped 3D prior is kept as it is (rounds=0), as in 2D: its one DP round (16
-        # steps, 40% of the budget, ~10 of the run's 29 minutes) changed the demo's test
+        # steps, 40% of the budget, 11 of the run's 29 minutes) changed the demo's test
         # reconstructions by -0.1 dB PSNR. `--ae-rounds N` runs N rounds of this plan.
         parts["autoencoder"] = PhaseConfig(rounds=0, sample_rate=1 / 4, local_steps=16,
                                            batch_size=36, lr=2e-3, physical_batch_size=16)
@@ -503,7 +504,7 @@ def _preset_parts(preset: str, image_size: int) -> dict[str, Any]:
         }
     if preset == "quick":
         # 32 px and 8x8x8 latents: what 2 CPU cores can train under DP in minutes. The
-        # autoencoder starts from public-phantom pretraining and is fine-tuned under DP; it is
+        # autoencoder is the public-phantom prior, kept frozen (see "autoencoder" below); it is
         # wider than the denoiser needs because lesions are a few pixels at 32 px: (8,16,32)
         # with 4 latent channels kept a real-trained classifier at AUC 0.77 on its
         # reconstructions, (16,32,64) with 8 channels at 0.84 (originals: 0.91).

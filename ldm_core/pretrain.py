@@ -295,7 +295,8 @@ def load_pretrained(cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
     A paired run (mask channels) takes the prior pretrained on public phantoms with their
     masks when one ships for the architecture; otherwise the image-only prior widened for the
-    mask channel (`widen_for_masks`), whose mask is then learnt from the sites' pairs alone.
+    mask channel (`widen_for_masks`), whose mask is then learnt from the sites' pairs alone,
+    in the run's autoencoder rounds (`autoencoder_prior` refuses a widened prior without any).
     """
     if cfg.mask_channels and any(p.exists() for p in _candidates(pretrained_path(cfg).name)):
         return _load(pretrained_path(cfg), _arch_key(cfg, _ae_keys(cfg)), "")
@@ -304,7 +305,7 @@ def load_pretrained(cfg: ModelConfig) -> dict[str, torch.Tensor]:
                   f"create it with `fedldm pretrain-ae --image-size {cfg.image_size} --set "
                   f"model.ae_channels={list(cfg.ae_channels)} "
                   + ("--set model.spatial_dims=3 " if cfg.spatial_dims == 3 else "")
-                  + "...`, or set autoencoder init to 'random'")
+                  + "...`, or set ae_init=random with autoencoder rounds (--ae-rounds N)")
     return widen_for_masks(state, cfg) if cfg.mask_channels else state
 
 
@@ -403,14 +404,31 @@ def _fix(kind: str, path: str) -> str:
             "--preset, --image-size and model --set options")
 
 
+def _check_mask_is_learnt(cfg: RunConfig, prior: str) -> None:
+    """A widened prior's mask channel is blank until autoencoder rounds train it: without any,
+    every generated mask would be empty, silently."""
+    if cfg.autoencoder.rounds == 0:
+        raise ValueError(
+            f"a paired run (model.mask_channels=1) from {prior}, which has no mask channel, "
+            "learns its masks only in autoencoder rounds, and autoencoder.rounds is 0: every "
+            "generated mask would be empty. Give the autoencoder rounds (--ae-rounds N) or "
+            "start from a prior pretrained with masks (fedldm pretrain-ae --data PUBLIC on "
+            "image/mask pairs)")
+
+
 def autoencoder_prior(cfg: RunConfig) -> dict[str, torch.Tensor] | None:
     """The run's starting autoencoder (None: random), widened for a paired run's mask."""
     if cfg.ae_init == "random":
         return None
     if not is_prior_file(cfg.ae_init):
-        return load_pretrained(cfg.model)
+        m = cfg.model
+        if m.mask_channels and not any(p.exists() for p in _candidates(pretrained_path(m).name)):
+            _check_mask_is_learnt(cfg, "the shipped image-only autoencoder of this architecture")
+        return load_pretrained(m)
     path = Path(cfg.ae_init)
     paired = "mask_channels" in (prior_meta(path).get("arch") or {})  # made with masks
+    if cfg.model.mask_channels and not paired:
+        _check_mask_is_learnt(cfg, f"the image-only prior file {path.name}")
     model = cfg.model if paired else dataclasses.replace(cfg.model, mask_channels=0)
     state = _read_checked(path, _arch_key(model, _ae_keys(model)), _fix("ae", cfg.ae_init))
     return widen_for_masks(state, cfg.model) if cfg.model.mask_channels and not paired else state

@@ -28,7 +28,7 @@ INIT_NOTES = {
 }
 FINE_TUNED = ", then fine-tuned on the sites' data"
 NOT_TRAINED = (", used as it is: not trained on the sites' data (0 rounds, no privacy budget "
-               "spent on it)")
+               "spent on training it; the releases computed with it are charged as usual)")
 
 
 def init_note(init: str, *, paired: bool = False, trained: bool = True) -> str:

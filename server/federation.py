@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from common.protocol import (
+    PROTOCOL_VERSION,
     AuditReply,
     AuditRequest,
     EvaluateReply,
@@ -146,7 +147,8 @@ class Coordinator:
         self.spend = SpendRegistry(settings.spend_registry or self.folder.root / "site-spend.json")
         self.state: dict[str, Any] = {"stage": next(iter(PHASES)), "round": 0,
                                       "scale_factor": None,
-                                      "run_name": f"run-{uuid.uuid4().hex[:12]}"}
+                                      "run_name": f"run-{uuid.uuid4().hex[:12]}",
+                                      "protocol": PROTOCOL_VERSION}
         self.metrics = FederationMetrics(
             config=to_dict(cfg), privacy=PrivacyBlock(sites={}, rounds=[],
                                                       private=cfg.privacy.private),
@@ -163,6 +165,14 @@ class Coordinator:
         saved = self.folder.load_state()
         if saved is None:
             return False
+        if saved.get("protocol") != PROTOCOL_VERSION:
+            # Its checkpoints are networks of that version, and the sites' stored replies for
+            # this run answer that version's requests: neither may cross into this one.
+            raise FederationError(
+                f"{self.folder.state_path} was written by a coordinator of fedldm protocol "
+                f"{saved.get('protocol', 'before versions existed')}, this one speaks "
+                f"{PROTOCOL_VERSION}: finish that run with the release that started it, or "
+                "start a new run (a new --out folder)")
         if _normalised(saved.get("config")) != to_dict(self.cfg):
             raise FederationError(
                 f"{self.folder.state_path} belongs to a run with another configuration; use a "

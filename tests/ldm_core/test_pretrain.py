@@ -211,3 +211,22 @@ def test_public_volumes_for_a_prior_are_read_on_the_runs_voxel_grid(tmp_path: Pa
     assert (x[:, 0][:, border] == -1.0).all()
     fitted, plain = load_public(manifest, 16, progress=False)
     assert "voxel_mm" not in plain and (fitted[:, 0][:, border] > -1.0).any()
+
+
+def test_a_paired_run_from_a_widened_shipped_prior_needs_autoencoder_rounds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no paired prior ships for the architecture, the image-only one is widened with a
+    blank mask channel that only autoencoder rounds can train: with none, refused by name."""
+    from ldm_core import pretrain
+
+    shipped = pretrain._candidates
+    monkeypatch.setattr(pretrain, "_candidates",  # as if no paired prior shipped
+                        lambda name: [] if "-m1" in name else shipped(name))
+    cfg = build_config(preset="quick", overrides={"model.mask_channels": 1})
+    assert cfg.autoencoder.rounds == 0
+    with pytest.raises(ValueError, match="shipped image-only autoencoder.*empty"):
+        pretrain.autoencoder_prior(cfg)
+    trained = build_config(preset="quick", overrides={"model.mask_channels": 1,
+                                                      "autoencoder.rounds": 1})
+    state = pretrain.autoencoder_prior(trained)
+    assert state is not None and state["encoder.blocks.0.conv.weight"].shape[1] == 2

@@ -57,6 +57,29 @@ def test_resume_refuses_a_folder_of_another_configuration(tmp_path: Path) -> Non
         assert torch.equal(v, same.ae.state_dict()[k])
 
 
+def test_resume_refuses_a_folder_of_another_protocol_version(tmp_path: Path) -> None:
+    """Checkpoints and the sites' stored replies of a run belong to the version that began it."""
+    import json
+
+    from common.protocol import PROTOCOL_VERSION
+
+    cfg = build_config(preset="tiny", image_size=16)
+    coord = Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path))
+    coord._checkpoint("ae-final", "latent-scale", 0)
+    state = json.loads(coord.folder.state_path.read_text())
+    assert state["protocol"] == PROTOCOL_VERSION
+    assert Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path)).state["stage"] == \
+        "latent-scale"
+    for other in (PROTOCOL_VERSION + 1, None):
+        if other is None:
+            del state["protocol"]
+        else:
+            state["protocol"] = other
+        coord.folder.state_path.write_text(json.dumps(state))
+        with pytest.raises(FederationError, match=f"this one speaks {PROTOCOL_VERSION}"):
+            Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path))
+
+
 def test_waiting_for_sites_times_out_with_advice(tmp_path: Path) -> None:
     cfg = build_config(preset="tiny", image_size=16)
     coord = Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path, min_sites=2,

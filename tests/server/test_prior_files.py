@@ -63,6 +63,11 @@ def test_a_run_starts_from_the_prior_files(priors: dict[str, Path]) -> None:
     wide = PHASES["autoencoder"].initial_weights(paired)
     assert wide is not None and set(wide) == set(saved)
     assert any(wide[k].shape != saved[k].shape for k in saved)
+    # Its mask channel is blank until autoencoder rounds train it: none is refused by name.
+    frozen = dataclasses.replace(paired, autoencoder=dataclasses.replace(paired.autoencoder,
+                                                                         rounds=0))
+    with pytest.raises(ValueError, match=f"image-only prior file {priors['ae'].name}.*empty"):
+        PHASES["autoencoder"].initial_weights(frozen)
 
 
 def test_a_denoiser_prior_refuses_another_autoencoder(priors: dict[str, Path],
