@@ -462,8 +462,8 @@ def _volume_parts(preset: str, parts: dict[str, Any]) -> dict[str, Any]:
         # a volume), so 256 steps.
         parts["model"] = dataclasses.replace(parts["model"], ae_channels=(8, 16, 32))
         # The shipped 3D prior is kept as it is (rounds=0), as in 2D: its one DP round (16
-        # steps, 40% of the budget, 11 of the run's 29 minutes) changed the demo's test
-        # reconstructions by -0.1 dB PSNR. `--ae-rounds N` runs N rounds of this plan.
+        # steps, 40% of the budget, 11 of the run's 29 minutes) changed the demo sites'
+        # holdout reconstructions by -0.7..+0.5 dB PSNR. `--ae-rounds N` runs N rounds of this plan.
         parts["autoencoder"] = PhaseConfig(rounds=0, sample_rate=1 / 4, local_steps=16,
                                            batch_size=36, lr=2e-3, physical_batch_size=16)
         parts["diffusion"] = PhaseConfig(rounds=4, sample_rate=1 / 4, local_steps=64,
