@@ -120,15 +120,6 @@ def _records(content: RecordDict, allowed: set[str], where: str) -> None:
 # ------------------------------------------------------------------------------------ requests
 
 
-def _check_version(conf: ConfigRecord, where: str) -> None:
-    version = conf.get("protocol")
-    if type(version) is not int or version != PROTOCOL_VERSION:  # not 1.0, not True
-        sent = "none (a fedldm release older than protocol 1)" if version is None \
-            else repr(version)[:40]
-        raise ProtocolVersionError(f"{where}: protocol version {sent}, this site speaks "
-                                   f"{PROTOCOL_VERSION}")
-
-
 def check_version(content: RecordDict, where: str) -> None:
     """Refuse a request of another protocol version before anything else in it is read, so a
     newer coordinator's new phase, task or record is answered with the version reason rather
@@ -136,7 +127,12 @@ def check_version(content: RecordDict, where: str) -> None:
     conf = content.get("config") if isinstance(content, RecordDict) else None
     if not isinstance(conf, ConfigRecord):
         raise ProtocolError(f"{where}: no config record")
-    _check_version(conf, where)
+    version = conf.get("protocol")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not 1.0, not True
+        sent = "none (a fedldm release older than protocol 1)" if version is None \
+            else repr(version)[:40]
+        raise ProtocolVersionError(f"{where}: protocol version {sent}, this site speaks "
+                                   f"{PROTOCOL_VERSION}")
 
 
 @dataclass(frozen=True)
