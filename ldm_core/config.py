@@ -575,6 +575,19 @@ def _preset_parts(preset: str, image_size: int) -> dict[str, Any]:
     raise ConfigError(f"unknown preset {preset!r}; choose one of {PRESETS}")
 
 
+def _check_unused_plan(parts: dict[str, Any], overrides: Mapping[str, Any], preset: str) -> None:
+    """A phase override is refused when the plan runs no round of that phase: the quick presets
+    keep the shipped autoencoder frozen, so `--ae-steps 32` alone used to change nothing while
+    the user believed the autoencoder was trained longer."""
+    for phase, flag in (("autoencoder", "--ae-rounds"), ("diffusion", "--dm-rounds")):
+        tuned = sorted(k for k in overrides
+                       if k.startswith(f"{phase}.") and k != f"{phase}.rounds")
+        _check(not tuned or parts[phase].rounds > 0,
+               f"override {', '.join(tuned)}: this {preset} plan runs 0 {phase} rounds, so "
+               f"it would change nothing; add {flag} N (or --set {phase}.rounds=N) to train "
+               f"that phase, or drop the override")
+
+
 def build_config(
     *,
     preset: str = "quick",
@@ -613,5 +626,6 @@ def build_config(
         if isinstance(getattr(current, name), tuple) and isinstance(value, list):
             value = tuple(value)
         parts[section] = dataclasses.replace(current, **{name: value})
+    _check_unused_plan(parts, overrides or {}, preset)
     return RunConfig(preset=preset, seed=seed, device=device, class_names=tuple(class_names),
                      **inits, **parts)

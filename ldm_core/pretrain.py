@@ -290,6 +290,12 @@ def _load(path: Path, arch: dict[str, object], how: str) -> dict[str, torch.Tens
     return _read_checked(path, arch, how)
 
 
+def _paired_prior_ships(cfg: ModelConfig) -> bool:
+    """Whether a prior pretrained with masks exists for this paired architecture."""
+    return bool(cfg.mask_channels) and any(
+        p.exists() for p in _candidates(pretrained_path(cfg).name))
+
+
 def load_pretrained(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The shipped autoencoder for this architecture, or an error saying how to make it.
 
@@ -298,7 +304,7 @@ def load_pretrained(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     mask channel (`widen_for_masks`), whose mask is then learnt from the sites' pairs alone,
     in the run's autoencoder rounds (`autoencoder_prior` refuses a widened prior without any).
     """
-    if cfg.mask_channels and any(p.exists() for p in _candidates(pretrained_path(cfg).name)):
+    if _paired_prior_ships(cfg):
         return _load(pretrained_path(cfg), _arch_key(cfg, _ae_keys(cfg)), "")
     image_only = dataclasses.replace(cfg, mask_channels=0)
     state = _load(pretrained_path(image_only), _arch_key(image_only, _ae_keys(image_only)),
@@ -422,7 +428,7 @@ def autoencoder_prior(cfg: RunConfig) -> dict[str, torch.Tensor] | None:
         return None
     if not is_prior_file(cfg.ae_init):
         m = cfg.model
-        if m.mask_channels and not any(p.exists() for p in _candidates(pretrained_path(m).name)):
+        if m.mask_channels and not _paired_prior_ships(m):
             _check_mask_is_learnt(cfg, "the shipped image-only autoencoder of this architecture")
         return load_pretrained(m)
     path = Path(cfg.ae_init)

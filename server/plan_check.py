@@ -18,8 +18,15 @@ from ldm_core.config import RunConfig
 from server.federation import FederationError
 
 CHEAPER = ("make the fixed releases cheaper (--set privacy.scale_noise_multiplier=100 --set "
-           "privacy.audit_noise_multiplier=40 --set privacy.retry_reserve_rounds=0) and give "
-           "the autoencoder a larger share (--set privacy.ae_share=0.3)")
+           "privacy.audit_noise_multiplier=40 --set privacy.retry_reserve_rounds=0)")
+
+
+def _cheaper(cfg: RunConfig) -> str:
+    """The share knob only helps a plan that trains the autoencoder; with 0 rounds (the quick
+    presets) its share is the denoiser's already, and naming it would send the user nowhere."""
+    if cfg.autoencoder.rounds == 0:
+        return CHEAPER
+    return f"{CHEAPER} and give the autoencoder a larger share (--set privacy.ae_share=0.3)"
 
 
 def check_plan_fits(cfg: RunConfig, epsilon: float, delta: float, *, audit: bool,
@@ -32,4 +39,4 @@ def check_plan_fits(cfg: RunConfig, epsilon: float, delta: float, *, audit: bool
         plan_for(site, cfg, [])
     except (ValueError, RuntimeError) as err:
         raise FederationError(f"--epsilon {epsilon:g} cannot hold this run's plan: {err} Raise "
-                              f"--epsilon, or {CHEAPER}") from err
+                              f"--epsilon, or {_cheaper(cfg)}") from err

@@ -106,3 +106,19 @@ def test_an_autoencoder_that_is_neither_trained_nor_pretrained_is_refused() -> N
         build_config(preset="tiny", image_size=16, overrides={"autoencoder.rounds": 0})
     with pytest.raises(ConfigError, match="every latent would be noise"):
         build_config(preset="quick", overrides={"autoencoder.rounds": 0, "ae_init": "random"})
+
+
+def test_a_phase_override_without_rounds_of_that_phase_is_refused() -> None:
+    """`--ae-steps 32` on a quick run (0 autoencoder rounds) used to change nothing silently."""
+    with pytest.raises(ConfigError, match=r"autoencoder.local_steps.*0 autoencoder rounds.*"
+                                          r"--ae-rounds N"):
+        build_config(preset="quick", overrides={"autoencoder.local_steps": 32})
+    with pytest.raises(ConfigError, match="autoencoder.lr"):
+        build_config(preset="tiny", overrides={"autoencoder.rounds": 0, "autoencoder.lr": 1e-3,
+                                               "ae_init": "public-phantoms"})
+    trained = build_config(preset="quick", overrides={"autoencoder.local_steps": 32,
+                                                      "autoencoder.rounds": 2})
+    assert trained.autoencoder.local_steps == 32 and trained.autoencoder.rounds == 2
+    assert build_config(preset="quick", overrides={"autoencoder.rounds": 0}).autoencoder.rounds == 0
+    assert build_config(preset="quick", overrides={"diffusion.local_steps": 8}
+                        ).diffusion.local_steps == 8

@@ -19,10 +19,21 @@ def _fits(eps: float, *, audit: bool = False, evaluate: bool = False) -> bool:
 
 
 def test_a_budget_too_small_is_refused_naming_the_fix() -> None:
-    cfg = build_config(preset="quick", class_names=("a", "b"), epsilon=0.2)
+    cfg = build_config(preset="quick", class_names=("a", "b"), epsilon=0.2,
+                       overrides={"autoencoder.rounds": 1})
     with pytest.raises(FederationError, match=r"--epsilon 0.2 cannot hold.*ae_share"):
         check_plan_fits(cfg, 0.2, 1e-5, audit=False, evaluate=False)
     assert _fits(8.0, audit=True, evaluate=True)
+
+
+def test_the_fix_names_no_autoencoder_share_when_no_autoencoder_trains() -> None:
+    """The quick presets run 0 autoencoder rounds: its share is the denoiser's already."""
+    cfg = build_config(preset="quick", class_names=("a", "b"), epsilon=0.2)
+    assert cfg.autoencoder.rounds == 0
+    with pytest.raises(FederationError, match="cannot hold") as err:
+        check_plan_fits(cfg, 0.2, 1e-5, audit=False, evaluate=False)
+    assert "ae_share" not in str(err.value)
+    assert "scale_noise_multiplier" in str(err.value)
 
 
 @pytest.mark.parametrize("reserve", ["audit", "evaluate"])
