@@ -121,6 +121,27 @@ def _gpu_fraction(sites: int, device: str) -> float:
     return min(1.0, torch.cuda.device_count() / sites)
 
 
+def concurrent_sites(sites: int, cores: int) -> int:
+    """How many simulated sites train at once (one Ray actor, one thread each).
+
+    One actor per core makes 3 sites on 2 cores train in two waves, and the second wave (one
+    site) leaves a core idle: a round took twice a site's time. The count that minimises a
+    round's length (waves x how many actors share each core) is used instead, up to twice the
+    cores: 3 sites on 2 cores all train at once, time-sliced, and a round takes 1.5x a site's
+    time. Beyond twice the cores more actors shorten nothing and cost a worker's memory each.
+    """
+    cores = max(1, cores)
+
+    def round_length(k: int) -> float:
+        return math.ceil(sites / k) * max(k, cores) / cores
+
+    best = max(1, min(sites, cores))
+    for k in range(best + 1, min(sites, 2 * cores) + 1):
+        if round_length(k) < round_length(best):
+            best = k
+    return best
+
+
 @dataclass
 class SimulationPlan:
     """Everything a simulated run needs before a Flower runtime drives it: the validated config,
@@ -256,7 +277,7 @@ def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
     _quiet_flower()
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": _gpu_fraction(opts.sites,
                                                                             opts.device)},
-               "init_args": {"num_cpus": max(1, min(opts.sites, os.cpu_count() or 1)),
+               "init_args": {"num_cpus": concurrent_sites(opts.sites, os.cpu_count() or 1),
                              "include_dashboard": False}}
     _run_simulation(num_supernodes=opts.sites, server_app=make_server_app(cfg, settings, after),
                     client_app=make_client_app(sites), backend_name="ray",

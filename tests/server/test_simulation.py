@@ -12,7 +12,7 @@ from ldm_core.checkpoint import load_checkpoint
 from server.acceptance import AcceptanceError
 from server.evaluate import EvalOptions
 from server.export import ExportError, export_run
-from server.simulate import SimulationOptions, run_simulation
+from server.simulate import SimulationOptions, concurrent_sites, run_simulation
 
 
 class _Kept(logging.Handler):
@@ -240,3 +240,43 @@ def test_volume_data_make_a_3d_run_unless_the_user_says_otherwise(tmp_path: Path
     assert with_volume_overrides(str(manifest), {})["model.spatial_dims"] == 3
     assert with_volume_overrides(str(manifest), {"model.spatial_dims": 2}) == {
         "model.spatial_dims": 2}
+
+
+@pytest.mark.parametrize(("sites", "cores", "expected"), [
+    (3, 2, 3),    # one wave, each core shared 1.5x: a round takes 1.5x a site's time, not 2x
+    (2, 2, 2), (1, 2, 1), (4, 2, 2), (5, 2, 2),
+    (9, 2, 3),    # 3 waves x 1.5 < 5 waves x 1
+    (20, 2, 2),   # more actors would shorten nothing and cost a worker's memory each
+    (3, 16, 3), (3, 1, 1), (2, 1, 1),
+])
+def test_simulated_sites_train_at_once_when_that_shortens_a_round(sites: int, cores: int,
+                                                                    expected: int) -> None:
+    assert concurrent_sites(sites, cores) == expected
+
+
+def test_the_simulation_gives_ray_that_many_actors(tmp_path: Path, demo_manifest: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 sites on 2 cores: Flower's Ray backend makes one actor per CPU it is told of."""
+    import importlib
+
+    # The module: `flwr.simulation.run_simulation` as an attribute is the function of that name.
+    flwr_sim = importlib.import_module("flwr.simulation.run_simulation")
+    seen: dict = {}
+
+    class _Stop(Exception):
+        pass
+
+    def fake_engine(**kwargs: object) -> None:
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(flwr_sim, "_run_simulation", fake_engine)
+    monkeypatch.setattr("server.simulate.os.cpu_count", lambda: 2)
+    opts = SimulationOptions(data=str(demo_manifest), sites=3, preset="tiny", image_size=16,
+                             out=tmp_path / "run", device="cpu", show_progress=False,
+                             evaluate=False)
+    with pytest.raises(_Stop):
+        run_simulation(opts)
+    backend = seen["backend_config"]
+    assert backend["init_args"]["num_cpus"] == 3
+    assert backend["client_resources"]["num_cpus"] == 1
