@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from prior_ceiling import shape_spread
 
 from cli.args import override
 from client.site_config import SiteConfig
@@ -49,16 +50,6 @@ from ldm_core.training import dp_train, sampling_plan
 from server.samples import class_grid, save_grid_png
 
 RECIPE = {"epochs": 12, "batch_size": 32, "lr": 2e-3}  # the utility evaluation's recipe
-
-
-def _shape_spread(images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Within-class standard deviation of each image's foreground share (pixels above -0.8 of
-    [-1, 1]): how much head sizes vary. Reported as synthetic / reconstructions of the real
-    train images: a denoiser that draws one mean head per class scores near 0, one that
-    keeps the data's spread near 1 (the reconstructions' spread equals the real images' within
-    2% on the demo site)."""
-    fg = (images > -0.8).flatten(1).float().mean(1)
-    return float(torch.stack([fg[labels == c].std() for c in labels.unique()]).mean())
 
 
 def main() -> None:
@@ -110,7 +101,7 @@ def main() -> None:
                          for i in range(0, len(y), 256)]).clamp(-1, 1)
     judge = train_classifier(rec, y, m.n_classes, seed=0, device="cpu", **RECIPE)
     labels = torch.arange(m.n_classes).repeat_interleave(150)
-    rec_spread = _shape_spread(rec, y)
+    rec_spread = shape_spread(rec, y)
     result: dict = {"name": args.name, "overrides": dict(args.set), "epsilon": args.epsilon,
                     "n_train": len(z), "sample_rate": plan.sample_rate, "steps": steps,
                     "sigma": round(sigma, 3), "dp_losses": losses, "train_s": round(train_s)}
@@ -122,7 +113,7 @@ def main() -> None:
         syn = train_classifier(imgs, labels, m.n_classes, seed=0, device="cpu", **RECIPE)
         auc = macro_auc(site.test.labels.numpy(), np.asarray(predict_proba(syn, site.test.images)))
         result[f"gs{gs:g}"] = {"class_accuracy": round(acc, 3), "tstr_lite_auc": round(auc, 3),
-                               "shape_spread": round(_shape_spread(imgs, labels) / rec_spread, 3)}
+                               "shape_spread": round(shape_spread(imgs, labels) / rec_spread, 3)}
         if gs == 2.0:
             save_grid_png(args.out.parent / f"denoiser_ablation-{args.name}.png",
                           class_grid(imgs, labels, cfg.class_names, 8), cfg.class_names,

@@ -39,6 +39,8 @@ from ldm_core.pretrain import autoencoder_prior
 
 
 def shape_spread(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Within-class standard deviation of each image's foreground share (pixels above -0.8 of
+    [-1, 1]): how much head sizes vary; compare it with the real images' (a ratio)."""
     fg = (images > -0.8).flatten(1).float().mean(1)
     return float(torch.stack([fg[labels == c].std() for c in labels.unique()]).mean())
 
