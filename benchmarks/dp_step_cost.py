@@ -66,7 +66,7 @@ def _use_upstream_opacus() -> None:
 
 
 def measure(preset: str, phase: str, sigma: float, batch: int, steps: int,
-            upstream: bool = False) -> dict[str, float]:
+            upstream: bool = False, physical: int = 0) -> dict[str, float]:
     if upstream:
         _use_upstream_opacus()
     torch.set_num_threads(1)
@@ -85,7 +85,7 @@ def measure(preset: str, phase: str, sigma: float, batch: int, steps: int,
 
     def call(k: int) -> float:
         ph = dataclasses.replace(spec.config(cfg), batch_size=batch, sample_rate=1.0,
-                                 local_steps=k, physical_batch_size=batch)
+                                 local_steps=k, physical_batch_size=physical or batch)
         model = spec.make_model(m)
         t = time.perf_counter()
         dp_train(model, tensors, loss, phase=ph, plan=sampling_plan(ph), noise_multiplier=sigma,
@@ -97,7 +97,8 @@ def measure(preset: str, phase: str, sigma: float, batch: int, steps: int,
     one, many = call(1), call(1 + steps)
     per_step = (many - one) / steps
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    return {"phase": phase, "dp": sigma > 0, "upstream": upstream, "s_per_step": per_step,
+    return {"phase": phase, "dp": sigma > 0, "upstream": upstream,
+            "physical": physical or batch, "s_per_step": per_step,
             "s_per_sample": per_step / batch, "setup_s": max(0.0, one - per_step),
             "peak_rss_mb": round(peak, 1)}
 
@@ -107,12 +108,15 @@ def main() -> None:
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=4, help="extra steps timed for the slope")
+    ap.add_argument("--physical", type=int, default=0,
+                    help="physical batch under DP (default: the whole batch at once)")
     ap.add_argument("--one", nargs=2, metavar=("PHASE", "SIGMA"), help=argparse.SUPPRESS)
     ap.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure(args.preset, args.one[0], float(args.one[1]), args.batch,
-                                 args.steps, upstream=args.upstream)))
+                                 args.steps, upstream=args.upstream,
+                                 physical=args.physical)))
         return
     res: dict[tuple[str, str], dict[str, float]] = {}
     for name in PHASES:

@@ -544,12 +544,16 @@ def _preset_parts(preset: str, image_size: int) -> dict[str, Any]:
             # privacy): on three `make demo` models it moved TSTR AUC from 0.566 / 0.625 / 0.626
             # (last round) to 0.660 / 0.661 / 0.631 (benchmarks/sampling_sweep.py
             # --average-last; a tie on a fourth, 10-round model); round 1, the least trained,
-            # helped one model and hurt another.
+            # helped one model and hurt another. physical_batch_size 512: a demo site's ~375
+            # sampled patients in one pass, not 256 + the rest: 4-5% less time a DP step for
+            # ~250 MB more memory; smaller passes cost more (benchmarks/dp_step_cost.py
+            # --physical, docs/benchmarks.md section 1).
             "diffusion": PhaseConfig(
                 rounds=5,
                 sample_rate=1 / 8,
                 local_steps=64,
                 batch_size=384,
+                physical_batch_size=512,
                 lr=4e-3,
                 max_grad_norm=1.0,
                 noise_multiplicity=1,
