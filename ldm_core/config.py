@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -579,6 +581,35 @@ def _preset_parts(preset: str, image_size: int) -> dict[str, Any]:
     raise ConfigError(f"unknown preset {preset!r}; choose one of {PRESETS}")
 
 
+def _type_ok(hint: Any, value: Any) -> bool:
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_type_ok(arg, value) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is tuple or typing.get_origin(hint) is tuple:
+        return isinstance(value, (tuple, list))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # anything else is left to the section's own checks
+
+
+def _check_override_type(key: str, hint: Any, value: Any) -> None:
+    """A `--set` value of the wrong kind is named here, not as a TypeError deep in a check."""
+    expected = " or ".join("null" if a is type(None) else "list" if a is tuple or
+                           typing.get_origin(a) is tuple else getattr(a, "__name__", str(a))
+                           for a in (typing.get_args(hint) if typing.get_origin(hint) in
+                                     (types.UnionType, typing.Union) else (hint,)))
+    _check(_type_ok(hint, value), f"override {key}={json.dumps(jsonio.encode(value))}: expected "
+           f"{expected}, got {type(value).__name__} (numbers and lists are written as JSON, "
+           f"e.g. --set diffusion.lr=4e-3, --set model.dm_channels=[32,64])")
+
+
 def _check_unused_plan(parts: dict[str, Any], overrides: Mapping[str, Any], preset: str) -> None:
     """A phase override is refused when the plan runs no round of that phase: the quick presets
     keep the shipped autoencoder frozen, so `--ae-steps 32` alone used to change nothing while
@@ -627,6 +658,8 @@ def build_config(
         current = parts[section]
         _check(name in {f.name for f in fields(current)},
                f"override {key!r}: {type(current).__name__} has no field {name!r}")
+        value = jsonio.decode_float(value)
+        _check_override_type(key, typing.get_type_hints(type(current))[name], value)
         if isinstance(getattr(current, name), tuple) and isinstance(value, list):
             value = tuple(value)
         parts[section] = dataclasses.replace(current, **{name: value})
