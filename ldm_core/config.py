@@ -294,9 +294,18 @@ class DiffusionConfig:
     guidance_scale: float = 2.0
     # DDIM clips its x0 estimate of the unit-scaled latents to +-clip_latent (0 = off).
     clip_latent: float = 3.0
+    # Training timesteps: uniform over [0, T) (None), or logit-normal, t/T = sigmoid(mean + std
+    # * N(0, 1)), which spends more of a DP run's few steps on the mid-noise levels where a
+    # sample's coarse shape is decided and fewer on near-pure noise and near-clean latents
+    # (losses.sample_timesteps).
+    timestep_logit_mean: float | None = None
+    timestep_logit_std: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.kl_weight >= 0, "kl_weight must be >= 0")
+        _check(self.timestep_logit_mean is None or -6 <= self.timestep_logit_mean <= 6,
+               "timestep_logit_mean must be in [-6, 6] (or null: uniform timesteps)")
+        _check(0 < self.timestep_logit_std <= 4, "timestep_logit_std must be in (0, 4]")
         _check(0 <= self.label_dropout < 1, "label_dropout must be in [0, 1)")
         _check(0 < self.site_dropout < 1, "site_dropout must be in (0, 1)")
         _check(self.ddim_steps >= 1, "ddim_steps must be >= 1")

@@ -74,6 +74,21 @@ def diffusion_loss(
     return _per_sample_mean((pred - target).pow(2))
 
 
+def sample_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator, *,
+                     logit: tuple[float, float] | None = None) -> torch.Tensor:
+    """n training timesteps: uniform, or logit-normal with logit = (mean, std).
+
+    A logit-normal draw reweights the denoising objective towards one band of noise levels
+    (as in rectified-flow training); under DP every step is expensive, so where the steps go
+    matters. The draw comes from the training generator, never from the privacy noise's.
+    """
+    if logit is None:
+        return torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    mean, std = logit
+    u = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
+
+
 def multiplicity_diffusion_loss(
     unet: DiffusionModelUNet,
     scheduler: DDPMScheduler,
@@ -82,6 +97,7 @@ def multiplicity_diffusion_loss(
     *,
     k: int,
     generator: torch.Generator,
+    timestep_logit: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Mean over K (timestep, noise) draws per sample, as K forward calls of the same rows.
 
@@ -94,8 +110,8 @@ def multiplicity_diffusion_loss(
     b = latents.shape[0]
     total = torch.zeros(b, device=latents.device)
     for _ in range(k):
-        t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator,
-                          device="cpu").to(latents.device)
+        t = sample_timesteps(b, scheduler.num_train_timesteps, generator,
+                             logit=timestep_logit).to(latents.device)
         n = torch.randn(latents.shape, generator=generator, device="cpu").to(latents.device)
         total = total + diffusion_loss(unet, scheduler, latents, labels, timesteps=t, noise=n)
     return total / k

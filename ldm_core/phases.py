@@ -176,6 +176,8 @@ def _dm_loss(cfg: RunConfig, phase_cfg: PhaseConfig) -> LossFn:
     and, for a site-conditional model, site dropout to "any site"."""
     sched = make_train_scheduler(cfg.model)
     null = cfg.model.n_classes
+    logit = (None if cfg.dm.timestep_logit_mean is None
+             else (cfg.dm.timestep_logit_mean, cfg.dm.timestep_logit_std))
 
     def fn(model: nn.Module, batch: Tensors, gen: torch.Generator) -> torch.Tensor:
         z, y, s = batch
@@ -186,7 +188,8 @@ def _dm_loss(cfg: RunConfig, phase_cfg: PhaseConfig) -> LossFn:
             away = torch.rand(y.shape[0], generator=gen).to(y.device) < cfg.dm.site_dropout
             s = torch.where(away, torch.full_like(s, any_site(cfg.model)), s)
         return multiplicity_diffusion_loss(model, sched, z, embed_index(cfg.model, y, s),
-                                           k=phase_cfg.noise_multiplicity, generator=gen)
+                                           k=phase_cfg.noise_multiplicity, generator=gen,
+                                           timestep_logit=logit)
 
     return fn
 

@@ -42,6 +42,8 @@ def test_presets_build_and_round_trip_json(preset: str) -> None:
         lambda: PhaseConfig(server_momentum=1.0),
         lambda: PhaseConfig(server_momentum=-0.1),
         lambda: PhaseConfig(server_lr=0.0),
+        lambda: build_config(overrides={"dm.timestep_logit_std": 0}),
+        lambda: build_config(overrides={"dm.timestep_logit_mean": 9}),
     ],
 )
 def test_bad_configs_raise(make) -> None:
@@ -122,3 +124,25 @@ def test_a_phase_override_without_rounds_of_that_phase_is_refused() -> None:
     assert build_config(preset="quick", overrides={"autoencoder.rounds": 0}).autoencoder.rounds == 0
     assert build_config(preset="quick", overrides={"diffusion.local_steps": 8}
                         ).diffusion.local_steps == 8
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("dm.guidance_scale", "abc", "expected float, got str"),
+    ("dm.timestep_logit_mean", "low", "expected float or null, got str"),
+    ("diffusion.rounds", 2.5, "expected int, got float"),
+    ("diffusion.rounds", True, "expected int, got bool"),
+    ("model.dm_channels", 32, "expected list, got int"),
+    ("aggregation.transfer", 16, "expected str, got int"),
+])
+def test_an_override_of_the_wrong_kind_is_named_not_a_type_error(key, value, expected) -> None:
+    """`--set dm.guidance_scale=abc` used to end in a TypeError traceback inside a check."""
+    with pytest.raises(ConfigError, match=f"override {key}=.*{expected}"):
+        build_config(preset="tiny", image_size=16, overrides={key: value})
+
+
+def test_overrides_of_the_right_kind_still_apply() -> None:
+    cfg = build_config(preset="tiny", image_size=16, overrides={
+        "dm.guidance_scale": 3, "dm.timestep_logit_mean": -1, "aggregation.norm_bound": "inf",
+        "model.dm_attention": [False, True]})
+    assert cfg.dm.guidance_scale == 3 and cfg.dm.timestep_logit_mean == -1
+    assert cfg.aggregation.norm_bound == math.inf and cfg.model.dm_attention == (False, True)

@@ -222,3 +222,21 @@ def test_only_2d_and_3d_runs_are_accepted() -> None:
     assert build_config(preset="tiny", overrides={"model.spatial_dims": 3}).model.spatial_dims == 3
     with pytest.raises(ConfigError, match="spatial_dims must be 2 or 3"):
         build_config(preset="tiny", overrides={"model.spatial_dims": 4})
+
+
+def test_timesteps_are_uniform_or_logit_normal_and_follow_the_generator() -> None:
+    from ldm_core.losses import sample_timesteps
+
+    def draw(logit, seed=0):  # noqa: ANN001, ANN202
+        return sample_timesteps(20000, 1000, torch.Generator().manual_seed(seed), logit=logit)
+
+    uniform, shifted = draw(None), draw((-0.85, 1.0))
+    assert uniform.dtype == shifted.dtype == torch.int64
+    assert int(shifted.min()) >= 0 and int(shifted.max()) <= 999
+    assert abs(float(uniform.float().mean()) - 499.5) < 10
+    # median of sigmoid(N(-0.85, 1)) is sigmoid(-0.85) = 0.2994: t ~ 299
+    assert abs(float(shifted.float().median()) - 299) < 8
+    # fewer near-pure-noise draws than uniform (t >= 700: 30% of uniform draws)
+    assert float((shifted >= 700).float().mean()) < 0.12
+    assert torch.equal(draw((-0.85, 1.0)), shifted)
+    assert not torch.equal(draw((-0.85, 1.0), seed=1), shifted)

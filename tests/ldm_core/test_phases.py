@@ -134,3 +134,31 @@ def test_a_site_conditional_denoiser_learns_its_site_and_any_site(cfg: RunConfig
     sites = idx // n1
     assert set(sites.tolist()) == {2, 3}  # its own slot, or any site (3)
     assert 0.35 < float((sites == 3).float().mean()) < 0.65
+
+
+@pytest.mark.parametrize(("logit_mean", "band"), [(None, (0, 100)), (-2.0, (4, 30)),
+                                                  (2.0, (70, 96))])
+def test_the_denoiser_trains_on_the_configured_timesteps(monkeypatch, split: ImageSet,
+                                                         logit_mean, band) -> None:
+    """dm.timestep_logit_mean reaches the phase's training loss: with a narrow logit-normal
+    every timestep lies in its band (tiny preset: T = 100); unset, they cover [0, T)."""
+    import ldm_core.losses as losses
+
+    seen: list[torch.Tensor] = []
+    real = losses.diffusion_loss
+
+    def spy(*args, timesteps, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(timesteps)
+        return real(*args, timesteps=timesteps, **kwargs)
+
+    monkeypatch.setattr(losses, "diffusion_loss", spy)
+    cfg = build_config(preset="tiny", image_size=16, class_names=CLASSES, overrides={
+        "dm.timestep_logit_mean": logit_mean, "dm.timestep_logit_std": 0.3})
+    tensors = tuple(t.repeat(40, *([1] * (t.dim() - 1))) for t in _inputs(cfg, split, "diffusion"))
+    DIFFUSION.train_loss(cfg)(DIFFUSION.make_model(cfg.model), tensors,
+                              torch.Generator().manual_seed(1))
+    t = torch.cat(seen)
+    assert len(t) == len(tensors[0]) * cfg.diffusion.noise_multiplicity
+    assert band[0] <= int(t.min()) and int(t.max()) < band[1]
+    if logit_mean is None:  # uniform: both ends of [0, T) are drawn
+        assert int(t.min()) < 10 and int(t.max()) >= 90
