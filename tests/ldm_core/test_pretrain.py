@@ -168,7 +168,8 @@ def test_a_volume_prior_round_trips_and_priors_never_cross_dimensions(tmp_path) 
 
 def test_shipped_3d_autoencoder_reconstructs_phantom_volumes_it_never_saw() -> None:
     """The quick 3D plan starts from the shipped 3D prior; on volumes of another seed it must
-    reconstruct far beyond a random network (measured: PSNR 19.2 dB against 4.7)."""
+    reconstruct far beyond a random network (4.7 dB) and as well as the 1,000-step prior
+    (23.7 dB here; the 400-step prior shipped before it decoded one head size: 20.1 dB)."""
     from ldm_core.pretrain import public_volumes
 
     m = build_config(preset="quick", overrides={"model.spatial_dims": 3}).model
@@ -178,7 +179,7 @@ def test_shipped_3d_autoencoder_reconstructs_phantom_volumes_it_never_saw() -> N
     with torch.no_grad():
         recon = ae.decode(ae.encode(x)[0])
     psnr = 10 * torch.log10(4.0 / (recon - x).pow(2).mean())
-    assert float(psnr) > 16.0
+    assert float(psnr) > 22.0
 
 
 def test_a_paired_3d_run_starts_from_the_shipped_paired_3d_prior() -> None:
@@ -195,6 +196,24 @@ def test_a_paired_3d_run_starts_from_the_shipped_paired_3d_prior() -> None:
     assert first.ndim == 5 and first.shape[1] == 2
     widened = widen_for_masks(load_pretrained(dataclasses.replace(m, mask_channels=0)), m)
     assert not torch.equal(first[:, 1], widened["encoder.blocks.0.conv.weight"][:, 1])
+
+
+def test_shipped_paired_3d_autoencoder_draws_the_lesion_masks_of_unseen_volumes() -> None:
+    """The paired 3D prior (1,000 steps) reconstructs public volumes of another seed with
+    their lesion masks: mask Dice 0.48 and 19.2 dB here (the 400-step prior: 0.39, 18.7 dB)."""
+    from ldm_core.pretrain import public_volumes
+
+    m = build_config(preset="quick", overrides={"model.spatial_dims": 3,
+                                                "model.mask_channels": 1}).model
+    ae = make_autoencoder(m).eval()
+    ae.load_state_dict(load_pretrained(m))
+    x = public_volumes(6, m.image_size, seed=99, masks=True)
+    with torch.no_grad():
+        recon = ae.decode(ae.encode(x)[0])
+    truth, drawn = x[:, 1] > 0, recon[:, 1] > 0
+    dice = 2 * (truth & drawn).sum() / (truth.sum() + drawn.sum())
+    assert truth.any() and float(dice) > 0.44
+    assert float(10 * torch.log10(4.0 / (recon[:, 0] - x[:, 0]).pow(2).mean())) > 18.0
 
 
 def test_public_volumes_for_a_prior_are_read_on_the_runs_voxel_grid(tmp_path: Path) -> None:
