@@ -52,7 +52,8 @@ def test_flwr_run_simulates_into_the_same_run_folder(tmp_path: Path) -> None:
     run_config = (f"data='demo' preset='tiny' image-size=16 num-sites=2 demo-patients=60 "
                   f"demo-slices=2 out='{out}'")
     try:
-        proc = subprocess.run([str(flwr), "run", ".", "--federation-config", "num-supernodes=2",
+        proc = subprocess.run([str(flwr), "run", ".", "--federation-config",
+                               "num-supernodes=2 client-resources-num-cpus=1 init-args-num-cpus=2",
                                "--run-config", run_config, "--stream"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
     finally:
