@@ -600,7 +600,9 @@ def _type_ok(hint: Any, value: Any) -> bool:
     if hint is type(None):
         return value is None
     if hint is tuple or typing.get_origin(hint) is tuple:
-        return isinstance(value, (tuple, list))
+        # a bare string is one piece of a tuple of strings (`--set diffusion.train_only=attn`)
+        one = isinstance(value, str) and typing.get_args(hint)[:1] == (str,)
+        return isinstance(value, (tuple, list)) or one
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:

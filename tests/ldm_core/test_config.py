@@ -132,6 +132,7 @@ def test_a_phase_override_without_rounds_of_that_phase_is_refused() -> None:
     ("diffusion.rounds", 2.5, "expected int, got float"),
     ("diffusion.rounds", True, "expected int, got bool"),
     ("model.dm_channels", 32, "expected list, got int"),
+    ("model.dm_channels", "wide", "expected list, got str"),
     ("aggregation.transfer", 16, "expected str, got int"),
 ])
 def test_an_override_of_the_wrong_kind_is_named_not_a_type_error(key, value, expected) -> None:
@@ -143,6 +144,7 @@ def test_an_override_of_the_wrong_kind_is_named_not_a_type_error(key, value, exp
 def test_overrides_of_the_right_kind_still_apply() -> None:
     cfg = build_config(preset="tiny", image_size=16, overrides={
         "dm.guidance_scale": 3, "dm.timestep_logit_mean": -1, "aggregation.norm_bound": "inf",
-        "model.dm_attention": [False, True]})
+        "model.dm_attention": [False, True], "diffusion.train_only": "attn"})
+    assert cfg.diffusion.train_only == ("attn",)  # a bare string: one piece of a str tuple
     assert cfg.dm.guidance_scale == 3 and cfg.dm.timestep_logit_mean == -1
     assert cfg.aggregation.norm_bound == math.inf and cfg.model.dm_attention == (False, True)
