@@ -99,7 +99,7 @@ def build_config_from(args: argparse.Namespace, overrides: dict[str, Any], **kwa
 def preflight_simulation(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     """Everything `run_simulation` would refuse late, checked before anything is written."""
     from ldm_core.config import to_dict
-    from ldm_core.data import DEMO_FOLDERS, partition, scan
+    from ldm_core.data import DEMO_DATA, DEMO_FOLDERS, partition, scan
     from ldm_core.phantoms import CLASS_NAMES
     from server.simulate import SimulationOptions, demo_patients
 
@@ -136,7 +136,8 @@ def preflight_simulation(args: argparse.Namespace, overrides: dict[str, Any]) ->
         except ValueError as e:  # DataError is a ValueError; bad schemes raise ValueError
             raise LocalCliError(f"--partition {scheme!r} over --sites {args.sites}: {e}") from e
     cfg = build_config_from(args, overrides, class_names=class_names, epsilon=args.epsilon,
-                            delta=args.delta, seed=args.seed, device=args.device)
+                            delta=args.delta, seed=args.seed, device=args.device,
+                            phantom_data=args.data == DEMO_DATA)
     check_resume(out, to_dict(cfg))
     from ldm_core.phases import check_models
 
@@ -316,6 +317,11 @@ def pretrain(args: argparse.Namespace) -> int:
         if args.out.suffix != ".safetensors":
             raise LocalCliError(f"--out {args.out}: name it *.safetensors (runs select a prior "
                                 "file by that suffix: --set ae_init=FILE.safetensors)")
+    generic = bool(getattr(args, "generic", False))  # pretrain-ae only
+    if generic and (args.data is not None or cfg.mask_channels or cfg.spatial_dims != 2):
+        raise LocalCliError("--generic makes the shipped modality-agnostic 2D image-only prior "
+                            "from built-in public images: no --data, mask channels or volumes "
+                            "with it")
     if args.data is not None and cfg.mask_channels:
         raise LocalCliError("--data with model.mask_channels: a public set trains an image-only "
                             "prior (its masks are not read); drop the mask channel here, a "
@@ -358,9 +364,14 @@ def pretrain(args: argparse.Namespace) -> int:
                     note="a user-supplied public set; never the sites' own patients (a prior is "
                          "not charged to any privacy budget)")
     if not dm:
-        state = pt.pretrain_autoencoder(cfg, steps=args.steps, seed=args.seed, images=images)
-        path = args.out or pt.pretrained_path(cfg)
-        if images is None:
+        state = pt.pretrain_autoencoder(cfg, steps=args.steps, seed=args.seed, images=images,
+                                        generic=generic)
+        path = args.out or pt.pretrained_path(cfg, generic=generic)
+        if generic:
+            meta.update(public_seed=pt.PUBLIC_SEED, generic_seed=pt.GENERIC_SEED,
+                        data="procedural phantoms (ldm_core.phantoms) and as many generic "
+                             "procedural images (ldm_core.procedural)")
+        elif images is None:
             meta.update(public_seed=pt.PUBLIC_SEED,
                         data="procedural phantom volumes (ldm_core.phantoms3d)"
                         if cfg.spatial_dims == 3 else "procedural phantoms (ldm_core.phantoms)")
@@ -528,6 +539,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="a folder or CSV manifest of PUBLIC images of your modality "
                         "(labels unused). Never the sites' patients: a prior is not charged to "
                         "any privacy budget")
+        if name == "pretrain-ae":
+            pp.add_argument("--generic", action="store_true",
+                            help="the modality-agnostic prior (ae_init=public-generic): public "
+                            "phantoms and as many generic procedural images (2D, image-only)")
         if name == "pretrain-dm":
             pp.add_argument("--autoencoder", type=A.path, metavar="FILE",
                             help="with --data: the pretrain-ae --data prior whose latents the "

@@ -20,6 +20,8 @@ from server.run_metrics import (
 INIT_NOTES = {
     "random": "random initialisation",
     "public-phantoms": "pretrained on public procedural phantoms (no patient data)",
+    "public-generic": "pretrained on public procedural phantoms and generic procedural images "
+                      "(shapes, rings, textures; a modality-agnostic prior, no patient data)",
     "public-healthy-phantoms": "pretrained without labels on healthy public phantoms (anatomy, "
                                "no lesion, no label){then}; on the built-in demo data those "
                                "phantoms come from the demo's own generator, so the demo's "

@@ -154,6 +154,17 @@ class SimulationPlan:
     after: Callable[[Coordinator], None]
 
 
+def simulation_config(opts: SimulationOptions,
+                      class_names: tuple[str, ...] | None = None) -> RunConfig:
+    """The run's config: the preset, the flags and the overrides; the built-in phantoms start
+    from the phantom autoencoder prior (`build_config`'s phantom_data)."""
+    return build_config(preset=opts.preset, image_size=opts.image_size,
+                        **({"class_names": class_names} if class_names else {}),
+                        epsilon=opts.epsilon, delta=opts.delta, seed=opts.seed,
+                        device=opts.device, overrides=opts.overrides,
+                        phantom_data=opts.data == DEMO_DATA)
+
+
 def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
     """Data, config, run.json and enrolled sites; shared by `fedldm simulate` and `flwr run`."""
     out = Path(opts.out)
@@ -161,9 +172,7 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
     # The noise plan needs only the configuration (not the classes): checked before the demo
     # data is written.
     opts = replace(opts, overrides=with_volume_overrides(opts.data, opts.overrides))
-    early = build_config(preset=opts.preset, image_size=opts.image_size, epsilon=opts.epsilon,
-                         delta=opts.delta, seed=opts.seed, device=opts.device,
-                         overrides=opts.overrides)
+    early = simulation_config(opts)
     _check_plan_fits(early, opts)
     try:
         check_models(early)  # priors and train_only, before anything is written
@@ -175,9 +184,7 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
     data = str(Path(data).resolve())
     index = scan(data)
     eps = opts.epsilon
-    cfg = build_config(preset=opts.preset, image_size=opts.image_size,
-                       class_names=tuple(index.class_names), epsilon=eps, delta=opts.delta,
-                       seed=opts.seed, device=opts.device, overrides=opts.overrides)
+    cfg = simulation_config(opts, tuple(index.class_names))
     _check_before_writing(run, cfg, data, partition, opts)
     accept = _declared_acceptance(run, opts)
     info = RunInfo(

@@ -80,9 +80,29 @@ def test_a_3d_run_gets_the_presets_volume_plan_and_refuses_a_2d_denoiser_prior()
     tiny = build_config(preset="tiny", image_size=16, overrides={"model.spatial_dims": 3})
     assert (tiny.ae_init, tiny.dm_init) == ("random", "random")
     two_d = build_config(preset="quick")
-    assert two_d.model.spatial_dims == 2 and two_d.ae_init == "public-phantoms"
+    assert two_d.model.spatial_dims == 2 and two_d.ae_init == "public-generic"
     with pytest.raises(ConfigError, match="dm_init=random"):
         build_config(preset="quick", overrides={"model.spatial_dims": 3,
+                                                "dm_init": "public-healthy-phantoms"})
+
+
+def test_the_quick_autoencoder_prior_is_modality_agnostic_except_on_phantoms() -> None:
+    """Real data of any modality starts from the generic prior; the demo's phantoms, paired
+    runs and the healthy denoiser prior start from the phantom one; an explicit choice wins."""
+    assert build_config(preset="quick").ae_init == "public-generic"
+    assert build_config(preset="quick", phantom_data=True).ae_init == "public-phantoms"
+    assert build_config(preset="quick", overrides={"model.mask_channels": 1}
+                        ).ae_init == "public-phantoms"
+    assert build_config(preset="quick", overrides={"dm_init": "public-healthy-phantoms"}
+                        ).ae_init == "public-phantoms"
+    assert build_config(preset="quick", phantom_data=True,
+                        overrides={"ae_init": "public-generic"}).ae_init == "public-generic"
+    assert build_config(preset="tiny", phantom_data=True).ae_init == "random"
+    for bad in ({"model.mask_channels": 1}, {"model.spatial_dims": 3}):
+        with pytest.raises(ConfigError, match="'public-generic' is a 2D image-only"):
+            build_config(preset="quick", overrides={**bad, "ae_init": "public-generic"})
+    with pytest.raises(ConfigError, match="public-phantoms for the shipped denoiser"):
+        build_config(preset="quick", overrides={"ae_init": "public-generic",
                                                 "dm_init": "public-healthy-phantoms"})
 
 
@@ -103,7 +123,7 @@ def test_a_voxel_size_is_for_volumes_only_and_must_be_a_size_in_mm() -> None:
 def test_an_autoencoder_that_is_neither_trained_nor_pretrained_is_refused() -> None:
     """Zero autoencoder rounds keep the starting weights: fine for a prior, noise for 'random'."""
     frozen = build_config(preset="quick", overrides={"autoencoder.rounds": 0})
-    assert frozen.autoencoder.rounds == 0 and frozen.ae_init == "public-phantoms"
+    assert frozen.autoencoder.rounds == 0 and frozen.ae_init == "public-generic"
     with pytest.raises(ConfigError, match="every latent would be noise"):
         build_config(preset="tiny", image_size=16, overrides={"autoencoder.rounds": 0})
     with pytest.raises(ConfigError, match="every latent would be noise"):

@@ -25,6 +25,30 @@ def test_shipped_quick_autoencoder_loads_and_reconstructs_phantoms() -> None:
     assert float((recon - x).abs().mean()) < 0.1
 
 
+def test_shipped_generic_autoencoder_holds_shapes_the_phantom_prior_cannot() -> None:
+    """The modality-agnostic prior: unseen generic images (another seed) reconstruct far better
+    than through the phantom-only prior, and phantoms nearly as well (measured on 800 of each:
+    33.8 vs 16.0 dB, 28.1 vs 28.4 dB; on real brain MRI 26.8 vs 24.0 dB)."""
+    from ldm_core.evaluation.fidelity import reconstruction_quality
+    from ldm_core.pretrain import public_images
+    from ldm_core.procedural import generic_images
+
+    m = build_config(preset="quick").model
+    assert pretrained_path(m, generic=True).exists(), "the generic autoencoder is missing"
+    psnr = {}
+    for name, generic in (("phantom", False), ("generic", True)):
+        ae = make_autoencoder(m)
+        ae.load_state_dict(load_pretrained(m, generic=generic))
+        for data, x in (("shapes", generic_images(96, m.image_size, seed=1234)),
+                        ("phantoms", public_images(96, m.image_size, seed=99))):
+            psnr[name, data] = float(reconstruction_quality(ae, x, torch.device("cpu"))[0].mean())
+    assert psnr["generic", "shapes"] > psnr["phantom", "shapes"] + 10.0, psnr
+    assert psnr["generic", "phantoms"] > psnr["phantom", "phantoms"] - 1.0, psnr
+    assert psnr["generic", "phantoms"] > 26.0, psnr
+    with pytest.raises(ValueError, match="2D image-only"):
+        load_pretrained(dataclasses.replace(m, mask_channels=1), generic=True)
+
+
 def test_missing_or_mismatched_pretrained_weights_explain_the_fix() -> None:
     m = build_config(preset="tiny", image_size=16).model
     with pytest.raises(FileNotFoundError, match="pretrain-ae"):

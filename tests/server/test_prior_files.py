@@ -106,6 +106,7 @@ def test_prior_paths_become_absolute_and_the_data_card_names_the_source(
     assert f"'{priors['data'].name}'" in note and "ae.safetensors" in note
     assert str(priors["data"].parent) not in note  # no coordinator paths in published files
     assert "not readable" in init_note("/nowhere/x.safetensors")
+    assert "generic procedural images" in init_note("public-generic", trained=False)
 
 
 def test_a_corrupt_prior_file_is_refused_naming_it(priors: dict[str, Path],

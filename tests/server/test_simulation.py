@@ -242,6 +242,16 @@ def test_volume_data_make_a_3d_run_unless_the_user_says_otherwise(tmp_path: Path
         "model.spatial_dims": 2}
 
 
+def test_the_demo_starts_from_the_phantom_autoencoder_and_real_data_from_the_generic_one(
+        ) -> None:
+    from server.simulate import SimulationOptions, simulation_config
+
+    assert simulation_config(SimulationOptions(data="demo")).ae_init == "public-phantoms"
+    assert simulation_config(SimulationOptions(data="/data/mri")).ae_init == "public-generic"
+    assert simulation_config(SimulationOptions(
+        data="demo", overrides={"ae_init": "public-generic"})).ae_init == "public-generic"
+
+
 @pytest.mark.parametrize(("sites", "cores", "expected"), [
     (3, 2, 3),    # one wave, each core shared 1.5x: a round takes 1.5x a site's time, not 2x
     (2, 2, 2), (1, 2, 1), (4, 2, 2), (5, 2, 2),
