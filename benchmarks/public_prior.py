@@ -1,5 +1,5 @@
 """What a public prior of the sites' own modality buys: the same DP federation started from the
-shipped phantom autoencoder, or from priors made by `fedldm pretrain-ae/-dm --data PUBLIC`.
+shipped autoencoder prior, or from priors made by `fedldm pretrain-ae/-dm --data PUBLIC`.
 
     .venv/bin/python benchmarks/public_prior.py --data ../shared/data/brain-tumor-mri \\
         --out runs/public-prior
@@ -11,7 +11,9 @@ the two parts never overlap (checked). Without patient ids (brain-tumor-mri has 
 one patient may fall on both sides: read the MIA and memorisation columns with that in mind.
 Arms (each a `fedldm simulate` at --epsilon on the private part, same sites and partition):
 
-* `shipped`: the quick preset's default start (autoencoder pretrained on phantoms);
+* `shipped`: the quick preset's default start (the shipped autoencoder prior: the
+  modality-agnostic `public-generic` since 2026-12-07, the phantom-only one before; the
+  measurements in docs/benchmarks.md section 10 are of the phantom-only one);
 * `public-ae`: the autoencoder prior from the public part, denoiser from scratch;
 * `public-ae+dm`: both priors from the public part (the denoiser unconditional, labels unused);
 * `public-ae+dm+cond`: the same, DP fine-tuning only the denoiser's conditioning path (class
