@@ -344,10 +344,12 @@ def load_pretrained(cfg: ModelConfig, *, generic: bool = False) -> dict[str, tor
         if cfg.mask_channels or cfg.spatial_dims != 2:
             raise PriorError("ae_init 'public-generic' is a 2D image-only prior; a paired or "
                              "volume run starts from ae_init 'public-phantoms'")
+        phantom_ships = any(p.exists() for p in _candidates(pretrained_path(cfg).name))
         return _load(pretrained_path(cfg, generic=True), _arch_key(cfg, _ae_keys(cfg)),
                      f"create it with `fedldm pretrain-ae --generic --image-size "
                      f"{cfg.image_size} --set model.ae_channels={list(cfg.ae_channels)} ...`, or "
-                     "set ae_init=public-phantoms")
+                     + ("set ae_init=public-phantoms" if phantom_ships else
+                        "set ae_init=random with autoencoder rounds (--ae-rounds N)"))
     if _paired_prior_ships(cfg):
         return _load(pretrained_path(cfg), _arch_key(cfg, _ae_keys(cfg)), "")
     image_only = dataclasses.replace(cfg, mask_channels=0)

@@ -16,7 +16,6 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ldm_core.config import ConfigError, RunConfig, build_config
-from ldm_core.data import DEMO_DATA
 from server.acceptance import check_feasible, parse_acceptance
 from server.federation import Coordinator, ServerSettings
 
@@ -35,8 +34,7 @@ def config_from_run_config(rc: Mapping[str, Any]) -> tuple[RunConfig, ServerSett
                        image_size=int(rc.get("image-size", 0)) or None, class_names=names,
                        epsilon=math.inf if eps == "inf" else float(eps),
                        delta=float(rc.get("delta", 1e-5)), seed=int(rc.get("seed", 0)),
-                       device=str(rc.get("device", "auto")), overrides=overrides,
-                       phantom_data=str(rc.get("data", "")) == DEMO_DATA)
+                       device=str(rc.get("device", "auto")), overrides=overrides)
     out = Path(str(rc.get("out", "runs/flwr-run")))
     # One registry beside the runs: a site's spend must never go down from one run to the next.
     registry = Path(str(rc.get("spend-registry", out.parent / "site-spend.json")))

@@ -124,9 +124,12 @@ class World:
         (folder / bad).write_text("garbage\n")
         return str(folder)
 
-    def old_run(self) -> str:
-        """A run folder started with preset tiny (run.json + checkpoints/state.json)."""
+    def old_run(self, protocol: int | None = None) -> str:
+        """A run folder started with preset tiny (run.json + checkpoints/state.json), by this
+        release or (`protocol`) by one of another protocol version."""
         import json
+
+        from common.protocol import PROTOCOL_VERSION
 
         data = self.data()
         run = self.p("run")
@@ -135,7 +138,8 @@ class World:
         (run / "run.json").write_text(json.dumps({"config": to_dict(cfg), "data": data}))
         (run / "checkpoints" / "state.json").write_text(json.dumps(
             {"config": to_dict(cfg), "stage": "autoencoder", "round": 1,
-             "checkpoint": "round-1", "run_name": "run-x"}))
+             "checkpoint": "round-1", "run_name": "run-x",
+             "protocol": PROTOCOL_VERSION if protocol is None else protocol}))
         return str(run)
 
 
@@ -256,6 +260,9 @@ CASES = [
     Case("simulate-rerun-other-preset",
          lambda w: ["simulate", "--data", w.data(), "--sites", "2", "--out", w.old_run(),
                     "--preset", "quick"], "another configuration"),
+    Case("simulate-resume-a-run-of-an-older-protocol",
+         lambda w: ["simulate", "--data", w.data(), "--sites", "2", "--out", w.old_run(1),
+                    "--preset", "tiny"], "finish that run with the release that started it"),
     # --- export
     Case("export-missing-run", lambda w: ["export", str(w.p("no-run")), "--to",
                                           str(w.p("out"))], "no-run"),

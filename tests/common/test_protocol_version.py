@@ -42,6 +42,8 @@ from ldm_core.phases import PHASES
 # failure prints it). Never edit an old entry.
 FINGERPRINTS = {
     1: "0d96d60f2d96cea2f1b45358d6398ce568675eb05f4ac4268869d949b72a8f16",
+    # the same models and replies; the run config gained ae_init "public-generic"
+    2: "0d96d60f2d96cea2f1b45358d6398ce568675eb05f4ac4268869d949b72a8f16",
 }
 
 _ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",

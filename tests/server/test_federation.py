@@ -37,11 +37,10 @@ def test_run_config_parsing() -> None:
     assert cfg.diffusion.rounds == 3 and settings.min_sites == 2
     with pytest.raises(ValueError, match="class-names"):
         config_from_run_config({"class-names": "only"})
-    # `flwr run` on the built-in phantoms starts from the phantom prior, like `fedldm simulate`;
-    # a deployment (no data in the run config) from the modality-agnostic one
-    demo, _ = config_from_run_config({"class-names": "a,b", "data": "demo"})
-    real, _ = config_from_run_config({"class-names": "a,b", "data": ""})
-    assert (demo.ae_init, real.ae_init) == ("public-phantoms", "public-generic")
+    # a deployment (no data in the run config: `flwr run` with data simulates through
+    # server.simulate.simulation_config) starts from the modality-agnostic prior
+    real, _ = config_from_run_config({"class-names": "a,b"})
+    assert real.ae_init == "public-generic"
 
 
 class _NoGrid:
