@@ -236,6 +236,7 @@ def test_stress_scores_a_users_model_per_variation(trained_run: Path, tmp_path: 
 def test_a_run_started_under_another_split_is_not_resumed(tmp_path: Path, tiny_cfg: Any) -> None:
     """Resuming would train and evaluate its sites on other patients than it started with."""
     from common import files
+    from common.protocol import PROTOCOL_VERSION
     from ldm_core.config import to_dict
     from ldm_core.data import SPLIT_SCHEME
     from server.federation import FederationError
@@ -243,7 +244,8 @@ def test_a_run_started_under_another_split_is_not_resumed(tmp_path: Path, tiny_c
 
     run = Run(tmp_path / "old")
     run.state_path.parent.mkdir(parents=True)
-    files.write_json_atomic(run.state_path, {"config": to_dict(tiny_cfg)})
+    files.write_json_atomic(run.state_path, {"config": to_dict(tiny_cfg),
+                                             "protocol": PROTOCOL_VERSION})
     info = RunInfo(config=to_dict(tiny_cfg), data="d.csv", partition="site", sites=2,
                    mode="simulation")
     run.save_info(info)  # as earlier versions wrote it: no split
@@ -253,6 +255,10 @@ def test_a_run_started_under_another_split_is_not_resumed(tmp_path: Path, tiny_c
     run.save_info(dataclasses.replace(info, split=SPLIT_SCHEME))
     _check_before_writing(run, tiny_cfg, "d.csv", "site", opts)  # same rule: resumes
     assert Run(run.root).load_info().split == SPLIT_SCHEME  # type: ignore[union-attr]
+    # a run of another protocol version is refused as such (not as another configuration)
+    files.write_json_atomic(run.state_path, {"config": to_dict(tiny_cfg), "protocol": 1})
+    with pytest.raises(FederationError, match="protocol 1; this release speaks"):
+        _check_before_writing(run, tiny_cfg, "d.csv", "site", opts)
 
 
 @pytest.mark.slow
