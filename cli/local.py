@@ -61,15 +61,14 @@ def check_resume(out: Path, config: dict[str, Any]) -> None:
     except (OSError, ValueError) as e:
         raise LocalCliError(f"--out {out}: {state} is unreadable ({e}); use a new --out folder"
                             ) from e
-    from common.protocol import PROTOCOL_VERSION
+    from common.protocol import other_version_run
 
-    if isinstance(saved, dict) and saved.get("protocol") != PROTOCOL_VERSION:
-        # Checked first: an older release's run differs in its config too (new defaults), and
-        # "the same settings" could never resume it.
-        raise LocalCliError(f"--out {out} holds a run started by fedldm protocol "
-                            f"{saved.get('protocol', 'before versions existed')}; this release "
-                            f"speaks {PROTOCOL_VERSION}: finish that run with the release that "
-                            "started it, or use a new --out folder")
+    # Checked first: an older release's run differs in its config too (new defaults), and
+    # "the same settings" could never resume it.
+    reason = other_version_run(f"--out {out}", saved.get("protocol")) \
+        if isinstance(saved, dict) else None
+    if reason:
+        raise LocalCliError(reason)
     if not isinstance(saved, dict) or saved.get("config") != config:
         changed = _changed_keys(saved.get("config") if isinstance(saved, dict) else None, config)
         raise LocalCliError(f"--out {out} holds a run with another configuration (differs in: "

@@ -48,6 +48,18 @@ PHASES: tuple[str, ...] = tuple(_REGISTRY)
 PROTOCOL_VERSION = 2
 
 
+def other_version_run(what: str, found: object) -> str | None:
+    """Why a run folder written under another protocol version cannot be resumed (None: it
+    was written under this one). Its checkpoints are networks of that version and the sites'
+    stored replies answer that version's requests: neither may cross into this release."""
+    if found == PROTOCOL_VERSION:
+        return None
+    shown = "before versions existed" if found is None else found
+    return (f"{what} was written by fedldm protocol {shown}; this one speaks "
+            f"{PROTOCOL_VERSION}: finish that run with the release that started it, or start a "
+            "new run (a new --out folder)")
+
+
 class ProtocolError(ValueError):
     """A message does not match its declaration; the text says which field and why."""
 

@@ -38,6 +38,7 @@ from common.protocol import (
     TrainReply,
     TrainRequest,
     decode_update,
+    other_version_run,
 )
 from ldm_core.checkpoint import load_checkpoint, save_checkpoint
 from ldm_core.config import ConfigError, RunConfig, to_dict
@@ -165,14 +166,9 @@ class Coordinator:
         saved = self.folder.load_state()
         if saved is None:
             return False
-        if saved.get("protocol") != PROTOCOL_VERSION:
-            # Its checkpoints are networks of that version, and the sites' stored replies for
-            # this run answer that version's requests: neither may cross into this one.
-            raise FederationError(
-                f"{self.folder.state_path} was written by a coordinator of fedldm protocol "
-                f"{saved.get('protocol', 'before versions existed')}, this one speaks "
-                f"{PROTOCOL_VERSION}: finish that run with the release that started it, or "
-                "start a new run (a new --out folder)")
+        reason = other_version_run(str(self.folder.root), saved.get("protocol"))
+        if reason:
+            raise FederationError(reason)
         if _normalised(saved.get("config")) != to_dict(self.cfg):
             raise FederationError(
                 f"{self.folder.state_path} belongs to a run with another configuration; use a "

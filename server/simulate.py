@@ -22,7 +22,7 @@ import torch
 
 from client.client_app import SimulationSites, make_client_app
 from client.ledger import PrivacyLedger
-from common.protocol import PROTOCOL_VERSION
+from common.protocol import other_version_run
 from ldm_core.config import PRESET_IMAGE_SIZE, RunConfig, build_config, to_dict
 from ldm_core.data import (
     DEMO3D_DATA,
@@ -241,12 +241,9 @@ def _check_before_writing(run: Run, cfg: RunConfig, data: str, partition: str,
     """Refuse, before run.json is touched, a run folder of another configuration and a
     federation whose test splits would miss a class (found only after training otherwise)."""
     saved = run.load_state() if run.state_path.exists() else None
-    if saved is not None and saved.get("protocol") != PROTOCOL_VERSION:
-        raise FederationError(
-            f"{run.state_path} belongs to a run started by fedldm protocol "
-            f"{saved.get('protocol', 'before versions existed')}; this release speaks "
-            f"{PROTOCOL_VERSION}: finish that run with the release that started it, or use a "
-            "new --out folder")
+    reason = other_version_run(str(run.root), saved.get("protocol")) if saved else None
+    if reason:
+        raise FederationError(reason)
     if saved is not None and saved.get("config") != to_dict(cfg):
         raise FederationError(
             f"{run.state_path} belongs to a run with another configuration; use a new --out "

@@ -257,7 +257,7 @@ def test_a_run_started_under_another_split_is_not_resumed(tmp_path: Path, tiny_c
     assert Run(run.root).load_info().split == SPLIT_SCHEME  # type: ignore[union-attr]
     # a run of another protocol version is refused as such (not as another configuration)
     files.write_json_atomic(run.state_path, {"config": to_dict(tiny_cfg), "protocol": 1})
-    with pytest.raises(FederationError, match="protocol 1; this release speaks"):
+    with pytest.raises(FederationError, match="protocol 1; this one speaks"):
         _check_before_writing(run, tiny_cfg, "d.csv", "site", opts)
 
 
