@@ -1,15 +1,16 @@
 """How well each shipped 2D autoencoder prior holds images it never saw, phantoms or not.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/prior_transfer.py \\
-        [--data ../shared/data/brain-tumor-mri] [--n 800]
+        [--data ../shared/data/brain-tumor-mri] [--n 800] [--image-size 64]
 
 A prior the quick preset keeps frozen caps every later number: generated images cannot be
 sharper than its reconstructions. This compares the phantom-only prior (`public-phantoms`,
 the demo's) with the modality-agnostic one (`public-generic`, the default for other data) on
 unseen public phantoms (another seed), unseen generic procedural images (another seed) and,
 with --data, N images drawn at random from a real folder or manifest (every split: nothing here
-trains). Reconstruction is the posterior mean decoded, as the sites' holdout release measures
-it. Prints JSON lines and a markdown table.
+trains). --image-size 64 measures the shipped 32 px priors on 64 px images, as a 64 px 2D run
+uses them (`ldm_core.pretrain.shipped_arch`). Reconstruction is the posterior mean decoded, as
+the sites' holdout release measures it. Prints JSON lines and a markdown table.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="a real image folder or manifest (optional)")
     ap.add_argument("--n", type=int, default=800, help="images per set")
     ap.add_argument("--preset", default="quick")
+    ap.add_argument("--image-size", type=int, help="default: the preset's")
     args = ap.parse_args()
-    m = build_config(preset=args.preset).model
+    m = build_config(preset=args.preset, image_size=args.image_size).model
     sets = {"unseen phantoms": public_images(args.n, m.image_size, seed=99),
             "unseen generic images": generic_images(args.n, m.image_size, seed=1234)}
     if args.data is not None:

@@ -325,10 +325,32 @@ def _load(path: Path, arch: dict[str, object], how: str) -> dict[str, torch.Tens
     return _read_checked(path, arch, how)
 
 
+def _ships(path: Path) -> bool:
+    return any(p.exists() for p in _candidates(path.name))
+
+
+# The image size the shipped 2D autoencoder priors were made at.
+SHIPPED_2D_SIZE = 32
+
+
+def shipped_arch(cfg: ModelConfig, *, generic: bool = False) -> ModelConfig:
+    """The architecture whose shipped autoencoder file a 2D run of another image size reads.
+
+    Why a 32 px prior may start a 64 px run: a 2D autoencoder is fully convolutional, so its
+    weights do not depend on the image size, and the shipped 32 px priors hold 64 px images at
+    least as well as 32 px ones (real brain MRI it never saw: the modality-agnostic prior 28.0 dB
+    / SSIM 0.85 at 64 px against 26.8 dB / 0.79 at 32 px; `benchmarks/prior_transfer.py
+    --image-size 64`). A prior made at the run's own size always wins; volumes keep their own.
+    """
+    if cfg.spatial_dims != 2 or _ships(pretrained_path(cfg, generic=generic)):
+        return cfg
+    made = dataclasses.replace(cfg, image_size=SHIPPED_2D_SIZE)
+    return made if _ships(pretrained_path(made, generic=generic)) else cfg
+
+
 def _paired_prior_ships(cfg: ModelConfig) -> bool:
     """Whether a prior pretrained with masks exists for this paired architecture."""
-    return bool(cfg.mask_channels) and any(
-        p.exists() for p in _candidates(pretrained_path(cfg).name))
+    return bool(cfg.mask_channels) and _ships(pretrained_path(shipped_arch(cfg)))
 
 
 def load_pretrained(cfg: ModelConfig, *, generic: bool = False) -> dict[str, torch.Tensor]:
@@ -344,15 +366,17 @@ def load_pretrained(cfg: ModelConfig, *, generic: bool = False) -> dict[str, tor
         if cfg.mask_channels or cfg.spatial_dims != 2:
             raise PriorError("ae_init 'public-generic' is a 2D image-only prior; a paired or "
                              "volume run starts from ae_init 'public-phantoms'")
-        phantom_ships = any(p.exists() for p in _candidates(pretrained_path(cfg).name))
-        return _load(pretrained_path(cfg, generic=True), _arch_key(cfg, _ae_keys(cfg)),
+        phantom_ships = _ships(pretrained_path(shipped_arch(cfg)))
+        at = shipped_arch(cfg, generic=True)
+        return _load(pretrained_path(at, generic=True), _arch_key(at, _ae_keys(at)),
                      f"create it with `fedldm pretrain-ae --generic --image-size "
                      f"{cfg.image_size} --set model.ae_channels={list(cfg.ae_channels)} ...`, or "
                      + ("set ae_init=public-phantoms" if phantom_ships else
                         "set ae_init=random with autoencoder rounds (--ae-rounds N)"))
     if _paired_prior_ships(cfg):
-        return _load(pretrained_path(cfg), _arch_key(cfg, _ae_keys(cfg)), "")
-    image_only = dataclasses.replace(cfg, mask_channels=0)
+        at = shipped_arch(cfg)
+        return _load(pretrained_path(at), _arch_key(at, _ae_keys(at)), "")
+    image_only = shipped_arch(dataclasses.replace(cfg, mask_channels=0))
     state = _load(pretrained_path(image_only), _arch_key(image_only, _ae_keys(image_only)),
                   f"create it with `fedldm pretrain-ae --image-size {cfg.image_size} --set "
                   f"model.ae_channels={list(cfg.ae_channels)} "
