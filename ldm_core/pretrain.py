@@ -337,10 +337,13 @@ def shipped_arch(cfg: ModelConfig, *, generic: bool = False) -> ModelConfig:
     """The architecture whose shipped autoencoder file a 2D run of another image size reads.
 
     Why a 32 px prior may start a 64 px run: a 2D autoencoder is fully convolutional, so its
-    weights do not depend on the image size, and the shipped 32 px priors hold 64 px images at
-    least as well as 32 px ones (real brain MRI it never saw: the modality-agnostic prior 28.0 dB
-    / SSIM 0.85 at 64 px against 26.8 dB / 0.79 at 32 px; `benchmarks/prior_transfer.py
-    --image-size 64`). A prior made at the run's own size always wins; volumes keep their own.
+    weights do not depend on the image size. Measured on 800 images of each kind it never saw
+    (`benchmarks/prior_transfer.py --image-size 64`, docs/benchmarks.md section 10b): real brain
+    MRI at 64 px reconstructs better than at 32 px (modality-agnostic prior 28.0 dB / SSIM 0.85
+    against 26.8 / 0.79; phantom-only 24.8 against 24.0), while 64 px phantoms lose detail
+    through the phantom-only prior (23.3 dB against 28.4 at 32 px; the modality-agnostic prior
+    27.2). Better than no start at all; a prior made at the run's own size (`fedldm pretrain-ae
+    --image-size 64`) always wins, and volumes keep their own.
     """
     if cfg.spatial_dims != 2 or _ships(pretrained_path(cfg, generic=generic)):
         return cfg
