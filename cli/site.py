@@ -19,7 +19,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +42,7 @@ NODE_CONFIG_FILE = "node-config.toml"
 LEDGER_FILE = "ledger.json"
 STATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
+WORKER_SECRET_FILE = "superexec.secret"  # client.site_worker.SECRET_FILE (not imported: torch)
 FLWR_HOME_DIR = "flwr-home"
 # `site check` warns about images outside this range of pixels per side.
 MIN_SIDE, MAX_SIDE = 16, 4096
@@ -338,8 +343,12 @@ def build_supernode_command(args: argparse.Namespace) -> tuple[list[str], dict[s
     state_dir = _check_state_dir(args.state_dir, args.site_id, args.epsilon, args.delta)
     _check_existing_ledger(state_dir, args.site_id, args.delta, args.epsilon)
 
+    # `--isolation process`: the SuperNode launches no ClientApp of its own; the site's worker
+    # (client.site_worker) answers every message with the fedldm installed here, never with the
+    # app bundle the coordinator submitted (a malicious coordinator could ship any code in it).
     cmd = [flower_tool("flower-supernode"), "--superlink", superlink,
-           "--port", str(args.port)]
+           "--port", str(args.port), "--isolation", "process",
+           "--superexec-auth-secret-file", str(state_dir / WORKER_SECRET_FILE)]
     if args.insecure:
         if args.root_certificates is not None:
             raise SiteCliError("--insecure turns TLS off: drop --root-certificates, or drop "
@@ -372,20 +381,58 @@ def build_supernode_command(args: argparse.Namespace) -> tuple[list[str], dict[s
 ACTIVATION_FAILED = "Failed to activate SuperNode"
 
 
+def worker_command(args: argparse.Namespace) -> list[str]:
+    """The site's ClientApp worker (client.site_worker), which answers the SuperNode's tasks."""
+    state_dir = args.state_dir.expanduser().resolve()
+    return [sys.executable, "-m", "client.site_worker", "--runtime-api",
+            f"127.0.0.1:{args.port}", "--secret-file", str(state_dir / WORKER_SECRET_FILE),
+            "--parent-pid", str(os.getpid())]
+
+
 def site_start(args: argparse.Namespace) -> int:
     cmd, env = build_supernode_command(args)
+    worker = worker_command(args)
     print(f"fedldm site {args.site_id}: budget epsilon {args.epsilon:g}, delta {args.delta:g} "
           f"(the coordinator can lower it per run, never raise it); ledger "
           f"{args.state_dir.expanduser().resolve() / LEDGER_FILE}", flush=True)
     if args.dry_run:
+        print(" ".join(worker))
         print(" ".join(cmd))
         return 0
-    # A site restarted soon after a crash is refused until the SuperLink marks its previous
-    # session offline: wait that out instead of exiting (common.procs.run_supervised).
-    return run_supervised(cmd, env, retry_marker=ACTIVATION_FAILED, retry_hint=(
-        "Either this site's public key is not registered at the SuperLink (the coordinator "
-        "registers it with `fedldm coordinator register-site`), or another SuperNode with this "
-        "key is running."))
+    from client.site_worker import write_secret
+
+    write_secret(args.state_dir.expanduser().resolve())
+    # The worker must import this very fedldm (the one that validated the site), not another.
+    worker_env = {**env, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])}
+    # Its own session: a Ctrl-C at the terminal reaches the SuperNode through us, not the worker.
+    proc = subprocess.Popen(worker, env=worker_env, start_new_session=True)
+    stopping = threading.Event()
+
+    def watch() -> None:
+        # Without its worker the SuperNode would take messages nobody answers: stop it too, so
+        # the site's supervisor (systemd, compose) restarts the pair.
+        code = proc.wait()
+        if not stopping.is_set():
+            warn(f"the site worker exited (status {code}); stopping the SuperNode")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        # A site restarted soon after a crash is refused until the SuperLink marks its previous
+        # session offline: wait that out instead of exiting (common.procs.run_supervised).
+        code = run_supervised(cmd, env, retry_marker=ACTIVATION_FAILED, retry_hint=(
+            "Either this site's public key is not registered at the SuperLink (the coordinator "
+            "registers it with `fedldm coordinator register-site`), or another SuperNode with "
+            "this key is running."))
+        return 1 if proc.poll() is not None and not stopping.is_set() else code
+    finally:
+        stopping.set()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 # ---------------------------------------------------------------------------------------------

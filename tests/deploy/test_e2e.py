@@ -39,6 +39,7 @@ GENERATE = REPO / "deploy" / "certs" / "generate.sh"
 GOOD = ("site-a", "site-b")
 EVALUATES = "site-a"
 RUN_TIMEOUT_S = 420
+BUNDLE_RAN = "coordinator-bundle-ran-at-a-site"
 
 
 @dataclass
@@ -78,6 +79,19 @@ def _site(dep: Deployment, name: str, *, key: str, ca: Path, data: Path,
                        *extra], dep.root / "logs")
 
 
+def _tampered_app(root: Path) -> Path:
+    """The fedldm app as a malicious coordinator could submit it: its ClientApp leaves a mark
+    (as code that reads the images would) the moment a site imports it. The sites must answer
+    with their own installed fedldm, so the mark must never appear."""
+    app = root / "app"
+    shutil.copytree(REPO, app, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"))
+    entry = app / "client" / "flower_app.py"
+    entry.write_text(entry.read_text() + "\nfrom pathlib import Path as _Path\n\n"
+                     f"_Path({str(root / BUNDLE_RAN)!r}).write_text('the bundle ran at a site')\n")
+    return app
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("deploy")
@@ -112,6 +126,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                                     allow_evaluate=site == EVALUATES)
         dep.procs["run"] = Proc("run", [
             *fedldm_cmd(), "coordinator", "run", *dep.connection(), "--out", str(dep.run_dir),
+            "--app", str(_tampered_app(root)),
             "--preset", "tiny", "--set", "autoencoder.rounds=1", "--set", "diffusion.rounds=1",
             "--min-sites", "2", "--wait-for-sites", "120", "--timeout", str(RUN_TIMEOUT_S)],
             root / "logs")
@@ -173,6 +188,8 @@ def test_two_site_federation_end_to_end(deployment: Deployment,
     assert set(metrics["privacy"]["sites"]) == set(GOOD)
     run_name = json.loads((run / "checkpoints" / "state.json").read_text())["run_name"]
 
+    # The run was submitted with a tampered app bundle (_tampered_app); no site executed it.
+    assert not (dep.root / BUNDLE_RAN).exists()
     for site in GOOD:
         s = metrics["privacy"]["sites"][site]
         assert 0 < s["epsilon"] <= s["budget_epsilon"] + 1e-9
@@ -186,6 +203,14 @@ def test_two_site_federation_end_to_end(deployment: Deployment,
         assert run_name in shown and "diffusion" in shown
         # Only the site that allows evaluations was charged for one, before it answered.
         assert ("evaluate" in phases) == (site == EVALUATES)
+        # The site answered every message with its own fedldm (client.site_worker): the app
+        # bundle the coordinator submitted was never installed, let alone run, at the site.
+        apps = dep.state(site) / "flwr-home" / "apps"
+        assert not apps.exists() or not any(apps.iterdir()), sorted(apps.iterdir())
+        site_log = (dep.state(site) / "site.log").read_text()
+        own = site_log.count("with this site's own ClientApp; the coordinator's app bundle")
+        answered = len(list((dep.state(site) / "replies" / run_name).iterdir()))
+        assert own >= answered >= 3, site_log[-2000:]  # autoencoder, latent-scale, diffusion
 
     # Utility and recall measured at the sites, with no reference set at the coordinator: what
     # site-a released (one DP vector), pooled; site-b's refusal is named as missing.

@@ -91,8 +91,15 @@ def test_start_node_config_round_trips_through_flower(site_files: dict[str, Path
     argv = _start(site_files, "--root-certificates", str(site_files["ca"]), "--auth-key",
                   str(site_files["key"]), "--epsilon", "inf", "--delta", "1e-6", "--port", "9200")
     assert cli.main(argv) == 0
-    command = capsys.readouterr().out.strip().splitlines()[-1]
+    worker, command = capsys.readouterr().out.strip().splitlines()[-2:]
     assert "flower-supernode --superlink 127.0.0.1:8000 --port 9200" in command
+    # The SuperNode runs no ClientApp itself (no coordinator-shipped code at the site): the
+    # site's own worker answers its tasks, on the same runtime port, with the start's secret.
+    assert "--isolation process" in command
+    secret = site_files["state"] / "superexec.secret"
+    assert f"--superexec-auth-secret-file {secret}" in command
+    assert "-m client.site_worker --runtime-api 127.0.0.1:9200" in worker
+    assert f"--secret-file {secret}" in worker
     assert f"--auth-supernode-private-key {site_files['key']}" in command
     node_config = site_files["state"] / "node-config.toml"
     assert f"--node-config {node_config}" in command
@@ -249,3 +256,56 @@ def test_start_refuses_a_truncated_ledger(site_files: dict[str, Path],
     assert cli.main(_start(site_files)) == 2
     err = capsys.readouterr().err
     assert "fedldm site start:" in err and "head file" in err and "backup" in err
+
+
+def test_the_worker_secret_is_fresh_and_private(tmp_path: Path) -> None:
+    from cli.site import WORKER_SECRET_FILE
+    from client.site_worker import SECRET_FILE, write_secret
+
+    assert WORKER_SECRET_FILE == SECRET_FILE
+    first = write_secret(tmp_path).read_bytes()
+    path = write_secret(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(path.read_bytes()) == 32 and path.read_bytes() != first
+
+
+def _below(root: int, arg: str) -> list[int]:
+    from tests.deploy.procs import cmdline, descendants
+
+    return [p for p in descendants(root) if any(Path(a).name == arg for a in cmdline(p)[:3])]
+
+
+def test_site_start_runs_its_worker_and_stops_when_the_worker_dies(
+        site_files: dict[str, Path], tmp_path: Path) -> None:
+    """No SuperLink is listening: the SuperNode keeps trying to connect, the worker waits for
+    tasks. A worker that dies must take the SuperNode with it (nobody would answer its
+    messages), and `site start` must exit non-zero so the site's supervisor restarts both."""
+    import os
+    import signal
+    import time
+
+    from tests.deploy.procs import Proc, fedldm_cmd, free_port, wait_gone
+
+    (tmp_path / "logs").mkdir()
+    site = Proc("site", [*fedldm_cmd(), "site", "start", "--superlink",
+                         f"127.0.0.1:{free_port()}", "--data", str(site_files["data"]),
+                         "--state-dir", str(site_files["state"]), "--site-id", "hospital-a",
+                         "--insecure", "--port", str(free_port())], tmp_path / "logs")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+                _below(site.proc.pid, "client.site_worker")
+                and _below(site.proc.pid, "flower-supernode")):
+            assert site.alive(), site.tail()
+            time.sleep(0.3)
+        workers = _below(site.proc.pid, "client.site_worker")
+        supernodes = _below(site.proc.pid, "flower-supernode")
+        assert workers and supernodes, site.tail()
+        assert not _below(site.proc.pid, "flower-superexec")  # nothing runs the bundle
+        time.sleep(2.0)  # both settled
+        os.kill(workers[0], signal.SIGKILL)
+        assert site.wait(timeout=60) == 1, site.tail()
+        assert "the site worker exited" in site.log()
+        assert not wait_gone(supernodes), "the SuperNode outlived its worker"
+    finally:
+        site.stop()
