@@ -1,7 +1,7 @@
 """What a federated round costs beyond the sites' training in a real deployment over loopback.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/deployment_overhead.py [--sites 3] \
-        [--dm-rounds 2] [--patients 4267]
+        [--dm-rounds 2] [--patients 4267] [--runtime site-worker|flower-subprocess]
 
 The same measurement as benchmarks/federation_overhead.py, but through the deployment path a
 consortium runs, all on 127.0.0.1: certificates from deploy/certs/generate.sh, `fedldm
@@ -18,6 +18,7 @@ local compute. Prints JSON lines and a markdown table. Needs openssl.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,23 @@ from tests.deploy.procs import (  # noqa: E402
 )
 
 GENERATE = REPO / "deploy" / "certs" / "generate.sh"
+
+
+def flower_default_supernode(start: list[str], state: Path) -> list[str]:
+    """The SuperNode `site start` would run, but in Flower's default runtime (`--isolation
+    subprocess`: a fresh `flwr-clientapp` per message that installs and runs the submitted app
+    bundle). For comparison only: a site must not run that way (client/site_worker.py)."""
+    code, out, err = fedldm_inprocess(*start, "--dry-run")
+    if code != 0:
+        raise SystemExit(f"site start --dry-run failed:\n{err}")
+    cmd = out.strip().splitlines()[-1].split(" ")  # temp paths, no spaces
+    i = cmd.index("--isolation")
+    del cmd[i:i + 2]
+    i = cmd.index("--superexec-auth-secret-file")
+    del cmd[i:i + 2]
+    bin_dir = Path(sys.executable).parent
+    return ["env", f"FLWR_HOME={state / 'flwr-home'}",
+            f"PATH={bin_dir}:{os.environ.get('PATH', '')}", *cmd]
 
 
 def deploy_and_run(args: argparse.Namespace, root: Path) -> tuple[Path, Path, float]:
@@ -75,12 +93,15 @@ def deploy_and_run(args: argparse.Namespace, root: Path) -> tuple[Path, Path, fl
                                             "1e-5")
             if code != 0:
                 raise SystemExit(f"site init {name} failed:\n{err}")
-            procs[name] = Proc(name, [
-                *fedldm_cmd(), "site", "start", "--superlink", f"127.0.0.1:{port}", "--data",
+            start = [
+                "site", "start", "--superlink", f"127.0.0.1:{port}", "--data",
                 str(root / "data" / name), "--state-dir", str(states / name), "--site-id", name,
                 "--root-certificates", str(certs / "ca.crt"), "--auth-key",
                 str(certs / "sites" / name / "auth.key"), "--epsilon", "8", "--delta", "1e-5",
-                "--port", str(free_port())], root / "logs")
+                "--port", str(free_port())]
+            cmd = ([*fedldm_cmd(), *start] if args.runtime == "site-worker"
+                   else flower_default_supernode(start, states / name))
+            procs[name] = Proc(name, cmd, root / "logs")
         out = root / "runs" / "overhead"
         t0 = time.monotonic()
         procs["run"] = Proc("run", [
@@ -106,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dm-rounds", type=int, default=2)
     ap.add_argument("--patients", type=int, default=4267,
                     help="demo patients per site (simulate's default 12,800 over 3 sites)")
+    ap.add_argument("--runtime", choices=("site-worker", "flower-subprocess"),
+                    default="site-worker", help="how the sites answer messages: fedldm's own "
+                    "worker (`site start`, the default) or, for comparison, Flower's default "
+                    "runtime that runs the submitted app bundle per message")
     ap.add_argument("--keep", type=Path, help="work here and keep it (default: a temp dir)")
     args = ap.parse_args(argv)
     if shutil.which("openssl") is None:

@@ -29,34 +29,45 @@ import logging
 import os
 import secrets
 import sys
+import threading
 import time
 from pathlib import Path
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,  # pylint: disable=E0611
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+)
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
 from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import (
-    pull_task_input,
-    push_message,
-    push_task_output,
-)
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from ldm_core.logs import file_logger
 
 __all__ = ["POLL_S", "SECRET_FILE", "write_secret", "serve_task", "serve_forever", "main"]
 
 POLL_S = 0.2
+MAX_CONCURRENT_TASKS = 8  # bounds the memory of tasks stuck on the network
 SECRET_FILE = "superexec.secret"
 _ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 _LOG = logging.getLogger("fedldm.site_worker")
@@ -78,6 +89,33 @@ def _client(address: str, *interceptors: object) -> RuntimeHttpClient:
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
         interceptors=list(interceptors), retry_invoker=make_simple_http_retry_invoker())
+
+
+def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
+    """Flower's `run_clientapp.pull_task_input`, polling the local SuperNode every 50-500 ms.
+
+    Why not Flower's: the SuperNode creates the task before it has pulled the message's weights
+    from the SuperLink, and Flower's puller backs off 1, 2, 4, 8, 10 s while it waits, which put
+    up to 20 s between a task and its training on loopback (its per-message process start used
+    to absorb the first seconds). The SuperNode is on this machine: polling it fast is cheap.
+    No per-object try limit (a large message on a slow link may take minutes to arrive), the
+    same two-hour overall limit as Flower's."""
+    res = client.PullTaskInput(PullTaskInputRequest())
+    context = context_from_proto(res.context)
+    run = run_from_proto(res.run)
+    fab = fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("no message for the task from the SuperNode's runtime API")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
+                                                  context.run_id),
+        return_type=Message, max_tries_per_object=None, initial_backoff=0.05, backoff_cap=0.5)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's runner sets it
+    return message, context, run, fab
 
 
 def serve_task(address: str, token: str, app: ClientApp) -> str:
@@ -122,10 +160,22 @@ def serve_task(address: str, token: str, app: ClientApp) -> str:
     return status
 
 
+def _serve_logged(address: str, token: str, app: ClientApp) -> None:
+    try:
+        serve_task(address, token, app)
+    except Exception:  # noqa: BLE001 - a lost task expires at the SuperNode; keep serving
+        _LOG.exception("could not hand a task's outcome back to the SuperNode")
+
+
 def serve_forever(address: str, secret: bytes, *, poll_s: float = POLL_S,
                   max_tasks: int | None = None) -> None:
-    """Take ClientApp tasks from the SuperNode at `address` and answer them, one at a time.
+    """Take ClientApp tasks from the SuperNode at `address` and answer each in its own thread.
 
+    Why threads: a task can block for a long time without computing (a message whose weights
+    never fully arrived because the coordinator died while sending waits up to Flower's pull
+    limit, two hours), and Flower's own runtime, a process per task, would still answer the
+    next message meanwhile; so must this worker. Concurrent tasks are as safe as concurrent
+    processes were: each has its own Context, and the ledger and reply store lock their files.
     The SuperNode may restart (`fedldm site start` retries a refused activation); a failed poll
     is logged and retried rather than ending the worker."""
     from client.client_app import app  # the heavy imports, once
@@ -133,8 +183,13 @@ def serve_forever(address: str, secret: bytes, *, poll_s: float = POLL_S,
     acquire = _client(address, RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                       SuperExecAuthHttpInterceptor(master_secret=secret,
                                                    protected_methods={_ACQUIRE}))
+    running: list[threading.Thread] = []
     served, failing = 0, False
     while max_tasks is None or served < max_tasks:
+        running = [t for t in running if t.is_alive()]
+        if len(running) >= MAX_CONCURRENT_TASKS:
+            time.sleep(poll_s)
+            continue
         try:
             res = acquire.AcquireTask(AcquireTaskRequest(
                 supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
@@ -146,13 +201,16 @@ def serve_forever(address: str, secret: bytes, *, poll_s: float = POLL_S,
             time.sleep(1.0)
             continue
         if res.HasField("task") and res.token:
-            try:
-                serve_task(address, res.token, app)
-            except Exception:  # noqa: BLE001 - a lost task expires at the SuperNode; keep serving
-                _LOG.exception("could not hand a task's outcome back to the SuperNode")
+            _LOG.info("task %d of run %d taken", res.task.task_id, res.task.run_id)
+            thread = threading.Thread(target=_serve_logged, args=(address, res.token, app),
+                                      name=f"task-{res.task.task_id}", daemon=True)
+            thread.start()
+            running.append(thread)
             served += 1
             continue
         time.sleep(poll_s)
+    for thread in running:
+        thread.join()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s fedldm site worker: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call otherwise
     if a.parent_pid is not None:
         start_parent_process_monitor(a.parent_pid)
     try:

@@ -142,6 +142,30 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             p.stop()
 
 
+def _acquire_task(port: int, secret: bytes) -> object:
+    """One AcquireTask call on the SuperNode's runtime API, signed with `secret`."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import (
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=f"127.0.0.1:{port}", insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                      SuperExecAuthHttpInterceptor(
+                          master_secret=secret,
+                          protected_methods={"/flwr.proto.Runtime/AcquireTask"})],
+        retry_invoker=None)
+    try:
+        return client.AcquireTask(AcquireTaskRequest(
+            supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+    finally:
+        client.close()
+
+
 def test_refused_sites_never_join(deployment: Deployment) -> None:
     dep = deployment
     for name, why in (("rogue", "Failed to activate SuperNode"),
@@ -172,6 +196,13 @@ def test_two_site_federation_end_to_end(deployment: Deployment,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     dep = deployment
     run_proc = dep.procs["run"]
+    # While the run trains: taking a site's tasks from its runtime API needs the secret its
+    # `site start` wrote (the site's own worker has it); any other local process is refused.
+    args = dep.procs["site-a"].proc.args
+    runtime_port = int(args[args.index("--port") + 1])
+    wait_for_port(runtime_port, dep.procs["site-a"], timeout=120)
+    with pytest.raises(Exception, match="(?i)auth|denied|unauthenticated|permission|401|403"):
+        _acquire_task(runtime_port, b"x" * 32)
     code = run_proc.wait(timeout=RUN_TIMEOUT_S + 60)
     logs = "\n".join(f"--- {n}\n{p.tail(15)}" for n, p in dep.procs.items())
     assert code == 0, f"{run_proc.tail(60)}\n{logs}"

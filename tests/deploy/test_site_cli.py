@@ -301,8 +301,8 @@ def test_site_start_runs_its_worker_and_stops_when_the_worker_dies(
         workers = _below(site.proc.pid, "client.site_worker")
         supernodes = _below(site.proc.pid, "flower-supernode")
         assert workers and supernodes, site.tail()
-        assert not _below(site.proc.pid, "flower-superexec")  # nothing runs the bundle
         time.sleep(2.0)  # both settled
+        assert not _below(site.proc.pid, "flower-superexec")  # nothing runs the bundle
         os.kill(workers[0], signal.SIGKILL)
         assert site.wait(timeout=60) == 1, site.tail()
         assert "the site worker exited" in site.log()
