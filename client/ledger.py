@@ -1,9 +1,10 @@
 """The durable per-site privacy ledger: what this site has spent, over every run and phase.
 
-Why a file and not the Opacus accountant in memory: in deployment a fresh ClientApp process
-handles each message, so an in-memory accountant restarts at zero every round (the bug in
-Flower's Opacus example). The ledger is charged BEFORE a round trains and is persisted before
-`charge` returns, so a crash between the charge and the training over-counts, never under-counts.
+Why a file and not the Opacus accountant in memory: the process that handles a message may
+be a fresh one (a restarted site, Flower's process-per-message runtime), so an in-memory
+accountant would restart at zero (the bug in Flower's Opacus example). The ledger is charged
+BEFORE a round trains and is persisted before `charge` returns, so a crash between the charge
+and the training over-counts, never under-counts.
 
 A site enrols ONCE, on purpose, with `PrivacyLedger.create` (``fedldm site init``);
 `PrivacyLedger.open` never creates a ledger. Why: a deleted state folder used to come back as a

@@ -5,7 +5,7 @@ Set up like tests/deploy/test_e2e.py: certificates from deploy/certs/generate.sh
 through the `fedldm coordinator run` console script. Then two crashes, as a power cut or the
 OOM killer would cause them (SIGKILL: no handler runs, nothing is flushed):
 
-1. site-b's SuperNode (with its ClientApp processes) is killed while it trains an autoencoder
+1. site-b's SuperNode (with the site worker that trains) is killed while it trains an autoencoder
    round, and started again with the identical command. The coordinator re-sends the round to
    the silent site after --round-timeout; the run must complete.
 2. The coordinator's ServerApp (`flwr-serverapp`, below the SuperLink's `flower-superexec`) is
@@ -268,7 +268,7 @@ def test_site_killed_mid_round_and_restarted(deployment: Deployment) -> None:
         assert time.monotonic() < deadline, f"site-b was never charged:\n{dep.logs()}"
         time.sleep(0.05)
     # site-b has charged its ledger for its first round: it is training now. Kill the whole
-    # tree of `fedldm site start`: the SuperNode, its SuperExec and ClientApp processes.
+    # tree of `fedldm site start`: the SuperNode and the site worker that trains.
     site = _current(dep, "site-b")
     entry = _ledger_entries(dep, "site-b")[0]
     pids = _kill(dep, "site-b's `fedldm site start` tree (SuperNode + ClientApp)",
