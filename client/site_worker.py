@@ -39,7 +39,7 @@ from flwr.common.constant import ErrorCode, SubStatus
 from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
 from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
-    AcquireTaskRequest,  # pylint: disable=E0611
+    AcquireTaskRequest,
     PullAppMessagesRequest,
     PullTaskInputRequest,
 )

@@ -158,9 +158,10 @@ def cmdline(pid: int) -> list[str]:
 
 def find_below(root: int, needle: str) -> list[int]:
     """Pids below `root` whose command line has an argument ending with `needle` (a console
-    script such as `flwr-serverapp`, whatever interpreter runs it)."""
+    script such as `flwr-serverapp`, whatever interpreter runs it, or a module run with
+    `python -m`)."""
     return [pid for pid in descendants(root)
-            if any(Path(a).name == needle for a in cmdline(pid)[:2])]
+            if any(Path(a).name == needle for a in cmdline(pid)[:3])]
 
 
 def kill_tree(root: int) -> list[int]:

@@ -269,12 +269,6 @@ def test_the_worker_secret_is_fresh_and_private(tmp_path: Path) -> None:
     assert len(path.read_bytes()) == 32 and path.read_bytes() != first
 
 
-def _below(root: int, arg: str) -> list[int]:
-    from tests.deploy.procs import cmdline, descendants
-
-    return [p for p in descendants(root) if any(Path(a).name == arg for a in cmdline(p)[:3])]
-
-
 def test_site_start_runs_its_worker_and_stops_when_the_worker_dies(
         site_files: dict[str, Path], tmp_path: Path) -> None:
     """No SuperLink is listening: the SuperNode keeps trying to connect, the worker waits for
@@ -284,7 +278,7 @@ def test_site_start_runs_its_worker_and_stops_when_the_worker_dies(
     import signal
     import time
 
-    from tests.deploy.procs import Proc, fedldm_cmd, free_port, wait_gone
+    from tests.deploy.procs import Proc, fedldm_cmd, find_below, free_port, wait_gone
 
     (tmp_path / "logs").mkdir()
     site = Proc("site", [*fedldm_cmd(), "site", "start", "--superlink",
@@ -294,15 +288,15 @@ def test_site_start_runs_its_worker_and_stops_when_the_worker_dies(
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (
-                _below(site.proc.pid, "client.site_worker")
-                and _below(site.proc.pid, "flower-supernode")):
+                find_below(site.proc.pid, "client.site_worker")
+                and find_below(site.proc.pid, "flower-supernode")):
             assert site.alive(), site.tail()
             time.sleep(0.3)
-        workers = _below(site.proc.pid, "client.site_worker")
-        supernodes = _below(site.proc.pid, "flower-supernode")
+        workers = find_below(site.proc.pid, "client.site_worker")
+        supernodes = find_below(site.proc.pid, "flower-supernode")
         assert workers and supernodes, site.tail()
         time.sleep(2.0)  # both settled
-        assert not _below(site.proc.pid, "flower-superexec")  # nothing runs the bundle
+        assert not find_below(site.proc.pid, "flower-superexec")  # nothing runs the bundle
         os.kill(workers[0], signal.SIGKILL)
         assert site.wait(timeout=60) == 1, site.tail()
         assert "the site worker exited" in site.log()
