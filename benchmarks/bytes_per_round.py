@@ -11,6 +11,9 @@ that needs it, the frozen autoencoder. "Trained sub-model" is the float32 size o
 trainable parameters (with a phase's `train_only`, only those parameters, and only they are in
 the reply, as `client.tasks.train_round` sends them). Target: uplink bytes per round <= 1.05x
 the trained sub-model, and about half of it with ``--transfer float16-delta``.
+"Objects" counts what Flower 1.42 moves as separate HTTP requests between a SuperNode and the
+SuperLink (the message, its records, each Array and each 5 MB chunk of one); fedldm packs a
+record's tensors into one array per dtype (common.packed) so that this stays a handful.
 Deterministic (no timing); prints JSON lines and a markdown table.
 """
 
@@ -21,6 +24,7 @@ import json
 
 from flwr.app import ArrayRecord, Message
 from flwr.common.serde import message_to_proto
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from cli.args import override
 from common.protocol import RunRef, TrainReply, TrainRequest, encode_update
@@ -35,6 +39,10 @@ def _wire_bytes(content: object, *, reply_to: Message | None = None) -> int:
     msg = (Message(content, reply_to=reply_to) if reply_to is not None
            else Message(content, dst_node_id=1, message_type="train"))
     return int(message_to_proto(msg).ByteSize())
+
+
+def _objects(content: object) -> int:
+    return len(get_all_nested_objects(Message(content, dst_node_id=1, message_type="train")))
 
 
 def main() -> None:
@@ -76,18 +84,21 @@ def main() -> None:
             "downlink_first_round_bytes": _wire_bytes(first.to_record()),
             "downlink_later_round_bytes": _wire_bytes(later.to_record()),
             "uplink_over_trained": up / trained,
+            "uplink_objects": _objects(reply.to_record()),
+            "downlink_later_round_objects": _objects(later.to_record()),
             "buffers_bytes": sum(b.numel() * b.element_size() for b in model.buffers())}
         print(json.dumps(row))
         rows.append(row)
     print(f"\npreset {args.preset}, transfer {args.transfer}, overrides {dict(args.set)}; bytes "
           "as Flower serialises the messages")
     print("| phase | trained sub-model | uplink per round (x trained) | downlink first / later "
-          "round | target uplink |\n|---|---|---|---|---|")
+          "round | objects up / down | target uplink |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['phase']} | {r['trained_bytes'] / 1e6:.2f} MB | "
               f"{r['uplink_bytes'] / 1e6:.2f} MB ({r['uplink_over_trained']:.3f}x) | "
               f"{r['downlink_first_round_bytes'] / 1e6:.2f} / "
-              f"{r['downlink_later_round_bytes'] / 1e6:.2f} MB | <= {TARGET}x |")
+              f"{r['downlink_later_round_bytes'] / 1e6:.2f} MB | "
+              f"{r['uplink_objects']} / {r['downlink_later_round_objects']} | <= {TARGET}x |")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from common.packed import PackError, pack, unpack
 from ldm_core.config import TRANSFER_ENCODINGS
 from ldm_core.evaluation.attacks import AUDIT_RELEASE_KEYS
 from ldm_core.phases import PHASES as _REGISTRY
@@ -45,7 +46,9 @@ PHASES: tuple[str, ...] = tuple(_REGISTRY)
 # models and replies and goes red when they change under the same version.
 # 2: the run config may name ae_init "public-generic", which a site of version 1 refuses as an
 # unknown value (with only a generic error reason reaching the coordinator).
-PROTOCOL_VERSION = 2
+# 3: every ArrayRecord travels packed, one flat array per dtype plus its layout
+# (common.packed), which a site of version 2 could not read.
+PROTOCOL_VERSION = 3
 
 
 def other_version_run(what: str, found: object) -> str | None:
@@ -125,6 +128,14 @@ def _get(content: RecordDict, name: str, kind: type, where: str) -> Any:
     return rec
 
 
+def _arrays(content: RecordDict, name: str, where: str) -> ArrayRecord:
+    """An ArrayRecord as the sender's `to_record` packed it (common.packed), unpacked."""
+    try:
+        return unpack(_get(content, name, ArrayRecord, where))
+    except PackError as err:
+        raise ProtocolError(f"{where}: record {name!r}: {err}") from err
+
+
 def _records(content: RecordDict, allowed: set[str], where: str) -> None:
     extra = sorted(set(content.keys()) - allowed)
     if extra:
@@ -191,9 +202,9 @@ class TrainRequest:
             conf["scale-factor"] = float(self.scale_factor)
         if self.site_slot is not None:
             conf["site-slot"] = int(self.site_slot)
-        rec: dict[str, Any] = {"arrays": self.weights, "config": ConfigRecord(conf)}
+        rec: dict[str, Any] = {"arrays": pack(self.weights), "config": ConfigRecord(conf)}
         if self.autoencoder is not None:
-            rec["autoencoder"] = self.autoencoder
+            rec["autoencoder"] = pack(self.autoencoder)
         return RecordDict(rec)
 
     @staticmethod
@@ -212,8 +223,8 @@ class TrainRequest:
             raise ProtocolError(f"{where}: site-slot must be an integer >= 0, got {slot!r}")
         return TrainRequest(
             run=RunRef.parse(conf, where), phase=phase, server_round=int(conf["server-round"]),
-            weights=_get(content, "arrays", ArrayRecord, where),
-            autoencoder=(_get(content, "autoencoder", ArrayRecord, where)
+            weights=_arrays(content, "arrays", where),
+            autoencoder=(_arrays(content, "autoencoder", where)
                          if "autoencoder" in content else None),
             scale_factor=None if scale is None else _finite(scale, f"{where}: scale-factor"),
             site_slot=slot)
@@ -225,7 +236,7 @@ class LatentStatsRequest:
     autoencoder: ArrayRecord
 
     def to_record(self) -> RecordDict:
-        return RecordDict({"autoencoder": self.autoencoder, "config": ConfigRecord(
+        return RecordDict({"autoencoder": pack(self.autoencoder), "config": ConfigRecord(
             {**self.run.items(), "task": "latent-stats"})})
 
     @staticmethod
@@ -235,7 +246,7 @@ class LatentStatsRequest:
         _records(content, {"autoencoder", "config"}, where)
         conf = _get(content, "config", ConfigRecord, where)
         return LatentStatsRequest(RunRef.parse(conf, where),
-                                  _get(content, "autoencoder", ArrayRecord, where))
+                                  _arrays(content, "autoencoder", where))
 
 
 @dataclass(frozen=True)
@@ -249,7 +260,7 @@ class AuditRequest:
 
     def to_record(self) -> RecordDict:
         return RecordDict({
-            "arrays": self.denoiser, "autoencoder": self.autoencoder,
+            "arrays": pack(self.denoiser), "autoencoder": pack(self.autoencoder),
             "config": ConfigRecord({**self.run.items(), "task": "audit",
                                     "scale-factor": float(self.scale_factor)})})
 
@@ -259,8 +270,8 @@ class AuditRequest:
         check_version(content, where)
         _records(content, {"arrays", "autoencoder", "config"}, where)
         conf = _get(content, "config", ConfigRecord, where)
-        return AuditRequest(RunRef.parse(conf, where), _get(content, "arrays", ArrayRecord, where),
-                            _get(content, "autoencoder", ArrayRecord, where),
+        return AuditRequest(RunRef.parse(conf, where), _arrays(content, "arrays", where),
+                            _arrays(content, "autoencoder", where),
                             _finite(conf.get("scale-factor"), f"{where}: scale-factor"))
 
 
@@ -279,7 +290,7 @@ class EvaluateRequest:
     synthetic: ArrayRecord
 
     def to_record(self) -> RecordDict:
-        return RecordDict({"arrays": self.classifier, "synthetic": self.synthetic,
+        return RecordDict({"arrays": pack(self.classifier), "synthetic": pack(self.synthetic),
                            "config": ConfigRecord({**self.run.items(), "task": "evaluate"})})
 
     @staticmethod
@@ -288,11 +299,11 @@ class EvaluateRequest:
         check_version(content, where)
         _records(content, {"arrays", "synthetic", "config"}, where)
         conf = _get(content, "config", ConfigRecord, where)
-        syn = _get(content, "synthetic", ArrayRecord, where)
+        syn = _arrays(content, "synthetic", where)
         if set(syn.keys()) != {"images"}:
             raise ProtocolError(f"{where}: the synthetic record must hold exactly 'images'")
         return EvaluateRequest(RunRef.parse(conf, where),
-                               _get(content, "arrays", ArrayRecord, where), syn)
+                               _arrays(content, "arrays", where), syn)
 
     def synthetic_images(self) -> torch.Tensor:
         """The synthetic images ``[N, 1, H, W]`` (volumes ``[N, 1, D, H, W]``), checked (finite,
@@ -472,7 +483,7 @@ class TrainReply:
 
     def to_record(self) -> RecordDict:
         return RecordDict({
-            "arrays": self.weights,
+            "arrays": pack(self.weights),
             "metrics": MetricRecord({"loss": float(self.loss), "epsilon": float(self.epsilon),
                                      "budget-epsilon": float(self.budget_epsilon),
                                      "delta": float(self.delta),
@@ -493,7 +504,7 @@ class TrainReply:
         if flag not in (0, 1):
             raise ProtocolError(f"{where}: has-autoencoder must be 0 or 1")
         return TrainReply(site_id=_site(content, where),
-                          weights=_get(content, "arrays", ArrayRecord, where),
+                          weights=_arrays(content, "arrays", where),
                           loss=_finite(m["loss"], f"{where}: loss"), epsilon=eps,
                           budget_epsilon=_finite(m["budget-epsilon"], f"{where}: budget-epsilon"),
                           delta=delta, has_autoencoder=bool(flag))

@@ -55,6 +55,7 @@ from server.aggregate import (
     robust_scale_factor,
     server_step,
 )
+from server.exchange import send_and_receive
 from server.run_folder import RunFolder
 from server.run_metrics import (
     FederationMetrics,
@@ -229,7 +230,7 @@ class Coordinator:
             msgs = [Message(content_for(n), dst_node_id=n, message_type=message_type,
                             group_id=group) for n in nodes]
             started = time.monotonic()
-            got = list(self.grid.send_and_receive(msgs, timeout=self.settings.round_timeout_s))
+            got = send_and_receive(self.grid, msgs, timeout=self.settings.round_timeout_s)
             addressed = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs
                          if m.metadata.message_id}
             pairs = [(_origin(r, addressed), r) for r in got]

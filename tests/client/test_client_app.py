@@ -15,6 +15,7 @@ from client import tasks
 from client.client_app import make_client_app
 from client.ledger import PrivacyLedger
 from client.site_config import SiteConfig, SiteConfigError
+from common.packed import pack, unpack
 from common.protocol import (
     ERR_BUDGET,
     ERR_REFUSED,
@@ -56,8 +57,10 @@ def _context() -> Context:
 
 
 def _msg(cfg: RunConfig, kind: str, records: dict, **conf: object) -> Message:
+    """A request as a coordinator sends it: its arrays packed (common.packed)."""
     config = {"run-config": cfg.to_json(), "run-name": "run-test", "seed": 0,
               "protocol": PROTOCOL_VERSION, **conf}
+    records = {k: pack(v) if isinstance(v, ArrayRecord) else v for k, v in records.items()}
     return Message(RecordDict({**records, "config": ConfigRecord(config)}), dst_node_id=1,
                    message_type=kind)
 
@@ -71,7 +74,7 @@ def test_train_autoencoder_round_replies_weights_epsilon_and_charges_ledger(
                phase="autoencoder", **{"server-round": 1})
     reply = app(msg, _context())
     assert not reply.has_error(), reply.error
-    weights = reply.content["arrays"].to_torch_state_dict()
+    weights = unpack(reply.content["arrays"]).to_torch_state_dict()
     assert set(weights) == set(ae.state_dict())
     assert any(not torch.equal(weights[k], v) for k, v in ae.state_dict().items())
     m = reply.content["metrics"]
@@ -474,7 +477,7 @@ def test_a_retried_round_gets_the_stored_reply_without_a_new_charge(
     again = app(msg, _context())
     assert not again.has_error()
     assert site.ledger_path.read_bytes() == ledger_after_first  # no new charge
-    a, b = (r.content["arrays"].to_torch_state_dict() for r in (first, again))
+    a, b = (unpack(r.content["arrays"]).to_torch_state_dict() for r in (first, again))
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same release, not a new one
     assert first.content["metrics"]["loss"] == again.content["metrics"]["loss"]
 

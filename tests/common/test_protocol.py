@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, Message
 from client.client_app import make_client_app
 from client.ledger import PrivacyLedger
 from client.site_config import SiteConfig
+from common.packed import pack, unpack
 from common.protocol import (
     AuditReply,
     EvaluateReply,
@@ -104,7 +105,7 @@ def test_a_whole_federation_sends_only_declared_fields(tmp_path: Path, demo_mani
         kinds.add(kind)
         DECODERS[kind].from_record(reply.content)  # strict: raises on anything undeclared
         for name in reply.content.array_records:
-            bad = _image_shaped(reply.content[name], sizes)
+            bad = _image_shaped(unpack(reply.content[name]), sizes)  # the tensors sent
             assert not bad, f"{kind} reply carries image-shaped arrays {bad}"
         key = (kind, str(request.metadata.group_id))
         public.setdefault(key, {})[node] = _public_values(kind, reply)
@@ -155,8 +156,8 @@ def test_an_evaluation_reply_or_request_out_of_shape_is_refused() -> None:
         {"images": torch.full((6, 1, 4, 4), float("nan"))})).to_record()
     with pytest.raises(ProtocolError, match="non-finite"):
         EvaluateRequest.from_record(req).synthetic_images()
-    req = RecordDict({**dict(req.items()), "synthetic": ArrayRecord(
-        {"images": torch.zeros(6, 1, 4, 4), "labels": torch.zeros(6)})})
+    req = RecordDict({**dict(req.items()), "synthetic": pack(ArrayRecord(
+        {"images": torch.zeros(6, 1, 4, 4), "labels": torch.zeros(6)}))})
     with pytest.raises(ProtocolError, match="exactly 'images'"):
         EvaluateRequest.from_record(req)
 

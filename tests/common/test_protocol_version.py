@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from common.packed import pack
 from common.protocol import (
     PROTOCOL_VERSION,
     AuditRequest,
@@ -44,6 +45,9 @@ FINGERPRINTS = {
     1: "0d96d60f2d96cea2f1b45358d6398ce568675eb05f4ac4268869d949b72a8f16",
     # the same models and replies; the run config gained ae_init "public-generic"
     2: "0d96d60f2d96cea2f1b45358d6398ce568675eb05f4ac4268869d949b72a8f16",
+    # the same models and replies; every ArrayRecord travels packed (common.packed), and the
+    # fingerprint now covers that wire form
+    3: "a3be285b6b9ab953e8318316d4968632d6e8ddea74f4ecc63146f570f1b56fcc",
 }
 
 _ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
@@ -83,6 +87,9 @@ def protocol_fingerprint() -> str:
                        for kind, fields in reply_fields().items()}
     spec["phases"] = [[p.name, p.prefix, p.checkpoint_key, p.needs_autoencoder]
                       for p in PHASES.values()]
+    # How weights travel (since version 3): the wire form of a small record.
+    wire = pack(ArrayRecord({"w": torch.zeros(2, 3), "n": torch.zeros(1, dtype=torch.int64)}))
+    spec["wire"] = [[k, a.dtype, list(a.shape)] for k, a in wire.items()]
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -98,7 +105,6 @@ def test_the_models_and_replies_are_those_of_this_protocol_version() -> None:
 def _requests() -> dict[str, RecordDict]:
     run = RunRef("{}", "r", 0)
     empty = torch.nn.Linear(1, 1).state_dict()
-    from flwr.app import ArrayRecord
 
     return {
         "train request": TrainRequest(run, "autoencoder", 1, ArrayRecord(empty)).to_record(),

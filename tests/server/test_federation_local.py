@@ -23,6 +23,16 @@ def _federation(tmp: Path, manifest: Path, cfg: RunConfig, *, reproducible: bool
                            enroll=enroll, site_budget=site_budget)
 
 
+def _stored(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a reply record a site stored (as sent: packed, common.packed)."""
+    from flwr.app import ArrayRecord
+    from safetensors.torch import load_file
+
+    from common.packed import unpack
+
+    return unpack(ArrayRecord(load_file(str(path)))).to_torch_state_dict()
+
+
 def _final(coord: Coordinator) -> dict[str, torch.Tensor]:
     coord.run()
     return {k: v.clone() for k, v in coord.dm.state_dict().items()}
@@ -222,8 +232,6 @@ def test_float16_delta_transfer_sends_half_precision_and_trains_the_same_model(
     """Non-private and seeded, so both runs would match exactly in float32: with float16
     differences on the wire the final model differs only by rounding, and what the sites stored
     (and sent) is float16."""
-    from safetensors.torch import load_file
-
     cfg = dataclasses.replace(tiny_cfg, privacy=dataclasses.replace(tiny_cfg.privacy,
                                                                     epsilon=math.inf))
     half = dataclasses.replace(cfg, aggregation=dataclasses.replace(
@@ -235,11 +243,11 @@ def test_float16_delta_transfer_sends_half_precision_and_trains_the_same_model(
     assert 0 < diff < 1e-3 * scale
     stored = sorted((tmp_path / "b" / "sites").glob("site-0/replies/*/diffusion-1/arrays*"))
     assert stored, list((tmp_path / "b" / "sites").rglob("*"))[:20]
-    arrays = load_file(str(stored[0]))
+    arrays = _stored(stored[0])
     floats = [v for v in arrays.values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float16 for v in floats)
     plain = sorted((tmp_path / "a" / "sites").glob("site-0/replies/*/diffusion-1/arrays*"))
-    assert all(v.dtype == torch.float32 for v in load_file(str(plain[0])).values()
+    assert all(v.dtype == torch.float32 for v in _stored(plain[0]).values()
                if v.is_floating_point())
 
 
@@ -248,8 +256,6 @@ def test_with_train_only_only_the_trained_part_travels_and_the_rest_stays_as_sen
         tmp_path: Path, demo_manifest: Path, tiny_cfg: RunConfig) -> None:
     """A site's reply holds the trained parameters and nothing else (fewer bytes, and nothing
     about the frozen ones to vet); the global model's frozen parameters stay bit for bit."""
-    from safetensors.torch import load_file
-
     cfg = dataclasses.replace(tiny_cfg, diffusion=dataclasses.replace(
         tiny_cfg.diffusion, train_only=("class_embedding",)))
     coord = _federation(tmp_path, demo_manifest, cfg)
@@ -260,7 +266,7 @@ def test_with_train_only_only_the_trained_part_travels_and_the_rest_stays_as_sen
     for k, v in final.items():
         assert torch.equal(v, start[k]) == (k not in trained), k
     stored = sorted((tmp_path / "sites").glob("site-0/replies/*/diffusion-1/arrays*"))
-    assert stored and set(load_file(str(stored[0]))) == trained
+    assert stored and set(_stored(stored[0])) == trained
 
 
 @pytest.mark.slow
@@ -295,8 +301,6 @@ def test_server_momentum_adds_the_previous_step_also_after_a_resume(
     the sites' round-3 updates' pull plus half of round 2's step. Killed while saving round 3,
     the resumed run (the sites answer from their stored replies) must take the buffer from the
     round-2 checkpoint: a buffer lost on resume gives plain averaging and fails here."""
-    from safetensors.torch import load_file
-
     from ldm_core.checkpoint import load_checkpoint
 
     cfg = dataclasses.replace(tiny_cfg, diffusion=dataclasses.replace(
@@ -304,7 +308,7 @@ def test_server_momentum_adds_the_previous_step_also_after_a_resume(
     _kill_at_checkpoint_then_resume(tmp_path, demo_manifest, cfg, "dm-round-003", monkeypatch)
     ck = tmp_path / "run" / "checkpoints"
     r1, r2, r3 = (load_checkpoint(ck / f"dm-round-00{r}")[0]["denoiser"] for r in (1, 2, 3))
-    sites = [load_file(str(p)) for p in
+    sites = [_stored(p) for p in
              sorted((tmp_path / "sites").glob("site-*/replies/*/diffusion-3/arrays*"))]
     assert len(sites) == 2
     moved = 0.0

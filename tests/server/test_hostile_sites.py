@@ -28,6 +28,7 @@ from flwr.app import (
     RecordDict,
 )
 
+from common.packed import LAYOUT_KEY, pack, unpack
 from common.protocol import LatentStatsReply, TrainReply
 from ldm_core.config import RunConfig
 from ldm_core.privacy import pooled_scale_factor
@@ -62,7 +63,22 @@ def _metrics(c: RecordDict, drop: str | None = None, **values: float) -> RecordD
 
 def _weights(c: RecordDict, f: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
              ) -> RecordDict:
+    """The reply with its weights (the tensors, unpacked) rewritten by `f`, packed again."""
+    return _copy(c, arrays=pack(ArrayRecord(f(unpack(c["arrays"]).to_torch_state_dict()))))
+
+
+def _wire(c: RecordDict, f: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+          ) -> RecordDict:
+    """The reply with its packed arrays (layout and flat data, as sent) rewritten by `f`."""
     return _copy(c, arrays=ArrayRecord(f(c["arrays"].to_torch_state_dict())))
+
+
+def _layout(sd: dict[str, torch.Tensor], f: Callable[[list], list | bytes]
+            ) -> dict[str, torch.Tensor]:
+    """`sd` with its layout's entries (or the raw layout bytes) replaced by `f`'s."""
+    out = f(json.loads(bytes(sd[LAYOUT_KEY].tolist())))
+    raw = out if isinstance(out, bytes) else json.dumps(out).encode()
+    return {**sd, LAYOUT_KEY: torch.tensor(list(raw), dtype=torch.uint8)}
 
 
 def _first(sd: dict[str, torch.Tensor], f: Callable[[torch.Tensor], torch.Tensor]
@@ -127,6 +143,15 @@ CASES = [
         list(sd.items())[1:])))),
     Case("extra-parameter", train(lambda c: _weights(c, lambda sd: {
         **sd, "backdoor.weight": torch.ones(3)}))),
+    Case("weights-not-packed", train(lambda c: _copy(c, arrays=unpack(c["arrays"])))),
+    Case("layout-one-tensor-short", train(lambda c: _wire(c, lambda sd: _layout(
+        sd, lambda e: e[:-1])))),
+    Case("layout-a-shape-doubled", train(lambda c: _wire(c, lambda sd: _layout(
+        sd, lambda e: [[e[0][0], e[0][1], [2, *e[0][2]]], *e[1:]])))),
+    Case("layout-not-json", train(lambda c: _wire(c, lambda sd: _layout(
+        sd, lambda e: b"\xff\x00[")))),
+    Case("flat-data-one-value-short", train(lambda c: _wire(c, lambda sd: {
+        k: v[:-1].clone() if k.endswith("float32") else v for k, v in sd.items()}))),
     Case("epsilon-above-budget",
          train(lambda c: _metrics(c, epsilon=c["metrics"]["budget-epsilon"] + 1.0)), True),
     Case("negative-epsilon", train(lambda c: _metrics(c, epsilon=-1.0)), True),
