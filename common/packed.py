@@ -73,10 +73,12 @@ def _layout(record: ArrayRecord) -> list[tuple[str, str, tuple[int, ...]]]:
         raise PackError(f"{LAYOUT_KEY} must be at most {MAX_LAYOUT_BYTES} uint8 bytes, got "
                         f"{arr.dtype} {tuple(arr.shape)}"[:200])
     raw = _numpy(arr, "uint8", LAYOUT_KEY)
+    if raw.shape[0] > MAX_LAYOUT_BYTES:  # the bytes, not only Flower's metadata
+        raise PackError(f"{LAYOUT_KEY} holds {raw.shape[0]} bytes, more than {MAX_LAYOUT_BYTES}")
     try:
         entries = json.loads(raw.tobytes().decode())
-    except (UnicodeDecodeError, ValueError) as err:
-        raise PackError(f"{LAYOUT_KEY} is not JSON ({err})"[:200]) from err
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # "[[[[..." nests deep
+        raise PackError(f"{LAYOUT_KEY} is not a layout ({type(err).__name__})") from err
     if not isinstance(entries, list):
         raise PackError(f"{LAYOUT_KEY} must be a list of [name, dtype, shape]")
     out: list[tuple[str, str, tuple[int, ...]]] = []
