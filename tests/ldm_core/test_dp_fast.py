@@ -6,12 +6,18 @@ import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.grad_sample import grad_sample_module as gsm_mod
+from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.optimizers.optimizer import DPOptimizer
 from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_are_correct
 
 from ldm_core import dp_fast
 from ldm_core.config import build_config
-from ldm_core.dp_fast import FiniteClipDPOptimizer, LeanPrivacyEngine, lean_accumulation
+from ldm_core.dp_fast import (
+    FiniteClipDPOptimizer,
+    LeanPrivacyEngine,
+    conv_grad_sample,
+    lean_accumulation,
+)
 from ldm_core.losses import multiplicity_diffusion_loss
 from ldm_core.models import make_denoiser, make_train_scheduler
 from tests.ldm_core.test_models import Denoise
@@ -61,14 +67,47 @@ def test_lean_accumulation_matches_the_microbatch_reference() -> None:
 
 def test_lean_accumulation_is_undone_on_exit_and_on_error() -> None:
     upstream = dp_fast._UPSTREAM_ACCUMULATE
+    samplers = GradSampleModule.GRAD_SAMPLERS
     assert upstream is not dp_fast._accumulate
     assert gsm_mod.create_or_accumulate_grad_sample is upstream  # no earlier test left it
+    assert samplers[torch.nn.Conv2d] is compute_conv_grad_sample
     with lean_accumulation():
         assert gsm_mod.create_or_accumulate_grad_sample is dp_fast._accumulate
+        assert samplers[torch.nn.Conv2d] is samplers[torch.nn.Conv3d] is conv_grad_sample
     assert gsm_mod.create_or_accumulate_grad_sample is upstream
+    assert samplers[torch.nn.Conv2d] is samplers[torch.nn.Conv3d] is compute_conv_grad_sample
     with pytest.raises(RuntimeError), lean_accumulation():
         raise RuntimeError("boom")
     assert gsm_mod.create_or_accumulate_grad_sample is upstream
+    assert samplers[torch.nn.Conv2d] is compute_conv_grad_sample
+
+
+@pytest.mark.parametrize("conv", [
+    torch.nn.Conv2d(4, 6, 3, padding=1),
+    torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False),
+    torch.nn.Conv2d(4, 6, (3, 1), padding=(1, 0), dilation=2),
+    torch.nn.Conv2d(4, 6, 3, groups=2),
+    torch.nn.Conv2d(4, 4, 1),
+    torch.nn.Conv2d(4, 6, 3, padding="same"),  # string padding: upstream's sampler
+    torch.nn.Conv3d(2, 4, 3, stride=2, padding=1),
+], ids=["plain", "stride-nobias", "dilation", "groups", "1x1", "same", "3d"])
+def test_conv_grad_sample_equals_opacus_unfold_sampler(conv: torch.nn.Module) -> None:
+    """The grouped weight-gradient convolution gives Opacus' per-sample gradients, for every
+    stride, padding, dilation and group the models could use."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, conv.in_channels, *(9,) * (conv.weight.ndim - 2), generator=g)
+    out_shape = conv(x).shape
+    backprops = torch.randn(out_shape, generator=g)
+    want = compute_conv_grad_sample(conv, [x], backprops)
+    got = conv_grad_sample(conv, [x], backprops)
+    assert want.keys() == got.keys()
+    for p in want:
+        assert got[p].shape == want[p].shape == (5, *p.shape)
+        assert torch.allclose(got[p], want[p], rtol=1e-5, atol=1e-5)
+    # ...and it is the sum of the batch's plain weight gradient, sample by sample.
+    conv.zero_grad()
+    conv(x).backward(backprops)
+    assert torch.allclose(got[conv.weight].sum(0), conv.weight.grad, rtol=1e-4, atol=1e-4)
 
 
 def _optimizers(samples: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
