@@ -21,9 +21,11 @@ three of those passes without changing what is computed:
 * :func:`conv_grad_sample` - a convolution's per-sample weight gradients as ONE grouped
   weight-gradient convolution (groups = batch x the layer's groups) through torch's native
   convolution backward, instead of Opacus' unfold (im2col, k^2 copies of the activations) and
-  einsum. On a CPU that is 1.7-3.8x faster per layer at the quick denoiser's shapes
-  (`benchmarks/dp_step_cost.py`); Opacus ships a similar "backward as a convolution" sampler
-  unused because it is slower on GPUs, so this one is active on the CPU only.
+  einsum. On a CPU that is 3-7x faster per layer at the autoencoder's 16x16 and 32x32 layers and
+  8-10x over the 3D models, and a wash over the quick denoiser's 8x8 and 4x4 latents
+  (docs/benchmarks.md section 1). Opacus ships a similar "backward as a convolution" sampler
+  that it leaves unused ("slower in many contexts"); nothing here measured it on a GPU, so this
+  one is active on the CPU only.
 
 All are checked against Opacus' own path by the tests (per-sample gradients equal to the
 reference, updates equal to upstream's clip, non-finite entries zeroed before clipping).
