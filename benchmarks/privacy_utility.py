@@ -5,8 +5,11 @@
 Each budget runs `fedldm simulate` (quick preset, demo data unless --data) into its own folder,
 then the table gathers TSTR/TRTR (with CIs), fidelity and the privacy audits from metrics.json.
 Existing finished run folders are reused (the simulation resumes), so the table can be rebuilt
-cheaply. Writes OUT/privacy_utility.md (printed) and OUT/privacy_utility.png (ratio, precision,
-recall and MIA AUC against epsilon).
+cheaply. A budget too small for the preset's fixed releases (the latent scale, one training-curve
+value a round, the audit: epsilon 1.2 of the quick preset) gets the cheaper releases that
+`fedldm simulate` itself names as the fix (server.plan_check.CHEAPER_RELEASES), and the table says
+so in its "fixed releases" column. Writes OUT/privacy_utility.md (printed, with the commit and
+the date) and OUT/privacy_utility.png (ratio, precision, recall and MIA AUC against epsilon).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import math
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -34,7 +38,7 @@ def _ci(u: dict, key: str) -> str:
     return f"{_fmt(u.get(key))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(u.get(key))
 
 
-def row(eps: str, metrics: dict) -> str:
+def row(eps: str, metrics: dict, releases: str = "default") -> str:
     u, f, p = metrics.get("utility", {}), metrics.get("fidelity", {}), metrics.get("privacy", {})
     spent = max((s.get("epsilon", 0) for s in p.get("sites", {}).values()), default=None)
     spent = float(spent) if spent not in (None, "inf") else math.inf
@@ -43,12 +47,21 @@ def row(eps: str, metrics: dict) -> str:
             f"{_fmt(u.get('ratio'))} | {_ci(u, 'trs_auc')} | {_fmt(f.get('precision'))} | "
             f"{_fmt(f.get('recall'))} | {_fmt(p.get('mia_auc'))} | "
             f"{_fmt(p.get('mia_tpr_at_1pct_fpr'))} | {_fmt(p.get('memorized_fraction'))} | "
-            f"{_fmt(wall, 0)} |")
+            f"{_fmt(wall, 0)} | {releases} |")
 
 
 HEADER = ("| requested epsilon | max site epsilon | TRTR AUC [95% CI] | TSTR AUC [95% CI] | "
           "TSTR/TRTR | TRS AUC | precision | recall | MIA AUC | MIA TPR@1%FPR | memorised "
-          "| wall s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| wall s | fixed releases |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _commit() -> str:
+    """The code's commit (with "+changes" when the tree differs from it), for the table."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _num(x: object) -> float:
@@ -90,6 +103,27 @@ def frontier_figure(points: list[tuple[str, dict]]) -> Figure:
     return fig
 
 
+def release_overrides(simulate_args: list[str]) -> list[str]:
+    """`--set` flags for the fixed releases: none when a fresh site's budget holds the plan as
+    configured, else plan_check's cheaper releases (checked again: still too small is an error,
+    the same one `fedldm simulate` gives)."""
+    from cli.local import simulation_options
+    from cli.main import build_parser
+    from server.federation import FederationError
+    from server.plan_check import CHEAPER_RELEASES
+    from server.simulate import check_simulation_plan
+
+    parser = build_parser()
+    try:
+        check_simulation_plan(simulation_options(parser.parse_args(["simulate", *simulate_args])))
+        return []
+    except FederationError:
+        flags = [x for k, v in CHEAPER_RELEASES.items() for x in ("--set", f"{k}={v}")]
+        check_simulation_plan(simulation_options(parser.parse_args(
+            ["simulate", *simulate_args, *flags])))
+        return flags
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--epsilons", nargs="+", default=["inf", "8"])
@@ -101,17 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="passed to fedldm simulate")
     args = ap.parse_args(argv)
     fedldm = Path(sys.executable).with_name("fedldm")
+    commit, day = _commit(), date.today()  # of the code that trains, not of a later edit
     rows, points = [], []
     for eps in args.epsilons:
         out = args.out / f"eps-{eps}"
+        sim = ["--data", args.data, "--preset", args.preset, "--sites", str(args.sites),
+               "--partition", args.partition, "--epsilon", eps, "--out", str(out), *args.extra]
+        flags = release_overrides(sim)
         if not (out / "report.html").exists():
-            cmd = [str(fedldm), "simulate", "--data", args.data, "--preset", args.preset,
-                   "--sites", str(args.sites), "--partition", args.partition,
-                   "--epsilon", eps, "--out", str(out), *args.extra]
+            cmd = [str(fedldm), "simulate", *sim, *flags]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
         metrics = json.loads((out / "metrics.json").read_text())
-        rows.append(row(eps, metrics))
+        rows.append(row(eps, metrics, " ".join(flags[1::2]) or "default"))
         points.append((eps, metrics))
     table = "\n".join([HEADER, *rows])
     (args.out / "privacy_utility.png").write_bytes(png_bytes(frontier_figure(points)))
@@ -119,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         ["--epsilons", *args.epsilons, "--data", args.data, "--preset", args.preset,
          "--sites", str(args.sites), "--partition", args.partition, "--out", str(args.out),
          *args.extra])
-    text = f"{table}\n\nProduced by `{cmd}`.\n"
+    text = f"{table}\n\nProduced by `{cmd}` on commit {commit}, {day}.\n"
     (args.out / "privacy_utility.md").write_text(text)
     print(text)
     return 0

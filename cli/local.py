@@ -187,13 +187,10 @@ def _check_rare(rare: tuple[str, float] | None, flag: str) -> None:
                             ) from e
 
 
-def simulate(args: argparse.Namespace) -> int:
-    from server.simulate import (
-        SimulationOptions,
-        run_simulation,
-        summary_lines,
-        with_volume_overrides,
-    )
+def simulation_options(args: argparse.Namespace) -> Any:
+    """The `SimulationOptions` of a parsed `fedldm simulate` command line (also used by the
+    benchmarks that drive simulate, so they plan exactly what the command will run)."""
+    from server.simulate import SimulationOptions, with_volume_overrides
 
     overrides = _overrides(args, (("ae_rounds", "autoencoder.rounds"),
                                   ("dm_rounds", "diffusion.rounds"),
@@ -201,15 +198,20 @@ def simulate(args: argparse.Namespace) -> int:
                                   ("dm_steps", "diffusion.local_steps")))
     # Volumes (--data demo3d, or NIfTI / DICOM data) make a 3D run: the preflight checks that.
     overrides = with_volume_overrides(args.data, overrides)
-    preflight_simulation(args, overrides)
-
-    opts = SimulationOptions(data=args.data, sites=args.sites, partition=args.partition,
+    return SimulationOptions(data=args.data, sites=args.sites, partition=args.partition,
                              epsilon=args.epsilon, delta=args.delta, preset=args.preset,
                              image_size=args.image_size, seed=args.seed, out=args.out,
                              device=args.device, overrides=overrides,
                              demo_patients=args.demo_patients, demo_slices=args.demo_slices,
                              demo_rare=args.demo_rare, reproducible=args.reproducible,
                              evaluate=not args.no_evaluate, accept=args.accept)
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from server.simulate import run_simulation, summary_lines
+
+    opts = simulation_options(args)
+    preflight_simulation(args, dict(opts.overrides))
     metrics = run_simulation(opts)
     print("\n".join(["", "== fedldm simulate: done =="] + summary_lines(metrics, args.out)))
     return 0

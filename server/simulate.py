@@ -173,8 +173,7 @@ def plan_simulation(opts: SimulationOptions) -> SimulationPlan:
     # The noise plan needs only the configuration (not the classes): checked before the demo
     # data is written.
     opts = replace(opts, overrides=with_volume_overrides(opts.data, opts.overrides))
-    early = simulation_config(opts)
-    _check_plan_fits(early, opts)
+    early = check_simulation_plan(opts)
     try:
         check_models(early)  # priors and train_only, before anything is written
     except (OSError, ValueError, RuntimeError) as e:
@@ -264,10 +263,12 @@ def _check_before_writing(run: Run, cfg: RunConfig, data: str, partition: str,
             "another partition (--partition)")
 
 
-def _check_plan_fits(cfg: RunConfig, opts: SimulationOptions) -> None:
-    """Refuse, before anything is written, a budget the run's plan cannot fit (simulated sites
-    allow audits, as SimulationSites does)."""
+def check_simulation_plan(opts: SimulationOptions) -> RunConfig:
+    """The run's config, after refusing (FederationError naming the fix) a budget its plan
+    cannot fit; nothing is written. Simulated sites allow audits, as SimulationSites does."""
+    cfg = simulation_config(opts)
     check_plan_fits(cfg, opts.epsilon, opts.delta, audit=True, evaluate=False)
+    return cfg
 
 
 def run_simulation(opts: SimulationOptions) -> dict[str, Any]:
