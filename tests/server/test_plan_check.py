@@ -45,3 +45,23 @@ def test_audits_and_evaluations_are_each_reserved_in_the_check(reserve: str) -> 
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if _fits(mid) else (mid, hi)
     assert _fits(hi) and not _fits(hi, **{reserve: True})
+
+
+def test_the_named_cheaper_releases_fit_an_epsilon_1_budget() -> None:
+    """The fix the error names (and benchmarks/privacy_utility.py applies) must work: the quick
+    preset's default releases spend more than epsilon 1 with audits, the cheaper ones do not."""
+    from server.plan_check import CHEAPER, CHEAPER_RELEASES
+
+    def fits(overrides: dict[str, float | int]) -> bool:
+        cfg = build_config(preset="quick", class_names=("a", "b"), epsilon=1.0,
+                           overrides=dict(overrides))
+        try:
+            check_plan_fits(cfg, 1.0, 1e-5, audit=True, evaluate=False)
+        except FederationError:
+            return False
+        return True
+
+    assert not fits({})
+    assert fits(CHEAPER_RELEASES)
+    for key, value in CHEAPER_RELEASES.items():
+        assert f"--set {key}={value}" in CHEAPER
