@@ -51,8 +51,13 @@ def main() -> None:
             z = ae.encode(d.train.model_input())[0]
         per_site.append(per_patient_mean(z.pow(2).flatten(1).mean(1), d.train.patients))
     every = torch.cat(per_site)
-    print(f"patients per site {[len(v) for v in per_site]}, exact scale factor "
-          f"{float(1 / every.mean().sqrt()):.3f}, largest per-patient E[z^2] "
+    # Without noise, through the run's own aggregation (with 3+ sites "auto" is the median of
+    # the sites' means, not the pooled mean): what a release at epsilon inf gives.
+    exact, _ = robust_scale_factor([(float(v.sum()), float(len(v))) for v in per_site],
+                                   clip=float(every.max()) + 1.0, method=cfg.aggregation.method)
+    print(f"patients per site {[len(v) for v in per_site]}, exact scale factor {exact:.3f} "
+          f"({cfg.aggregation.method} aggregation; pooled "
+          f"{float(1 / every.mean().sqrt()):.3f}), largest per-patient E[z^2] "
           f"{float(every.max()):.2f}")
     gen = torch.Generator().manual_seed(0)
     for clip in (float(c) for c in args.clips.split(",")):
