@@ -9,7 +9,8 @@ cheaply. A budget too small for the preset's fixed releases (the latent scale, o
 value a round, the audit: epsilon 1.2 of the quick preset) gets the cheaper releases that
 `fedldm simulate` itself names as the fix (server.plan_check.CHEAPER_RELEASES), and the table says
 so in its "fixed releases" column. Writes OUT/privacy_utility.md (printed, with the commit and
-the date) and OUT/privacy_utility.png (ratio, precision, recall and MIA AUC against epsilon).
+date each point was trained on) and OUT/privacy_utility.png (ratio, precision, recall and MIA
+AUC against epsilon).
 """
 
 from __future__ import annotations
@@ -38,21 +39,22 @@ def _ci(u: dict, key: str) -> str:
     return f"{_fmt(u.get(key))} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(u.get(key))
 
 
-def row(eps: str, metrics: dict, releases: str = "default") -> str:
+def row(eps: str, metrics: dict, releases: str = "default", trained: str = "unknown") -> str:
     u, f, p = metrics.get("utility", {}), metrics.get("fidelity", {}), metrics.get("privacy", {})
     spent = max((s.get("epsilon", 0) for s in p.get("sites", {}).values()), default=None)
     spent = float(spent) if spent not in (None, "inf") else math.inf
     wall = metrics.get("meta", {}).get("wall_seconds")
     return (f"| {eps} | {_fmt(spent, 2)} | {_ci(u, 'trtr_auc')} | {_ci(u, 'tstr_auc')} | "
             f"{_fmt(u.get('ratio'))} | {_ci(u, 'trs_auc')} | {_fmt(f.get('precision'))} | "
-            f"{_fmt(f.get('recall'))} | {_fmt(p.get('mia_auc'))} | "
+            f"{_fmt(f.get('recall'))} | {_mia(p)} | "
             f"{_fmt(p.get('mia_tpr_at_1pct_fpr'))} | {_fmt(p.get('memorized_fraction'))} | "
-            f"{_fmt(wall, 0)} | {releases} |")
+            f"{_fmt(wall, 0)} | {releases} | {trained} |")
 
 
 HEADER = ("| requested epsilon | max site epsilon | TRTR AUC [95% CI] | TSTR AUC [95% CI] | "
-          "TSTR/TRTR | TRS AUC | precision | recall | MIA AUC | MIA TPR@1%FPR | memorised "
-          "| wall s | fixed releases |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "TSTR/TRTR | TRS AUC | precision (random CNN) | recall (random CNN) | "
+          "MIA AUC (+- noise std) | MIA TPR@1%FPR | memorised | wall s | fixed releases | "
+          "trained on (commit, date) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _commit() -> str:
@@ -64,6 +66,13 @@ def _commit() -> str:
     return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def _mia(p: dict) -> str:
+    """The best attack's released AUC with the release's noise std: at small budgets the audit
+    release is noisy enough (std 0.38 at epsilon 1) that 1.0 is noise, not leakage."""
+    std = p.get("mia_noise_std")
+    return _fmt(p.get("mia_auc")) + (f" (+-{std:.2f})" if isinstance(std, (int, float)) else "")
+
+
 def _num(x: object) -> float:
     try:
         return float(x)  # type: ignore[arg-type]
@@ -72,13 +81,14 @@ def _num(x: object) -> float:
 
 
 def frontier_figure(points: list[tuple[str, dict]]) -> Figure:
-    """TSTR/TRTR ratio, precision, recall (the verdict's feature space) and MIA AUC against the
-    requested epsilon; epsilon = inf sits at the right end."""
+    """TSTR/TRTR ratio, precision, recall (the verdict's feature space) and MIA AUC (with its
+    release's noise std) against the requested epsilon; epsilon = inf sits at the right end."""
     from server.report_verdicts import fidelity_space
 
     finite = sorted(float(e) for e, _ in points if e != "inf")
     inf_x = (finite[-1] * 2) if finite else 1.0
     xs, series = [], {"TSTR/TRTR": [], "precision": [], "recall": [], "MIA AUC": []}
+    mia_std: list[float] = []
     for eps, m in sorted(points, key=lambda p: inf_x if p[0] == "inf" else float(p[0])):
         xs.append(inf_x if eps == "inf" else float(eps))
         f = m.get("fidelity") or {}
@@ -87,10 +97,15 @@ def frontier_figure(points: list[tuple[str, dict]]) -> Figure:
         series["precision"].append(_num(space.get("precision")))
         series["recall"].append(_num(space.get("recall")))
         series["MIA AUC"].append(_num((m.get("privacy") or {}).get("mia_auc")))
+        mia_std.append(_num((m.get("privacy") or {}).get("mia_noise_std")))
     fig = new_figure(6.0, 3.6)
     ax = fig.subplots()
     for name, ys in series.items():
-        ax.plot(xs, ys, "o-", label=name)
+        if name == "MIA AUC":  # a noisy DP release: its noise std as the error bar
+            ax.errorbar(xs, ys, yerr=[0.0 if math.isnan(e) else e for e in mia_std], fmt="o-",
+                        capsize=3, label="MIA AUC (+- release noise std)")
+        else:
+            ax.plot(xs, ys, "o-", label=name)
     ax.set_xscale("log")
     ax.set_xticks(xs)
     ax.set_xticklabels(["inf" if x == inf_x and "inf" in [e for e, _ in points] else f"{x:g}"
@@ -142,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         sim = ["--data", args.data, "--preset", args.preset, "--sites", str(args.sites),
                "--partition", args.partition, "--epsilon", eps, "--out", str(out), *args.extra]
         flags = release_overrides(sim)
+        stamp = out / "benchmark-commit.txt"  # which code trained this point
         if not (out / "report.html").exists():
             cmd = [str(fedldm), "simulate", *sim, *flags]
             print("+", " ".join(cmd), flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(f"{commit} {day}\n")
             subprocess.run(cmd, check=True)
         metrics = json.loads((out / "metrics.json").read_text())
-        rows.append(row(eps, metrics, " ".join(flags[1::2]) or "default"))
+        trained = stamp.read_text().strip() if stamp.exists() else "unknown"
+        rows.append(row(eps, metrics, " ".join(flags[1::2]) or "default", trained))
         points.append((eps, metrics))
     table = "\n".join([HEADER, *rows])
     (args.out / "privacy_utility.png").write_bytes(png_bytes(frontier_figure(points)))
@@ -155,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         ["--epsilons", *args.epsilons, "--data", args.data, "--preset", args.preset,
          "--sites", str(args.sites), "--partition", args.partition, "--out", str(args.out),
          *args.extra])
-    text = f"{table}\n\nProduced by `{cmd}` on commit {commit}, {day}.\n"
+    text = f"{table}\n\nProduced by `{cmd}` (table written on commit {commit}, {day}).\n"
     (args.out / "privacy_utility.md").write_text(text)
     print(text)
     return 0
