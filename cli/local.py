@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cli import args as A
 from cli.errors import BadInput
+
+if TYPE_CHECKING:  # imported lazily at run time: `fedldm --help` stays fast
+    from server.simulate import SimulationOptions
 
 PRESETS = ("tiny", "quick", "standard")
 
@@ -187,7 +190,7 @@ def _check_rare(rare: tuple[str, float] | None, flag: str) -> None:
                             ) from e
 
 
-def simulation_options(args: argparse.Namespace) -> Any:
+def simulation_options(args: argparse.Namespace) -> SimulationOptions:
     """The `SimulationOptions` of a parsed `fedldm simulate` command line (also used by the
     benchmarks that drive simulate, so they plan exactly what the command will run)."""
     from server.simulate import SimulationOptions, with_volume_overrides

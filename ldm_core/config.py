@@ -584,9 +584,9 @@ def _preset_parts(preset: str, image_size: int) -> dict[str, Any]:
             # release grows with the clip, and the shipped priors' per-patient E[z^2] stays
             # below 2.2 (demo phantoms 0.63, real brain MRI through the generic prior 2.19), so
             # 4 clips nothing. At epsilon 1 (fixed releases at noise multiplier 100) clip 10 put
-            # 14% of MRI releases at the clamp and one frontier run's latents at 0.59 of unit
+            # 14% of MRI releases at the clamp and one frontier run's latents at 0.56 of unit
             # scale (TSTR/TRTR 0.44); clip 4: 2% at the clamp, 90% within [0.91, 2.23] of an
-            # exact 1.15 (benchmarks/latent_scale_release.py, docs/benchmarks.md section 9).
+            # exact 1.20 (benchmarks/latent_scale_release.py, docs/benchmarks.md section 9).
             "privacy": {"ae_share": 0.1, "scale_clip": 4.0},
             # The modality-agnostic prior: real images of any modality are not phantoms (it
             # reconstructs real brain MRI 2.8 dB better than the phantom-only prior). The
