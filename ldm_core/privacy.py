@@ -337,7 +337,9 @@ def dp_sum_and_count(
     clipped_sum = (x * factors).sum(dim=0)
     total = torch.cat([clipped_sum, clipped_sum.new_tensor([n * float(clip)])])
     std = float(noise_multiplier) * float(clip) * math.sqrt(2.0)
-    noise = torch.randn(d + 1, generator=generator, dtype=torch.float64, device=generator.device)
+    # Drawn as every other Gaussian release is (the sum of four normals, halved): plain randn
+    # output is open to the floating-point attacks on naive Gaussian sampling.
+    noise = torch.from_numpy(secure_standard_normal(d + 1, generator))
     noisy = total + std * noise.to(total.device)
     return noisy[:d].to(per_sample.dtype), float(noisy[d].item() / float(clip))
 

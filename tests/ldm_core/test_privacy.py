@@ -233,6 +233,21 @@ def test_release_noise_comes_only_from_the_generator_passed_in():
     assert a[0].dtype == x.dtype and a[0].shape == (3,)
 
 
+def test_release_noise_is_drawn_the_floating_point_safe_way():
+    """The noise is secure_standard_normal's (four normals summed, halved), not one randn
+    draw per coordinate: the latter's low-order bits are open to floating-point attacks."""
+    from ldm_core.privacy import secure_standard_normal
+
+    sigma, clip = 3.0, 2.0
+    noisy, count = dp_sum_and_count(torch.zeros(0, 5, dtype=torch.float64), clip=clip,
+                                    noise_multiplier=sigma,
+                                    generator=torch.Generator().manual_seed(7))
+    expected = sigma * clip * math.sqrt(2.0) * secure_standard_normal(
+        6, torch.Generator().manual_seed(7))
+    assert torch.allclose(noisy, torch.from_numpy(expected[:5]))
+    assert count == pytest.approx(expected[5] / clip)
+
+
 @pytest.mark.parametrize(
     ("per_sample", "kwargs", "match"),
     [
