@@ -25,6 +25,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from common.provenance import code_commit
 from server.report_figures import new_figure, png_bytes
 
 
@@ -55,15 +56,6 @@ HEADER = ("| requested epsilon | max site epsilon | TRTR AUC [95% CI] | TSTR AUC
           "TSTR/TRTR | TRS AUC | precision (random CNN) | recall (random CNN) | "
           "MIA AUC (+- noise std) | MIA TPR@1%FPR | memorised | wall s | fixed releases | "
           "trained on (commit, date) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-
-
-def _commit() -> str:
-    """The code's commit (with "+changes" when the tree differs from it), for the table."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _mia(p: dict) -> str:
@@ -150,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="passed to fedldm simulate")
     args = ap.parse_args(argv)
     fedldm = Path(sys.executable).with_name("fedldm")
-    commit, day = _commit(), date.today()  # of the code that trains, not of a later edit
+    # of the code that trains, not of a later edit
+    commit, day = code_commit() or "unknown", date.today()
     rows, points = [], []
     for eps in args.epsilons:
         out = args.out / f"eps-{eps}"

@@ -152,6 +152,9 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
         "- Starting weights: autoencoder " + init_note(
             cfg.ae_init, paired=cfg.model.mask_channels > 0, trained=cfg.autoencoder.rounds > 0)
         + f"; denoiser {init_note(cfg.dm_init, trained=cfg.diffusion.rounds > 0)}.",
+        "- Code: " + ", then ".join((metrics.get("meta") or {}).get("code")
+                                    or ["not recorded (a run made before fedldm kept it)"])
+        + ".",
         *(f"- Released {phase} model: {text} (the average of those rounds' global models; "
           "each was already sent to the sites, so averaging costs no privacy)."
           for phase, text in _released(metrics.get("meta"))),

@@ -84,4 +84,6 @@ def run_table(metrics: dict[str, Any], cfg: RunConfig, out: Path) -> dict[str, A
         "autoencoder start": init_note(cfg.ae_init, paired=cfg.model.mask_channels > 0,
                                        trained=cfg.autoencoder.rounds > 0),
         "denoiser start": init_note(cfg.dm_init, trained=cfg.diffusion.rounds > 0),
+        "code": ", then ".join(meta.get("code") or ["not recorded (a run made before fedldm "
+                                                    "kept it)"]),
     }

@@ -40,6 +40,7 @@ from common.protocol import (
     decode_update,
     other_version_run,
 )
+from common.provenance import code_version
 from ldm_core.checkpoint import load_checkpoint, save_checkpoint
 from ldm_core.config import ConfigError, RunConfig, to_dict
 from ldm_core.phases import AUTOENCODER, DIFFUSION, PHASES, Phase
@@ -146,16 +147,20 @@ class Coordinator:
         self.momentum: dict[str, dict[str, torch.Tensor]] = {}
         self.folder.create()
         self.log = self.folder.logger()
+        self.code = code_version()  # which code trains: state.json and metrics.json keep it
         self.spend = SpendRegistry(settings.spend_registry or self.folder.root / "site-spend.json")
         self.state: dict[str, Any] = {"stage": next(iter(PHASES)), "round": 0,
                                       "scale_factor": None,
                                       "run_name": f"run-{uuid.uuid4().hex[:12]}",
-                                      "protocol": PROTOCOL_VERSION}
+                                      "protocol": PROTOCOL_VERSION,
+                                      "code": [self.code]}
         self.metrics = FederationMetrics(
             config=to_dict(cfg), privacy=PrivacyBlock(sites={}, rounds=[],
                                                       private=cfg.privacy.private),
             meta=dict(settings.extra_meta))
-        if not self._resume():
+        resumed = self._resume()
+        self.metrics.meta["code"] = list(self.state["code"])
+        if not resumed:
             # The run's name is durable before any site hears of it: a coordinator killed
             # before its first checkpoint resumes the same run, so the sites' stored replies
             # answer the retried round instead of a new run charging them all over again.
@@ -175,6 +180,12 @@ class Coordinator:
                 f"{self.folder.state_path} belongs to a run with another configuration; use a "
                 "new --out folder, or the same settings to resume this one")
         self.state = saved
+        # Every code version that trained this run, in order (runs made before the field
+        # existed start their list at this resume).
+        code = list(saved.get("code") or [])
+        if not code or code[-1] != self.code:
+            code.append(self.code)
+        self.state["code"] = code
         if saved.get("checkpoint"):
             tensors, _ = load_checkpoint(self.folder.checkpoints / saved["checkpoint"])
             for p in PHASES.values():
@@ -185,8 +196,8 @@ class Coordinator:
         if saved_metrics:
             self.metrics = _committed(FederationMetrics.from_json(saved_metrics),
                                       str(saved["stage"]), int(saved["round"]))
-        self.log.info("resuming %s at stage %s after round %s", saved["run_name"],
-                      saved["stage"], saved["round"])
+        self.log.info("resuming %s at stage %s after round %s with %s", saved["run_name"],
+                      saved["stage"], saved["round"], code[-1])
         return True
 
     @property

@@ -61,6 +61,25 @@ def test_resume_refuses_a_folder_of_another_configuration(tmp_path: Path) -> Non
         assert torch.equal(v, same.ae.state_dict()[k])
 
 
+def test_the_code_that_trains_a_run_is_recorded_and_a_resume_by_other_code_is_added(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.federation as fed
+
+    cfg = build_config(preset="tiny", image_size=16)
+    monkeypatch.setattr(fed, "code_version", lambda: "fedldm 0.1.0, commit aaaaaaa")
+    coord = Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path))
+    assert coord.state["code"] == coord.metrics.meta["code"] == ["fedldm 0.1.0, commit aaaaaaa"]
+    coord._checkpoint("ae-final", "latent-scale", 0)
+    same = Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path))
+    assert same.state["code"] == ["fedldm 0.1.0, commit aaaaaaa"]
+    monkeypatch.setattr(fed, "code_version", lambda: "fedldm 0.1.0, commit bbbbbbb")
+    other = Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path))
+    assert other.state["code"] == other.metrics.meta["code"] == [
+        "fedldm 0.1.0, commit aaaaaaa", "fedldm 0.1.0, commit bbbbbbb"]
+    other._checkpoint("ae-final", "latent-scale", 0)
+    assert fed.RunFolder(tmp_path).load_state()["code"][-1].endswith("bbbbbbb")
+
+
 def test_resume_refuses_a_folder_of_another_protocol_version(tmp_path: Path) -> None:
     """Checkpoints and the sites' stored replies of a run belong to the version that began it."""
     import json
