@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save", type=Path, default=None,
+                    help="write the final DP classifier's weights here (for sampling_sweep.py"
+                         " --relabel-with)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     meta = json.loads((args.run / "run.json").read_text())
@@ -101,6 +104,9 @@ def main() -> None:
         auc = macro_auc(y_te.numpy(), np.asarray(predict_proba(glob.eval(), x_te)))
         print(json.dumps({"round": r + 1, "dp_auc": round(auc, 3),
                           "s": round(time.time() - t0)}), flush=True)
+    if args.save is not None:
+        torch.save({"state": glob.state_dict(), "n_classes": n_classes, "spatial_dims": dims,
+                    "epsilon": args.epsilon, "sigma": sigma}, args.save)
     x_tr = torch.cat([d.train.images for d in data])
     y_tr = torch.cat([d.train.labels for d in data])
     judge = train_classifier(x_tr, y_tr, n_classes, epochs=judge_epochs(dims), seed=args.seed,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ldm_core.checkpoint import load_checkpoint
-from ldm_core.classifier import macro_auc, predict_proba, train_classifier
+from ldm_core.classifier import macro_auc, make_classifier, predict_proba, train_classifier
 from ldm_core.evaluation import (
     evaluate_utility,
     feature_spaces,
@@ -73,6 +73,23 @@ def _tail_mean(checkpoints: Path, rounds: int, k: int) -> dict[str, torch.Tensor
                       for r in range(rounds - k + 1, rounds + 1))
 
 
+def _relabel(labeller: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str,
+             per_class: int, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-process a synthetic set with a DP classifier (itself a DP release)."""
+    proba = torch.as_tensor(np.asarray(predict_proba(labeller, x)))
+    if mode == "relabel":
+        return x, proba.argmax(1)
+    if mode != "filter":
+        raise SystemExit(f"--relabel-mode {mode}: expected relabel or filter")
+    keep = []
+    for c in range(n_classes):
+        pool = torch.nonzero(y == c).flatten()
+        order = torch.argsort(proba[pool, c], descending=True)
+        keep.append(pool[order[:per_class]])
+    idx = torch.cat(keep)
+    return x[idx], y[idx]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path)
@@ -86,6 +103,17 @@ def main() -> None:
     ap.add_argument("--average-last", default="",
                     help="release the mean of the last k rounds' denoisers, e.g. 1,3,5 "
                          "(default: the run's final model as released)")
+    ap.add_argument("--relabel-with", type=Path, default=None,
+                    help="a DP classifier saved by dp_classifier_reference.py --save: label or"
+                         " filter the synthetic images with it (see --relabel-mode)")
+    ap.add_argument("--relabel-mode", default="relabel",
+                    help="comma list of: relabel (its argmax becomes the label), filter (draw"
+                         " --oversample x the images and keep, per class, those it finds most"
+                         " typical of the class they were drawn for)")
+    ap.add_argument("--oversample", type=int, default=3)
+    ap.add_argument("--interval", default="0-1",
+                    help="guidance intervals as fractions of the training timesteps, e.g."
+                         " 0-1,0-0.6 (guidance only where lo <= t/T <= hi)")
     args = ap.parse_args()
     run = Run(args.run)
     final = run.load_final()
@@ -103,18 +131,31 @@ def main() -> None:
     ref = train_reference_classifier(real.train, n_classes=n_classes, seed=0,
                                      epochs=args.epochs, device=device)
     test_y = real.test[1].numpy().astype(np.int64)
+    labeller = None
+    modes = ["none"]
+    if args.relabel_with is not None:
+        saved = torch.load(args.relabel_with, weights_only=True)
+        labeller = make_classifier(saved["n_classes"], saved["spatial_dims"])
+        labeller.load_state_dict(saved["state"])
+        labeller.eval()
+        modes = args.relabel_mode.split(",")
     rows = []
     steps_list = [int(v) for v in args.steps.split(",")] if args.steps else [cfg.dm.ddim_steps]
-    for k, steps, eta, g in itertools.product(averages, steps_list, _floats(args.eta),
-                                              _floats(args.guidance)):
+    intervals = [tuple(float(v) for v in iv.split("-")) for iv in args.interval.split(",")]
+    for k, steps, eta, g, mode, iv in itertools.product(
+            averages, steps_list, _floats(args.eta), _floats(args.guidance), modes, intervals):
         if k:
             final.dm.load_state_dict(_tail_mean(run.root / "checkpoints",
                                                 cfg.diffusion.rounds, k))
         t0 = time.monotonic()
+        draw = per_class * (args.oversample if mode == "filter" else 1)
         x, y, _ = generate_synthetic(cfg, final.ae, final.dm, final.scale_factor,
-                                     per_class, seed=cfg.seed, device=device,
-                                     steps=steps, guidance=g, eta=eta)
+                                     draw, seed=cfg.seed, device=device,
+                                     steps=steps, guidance=g, eta=eta,
+                                     guidance_interval=(iv[0], iv[1]))
         sample_s = time.monotonic() - t0
+        if labeller is not None and mode != "none":
+            x, y = _relabel(labeller, x, y, mode, per_class, n_classes)
         u = evaluate_utility(real.train, (x, y), real.test, n_classes=n_classes,
                              seeds=(0,), epochs=args.epochs, device=device,
                              reference_model=ref)
@@ -123,7 +164,8 @@ def main() -> None:
                                                   spatial_dims=cfg.model.spatial_dims),
                             seed=cfg.seed)
         div = f["diversity"]
-        row = {"average_last": k or "final", "guidance": g, "eta": eta,
+        row = {"average_last": k or "final", "guidance": g, "eta": eta, "labels": mode,
+               "interval": f"{iv[0]:g}-{iv[1]:g}",
                "steps": steps, "tstr_auc": u["tstr_auc"],
                "tstr_auc_ci": u["tstr_auc_ci"], "trtr_auc": u["trtr_auc"],
                "ratio": u["ratio"], "tstr_acc": u["tstr_acc"],
@@ -147,14 +189,16 @@ def main() -> None:
     print(f"\n{args.run}: TSTR one seed, {args.epochs} epochs, matched size unless noted")
     extra = [m for m in mults if m != 1]
     head = "".join(f" TSTR/TRTR with {m}x synthetic |" for m in extra)
-    print("| released | guidance | eta | steps | TSTR AUC [95% CI] | TSTR/TRTR | TSTR acc |" +
+    print("| released | labels | interval | guidance | eta | steps | TSTR AUC [95% CI] |"
+          " TSTR/TRTR | TSTR acc |" +
           head + " within-class SSIM syn (real) | precision / recall (classifier space) |")
-    print("|---" * (9 + len(extra)) + "|")
+    print("|---" * (11 + len(extra)) + "|")
     for r in rows:
         more = "".join(f" {r['larger'][str(m)]['ratio']:.3f} |" for m in extra)
         k = r["average_last"]
         released = "final" if k == "final" else f"mean of last {k}"
-        print(f"| {released} | {r['guidance']:g} | {r['eta']:g} | {r['steps']} | "
+        print(f"| {released} | {r['labels']} | {r['interval']} | {r['guidance']:g} | "
+              f"{r['eta']:g} | {r['steps']} | "
               f"{r['tstr_auc']:.3f} "
               f"[{r['tstr_auc_ci'][0]:.3f}, {r['tstr_auc_ci'][1]:.3f}] | {r['ratio']:.3f} | "
               f"{r['tstr_acc']:.3f} |{more} {r['ssim_synthetic']:.2f} ({r['ssim_real']:.2f}) | "
