@@ -17,6 +17,11 @@ matched-size one (1x); the larger set says how much a user gains by drawing more
 ``--average-last 1,3,5`` samples from the mean of the last k rounds' global denoisers (read from
 the run's round checkpoints; 1 = the last round's model), what `diffusion.average_last` makes
 the coordinator release: post-processing of models the sites already received, so also free.
+``--relabel-with clf.pt --relabel-mode none,relabel,filter`` labels (relabel) or filters
+(filter: ``--oversample`` times the images, the most typical per class kept) the synthetic set
+with a DP classifier saved by ``dp_classifier_reference.py --save``: what a DP labeller would
+buy (docs/benchmarks.md section 13). Relabelled sets need not be class-balanced, so use them
+with ``--multiplier 1``.
 Prints JSON lines and a markdown table.
 """
 
@@ -107,13 +112,10 @@ def main() -> None:
                     help="a DP classifier saved by dp_classifier_reference.py --save: label or"
                          " filter the synthetic images with it (see --relabel-mode)")
     ap.add_argument("--relabel-mode", default="relabel",
-                    help="comma list of: relabel (its argmax becomes the label), filter (draw"
-                         " --oversample x the images and keep, per class, those it finds most"
-                         " typical of the class they were drawn for)")
+                    help="comma list of: none (the labels as drawn), relabel (its argmax becomes"
+                         " the label), filter (draw --oversample x the images and keep, per"
+                         " class, those it finds most typical of the class they were drawn for)")
     ap.add_argument("--oversample", type=int, default=3)
-    ap.add_argument("--interval", default="0-1",
-                    help="guidance intervals as fractions of the training timesteps, e.g."
-                         " 0-1,0-0.6 (guidance only where lo <= t/T <= hi)")
     args = ap.parse_args()
     run = Run(args.run)
     final = run.load_final()
@@ -133,17 +135,21 @@ def main() -> None:
     test_y = real.test[1].numpy().astype(np.int64)
     labeller = None
     modes = ["none"]
+    if args.relabel_with is None and args.relabel_mode != "relabel":
+        raise SystemExit("--relabel-mode needs --relabel-with (a saved DP classifier)")
     if args.relabel_with is not None:
         saved = torch.load(args.relabel_with, weights_only=True)
         labeller = make_classifier(saved["n_classes"], saved["spatial_dims"])
         labeller.load_state_dict(saved["state"])
         labeller.eval()
         modes = args.relabel_mode.split(",")
+        if bad := set(modes) - {"none", "relabel", "filter"}:
+            raise SystemExit(f"--relabel-mode {','.join(sorted(bad))}: expected none, relabel"
+                             " or filter")
     rows = []
     steps_list = [int(v) for v in args.steps.split(",")] if args.steps else [cfg.dm.ddim_steps]
-    intervals = [tuple(float(v) for v in iv.split("-")) for iv in args.interval.split(",")]
-    for k, steps, eta, g, mode, iv in itertools.product(
-            averages, steps_list, _floats(args.eta), _floats(args.guidance), modes, intervals):
+    for k, steps, eta, g, mode in itertools.product(averages, steps_list, _floats(args.eta),
+                                                    _floats(args.guidance), modes):
         if k:
             final.dm.load_state_dict(_tail_mean(run.root / "checkpoints",
                                                 cfg.diffusion.rounds, k))
@@ -151,8 +157,7 @@ def main() -> None:
         draw = per_class * (args.oversample if mode == "filter" else 1)
         x, y, _ = generate_synthetic(cfg, final.ae, final.dm, final.scale_factor,
                                      draw, seed=cfg.seed, device=device,
-                                     steps=steps, guidance=g, eta=eta,
-                                     guidance_interval=(iv[0], iv[1]))
+                                     steps=steps, guidance=g, eta=eta)
         sample_s = time.monotonic() - t0
         if labeller is not None and mode != "none":
             x, y = _relabel(labeller, x, y, mode, per_class, n_classes)
@@ -165,7 +170,6 @@ def main() -> None:
                             seed=cfg.seed)
         div = f["diversity"]
         row = {"average_last": k or "final", "guidance": g, "eta": eta, "labels": mode,
-               "interval": f"{iv[0]:g}-{iv[1]:g}",
                "steps": steps, "tstr_auc": u["tstr_auc"],
                "tstr_auc_ci": u["tstr_auc_ci"], "trtr_auc": u["trtr_auc"],
                "ratio": u["ratio"], "tstr_acc": u["tstr_acc"],
@@ -189,15 +193,15 @@ def main() -> None:
     print(f"\n{args.run}: TSTR one seed, {args.epochs} epochs, matched size unless noted")
     extra = [m for m in mults if m != 1]
     head = "".join(f" TSTR/TRTR with {m}x synthetic |" for m in extra)
-    print("| released | labels | interval | guidance | eta | steps | TSTR AUC [95% CI] |"
+    print("| released | labels | guidance | eta | steps | TSTR AUC [95% CI] |"
           " TSTR/TRTR | TSTR acc |" +
           head + " within-class SSIM syn (real) | precision / recall (classifier space) |")
-    print("|---" * (11 + len(extra)) + "|")
+    print("|---" * (10 + len(extra)) + "|")
     for r in rows:
         more = "".join(f" {r['larger'][str(m)]['ratio']:.3f} |" for m in extra)
         k = r["average_last"]
         released = "final" if k == "final" else f"mean of last {k}"
-        print(f"| {released} | {r['labels']} | {r['interval']} | {r['guidance']:g} | "
+        print(f"| {released} | {r['labels']} | {r['guidance']:g} | "
               f"{r['eta']:g} | {r['steps']} | "
               f"{r['tstr_auc']:.3f} "
               f"[{r['tstr_auc_ci'][0]:.3f}, {r['tstr_auc_ci'][1]:.3f}] | {r['ratio']:.3f} | "

@@ -78,6 +78,12 @@ def test_the_code_that_trains_a_run_is_recorded_and_a_resume_by_other_code_is_ad
         "fedldm 0.1.0, commit aaaaaaa", "fedldm 0.1.0, commit bbbbbbb"]
     other._checkpoint("ae-final", "latent-scale", 0)
     assert fed.RunFolder(tmp_path).load_state()["code"][-1].endswith("bbbbbbb")
+    # a run folder written before the field existed starts its list at the resume
+    state = fed.RunFolder(tmp_path).load_state()
+    del state["code"]
+    fed.RunFolder(tmp_path).save_state(state)
+    old = Coordinator(_NoGrid(), cfg, ServerSettings(out=tmp_path))
+    assert old.state["code"] == old.metrics.meta["code"] == ["fedldm 0.1.0, commit bbbbbbb"]
 
 
 def test_resume_refuses_a_folder_of_another_protocol_version(tmp_path: Path) -> None:
