@@ -117,6 +117,19 @@ def main() -> None:
                          " class, those it finds most typical of the class they were drawn for)")
     ap.add_argument("--oversample", type=int, default=3)
     args = ap.parse_args()
+    labeller = None
+    modes = ["none"]
+    if args.relabel_with is None and args.relabel_mode != "relabel":
+        raise SystemExit("--relabel-mode needs --relabel-with (a saved DP classifier)")
+    if args.relabel_with is not None:
+        modes = args.relabel_mode.split(",")
+        if bad := set(modes) - {"none", "relabel", "filter"}:
+            raise SystemExit(f"--relabel-mode {','.join(sorted(bad))}: expected none, relabel"
+                             " or filter")
+        saved = torch.load(args.relabel_with, weights_only=True)
+        labeller = make_classifier(saved["n_classes"], saved["spatial_dims"])
+        labeller.load_state_dict(saved["state"])
+        labeller.eval()
     run = Run(args.run)
     final = run.load_final()
     cfg = final.cfg
@@ -133,19 +146,6 @@ def main() -> None:
     ref = train_reference_classifier(real.train, n_classes=n_classes, seed=0,
                                      epochs=args.epochs, device=device)
     test_y = real.test[1].numpy().astype(np.int64)
-    labeller = None
-    modes = ["none"]
-    if args.relabel_with is None and args.relabel_mode != "relabel":
-        raise SystemExit("--relabel-mode needs --relabel-with (a saved DP classifier)")
-    if args.relabel_with is not None:
-        saved = torch.load(args.relabel_with, weights_only=True)
-        labeller = make_classifier(saved["n_classes"], saved["spatial_dims"])
-        labeller.load_state_dict(saved["state"])
-        labeller.eval()
-        modes = args.relabel_mode.split(",")
-        if bad := set(modes) - {"none", "relabel", "filter"}:
-            raise SystemExit(f"--relabel-mode {','.join(sorted(bad))}: expected none, relabel"
-                             " or filter")
     rows = []
     steps_list = [int(v) for v in args.steps.split(",")] if args.steps else [cfg.dm.ddim_steps]
     for k, steps, eta, g, mode in itertools.product(averages, steps_list, _floats(args.eta),
