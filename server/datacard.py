@@ -16,6 +16,13 @@ from server.run_metrics import (
     Utility,
 )
 
+
+def code_note(meta: dict[str, Any] | None) -> str:
+    """Which code trained the run (metrics.json `meta.code`, every version in order)."""
+    return ", then ".join((meta or {}).get("code")
+                          or ["not recorded (a run made before fedldm kept it)"])
+
+
 # Where the weights started (public pretraining is a prior, not a release of private data).
 INIT_NOTES = {
     "random": "random initialisation",
@@ -152,9 +159,7 @@ def write_datacard(path: Path, metrics: dict[str, Any], cfg: RunConfig) -> Path:
         "- Starting weights: autoencoder " + init_note(
             cfg.ae_init, paired=cfg.model.mask_channels > 0, trained=cfg.autoencoder.rounds > 0)
         + f"; denoiser {init_note(cfg.dm_init, trained=cfg.diffusion.rounds > 0)}.",
-        "- Code: " + ", then ".join((metrics.get("meta") or {}).get("code")
-                                    or ["not recorded (a run made before fedldm kept it)"])
-        + ".",
+        f"- Code: {code_note(metrics.get('meta'))}.",
         *(f"- Released {phase} model: {text} (the average of those rounds' global models; "
           "each was already sent to the sites, so averaging costs no privacy)."
           for phase, text in _released(metrics.get("meta"))),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm_core.config import RunConfig
-from server.datacard import init_note
+from server.datacard import code_note, init_note
 from server.run_metrics import RoundRecord
 
 __all__ = ["PRIVACY_RANDOMNESS_SECURE", "disclosures", "privacy_unit", "run_table"]
@@ -84,6 +84,5 @@ def run_table(metrics: dict[str, Any], cfg: RunConfig, out: Path) -> dict[str, A
         "autoencoder start": init_note(cfg.ae_init, paired=cfg.model.mask_channels > 0,
                                        trained=cfg.autoencoder.rounds > 0),
         "denoiser start": init_note(cfg.dm_init, trained=cfg.diffusion.rounds > 0),
-        "code": ", then ".join(meta.get("code") or ["not recorded (a run made before fedldm "
-                                                    "kept it)"]),
+        "code": code_note(meta),
     }

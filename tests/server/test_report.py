@@ -445,3 +445,12 @@ def test_datacard_says_a_frozen_prior_was_not_trained_on_the_sites(tmp_path: Pat
         auto, den = line.split("; denoiser ")
         assert said in auto and unsaid not in auto
         assert den.startswith("random initialisation")
+
+
+def test_the_code_that_trained_a_run_is_named_in_order_or_said_missing() -> None:
+    from server.datacard import code_note
+
+    assert code_note({"code": ["fedldm 0.1.0, commit a", "fedldm 0.1.0, commit b"]}) == \
+        "fedldm 0.1.0, commit a, then fedldm 0.1.0, commit b"
+    for meta in (None, {}, {"code": []}):
+        assert code_note(meta).startswith("not recorded")
