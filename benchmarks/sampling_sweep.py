@@ -111,18 +111,19 @@ def main() -> None:
     ap.add_argument("--relabel-with", type=Path, default=None,
                     help="a DP classifier saved by dp_classifier_reference.py --save: label or"
                          " filter the synthetic images with it (see --relabel-mode)")
-    ap.add_argument("--relabel-mode", default="relabel",
+    ap.add_argument("--relabel-mode", default=None,
                     help="comma list of: none (the labels as drawn), relabel (its argmax becomes"
                          " the label), filter (draw --oversample x the images and keep, per"
-                         " class, those it finds most typical of the class they were drawn for)")
+                         " class, those it finds most typical of the class they were drawn for);"
+                         " default with --relabel-with: relabel")
     ap.add_argument("--oversample", type=int, default=3)
     args = ap.parse_args()
     labeller = None
     modes = ["none"]
-    if args.relabel_with is None and args.relabel_mode != "relabel":
+    if args.relabel_with is None and args.relabel_mode is not None:
         raise SystemExit("--relabel-mode needs --relabel-with (a saved DP classifier)")
     if args.relabel_with is not None:
-        modes = args.relabel_mode.split(",")
+        modes = (args.relabel_mode or "relabel").split(",")
         if bad := set(modes) - {"none", "relabel", "filter"}:
             raise SystemExit(f"--relabel-mode {','.join(sorted(bad))}: expected none, relabel"
                              " or filter")
