@@ -65,10 +65,26 @@ def _use_upstream_opacus() -> None:
     training.lean_accumulation = contextlib.nullcontext  # type: ignore[attr-defined,assignment]
 
 
+def _force_conv_method(name: str) -> None:
+    """Every convolution takes `name`'s per-sample weight gradients (where it applies; the
+    grouped convolution elsewhere) instead of the fastest one timed on first use."""
+    from ldm_core import dp_fast
+
+    def forced(layer, x, backprops, key):  # noqa: ANN001, ANN202
+        pick = name if name in dp_fast._methods_for(layer, x) else "grouped"
+        dp_fast._CHOSEN[key] = pick
+        return pick, dp_fast.WEIGHT_GRAD_METHODS[pick](layer, x, backprops)
+
+    dp_fast._fastest = forced  # type: ignore[assignment]
+
+
 def measure(preset: str, phase: str, sigma: float, batch: int, steps: int,
-            upstream: bool = False, physical: int = 0) -> dict[str, float]:
+            upstream: bool = False, physical: int = 0,
+            conv_method: str = "") -> dict[str, float]:
     if upstream:
         _use_upstream_opacus()
+    if conv_method:
+        _force_conv_method(conv_method)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = build_config(preset=preset, class_names=("a", "b", "c", "d"))
@@ -98,6 +114,7 @@ def measure(preset: str, phase: str, sigma: float, batch: int, steps: int,
     per_step = (many - one) / steps
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
     return {"phase": phase, "dp": sigma > 0, "upstream": upstream,
+            "conv_method": conv_method or "fastest",
             "physical": physical or batch, "s_per_step": per_step,
             "s_per_sample": per_step / batch, "setup_s": max(0.0, one - per_step),
             "peak_rss_mb": round(peak, 1)}
@@ -112,11 +129,14 @@ def main() -> None:
                     help="physical batch under DP (default: the whole batch at once)")
     ap.add_argument("--one", nargs=2, metavar=("PHASE", "SIGMA"), help=argparse.SUPPRESS)
     ap.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--conv-method", default="", choices=("", "grouped", "bmm", "upstream"),
+                    help="with --one: force one per-sample convolution method (default: the "
+                         "fastest, timed on first use)")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure(args.preset, args.one[0], float(args.one[1]), args.batch,
                                  args.steps, upstream=args.upstream,
-                                 physical=args.physical)))
+                                 physical=args.physical, conv_method=args.conv_method)))
         return
     res: dict[tuple[str, str], dict[str, float]] = {}
     for name in PHASES:

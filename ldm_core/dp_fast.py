@@ -18,14 +18,16 @@ three of those passes without changing what is computed:
   ``ldm_core.training`` (a crafted model must not turn one patient's overflow into a NaN
   update that reveals whether the patient was sampled).
 
-* :func:`conv_grad_sample` - a convolution's per-sample weight gradients as ONE grouped
+* :func:`conv_grad_sample` - a convolution's per-sample weight gradients by whichever of
+  three equal computations is fastest for the layer's shape (timed on first use): ONE grouped
   weight-gradient convolution (groups = batch x the layer's groups) through torch's native
-  convolution backward, instead of Opacus' unfold (im2col, k^2 copies of the activations) and
-  einsum. On a CPU that is 3-7x faster per layer at the autoencoder's 16x16 and 32x32 layers and
-  8-10x over the 3D models, and a wash over the quick denoiser's 8x8 and 4x4 latents
-  (docs/benchmarks.md section 1). Opacus ships a similar "backward as a convolution" sampler
-  that it leaves unused ("slower in many contexts"); nothing here measured it on a GPU, so this
-  one is active on the CPU only.
+  convolution backward, a batched matrix product of the unfolded inputs, or Opacus' own
+  unfold-and-einsum. On a CPU the grouped kernel is 3-7x faster at the autoencoder's 16x16
+  and 32x32 layers and 8-10x over the 3D models, but up to 3x slower than the matrix product
+  at the quick denoiser's 4x4 layers and than Opacus' einsum at 1x1 kernels (docs/benchmarks.md
+  section 1). Opacus ships a similar "backward as a convolution" sampler that it leaves unused
+  ("slower in many contexts"); nothing here measured it on a GPU, so this one is active on
+  the CPU only.
 
 All are checked against Opacus' own path by the tests (per-sample gradients equal to the
 reference, updates equal to upstream's clip, non-finite entries zeroed before clipping).
@@ -34,6 +36,8 @@ reference, updates equal to upstream's clip, non-finite entries zeroed before cl
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,14 +78,89 @@ _WEIGHT_GRAD = {torch.nn.Conv2d: torch.nn.grad.conv2d_weight,
                 torch.nn.Conv3d: torch.nn.grad.conv3d_weight}
 
 
+def _grouped_weight_grads(layer: torch.nn.Module, x: torch.Tensor,
+                          backprops: torch.Tensor) -> torch.Tensor:
+    """[B, *weight] by ONE grouped weight-gradient convolution.
+
+    The batch goes into the channel axis, so that sample i's input channels meet only sample
+    i's output gradients: conv_weight(x [1, B*Cin, ...], g [1, B*Cout, ...], groups=B*G) is
+    the stack of the B per-sample weight gradients."""
+    n, w = x.shape[0], layer.weight
+    grouped = _WEIGHT_GRAD[type(layer)](
+        x.reshape(1, n * x.shape[1], *x.shape[2:]), (n * w.shape[0], *w.shape[1:]),
+        backprops.reshape(1, n * backprops.shape[1], *backprops.shape[2:]),
+        stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+        groups=n * layer.groups)
+    return grouped.view(n, *w.shape)
+
+
+def _bmm_weight_grads(layer: torch.nn.Module, x: torch.Tensor,
+                      backprops: torch.Tensor) -> torch.Tensor:
+    """[B, *weight] as one batched matrix product of the output gradients [B, Cout, L] and the
+    unfolded inputs [B, L, Cin*k^2] (a 1x1 kernel needs no unfolding). Ungrouped layers only."""
+    n, w = x.shape[0], layer.weight
+    g = backprops.reshape(n, backprops.shape[1], -1)
+    if _is_pointwise(layer):
+        cols = x.reshape(n, x.shape[1], -1)
+    else:
+        cols = torch.nn.functional.unfold(x, layer.kernel_size, dilation=layer.dilation,
+                                          padding=layer.padding, stride=layer.stride)
+    return torch.bmm(g, cols.transpose(1, 2)).view(n, *w.shape)
+
+
+def _upstream_weight_grads(layer: torch.nn.Module, x: torch.Tensor,
+                           backprops: torch.Tensor) -> torch.Tensor:
+    """[B, *weight] from Opacus' own sampler (unfold and einsum)."""
+    return _UPSTREAM_CONV(layer, [x], backprops)[layer.weight]
+
+
+def _is_pointwise(layer: torch.nn.Module) -> bool:
+    return (all(k == 1 for k in layer.kernel_size) and all(s == 1 for s in layer.stride)
+            and all(p == 0 for p in layer.padding))
+
+
+WEIGHT_GRAD_METHODS = {"grouped": _grouped_weight_grads, "bmm": _bmm_weight_grads,
+                       "upstream": _upstream_weight_grads}
+# The fastest method per layer shape, measured on first use in this process (every method
+# gives the same per-sample gradients; only the time differs, by up to 3x either way across
+# the quick models' layers: docs/benchmarks.md section 1). Keyed without the batch size, which
+# Poisson sampling changes every step.
+_CHOSEN: dict[tuple, str] = {}
+
+
+def _methods_for(layer: torch.nn.Module, x: torch.Tensor) -> tuple[str, ...]:
+    bmm_fits = layer.groups == 1 and (x.dim() == 4 or _is_pointwise(layer))
+    return ("grouped", "bmm", "upstream") if bmm_fits else ("grouped", "upstream")
+
+
+def _fastest(layer: torch.nn.Module, x: torch.Tensor, backprops: torch.Tensor,
+             key: tuple) -> tuple[str, torch.Tensor]:
+    """Time every method three times, interleaved, and keep the one with the shortest time for
+    `key` (the minimum and the interleaving keep a busy neighbour from deciding the pick)."""
+    names = _methods_for(layer, x)
+    best: dict[str, float] = dict.fromkeys(names, math.inf)
+    out: torch.Tensor | None = None
+    for _ in range(3):
+        for name in names:
+            t = time.perf_counter()
+            out = WEIGHT_GRAD_METHODS[name](layer, x, backprops)
+            best[name] = min(best[name], time.perf_counter() - t)
+    pick = min(names, key=best.__getitem__)
+    _CHOSEN[key] = pick
+    assert out is not None  # `names` is never empty
+    return pick, out  # every method computes the same gradients: the last one is as good
+
+
 def conv_grad_sample(layer: torch.nn.Module, activations: list[torch.Tensor],
                      backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample gradients of a Conv2d/Conv3d: Opacus' grad-sampler contract, same values.
 
-    The batch goes into the channel axis, so that sample i's input channels meet only sample
-    i's output gradients: conv_weight(x [1, B*Cin, ...], g [1, B*Cout, ...], groups=B*G) is
-    the stack of the B per-sample weight gradients. Layers this does not cover (string or
-    non-zero padding modes, empty batches, non-CPU tensors) go to Opacus' own sampler."""
+    The weight's come from whichever of three equal computations is fastest for the layer's
+    shape on this machine (`WEIGHT_GRAD_METHODS`, timed on first use): one grouped
+    weight-gradient convolution (fast where positions are many), a batched matrix product of
+    the unfolded inputs (small latents, 1x1 kernels) or Opacus' own sampler. Layers this does
+    not cover (string or non-zero padding modes, empty batches, non-CPU tensors) go to Opacus'
+    sampler."""
     x = activations[0]
     n = x.shape[0]
     if (type(layer) not in _WEIGHT_GRAD or n == 0 or isinstance(layer.padding, str)
@@ -90,13 +169,13 @@ def conv_grad_sample(layer: torch.nn.Module, activations: list[torch.Tensor],
     x = x.to(backprops.dtype)
     ret: dict[torch.nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        w = layer.weight
-        grouped = _WEIGHT_GRAD[type(layer)](
-            x.reshape(1, n * x.shape[1], *x.shape[2:]), (n * w.shape[0], *w.shape[1:]),
-            backprops.reshape(1, n * backprops.shape[1], *backprops.shape[2:]),
-            stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-            groups=n * layer.groups)
-        ret[w] = grouped.view(n, *w.shape)
+        key = (type(layer), tuple(layer.weight.shape), layer.stride, layer.padding,
+               layer.dilation, layer.groups, tuple(x.shape[1:]), x.dtype)
+        method = _CHOSEN.get(key)
+        if method is None:
+            _, ret[layer.weight] = _fastest(layer, x, backprops, key)
+        else:
+            ret[layer.weight] = WEIGHT_GRAD_METHODS[method](layer, x, backprops)
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = backprops.reshape(n, backprops.shape[1], -1).sum(dim=2)
     return ret
@@ -153,7 +232,10 @@ class FiniteClipDPOptimizer(DPOptimizer):
         factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for p, g in zip(self.params, samples, strict=True):
             _check_processed_flag(p.grad_sample)
-            grad = torch.einsum("i,i...", factor.to(g.device, p.dtype), g.to(p.dtype))
+            # One matrix-vector product: a single pass over the sample's gradients (the
+            # einsum it replaces multiplied into a temporary, then summed it).
+            grad = (factor.to(g.device, p.dtype) @ g.to(p.dtype).reshape(len(g), -1)).view(
+                g.shape[1:])
             if p.summed_grad is not None:
                 p.summed_grad += grad
             else:

@@ -82,32 +82,78 @@ def test_lean_accumulation_is_undone_on_exit_and_on_error() -> None:
     assert samplers[torch.nn.Conv2d] is compute_conv_grad_sample
 
 
-@pytest.mark.parametrize("conv", [
+CONVS = [
     torch.nn.Conv2d(4, 6, 3, padding=1),
     torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False),
     torch.nn.Conv2d(4, 6, (3, 1), padding=(1, 0), dilation=2),
     torch.nn.Conv2d(4, 6, 3, groups=2),
     torch.nn.Conv2d(4, 4, 1),
+    torch.nn.Conv2d(4, 4, 1, stride=2),
     torch.nn.Conv2d(4, 6, 3, padding="same"),  # string padding: upstream's sampler
     torch.nn.Conv3d(2, 4, 3, stride=2, padding=1),
-], ids=["plain", "stride-nobias", "dilation", "groups", "1x1", "same", "3d"])
-def test_conv_grad_sample_equals_opacus_unfold_sampler(conv: torch.nn.Module) -> None:
-    """The grouped weight-gradient convolution gives Opacus' per-sample gradients, for every
-    stride, padding, dilation and group the models could use."""
+    torch.nn.Conv3d(2, 4, 1),
+]
+CONV_IDS = ["plain", "stride-nobias", "dilation", "groups", "1x1", "1x1-stride", "same", "3d",
+            "3d-1x1"]
+
+
+def _conv_case(conv: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, conv.in_channels, *(9,) * (conv.weight.ndim - 2), generator=g)
-    out_shape = conv(x).shape
-    backprops = torch.randn(out_shape, generator=g)
+    return x, torch.randn(conv(x).shape, generator=g)
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=CONV_IDS)
+def test_conv_grad_sample_equals_opacus_unfold_sampler(conv: torch.nn.Module) -> None:
+    """Whichever method the timing picks gives Opacus' per-sample gradients, for every
+    stride, padding, dilation and group the models could use, on first use and after."""
+    x, backprops = _conv_case(conv)
     want = compute_conv_grad_sample(conv, [x], backprops)
-    got = conv_grad_sample(conv, [x], backprops)
-    assert want.keys() == got.keys()
-    for p in want:
-        assert got[p].shape == want[p].shape == (5, *p.shape)
-        assert torch.allclose(got[p], want[p], rtol=1e-5, atol=1e-5)
+    for _ in range(2):  # first use times the methods; the second reuses the choice
+        got = conv_grad_sample(conv, [x], backprops)
+        assert want.keys() == got.keys()
+        for p in want:
+            assert got[p].shape == want[p].shape == (5, *p.shape)
+            assert torch.allclose(got[p], want[p], rtol=1e-5, atol=1e-5)
     # ...and it is the sum of the batch's plain weight gradient, sample by sample.
     conv.zero_grad()
     conv(x).backward(backprops)
     assert torch.allclose(got[conv.weight].sum(0), conv.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("conv", [c for c in CONVS if not isinstance(c.padding, str)],
+                         ids=[i for i, c in zip(CONV_IDS, CONVS, strict=True)
+                              if not isinstance(c.padding, str)])
+def test_every_weight_grad_method_equals_opacus(conv: torch.nn.Module) -> None:
+    """Each method the timing may pick, on its own (the timing makes the pick machine-dependent,
+    so each must be right, not only the one this machine prefers)."""
+    x, backprops = _conv_case(conv)
+    want = compute_conv_grad_sample(conv, [x], backprops)[conv.weight]
+    methods = dp_fast._methods_for(conv, x)
+    assert "grouped" in methods and "upstream" in methods
+    assert ("bmm" in methods) == (conv.groups == 1 and (x.dim() == 4 or conv.kernel_size[0] == 1
+                                                        and conv.stride[0] == 1))
+    for name in methods:
+        got = dp_fast.WEIGHT_GRAD_METHODS[name](conv, x, backprops)
+        assert got.shape == want.shape, name
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), name
+
+
+def test_the_timed_choice_is_kept_per_layer_shape_whatever_the_batch_size() -> None:
+    """Poisson sampling changes the batch size every step: the choice must not be re-timed
+    for each, and a batch of another size must use it and still be right."""
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    dp_fast._CHOSEN.clear()
+    x, backprops = _conv_case(conv)
+    conv_grad_sample(conv, [x], backprops)
+    assert len(dp_fast._CHOSEN) == 1
+    (choice,) = dp_fast._CHOSEN.values()
+    assert choice in dp_fast._methods_for(conv, x)
+    x7, b7 = torch.randn(7, 3, 9, 9), torch.randn(7, 5, 9, 9)
+    got = conv_grad_sample(conv, [x7], b7)[conv.weight]
+    assert len(dp_fast._CHOSEN) == 1
+    assert torch.allclose(got, compute_conv_grad_sample(conv, [x7], b7)[conv.weight],
+                          rtol=1e-5, atol=1e-5)
 
 
 def _optimizers(samples: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
