@@ -1,7 +1,7 @@
 """Sampling knobs against utility and diversity, on a finished simulated run.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sampling_sweep.py RUN \
-        [--guidance 1,2,3,4,6] [--eta 0] [--steps 40] [--multiplier 1] [--epochs 12] \
+        [--guidance 1,2,3,4,6,1+4] [--eta 0] [--steps 40] [--multiplier 1] [--epochs 12] \
         [--average-last 1,3,5]
 
 Everything here is sampling, post-processing of the released model, so free in privacy; the
@@ -57,6 +57,25 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
 
 
+def _guidances(text: str) -> list[tuple[float, ...]]:
+    """"1,4,1+4": one scale per row, or a mixture ("1+4": equal parts drawn at each scale)."""
+    return [tuple(float(v) for v in item.split("+")) for item in text.split(",")]
+
+
+def _draw(cfg, ae, dm, scale, per_class: int, *, guidance: tuple[float, ...],  # noqa: ANN001
+          **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class-balanced set; a mixture of scales draws its parts from different seeds (the
+    same seed would repeat each layout once per scale) and keeps the labels aligned."""
+    xs, ys = [], []
+    for i, g in enumerate(guidance):
+        n = per_class // len(guidance) + (i < per_class % len(guidance))
+        x, y, _ = generate_synthetic(cfg, ae, dm, scale, n, seed=cfg.seed + 7919 * i,
+                                     guidance=g, **kw)
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
 def _pick(syn_y: torch.Tensor, real_y: torch.Tensor, n_classes: int, mult: int,
           rng: np.random.Generator) -> torch.Tensor:
     """`mult` times the real training split's per-class counts, without replacement."""
@@ -98,7 +117,8 @@ def _relabel(labeller: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path)
-    ap.add_argument("--guidance", default="1,2,3,4,6")
+    ap.add_argument("--guidance", default="1,2,3,4,6",
+                    help="scales, one per row; 1+4 draws equal parts at each (a mixture)")
     ap.add_argument("--eta", default="0", help="DDIM eta values, e.g. 0,0.5,1")
     ap.add_argument("--steps", default="", help="DDIM step counts (default: the run's)")
     ap.add_argument("--multiplier", default="1",
@@ -150,15 +170,14 @@ def main() -> None:
     rows = []
     steps_list = [int(v) for v in args.steps.split(",")] if args.steps else [cfg.dm.ddim_steps]
     for k, steps, eta, g, mode in itertools.product(averages, steps_list, _floats(args.eta),
-                                                    _floats(args.guidance), modes):
+                                                    _guidances(args.guidance), modes):
         if k:
             final.dm.load_state_dict(_tail_mean(run.root / "checkpoints",
                                                 cfg.diffusion.rounds, k))
         t0 = time.monotonic()
         draw = per_class * (args.oversample if mode == "filter" else 1)
-        x, y, _ = generate_synthetic(cfg, final.ae, final.dm, final.scale_factor,
-                                     draw, seed=cfg.seed, device=device,
-                                     steps=steps, guidance=g, eta=eta)
+        x, y = _draw(cfg, final.ae, final.dm, final.scale_factor, draw, guidance=g,
+                     device=device, steps=steps, eta=eta)
         sample_s = time.monotonic() - t0
         if labeller is not None and mode != "none":
             x, y = _relabel(labeller, x, y, mode, per_class, n_classes)
@@ -170,7 +189,8 @@ def main() -> None:
                                                   spatial_dims=cfg.model.spatial_dims),
                             seed=cfg.seed)
         div = f["diversity"]
-        row = {"average_last": k or "final", "guidance": g, "eta": eta, "labels": mode,
+        row = {"average_last": k or "final", "guidance": "+".join(f"{v:g}" for v in g),
+               "eta": eta, "labels": mode,
                "steps": steps, "tstr_auc": u["tstr_auc"],
                "tstr_auc_ci": u["tstr_auc_ci"], "trtr_auc": u["trtr_auc"],
                "ratio": u["ratio"], "tstr_acc": u["tstr_acc"],
@@ -202,7 +222,7 @@ def main() -> None:
         more = "".join(f" {r['larger'][str(m)]['ratio']:.3f} |" for m in extra)
         k = r["average_last"]
         released = "final" if k == "final" else f"mean of last {k}"
-        print(f"| {released} | {r['labels']} | {r['guidance']:g} | "
+        print(f"| {released} | {r['labels']} | {r['guidance']} | "
               f"{r['eta']:g} | {r['steps']} | "
               f"{r['tstr_auc']:.3f} "
               f"[{r['tstr_auc_ci'][0]:.3f}, {r['tstr_auc_ci'][1]:.3f}] | {r['ratio']:.3f} | "
