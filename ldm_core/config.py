@@ -174,11 +174,6 @@ class PhaseConfig:
     # Per-step EMA of the weights a site sends back (0 = off). Post-processing of DP-SGD
     # iterates, so free in privacy; it averages out much of the injected noise.
     ema_decay: float = 0.0
-    # Linear learning-rate warm-up over the first `lr_warmup` steps of every round (0 = off).
-    # Why: a site's Adam starts afresh each round, and its bias-corrected first steps move every
-    # weight by about the full learning rate in the direction of mostly DP noise (step 1 is
-    # lr x sign(g)), several times the steady state's per-step move. Free in privacy.
-    lr_warmup: int = 0
     optimizer: str = "adam"
     # Train only the parameters whose names contain one of these pieces (empty = all), e.g.
     # ("class_embedding", "time_emb", "attn") for the denoiser's conditioning path on top of a
@@ -220,10 +215,6 @@ class PhaseConfig:
         _check(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         _check(self.noise_multiplicity >= 1, "noise_multiplicity must be >= 1")
         _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        _check(isinstance(self.lr_warmup, int) and not isinstance(self.lr_warmup, bool)
-               and self.lr_warmup >= 0,
-               f"lr_warmup must be a whole number of steps >= 0 (0 = off), got "
-               f"{self.lr_warmup!r}")
 
 
 @dataclass(frozen=True)

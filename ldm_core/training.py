@@ -272,12 +272,6 @@ def dp_train(
     bar = tqdm(total=plan.steps, desc=desc, leave=False, disable=not show_progress)
     ema = _Ema(module, phase.ema_decay)
 
-    def warm_up(step: int) -> None:
-        """The learning rate of optimizer step `step` (0-based) of this round."""
-        if phase.lr_warmup:
-            for group in optimizer.param_groups:
-                group["lr"] = phase.lr * min(1.0, (step + 1) / phase.lr_warmup)
-
     def run_batch(batch_tensors: list[torch.Tensor]) -> None:
         batch_tensors = [t.to(device) for t in batch_tensors]
         loss = per_patient(module, tuple(batch_tensors), gen)
@@ -293,7 +287,6 @@ def dp_train(
         while steps < plan.steps:
             for batch_tensors in loader:
                 optimizer.zero_grad(set_to_none=True)
-                warm_up(steps)
                 run_batch(batch_tensors)
                 optimizer.step()
                 ema.update(module)
@@ -331,7 +324,6 @@ def dp_train(
                 for batch_tensors in mem_loader:
                     dp_opt.zero_grad(set_to_none=True)
                     privacy_rng.reseed(noise_gen)
-                    warm_up(steps)
                     if batch_tensors[0].shape[0] == 0:
                         _noise_only_step(dp_opt)
                         sizes.append(0)

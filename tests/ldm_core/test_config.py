@@ -30,8 +30,6 @@ def test_presets_build_and_round_trip_json(preset: str) -> None:
         lambda: ModelConfig(n_classes=1),
         lambda: PhaseConfig(batch_size=0),
         lambda: PhaseConfig(noise_multiplicity=0),
-        lambda: PhaseConfig(lr_warmup=-1),
-        lambda: PhaseConfig(lr_warmup=2.5),
         lambda: PrivacyConfig(epsilon=0),
         lambda: PrivacyConfig(delta=1.0),
         lambda: PrivacyConfig(ae_share=1.0),

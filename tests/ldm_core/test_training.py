@@ -121,23 +121,6 @@ def _sgd_probe(sigma: float, clip: float, *, scale: float, n: int = 1, rate: flo
     return (model.weight.detach() - before)[0], stats
 
 
-@pytest.mark.parametrize("sigma", [0.0, 1e-6])
-@pytest.mark.parametrize(("warmup", "moved"), [(0, 4.0), (2, 3.5), (4, 2.5), (8, 1.25)])
-def test_lr_warmup_ramps_the_learning_rate_of_every_rounds_first_steps(
-        sigma: float, warmup: int, moved: float) -> None:
-    """Four SGD steps of a constant unit gradient per weight: each moves the weights by that
-    step's learning rate, lr x min(1, (step + 1) / warmup); with and without DP."""
-    model = torch.nn.Linear(8, 1, bias=False)
-    before = model.weight.detach().clone()
-    phase = PhaseConfig(rounds=1, sample_rate=1.0, local_steps=4, batch_size=4, lr=1.0,
-                        max_grad_norm=10.0, optimizer="sgd", lr_warmup=warmup)
-    dp_train(model, (torch.ones(4, 8),), lambda m, b, g: m(b[0])[:, 0], phase=phase,
-             plan=sampling_plan(phase), noise_multiplier=sigma, seed=0, device=CPU,
-             show_progress=False, privacy_rng=PrivacyRng.secure())
-    assert torch.allclose(before - model.weight.detach(), torch.full((1, 8), moved),
-                          atol=1e-4)
-
-
 def test_noise_is_present_with_the_charged_scale() -> None:
     """Zero gradients: the update is pure noise of std sigma * C / B."""
     delta, stats = _sgd_probe(sigma=2.0, clip=0.5, scale=0.0)
