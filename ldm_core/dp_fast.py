@@ -23,8 +23,8 @@ three of those passes without changing what is computed:
   weight-gradient convolution (groups = batch x the layer's groups) through torch's native
   convolution backward, a batched matrix product of the unfolded inputs, or Opacus' own
   unfold-and-einsum. On a CPU the grouped kernel is 3-7x faster at the autoencoder's 16x16
-  and 32x32 layers and 8-10x over the 3D models, but up to 3x slower than the matrix product
-  at the quick denoiser's 4x4 layers and than Opacus' einsum at 1x1 kernels (docs/benchmarks.md
+  and 32x32 layers and 8-10x over the 3D models, but up to 2x slower than the matrix product
+  at the quick denoiser's 4x4 layers and up to 7x at 1x1 kernels (docs/benchmarks.md
   section 1). Opacus ships a similar "backward as a convolution" sampler that it leaves unused
   ("slower in many contexts"); nothing here measured it on a GPU, so this one is active on
   the CPU only.
@@ -122,7 +122,7 @@ def _is_pointwise(layer: torch.nn.Module) -> bool:
 WEIGHT_GRAD_METHODS = {"grouped": _grouped_weight_grads, "bmm": _bmm_weight_grads,
                        "upstream": _upstream_weight_grads}
 # The fastest method per layer shape, measured on first use in this process (every method
-# gives the same per-sample gradients; only the time differs, by up to 3x either way across
+# gives the same per-sample gradients; only the time differs, by up to 7x either way across
 # the quick models' layers: docs/benchmarks.md section 1). Keyed without the batch size, which
 # Poisson sampling changes every step.
 _CHOSEN: dict[tuple, str] = {}
@@ -158,8 +158,8 @@ def conv_grad_sample(layer: torch.nn.Module, activations: list[torch.Tensor],
                      backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample gradients of a Conv2d/Conv3d: Opacus' grad-sampler contract, same values.
 
-    The weight's come from whichever of three equal computations is fastest for the layer's
-    shape on this machine (`WEIGHT_GRAD_METHODS`, timed on first use): one grouped
+    The weight's gradients come from whichever of three equal computations is fastest for
+    the layer's shape on this machine (`WEIGHT_GRAD_METHODS`, timed on first use): one grouped
     weight-gradient convolution (fast where positions are many), a batched matrix product of
     the unfolded inputs (small latents, 1x1 kernels) or Opacus' own sampler. Layers this does
     not cover (string or non-zero padding modes, empty batches, non-CPU tensors) go to Opacus'
