@@ -63,6 +63,7 @@ def _use_upstream_opacus() -> None:
 
     training.LeanPrivacyEngine = Engine  # type: ignore[attr-defined,misc]
     training.lean_accumulation = contextlib.nullcontext  # type: ignore[attr-defined,assignment]
+    _keep_summed_weight_grads()
 
 
 def _force_conv_method(name: str) -> None:
@@ -78,11 +79,23 @@ def _force_conv_method(name: str) -> None:
     dp_fast._fastest = forced  # type: ignore[assignment]
 
 
+def _keep_summed_weight_grads() -> None:
+    """This process lets autograd compute the summed weight gradients under DP as well (the
+    path before `dp_fast.no_summed_weight_grads`), for an A/B run of that change alone."""
+    import contextlib
+
+    from ldm_core import training
+
+    training.no_summed_weight_grads = lambda module: contextlib.nullcontext()  # type: ignore
+
+
 def measure(preset: str, phase: str, sigma: float, batch: int, steps: int,
             upstream: bool = False, physical: int = 0,
-            conv_method: str = "") -> dict[str, float]:
+            conv_method: str = "", summed_grads: bool = False) -> dict[str, float]:
     if upstream:
         _use_upstream_opacus()
+    if summed_grads:
+        _keep_summed_weight_grads()
     if conv_method:
         _force_conv_method(conv_method)
     torch.set_num_threads(1)
@@ -114,7 +127,7 @@ def measure(preset: str, phase: str, sigma: float, batch: int, steps: int,
     per_step = (many - one) / steps
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
     return {"phase": phase, "dp": sigma > 0, "upstream": upstream,
-            "conv_method": conv_method or "fastest",
+            "conv_method": conv_method or "fastest", "summed_weight_grads": summed_grads,
             "physical": physical or batch, "s_per_step": per_step,
             "s_per_sample": per_step / batch, "setup_s": max(0.0, one - per_step),
             "peak_rss_mb": round(peak, 1)}
@@ -132,11 +145,15 @@ def main() -> None:
     ap.add_argument("--conv-method", default="", choices=("", "grouped", "bmm", "upstream"),
                     help="with --one: force one per-sample convolution method (default: the "
                          "fastest, timed on first use)")
+    ap.add_argument("--summed-weight-grads", action="store_true",
+                    help="with --one: let autograd compute the summed weight gradients under DP "
+                         "too (the path before dp_fast.no_summed_weight_grads)")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure(args.preset, args.one[0], float(args.one[1]), args.batch,
                                  args.steps, upstream=args.upstream,
-                                 physical=args.physical, conv_method=args.conv_method)))
+                                 physical=args.physical, conv_method=args.conv_method,
+                                 summed_grads=args.summed_weight_grads)))
         return
     res: dict[tuple[str, str], dict[str, float]] = {}
     for name in PHASES:

@@ -18,6 +18,10 @@ three of those passes without changing what is computed:
   ``ldm_core.training`` (a crafted model must not turn one patient's overflow into a NaN
   update that reveals whether the patient was sampled).
 
+* :func:`no_summed_weight_grads` - autograd skips the summed weight gradients that Opacus'
+  optimizer would overwrite anyway (about a third of a plain backward pass), by running the
+  layers with detached parameters wherever their input carries a gradient; Opacus' hooks
+  still see the same output gradients.
 * :func:`conv_grad_sample` - a convolution's per-sample weight gradients by whichever of
   three equal computations is fastest for the layer's shape (timed on first use): ONE grouped
   weight-gradient convolution (groups = batch x the layer's groups) through torch's native
@@ -205,6 +209,67 @@ def lean_accumulation() -> Iterator[None]:
         _gsm.create_or_accumulate_grad_sample = _UPSTREAM_ACCUMULATE
         for conv in _CONVS:
             samplers[conv] = _UPSTREAM_CONV
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _conv_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer._conv_forward(x, _detached(layer.weight), _detached(layer.bias))
+
+
+def _linear_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, _detached(layer.weight), _detached(layer.bias))
+
+
+def _group_norm_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.group_norm(x, layer.num_groups, _detached(layer.weight),
+                                          _detached(layer.bias), layer.eps)
+
+
+# Exact types only: a subclass may have its own forward, which this must not replace.
+_DETACHABLE = {torch.nn.Conv1d: _conv_forward, torch.nn.Conv2d: _conv_forward,
+               torch.nn.Conv3d: _conv_forward, torch.nn.Linear: _linear_forward,
+               torch.nn.GroupNorm: _group_norm_forward}
+
+
+@contextlib.contextmanager
+def no_summed_weight_grads(module: torch.nn.Module) -> Iterator[None]:
+    """While the block runs, autograd does not compute the summed weight gradients of the
+    module's convolution, linear and GroupNorm layers (restored after, also on error).
+
+    Under DP-SGD those gradients are thrown away: the update is built from the per-sample
+    gradients Opacus' hooks compute from each layer's inputs and output gradients, and the
+    optimizer overwrites ``p.grad`` with their clipped, noised sum. Autograd still computes
+    them, about a third of a plain backward pass for the quick denoiser. A layer here runs
+    with its parameters detached whenever its input carries a gradient, so its output still
+    carries one (its backward hook fires with the same output gradients) but autograd has no
+    weight gradient to compute; a layer whose input carries none (the first layer, the
+    embedding branch) keeps its parameters attached, or its output would need no gradient
+    and its hook would never fire. Nothing Opacus computes changes."""
+    patched: list[torch.nn.Module] = []
+
+    def wrap(layer: torch.nn.Module, forward: Any, default: Any) -> Any:
+        def lean(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if args or kwargs or not (torch.is_grad_enabled() and x.requires_grad):
+                return default(x, *args, **kwargs)
+            return forward(layer, x)
+        return lean
+
+    try:
+        for layer in module.modules():
+            forward = _DETACHABLE.get(type(layer))
+            if forward is None or "forward" in vars(layer):
+                continue
+            if not any(p.requires_grad for p in layer.parameters(recurse=False)):
+                continue
+            layer.forward = wrap(layer, forward, layer.forward)
+            patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward
 
 
 def zero_non_finite(grad_samples: list[torch.Tensor]) -> None:

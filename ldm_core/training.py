@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ldm_core.config import PhaseConfig
 from ldm_core.data import rows_by_patient
-from ldm_core.dp_fast import LeanPrivacyEngine, lean_accumulation
+from ldm_core.dp_fast import LeanPrivacyEngine, lean_accumulation, no_summed_weight_grads
 from ldm_core.dp_random import PrivacyRng
 
 LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Generator], torch.Tensor]
@@ -318,9 +318,9 @@ def dp_train(
         used_sigma, used_clip = float(dp_opt.noise_multiplier), float(dp_opt.max_grad_norm)
         logical = 0
         try:
-            with lean_accumulation(), BatchMemoryManager(data_loader=dp_loader,
-                                    max_physical_batch_size=phase.physical_batch_size,
-                                    optimizer=dp_opt) as mem_loader:
+            with lean_accumulation(), no_summed_weight_grads(module), BatchMemoryManager(
+                    data_loader=dp_loader, max_physical_batch_size=phase.physical_batch_size,
+                    optimizer=dp_opt) as mem_loader:
                 for batch_tensors in mem_loader:
                     dp_opt.zero_grad(set_to_none=True)
                     privacy_rng.reseed(noise_gen)

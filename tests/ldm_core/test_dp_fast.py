@@ -18,6 +18,7 @@ from ldm_core.dp_fast import (
     conv_grad_sample,
     lean_accumulation,
 )
+from ldm_core.dp_random import PrivacyRng
 from ldm_core.losses import multiplicity_diffusion_loss
 from ldm_core.models import make_denoiser, make_train_scheduler
 from tests.ldm_core.test_models import Denoise
@@ -206,3 +207,55 @@ def test_lean_engine_builds_the_finite_clip_optimizer() -> None:
         data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
     assert type(opt) is FiniteClipDPOptimizer
     assert opt.noise_multiplier == 1.0 and opt.max_grad_norm == 1.0
+
+
+def _patched(dm: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in dm.modules() if "forward" in vars(m)]
+
+
+def test_no_summed_weight_grads_skips_autograd_but_not_the_per_sample_gradients() -> None:
+    """Inside the block autograd leaves p.grad of the layers past the first unset (the work
+    skipped) while every per-sample gradient is still there and equal to Opacus' own; the
+    layers are restored after the block, also on error."""
+    reference = _grad_samples(1, lean=True)
+    dm, z, y = _denoiser()
+    sched = make_train_scheduler(build_config(preset="tiny", image_size=16).model)
+    gsm = GradSampleModule(dm, loss_reduction="mean")
+    with lean_accumulation(), dp_fast.no_summed_weight_grads(dm):
+        assert len(_patched(dm)) > 10
+        loss = multiplicity_diffusion_loss(dm, sched, z, y, k=1,
+                                           generator=torch.Generator().manual_seed(3))
+        loss.mean().backward()
+    assert _patched(dm) == []
+    lean = {n: p.grad_sample for n, p in dm.named_parameters()}
+    gsm._close()
+    assert lean.keys() == reference.keys()
+    for name in reference:
+        assert torch.allclose(reference[name], lean[name], rtol=1e-5, atol=1e-7), name
+    convs = [m for m in dm.modules() if type(m) is torch.nn.Conv2d]
+    skipped = [m for m in convs if m.weight.grad is None]
+    assert len(skipped) >= len(convs) - 1  # only a layer fed by the data itself keeps it
+    with pytest.raises(RuntimeError), dp_fast.no_summed_weight_grads(dm):
+        raise RuntimeError("boom")
+    assert _patched(dm) == []
+
+
+def test_dp_train_updates_the_same_without_summed_weight_grads(monkeypatch) -> None:  # noqa: ANN001
+    """The same DP-SGD update, bit for bit up to float rounding, with the summed weight
+    gradients skipped and computed (reproducible privacy draws, so the noise is the same)."""
+    from ldm_core import training
+    from tests.ldm_core.test_training import _setup, _train
+
+    cfg, z, y, phase, loss = _setup()
+
+    def run() -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        dm = make_denoiser(cfg.model)
+        _train(dm, z, y, phase, loss, rng=PrivacyRng.reproducible(7, "dp_fast"), seed=3)
+        return dm.state_dict()
+
+    lean = run()
+    monkeypatch.setattr(training, "no_summed_weight_grads",
+                        lambda module: contextlib.nullcontext())
+    full = run()
+    assert all(torch.allclose(lean[k], full[k], rtol=1e-5, atol=1e-6) for k in lean)
