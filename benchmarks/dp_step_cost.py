@@ -17,6 +17,11 @@ steps): the per-call set-up (Opacus' wrapping, the optimizer, the EMA copy) is r
 separately, because a round pays it once, not per step. Peak memory is the resident-set growth
 of a fresh process per (phase, mode). Ratios are what to compare across machines; absolute
 times only within one run. Target: DP / non-DP <= 1.5 per step for both models.
+
+`--one PHASE 1 --interleave R` takes DP, DP with autograd's summed weight gradients kept (the
+path before `dp_fast.no_summed_weight_grads`) and no DP in turn in one process, R times: this
+machine's speed drifts by tens of percent over minutes, and taking turns keeps the drift out of
+an A/B comparison.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import dataclasses
 import json
 import resource
 import time
+from collections.abc import Callable
 
 import torch
 from _subrun import run_child
@@ -89,15 +95,8 @@ def _keep_summed_weight_grads() -> None:
     training.no_summed_weight_grads = lambda module: contextlib.nullcontext()  # type: ignore
 
 
-def measure(preset: str, phase: str, sigma: float, batch: int, steps: int,
-            upstream: bool = False, physical: int = 0,
-            conv_method: str = "", summed_grads: bool = False) -> dict[str, float]:
-    if upstream:
-        _use_upstream_opacus()
-    if summed_grads:
-        _keep_summed_weight_grads()
-    if conv_method:
-        _force_conv_method(conv_method)
+def _caller(preset: str, phase: str, batch: int, physical: int) -> Callable[[int, float], float]:
+    """call(k, sigma): seconds for one `dp_train` of k local steps on a fresh model."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = build_config(preset=preset, class_names=("a", "b", "c", "d"))
@@ -110,9 +109,8 @@ def measure(preset: str, phase: str, sigma: float, batch: int, steps: int,
     tensors = {"autoencoder": (x,), "diffusion": (z, y, s)}[phase]
     spec = PHASES[phase]
     loss = spec.train_loss(cfg)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    def call(k: int) -> float:
+    def call(k: int, sigma: float) -> float:
         ph = dataclasses.replace(spec.config(cfg), batch_size=batch, sample_rate=1.0,
                                  local_steps=k, physical_batch_size=physical or batch)
         model = spec.make_model(m)
@@ -122,8 +120,22 @@ def measure(preset: str, phase: str, sigma: float, batch: int, steps: int,
                  show_progress=False)
         return time.perf_counter() - t
 
-    call(1)  # warm-up
-    one, many = call(1), call(1 + steps)
+    return call
+
+
+def measure(preset: str, phase: str, sigma: float, batch: int, steps: int,
+            upstream: bool = False, physical: int = 0,
+            conv_method: str = "", summed_grads: bool = False) -> dict[str, float]:
+    if upstream:
+        _use_upstream_opacus()
+    if summed_grads:
+        _keep_summed_weight_grads()
+    if conv_method:
+        _force_conv_method(conv_method)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    call = _caller(preset, phase, batch, physical)
+    call(1, sigma)  # warm-up
+    one, many = call(1, sigma), call(1 + steps, sigma)
     per_step = (many - one) / steps
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
     return {"phase": phase, "dp": sigma > 0, "upstream": upstream,
@@ -131,6 +143,33 @@ def measure(preset: str, phase: str, sigma: float, batch: int, steps: int,
             "physical": physical or batch, "s_per_step": per_step,
             "s_per_sample": per_step / batch, "setup_s": max(0.0, one - per_step),
             "peak_rss_mb": round(peak, 1)}
+
+
+def interleaved(preset: str, phase: str, batch: int, steps: int, reps: int) -> dict:
+    """Seconds a step of three arms taken in turn in ONE process, `reps` times: DP as fedldm
+    trains, DP with autograd's summed weight gradients kept (the path before
+    `dp_fast.no_summed_weight_grads`), and no DP. Taking turns in one process keeps the minutes
+    in which this machine's speed drifts out of the comparison; the medians are what to read."""
+    import contextlib
+    import statistics
+
+    from ldm_core import training
+
+    lean = training.no_summed_weight_grads
+    arms = {"dp": (1.0, lean), "dp_summed_weight_grads": (1.0, None), "plain": (0.0, lean)}
+    call = _caller(preset, phase, batch, 0)
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    for r in range(reps + 1):  # the first pass warms up (and picks the convolution methods)
+        for arm, (sigma, ctx) in arms.items():
+            training.no_summed_weight_grads = ctx or (lambda module: contextlib.nullcontext())
+            per_step = (call(1 + steps, sigma) - call(1, sigma)) / steps
+            if r:
+                times[arm].append(round(per_step, 4))
+    training.no_summed_weight_grads = lean
+    med = {a: statistics.median(t) for a, t in times.items()}
+    return {"phase": phase, "batch": batch, "runs": times, "median_s_per_step": med,
+            "dp_over_plain": med["dp"] / med["plain"],
+            "dp_summed_over_plain": med["dp_summed_weight_grads"] / med["plain"]}
 
 
 def main() -> None:
@@ -145,10 +184,17 @@ def main() -> None:
     ap.add_argument("--conv-method", default="", choices=("", "grouped", "bmm", "upstream"),
                     help="with --one: force one per-sample convolution method (default: the "
                          "fastest, timed on first use)")
+    ap.add_argument("--interleave", type=int, default=0, metavar="R",
+                    help="with --one PHASE: R rounds of DP, DP with the summed weight "
+                         "gradients, and no DP in turn in one process (SIGMA is ignored)")
     ap.add_argument("--summed-weight-grads", action="store_true",
                     help="with --one: let autograd compute the summed weight gradients under DP "
                          "too (the path before dp_fast.no_summed_weight_grads)")
     args = ap.parse_args()
+    if args.one and args.interleave:
+        print(json.dumps(interleaved(args.preset, args.one[0], args.batch, args.steps,
+                                     args.interleave)))
+        return
     if args.one:
         print(json.dumps(measure(args.preset, args.one[0], float(args.one[1]), args.batch,
                                  args.steps, upstream=args.upstream,
