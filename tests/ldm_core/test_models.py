@@ -7,7 +7,12 @@ from opacus.validators import ModuleValidator
 
 from ldm_core.config import ModelConfig, build_config
 from ldm_core.losses import autoencoder_loss, diffusion_loss, multiplicity_diffusion_loss
-from ldm_core.models import make_autoencoder, make_denoiser, make_train_scheduler
+from ldm_core.models import (
+    make_autoencoder,
+    make_denoiser,
+    make_train_scheduler,
+    resolve_device,
+)
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -240,3 +245,16 @@ def test_timesteps_are_uniform_or_logit_normal_and_follow_the_generator() -> Non
     assert float((shifted >= 700).float().mean()) < 0.12
     assert torch.equal(draw((-0.85, 1.0)), shifted)
     assert not torch.equal(draw((-0.85, 1.0), seed=1), shifted)
+
+
+def test_device_names_resolve_and_a_missing_gpu_is_a_clear_error(monkeypatch) -> None:  # noqa: ANN001
+    """`auto` falls back to the CPU; asking for CUDA where torch sees none says what to do
+    instead of failing deep inside training."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="no CUDA GPU.*--device cpu"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
