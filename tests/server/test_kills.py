@@ -73,7 +73,26 @@ def _federate(root: Path, manifest: Path, cfg: RunConfig, trainings: Path) -> No
         make_federation(root, manifest, cfg, n_sites=N_SITES).run()
 
 
+def _own_tqdm_lock() -> None:
+    """Give this forked child a progress-bar lock of its own.
+
+    tqdm's default write lock holds a multiprocessing RLock: a semaphore that every process
+    forked from the test process shares. A child SIGKILLed while it holds it (creating or
+    refreshing a bar) leaves it held for good, and from then on every bar in the test process
+    (its tqdm monitor thread) and in every later child blocks on it: each later run hangs until
+    the join timeout. The federation's own processes never share it (sites and workers are
+    started with exec, not fork), so this is the test's fork, not a fix for the product."""
+    import threading
+
+    import tqdm.auto
+    import tqdm.std
+
+    for cls in {tqdm.std.tqdm, tqdm.auto.tqdm}:
+        cls.set_lock(threading.RLock())
+
+
 def _child(root: Path, manifest: Path, cfg: RunConfig, trainings: Path) -> None:
+    _own_tqdm_lock()
     try:
         _federate(root, manifest, cfg, trainings)
     except BaseException as exc:  # noqa: BLE001 - report to the parent, then die
@@ -105,7 +124,8 @@ def _finish(root: Path, manifest: Path, cfg: RunConfig, trainings: Path, *, kill
         proc.join(timeout=600 if clean_s == 0 else max(120.0, 10 * clean_s))
         if proc.is_alive():
             # A forked child that never finishes (a lock some other thread of the test process
-            # held at fork time: seen once on loaded cores) is ended like any other crash.
+            # held at fork time) is ended like any other crash. tqdm's shared lock did this
+            # until each child took its own (_own_tqdm_lock).
             os.kill(proc.pid, signal.SIGKILL)
             proc.join()
         if proc.exitcode == 0:
