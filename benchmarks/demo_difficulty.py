@@ -1,11 +1,15 @@
 """Check that the demo phantoms are neither trivial nor hopeless for a small CNN.
 
 Why: the demo set is the default dataset and the first thing TSTR/TRTR is measured on. If a
-classifier reached AUC 1.0 on it, synthetic data of any quality would look "as useful as real";
-if it reached 0.6, nothing could be learned from the comparison. The target band is a macro AUC
-in [0.85, 0.97] for a SmallCNN trained on ~1000 images and tested on held-out patients, at the
-resolution `make demo` runs at (32 px) with the utility evaluation's recipe (12 epochs): the
-band must hold where TSTR/TRTR is measured, not only at a resolution the demo never uses.
+classifier reached AUC 1.0 on it, TRTR would leave no headroom to read; if it reached 0.6,
+nothing could be learned from the comparison. The 2D band is a macro AUC in [0.95, 0.999] for a
+SmallCNN trained on ~1000 images and tested on held-out patients, at the resolution `make demo`
+runs at (32 px) with the utility evaluation's recipe (12 epochs): the band must hold where
+TSTR/TRTR is measured. The demo exists to show a DP generator learning each class's defining
+feature, so its classes are clearly separable (they were 0.85-0.97 until 2026-12-08, and a
+real-trained classifier half failing the task measured the judge as much as the generator); a
+synthetic set without the class features still scores TSTR ~0.5 however easy the task. The 3D
+demo keeps the band [0.85, 0.97] its lesions were tuned to.
 
 Usage (about 1 minute on one CPU core):
 
@@ -37,7 +41,9 @@ from ldm_core.evaluation.utility import judge_epochs
 from ldm_core.phantoms import generate_demo
 from ldm_core.phantoms3d import generate_demo3d
 
-AUC_BAND = (0.85, 0.97)
+# 2D: the demo's classes must be clearly separable at 32 px (the demo shows a generator learning
+# each class's feature); 3D keeps the band its lesions were tuned to.
+AUC_BAND = {"images": (0.95, 0.999), "volumes": (0.85, 0.97)}
 
 
 def run(
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         test_fraction=args.test_fraction,
         volumes=args.volumes,
     )
-    lo, hi = AUC_BAND
+    lo, hi = AUC_BAND["volumes" if args.volumes else "images"]
     ok = lo <= auc <= hi
     print(f"demo macro AUC {auc:.4f} (target [{lo}, {hi}]): {'OK' if ok else 'OUT OF BAND'}")
     return 0 if ok else 1

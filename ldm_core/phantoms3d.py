@@ -17,6 +17,7 @@ import numpy as np
 
 from ldm_core.phantoms import (
     CLASS_NAMES,
+    LESIONS_3D,
     _patient_params,
     _render_chunk,
     _site_params,
@@ -52,7 +53,7 @@ def render_demo3d(*, n_patients: int = 60, n_sites: int = 3, size: int = 32, see
     _validate(n_patients, 1, n_sites, size)
     rng = np.random.default_rng(seed)
     site_p = _site_params(rng, n_sites, class_probs())
-    pat = _patient_params(rng, n_patients, n_sites, site_p)
+    pat = _patient_params(rng, n_patients, n_sites, site_p, LESIONS_3D)
     z = np.linspace(*_Z_RANGE, size, dtype=np.float32)
     volumes = np.empty((n_patients, size, size, size), dtype=np.uint8)
     masks = np.empty_like(volumes)

@@ -9,7 +9,13 @@ import pytest
 from PIL import Image
 
 from ldm_core.data import scan
-from ldm_core.phantoms import CLASS_NAMES, class_probs, generate_demo, render_demo
+from ldm_core.phantoms import (
+    CLASS_NAMES,
+    class_probs,
+    generate_demo,
+    render_demo,
+    render_demo_pairs,
+)
 
 TINY = {"n_patients": 12, "slices_per_patient": 2, "n_sites": 3, "image_size": 16}
 
@@ -100,3 +106,32 @@ def test_generate_writes_tree_and_manifest(tmp_path: Path) -> None:
     by_name = {f"{patients[i]}_{i % 2}.png": images[i] for i in range(len(labels))}
     for r in index.records[:5]:
         np.testing.assert_array_equal(np.asarray(Image.open(r.path)), by_name[r.path.name])
+
+
+def test_demo_lesions_are_clear_at_32_px_and_healthy_slices_do_not_depend_on_them() -> None:
+    """The demo's classes must be visible at the resolution it runs at: most lesions cover
+    well over 5% of a 32 px slice (the knobs before 2026-12-08 gave a median near 45 px, a
+    task a real-trained classifier half failed). The knobs only move the lesion ranges, so a
+    normal slice is the same whatever they are."""
+    from ldm_core.phantoms import LESIONS_3D, _patient_params
+
+    _, masks, labels, *_ = render_demo_pairs(n_patients=200, slices_per_patient=1,
+                                             image_size=32, seed=3)
+    area = (masks > 0).reshape(len(masks), -1).sum(axis=1)
+    sick = labels != CLASS_NAMES.index("normal")
+    assert np.median(area[sick]) >= 64, np.median(area[sick])
+    assert area[~sick].max() == 0
+
+    site_p = {"class_probs": np.tile(class_probs(), (3, 1))}
+    a = _patient_params(np.random.default_rng(0), 50, 3, site_p)
+    b = _patient_params(np.random.default_rng(0), 50, 3, site_p, LESIONS_3D)
+    assert np.array_equal(a["label"], b["label"]) and np.array_equal(a["vent"], b["vent"])
+    assert np.median(a["l_size"]) > 1.2 * np.median(b["l_size"])
+
+
+def test_the_3d_demo_keeps_the_lesions_its_results_were_measured_with() -> None:
+    from ldm_core.phantoms import LESIONS_3D
+
+    assert LESIONS_3D.hard_fraction == 0.15
+    assert LESIONS_3D.clear_size == (0.17, 0.33) and LESIONS_3D.hard_size == (0.06, 0.13)
+    assert LESIONS_3D.clear_contrast == (0.7, 1.0) and LESIONS_3D.hard_contrast == (0.2, 0.5)
