@@ -6,7 +6,7 @@ matter), several acquisition sites that differ in intensity, bias field, noise a
 federation is really heterogeneous), mildly different label mixes per site, and lesions that are
 clear at the demo's 32 px but now and then small and faint (so a classifier does very well but
 not perfectly; ``benchmarks/demo_difficulty.py`` checks that a SmallCNN lands at macro AUC
-0.95-0.998 there).
+0.95-0.999 there).
 
 Anatomy (T1-like contrast): scalp, dark skull, CSF rim, folded grey/white matter, lateral
 ventricles, interhemispheric fissure, deep grey nuclei on lower slices, smooth tissue texture.
